@@ -1,0 +1,102 @@
+"""Command line: ``segpipe run JOB.yaml`` and ``segpipe train ...``.
+
+Input problems end with one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from segpipe.errors import InputError
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    o: dict = {}
+    if getattr(args, "output", None):
+        o["output"] = str(Path(args.output).resolve())
+    if getattr(args, "tile_size", None):
+        o["tile_size"] = args.tile_size
+    cluster = {}
+    if getattr(args, "scheduler", None):
+        cluster["scheduler"] = args.scheduler
+    if getattr(args, "workers", None):
+        cluster["n_workers"] = args.workers
+    if cluster:
+        o["cluster"] = cluster
+    return o
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from segpipe.cluster import connect
+    from segpipe.config import load_job
+    from segpipe.pipeline import check, run_job
+    from segpipe.report import format_summary
+
+    job = load_job(args.job, _overrides(args))
+    checked = check(job)
+    with connect(job.cluster) as client:
+        outcome = run_job(checked, client)
+    print(f"segmentation: {outcome.cog}")
+    print(f"zarr result:  {outcome.result}")
+    if outcome.report is not None:
+        print(f"metrics:      {checked.metrics_dir}")
+        print(format_summary(outcome.report))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from segpipe.train import TrainSpec, train_from_files
+
+    spec = TrainSpec(epochs=args.epochs, patch_size=args.patch_size, batch_size=args.batch_size,
+                     base=args.base, lr=args.lr, seed=args.seed, train_cols=args.train_cols)
+    result = train_from_files(args.image, args.labels, args.out, spec, bands=args.bands,
+                              class_names=args.class_names.split(","))
+    print(f"model: {args.out} ({result['parameters']} parameters, final loss {result['final_loss']:.4f})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="segpipe", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a segmentation job")
+    r.add_argument("job", help="job YAML")
+    r.add_argument("--output", help="override the output folder")
+    r.add_argument("--scheduler", help="Dask scheduler address, e.g. tcp://10.0.0.5:8786")
+    r.add_argument("--workers", type=int, help="workers of the LocalCluster")
+    r.add_argument("--tile-size", type=int, help="override tile_size")
+    r.set_defaults(func=cmd_run)
+    t = sub.add_parser("train", help="train the built-in U-Net on an image and labels")
+    t.add_argument("--image", required=True, help="GeoTIFF to train on")
+    t.add_argument("--labels", required=True, help="label raster on the same grid, or GeoJSON")
+    t.add_argument("--out", required=True, help="checkpoint to write (.pt)")
+    t.add_argument("--bands", type=int, nargs="*", help="1-based bands to use (default all)")
+    t.add_argument("--class-names", default="background,foreground")
+    t.add_argument("--epochs", type=int, default=40)
+    t.add_argument("--patch-size", type=int, default=128)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--base", type=int, default=16)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--train-cols", type=int, default=None,
+                   help="train only on columns < this (the rest is held out for evaluation)")
+    t.set_defaults(func=cmd_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as exc:
+        print(f"segpipe: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Dask cluster access: a LocalCluster made for the job, or an existing scheduler.
+
+GPU workers advertise ``resources={'GPU': 1}``; model tasks then request one GPU each so that a
+worker never holds two models on one device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from distributed import Client, LocalCluster
+
+from segpipe.config import ClusterSpec
+from segpipe.errors import InputError
+
+
+def use_gpu(spec: ClusterSpec) -> bool:
+    """Whether model tasks should request GPU resources."""
+    if spec.gpu == "yes":
+        return True
+    return spec.gpu == "auto" and spec.scheduler is None and torch.cuda.is_available()
+
+
+@contextmanager
+def connect(spec: ClusterSpec) -> Iterator[Client]:
+    """Yield a client for the job; a LocalCluster made here is closed on exit."""
+    if spec.scheduler:
+        try:
+            client = Client(spec.scheduler, timeout="15s")
+        except OSError as exc:
+            raise InputError(f"cannot reach Dask scheduler {spec.scheduler}: {exc}") from None
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    gpu = use_gpu(spec)
+    n_workers = max(1, torch.cuda.device_count()) if gpu else spec.n_workers
+    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=spec.threads_per_worker, processes=True,
+                           memory_limit=spec.memory_limit, dashboard_address=None,
+                           resources={"GPU": 1} if gpu else None)
+    client = Client(cluster)
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()

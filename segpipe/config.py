@@ -1,0 +1,135 @@
+"""Job specification (YAML), validated with pydantic.
+
+Paths in a job file are relative to the file itself, so a job folder can be moved or shipped
+as a whole (the bundled demo job relies on this).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from segpipe.errors import InputError
+
+METHODS = ("unet", "otsu", "adaptive", "kmeans", "watershed", "edges", "region_growing", "hsv", "gabor")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MethodSpec(_Strict):
+    """Which segmentation method and its parameters."""
+
+    name: Literal[METHODS]  # type: ignore[valid-type]
+    model: Path | None = None
+    patch_size: int = Field(256, ge=16)
+    overlap: float = Field(0.25, ge=0.0, lt=1.0)
+    batch_size: int = Field(8, ge=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _model_needed(self) -> MethodSpec:
+        if self.name == "unet" and self.model is None:
+            raise ValueError("method 'unet' needs a 'model' checkpoint path")
+        return self
+
+
+class TruthSpec(_Strict):
+    """Ground truth: a raster on the scene grid, or a vector file rasterised onto it."""
+
+    path: Path
+    attribute: str | None = None
+    value: int = 1
+    all_touched: bool = False
+    remap: dict[int, int] = Field(default_factory=dict)
+
+
+class ClusterSpec(_Strict):
+    """Where the Dask work runs: a scheduler address, or a LocalCluster made for the job."""
+
+    scheduler: str | None = None
+    n_workers: int = Field(2, ge=1)
+    threads_per_worker: int = Field(1, ge=1)
+    memory_limit: str = "4GiB"
+    gpu: Literal["auto", "yes", "no"] = "auto"
+
+
+class JobSpec(_Strict):
+    """A whole segmentation job."""
+
+    input: Path
+    output: Path
+    bands: list[int] | None = None
+    nodata: float | None = None
+    chunk_size: int = Field(512, ge=64)
+    tile_size: int = Field(512, ge=64)
+    method: MethodSpec
+    truth: TruthSpec | None = None
+    class_names: list[str] | None = None
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+
+    @field_validator("bands")
+    @classmethod
+    def _bands_positive(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or min(v) < 1):
+            raise ValueError("bands are 1-based band numbers and must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _tile_multiple_of_chunk(self) -> JobSpec:
+        if self.tile_size % self.chunk_size:
+            raise ValueError(f"tile_size {self.tile_size} must be a multiple of chunk_size {self.chunk_size}"
+                             " so that every tile writes whole chunks")
+        return self
+
+    def resolved(self, base: Path) -> JobSpec:
+        """Return a copy whose relative paths are anchored at ``base``."""
+        def fix(p: Path | None) -> Path | None:
+            return None if p is None else (p if p.is_absolute() else (base / p)).resolve()
+        data = self.model_copy(deep=True)
+        data.input = fix(data.input)
+        data.output = fix(data.output)
+        if data.method.model is not None:
+            data.method.model = fix(data.method.model)
+        if data.truth is not None:
+            data.truth.path = fix(data.truth.path)
+        return data
+
+
+def _one_line(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "job"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def job_from_dict(data: dict[str, Any], base: Path) -> JobSpec:
+    """Validate a job given as a dict (paths relative to ``base``)."""
+    try:
+        return JobSpec.model_validate(data).resolved(base)
+    except ValidationError as exc:
+        raise InputError(f"invalid job: {_one_line(exc)}") from None
+
+
+def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobSpec:
+    """Read and validate a job YAML; ``overrides`` are merged (nested dicts merge key by key)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"job file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(f"job file is not valid YAML ({str(exc).splitlines()[0]}): {p}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"job file must hold a mapping of settings: {p}")
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict):
+            data.setdefault(key, {}).update(value)
+        else:
+            data[key] = value
+    return job_from_dict(data, p.parent.resolve())

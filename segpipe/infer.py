@@ -1,0 +1,133 @@
+"""Segment one batch of tiles on one worker.
+
+Patch models (the U-Net) run over the patches *owned* by each tile of the global patch grid and
+write each patch's raw logits to the work store (one chunk per patch, so writes never collide);
+:mod:`segpipe.stitch` blends them. The model is loaded once per worker process and cached. Reading
+the next batch from Zarr overlaps with the model's forward pass on the current one.
+Classical methods run per tile with a halo and write the tile core's class map directly.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from segpipe.grid import PatchGrid, TileGrid
+from segpipe.io.store import Marks
+from segpipe.models.checkpoint import ModelSpec, load_model
+from segpipe.models.classical import make_classical
+from segpipe.models.unet import UNet2d
+from segpipe.scene import Scene
+
+NODATA_CLASS = 255
+INFER_STAGE = "infer"
+SEGMENT_STAGE = "segment"
+_lock = threading.Lock()
+
+
+def device_name() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@lru_cache(maxsize=4)
+def _cached(path: str, device: str) -> tuple[UNet2d, ModelSpec]:
+    return load_model(path, device)
+
+
+def worker_model(path: str) -> tuple[UNet2d, ModelSpec, str]:
+    """This process's copy of the model, loaded on first use (one model per worker)."""
+    device = device_name()
+    with _lock:
+        model, spec = _cached(path, device)
+    return model, spec, device
+
+
+def _read_patch(scene: Scene, grid: PatchGrid, ij: tuple[int, int], spec: ModelSpec) -> np.ndarray:
+    """One normalised patch; invalid pixels become 0 (the band mean); short scenes are padded."""
+    w = grid.window(*ij)
+    h, wd = min(w.row1, scene.height) - w.row0, min(w.col1, scene.width) - w.col0
+    img, valid = scene.read(type(w)(w.row0, w.col0, w.row0 + h, w.col0 + wd))
+    mean = np.asarray(spec.mean, np.float32)[:, None, None]
+    std = np.asarray(spec.std, np.float32)[:, None, None]
+    x = np.where(valid[None], (img - mean) / std, 0.0).astype(np.float32)
+    out = np.zeros((x.shape[0], grid.patch, grid.patch), np.float32)
+    out[:, :h, :wd] = x
+    return out
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for k in range(0, len(items), size):
+        yield items[k:k + size]
+
+
+def forward(model: UNet2d, batch: np.ndarray, device: str, batch_size: int) -> np.ndarray:
+    """Logits for a batch, padded to a fixed ``batch_size`` so every call has the same shape."""
+    n = batch.shape[0]
+    if n < batch_size:
+        batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), batch.dtype)])
+    with torch.inference_mode():
+        x = torch.from_numpy(batch).to(device, non_blocking=True)
+        if device == "cuda":
+            with torch.autocast("cuda", dtype=torch.float16):
+                y = model(x)
+        else:
+            y = model(x)
+        return y.float().cpu().numpy()[:n]
+
+
+def infer_tiles(scene_path: str, work_path: str, model_path: str, patch: int, overlap: float,
+                batch_size: int, tile_size: int, tiles: list[tuple[int, int]]) -> int:
+    """Compute and store the logits of every patch owned by ``tiles``; returns patches computed."""
+    model, spec, device = worker_model(model_path)
+    scene = Scene(scene_path)
+    grid = PatchGrid(scene.height, scene.width, patch, overlap)
+    tgrid = TileGrid(scene.height, scene.width, tile_size)
+    logits = zarr.open_array(work_path, path="logits", mode="r+")
+    marks = Marks(work_path, INFER_STAGE)
+    count = 0
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for r, c in tiles:
+            tile = tgrid.tile(r, c)
+            owned = grid.owned_by(tile)
+            groups = list(_batches(owned, batch_size))
+
+            def load(group: list[tuple[int, int]]) -> np.ndarray:
+                return np.stack([_read_patch(scene, grid, ij, spec) for ij in group])
+
+            pending = pool.submit(load, groups[0]) if groups else None
+            for k, group in enumerate(groups):
+                batch = pending.result()
+                if k + 1 < len(groups):
+                    pending = pool.submit(load, groups[k + 1])
+                out = forward(model, batch, device, batch_size).astype(np.float16)
+                for (i, j), y in zip(group, out, strict=True):
+                    logits[i, j] = y
+                count += len(group)
+            marks.mark(tile.key)
+    return count
+
+
+def segment_classical_tiles(scene_path: str, result_path: str, method: str, params: dict[str, Any],
+                            state: dict[str, Any], tile_size: int, tiles: list[tuple[int, int]]) -> int:
+    """Classical method on each tile (read with its halo), core written to the result store."""
+    m = make_classical(method, params)
+    scene = Scene(scene_path)
+    tgrid = TileGrid(scene.height, scene.width, tile_size)
+    out = zarr.open_array(result_path, path="class", mode="r+")
+    marks = Marks(result_path, SEGMENT_STAGE)
+    for r, c in tiles:
+        tile = tgrid.tile(r, c)
+        outer = tile.core.grow(m.halo, scene.height, scene.width)
+        img, valid = scene.read(outer)
+        cls = m.predict(img, valid, state)[tile.core.relative_to(outer)]
+        cls = np.where(valid[tile.core.relative_to(outer)], cls, NODATA_CLASS).astype(np.uint8)
+        out[tile.core.slices] = cls
+        marks.mark(tile.key)
+    return len(tiles)

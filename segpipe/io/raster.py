@@ -1,0 +1,66 @@
+"""GeoTIFF/COG reading with the checks that turn bad files into one-line errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import rasterio
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.errors import RasterioIOError
+
+from segpipe.errors import InputError
+
+
+@dataclass(frozen=True)
+class RasterInfo:
+    """What the pipeline needs to know about a source raster, read without loading pixels."""
+
+    path: str
+    height: int
+    width: int
+    count: int
+    dtype: str
+    crs: CRS
+    transform: Affine
+    nodata: float | None
+    descriptions: tuple[str | None, ...]
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        return rasterio.transform.array_bounds(self.height, self.width, self.transform)[::1]
+
+
+def open_checked(path: str | Path, what: str = "input raster") -> rasterio.DatasetReader:
+    """Open ``path`` with rasterio or raise :class:`InputError` naming the file and the reason."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{what} not found: {p}")
+    if p.is_dir():
+        raise InputError(f"{what} is a directory, not a raster file: {p}")
+    try:
+        return rasterio.open(p)
+    except RasterioIOError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else "unreadable"
+        raise InputError(f"{what} is not a readable raster ({reason}): {p}") from None
+
+
+def raster_info(path: str | Path, what: str = "input raster", require_crs: bool = True) -> RasterInfo:
+    """Inspect a raster; refuse one without a CRS because its results could not be georeferenced."""
+    with open_checked(path, what) as ds:
+        if require_crs and ds.crs is None:
+            raise InputError(f"{what} has no CRS, so results could not be georeferenced: {path}")
+        if ds.transform == Affine.identity() and ds.crs is not None and not ds.gcps[0]:
+            raise InputError(f"{what} has a CRS but no geotransform: {path}")
+        try:
+            # Decode one block so that a truncated or corrupt file fails here, before any output exists.
+            ds.read(1, window=((0, min(ds.height, 1)), (0, min(ds.width, 1))))
+            ds.read(1, window=((ds.height - 1, ds.height), (ds.width - 1, ds.width)))
+        except RasterioIOError as exc:
+            raise InputError(f"{what} is corrupt ({str(exc).splitlines()[0]}): {path}") from None
+        return RasterInfo(
+            path=str(Path(path).resolve()), height=ds.height, width=ds.width, count=ds.count,
+            dtype=ds.dtypes[0], crs=ds.crs, transform=ds.transform, nodata=ds.nodata,
+            descriptions=tuple(ds.descriptions),
+        )

@@ -1,0 +1,51 @@
+"""The result store: a Zarr v3 group laid out so xarray + rioxarray open it georeferenced.
+
+Layout (CF/rioxarray conventions plus GeoZarr attributes): ``class`` (y, x) uint8 with
+``grid_mapping = spatial_ref``, 1-D pixel-centre coordinates ``x`` and ``y``, and a scalar
+``spatial_ref`` carrying ``crs_wkt`` and the GDAL ``GeoTransform``. ``truth`` (y, x) is added
+when ground truth is given.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import zarr
+from affine import Affine
+from rasterio.crs import CRS
+
+from segpipe.io.store import ensure_array, geo_attrs, open_or_create
+
+NODATA = 255
+
+
+def create_result(path: str, fingerprint: dict[str, Any], crs: CRS, transform: Affine, height: int,
+                  width: int, chunk: int, class_names: list[str]) -> zarr.Group:
+    """Create (or reopen for resume) the result group and its coordinate variables."""
+    group = open_or_create(path, fingerprint, "result store")
+    group.attrs.update({**geo_attrs(crs, transform), "class_names": class_names, "nodata": NODATA})
+    gt = " ".join(str(v) for v in (transform.c, transform.a, transform.b, transform.f, transform.d,
+                                   transform.e))
+    if "spatial_ref" not in group:
+        sr = group.create_array("spatial_ref", shape=(), dtype="int64", fill_value=0, dimension_names=())
+        sr[...] = 0
+        sr.attrs.update({"crs_wkt": crs.to_wkt(), "spatial_ref": crs.to_wkt(), "GeoTransform": gt})
+    if "x" not in group:
+        x = group.create_array("x", shape=(width,), dtype="float64", chunks=(width,), dimension_names=("x",))
+        x[:] = transform.c + (np.arange(width) + 0.5) * transform.a
+        x.attrs.update({"standard_name": "projection_x_coordinate", "axis": "X"})
+        y = group.create_array("y", shape=(height,), dtype="float64", chunks=(height,),
+                               dimension_names=("y",))
+        y[:] = transform.f + (np.arange(height) + 0.5) * transform.e
+        y.attrs.update({"standard_name": "projection_y_coordinate", "axis": "Y"})
+    class_attrs = {"grid_mapping": "spatial_ref", "_FillValue": NODATA, "flag_values": list(range(len(class_names))),
+                   "flag_meanings": " ".join(n.replace(" ", "_") for n in class_names)}
+    ensure_array(group, "class", (height, width), (chunk, chunk), "uint8", NODATA, ("y", "x"), class_attrs)
+    return group
+
+
+def add_truth_array(path: str, height: int, width: int, chunk: int) -> zarr.Array:
+    group = zarr.open_group(path, mode="r+")
+    return ensure_array(group, "truth", (height, width), (chunk, chunk), "uint8", NODATA, ("y", "x"),
+                        {"grid_mapping": "spatial_ref", "_FillValue": NODATA})

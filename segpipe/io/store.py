@@ -1,0 +1,118 @@
+"""Zarr v3 store layout: arrays, georeferencing attributes and completion marks.
+
+Why marks are files beside the arrays: workers finish tiles concurrently, and updating one shared
+attribute document from many processes would race. One empty file per finished unit of work is
+atomic on every filesystem, lets a rerun skip done work, and costs nothing to list.
+Stores are never reopened with mode ``'w'``: an existing store is either resumed (same
+fingerprint) or refused with an :class:`InputError`, so nothing written is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from affine import Affine
+from rasterio.crs import CRS
+
+from segpipe.errors import InputError
+
+MARKS_DIR = "_segpipe_done"
+
+
+def geo_attrs(crs: CRS, transform: Affine) -> dict[str, Any]:
+    """CRS and transform in the forms today's readers look for.
+
+    ``proj:wkt2``/``spatial:transform`` follow the GeoZarr conventions; ``crs_wkt`` and
+    ``transform`` (rasterio order a, b, c, d, e, f) are what :func:`read_geo` uses.
+    """
+    t = [transform.a, transform.b, transform.c, transform.d, transform.e, transform.f]
+    return {
+        "crs_wkt": crs.to_wkt(),
+        "transform": t,
+        "proj:wkt2": crs.to_wkt(),
+        "proj:code": f"EPSG:{crs.to_epsg()}" if crs.to_epsg() else None,
+        "spatial:transform": t,
+        "spatial:dimensions": ["y", "x"],
+    }
+
+
+def read_geo(attrs: dict[str, Any]) -> tuple[CRS, Affine]:
+    """Inverse of :func:`geo_attrs`."""
+    return CRS.from_wkt(attrs["crs_wkt"]), Affine(*attrs["transform"][:6])
+
+
+def open_or_create(path: str | Path, fingerprint: dict[str, Any], what: str) -> zarr.Group:
+    """Open the group at ``path`` for resuming, or create it; refuse one made from other input.
+
+    The fingerprint records what the store was made from. A store whose fingerprint differs was
+    made by another job: overwriting it would destroy results, so this is an input error.
+    """
+    p = Path(path)
+    if p.exists():
+        try:
+            group = zarr.open_group(str(p), mode="r+")
+        except Exception:  # noqa: BLE001 - any failure to open means it's not ours
+            raise InputError(f"{what} exists but is not a segpipe Zarr store: {p}") from None
+        found = group.attrs.get("segpipe_fingerprint")
+        if found != _jsonable(fingerprint):
+            raise InputError(
+                f"{what} at {p} was made from different input or settings; "
+                "use another output folder or delete it"
+            )
+        return group
+    group = zarr.open_group(str(p), mode="w-")
+    group.attrs["segpipe_fingerprint"] = _jsonable(fingerprint)
+    return group
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def ensure_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[int, ...],
+                 dtype: Any, fill_value: Any, dims: tuple[str, ...],
+                 attrs: dict[str, Any] | None = None) -> zarr.Array:
+    """Create ``name`` in ``group`` unless it already exists with the same geometry (resume)."""
+    if name in group:
+        arr = group[name]
+        if tuple(arr.shape) != tuple(shape) or np.dtype(arr.dtype) != np.dtype(dtype):
+            raise InputError(f"array {name!r} in {group.store} has another shape or dtype; "
+                             "use another output folder")
+        return arr
+    arr = group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill_value,
+                             dimension_names=dims)
+    if attrs:
+        arr.attrs.update(attrs)
+    return arr
+
+
+class Marks:
+    """Completion marks for one stage of one store."""
+
+    def __init__(self, store_path: str | Path, stage: str) -> None:
+        self.dir = Path(store_path) / MARKS_DIR / stage
+
+    def done(self, key: str) -> bool:
+        return (self.dir / key).exists()
+
+    def mark(self, key: str) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f".{key}.{os.getpid()}.tmp"
+        tmp.write_bytes(b"")
+        os.replace(tmp, self.dir / key)
+
+    def keys(self) -> set[str]:
+        if not self.dir.exists():
+            return set()
+        return {p.name for p in self.dir.iterdir() if not p.name.startswith(".")}
+
+    def clear(self) -> None:
+        """Forget this stage's marks (used when a stage's inputs changed and it must be redone)."""
+        if self.dir.exists():
+            for p in self.dir.iterdir():
+                p.unlink()

@@ -1,0 +1,1 @@
+"""Segmentation methods: the built-in U-Net (patch model) and classical scikit-image methods."""

@@ -1,0 +1,103 @@
+"""The whole job as plain functions over paths: check -> ingest -> segment -> export -> metrics.
+
+Each stage is callable on its own (the Prefect flow makes each one a task); :func:`run_job` chains
+them for the CLI. :func:`check` does every validation before anything is written, so bad input
+never leaves a partial output behind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from distributed import Client
+
+from segpipe.config import JobSpec
+from segpipe.errors import InputError
+from segpipe.georef import export_cog
+from segpipe.grid import TileGrid
+from segpipe.ingest import fingerprint, ingest, selected_bands
+from segpipe.io.raster import RasterInfo, raster_info
+from segpipe.io.result import add_truth_array
+from segpipe.metrics import tile_confusions
+from segpipe.report import MetricsReport, build_report, write_report
+from segpipe.scene import Scene
+from segpipe.segment import MethodPlan, plan_method, segment
+from segpipe.truth import Truth, check_truth
+
+
+@dataclass
+class Checked:
+    """A job whose inputs have all been validated."""
+
+    job: JobSpec
+    info: RasterInfo
+    plan: MethodPlan
+    truth: Truth | None
+
+    @property
+    def cog_path(self) -> Path:
+        return Path(self.job.output) / "segmentation.tif"
+
+    @property
+    def metrics_dir(self) -> Path:
+        return Path(self.job.output) / "metrics"
+
+
+def check(job: JobSpec) -> Checked:
+    """Validate input raster, bands, method/model, tiling and ground truth; writes nothing."""
+    info = raster_info(job.input)
+    bands = selected_bands(job, info)
+    if job.tile_size > max(info.height, info.width):
+        raise InputError(f"tile_size {job.tile_size} is larger than the scene ({info.width}x{info.height} px)")
+    plan = plan_method(job, len(bands))
+    truth = check_truth(job.truth, info) if job.truth else None
+    out = Path(job.output)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output path exists and is not a folder: {out}")
+    return Checked(job, info, plan, truth)
+
+
+def run_ingest(c: Checked, client: Client) -> Scene:
+    return ingest(c.job, c.info, client)
+
+
+def run_segment(c: Checked, scene: Scene, client: Client) -> str:
+    return segment(c.job, scene, c.plan, fingerprint(c.job, c.info), client)
+
+
+def run_export(c: Checked, result: str) -> Path:
+    return export_cog(result, c.cog_path)
+
+
+def run_metrics(c: Checked, scene: Scene, result: str, client: Client) -> MetricsReport | None:
+    """Per-tile confusion matrices on the cluster, report files written atomically."""
+    if c.truth is None:
+        return None
+    add_truth_array(result, scene.height, scene.width, scene.chunk)
+    grid = TileGrid(scene.height, scene.width, c.job.tile_size)
+    futures = [client.submit(tile_confusions, scene.path, result, c.truth, c.plan.n_classes,
+                             c.job.tile_size, [(t.row, t.col)], pure=False) for t in grid]
+    confusions = {key: cm for part in client.gather(futures) for key, cm in part}
+    report = build_report(confusions, grid, scene.crs, scene.transform, c.plan.class_names)
+    write_report(report, c.metrics_dir)
+    return report
+
+
+@dataclass
+class Outcome:
+    """Where a run put its results."""
+
+    scene: str
+    result: str
+    cog: Path
+    report: MetricsReport | None
+
+
+def run_job(c: Checked, client: Client) -> Outcome:
+    """Run every stage of a checked job on ``client``."""
+    scene = run_ingest(c, client)
+    result = run_segment(c, scene, client)
+    cog = run_export(c, result)
+    report = run_metrics(c, scene, result, client)
+    return Outcome(scene.path, result, cog, report)

@@ -1,0 +1,85 @@
+"""The ingested scene: a read-only view of the scene Zarr store used by every later stage.
+
+Stages pass the store *path* around (cheap to send to workers); each process opens its own
+handle through :class:`Scene`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import zarr
+from affine import Affine
+from rasterio.crs import CRS
+
+from segpipe.grid import Window
+from segpipe.io.store import read_geo
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Handle on ``scene.zarr``: ``image`` (band, y, x) and ``valid`` (y, x)."""
+
+    path: str
+
+    @cached_property
+    def group(self) -> zarr.Group:
+        return zarr.open_group(self.path, mode="r")
+
+    @property
+    def image(self) -> zarr.Array:
+        return self.group["image"]
+
+    @property
+    def valid(self) -> zarr.Array:
+        return self.group["valid"]
+
+    @property
+    def count(self) -> int:
+        return int(self.image.shape[0])
+
+    @property
+    def height(self) -> int:
+        return int(self.image.shape[1])
+
+    @property
+    def width(self) -> int:
+        return int(self.image.shape[2])
+
+    @property
+    def chunk(self) -> int:
+        return int(self.image.chunks[1])
+
+    @cached_property
+    def geo(self) -> tuple[CRS, Affine]:
+        return read_geo(dict(self.group.attrs))
+
+    @property
+    def crs(self) -> CRS:
+        return self.geo[0]
+
+    @property
+    def transform(self) -> Affine:
+        return self.geo[1]
+
+    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        """Pixels (float32, band-first) and validity (bool) of ``window``."""
+        rows, cols = window.slices
+        img = np.asarray(self.image[:, rows, cols], dtype=np.float32)
+        valid = np.asarray(self.valid[rows, cols]) > 0
+        return img, valid
+
+
+def scene_path(output: str | Path) -> str:
+    return str(Path(output) / "scene.zarr")
+
+
+def result_path(output: str | Path) -> str:
+    return str(Path(output) / "result.zarr")
+
+
+def work_path(output: str | Path) -> str:
+    return str(Path(output) / "work.zarr")

@@ -1,0 +1,118 @@
+"""Fan segmentation out over the Dask cluster, skipping tiles already marked done.
+
+Patch models run in two passes (patch logits, then overlap-add stitching); classical methods are
+fitted once on scene-wide statistics on the client, then applied per tile with their halo.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from distributed import Client
+
+from segpipe.cluster import use_gpu
+from segpipe.config import JobSpec
+from segpipe.errors import InputError
+from segpipe.grid import PatchGrid, TileGrid
+from segpipe.infer import INFER_STAGE, SEGMENT_STAGE, infer_tiles, segment_classical_tiles
+from segpipe.io.result import create_result
+from segpipe.io.store import Marks, ensure_array, open_or_create
+from segpipe.models.checkpoint import ModelSpec, read_spec
+from segpipe.models.classical import ClassicalMethod, FitContext, make_classical
+from segpipe.scene import Scene, result_path, work_path
+from segpipe.stats import sample_pixels, sample_windows, scene_stats
+from segpipe.stitch import stitch_tiles
+
+
+@dataclass
+class MethodPlan:
+    """The checked method: a model spec or a classical method, and its class names."""
+
+    name: str
+    n_classes: int
+    class_names: list[str]
+    model: ModelSpec | None = None
+    classical: ClassicalMethod | None = None
+    model_sha256: str | None = None
+
+
+def plan_method(job: JobSpec, n_bands: int) -> MethodPlan:
+    """Check that the method can run on a scene with ``n_bands`` bands (before anything is written)."""
+    m = job.method
+    if m.name == "unet":
+        spec = read_spec(m.model)
+        if spec.in_channels != n_bands:
+            raise InputError(f"model {m.model.name} expects {spec.in_channels} band(s), "
+                             f"the scene provides {n_bands}; select bands with 'bands:'")
+        if m.patch_size % (2 ** (spec.depth - 1)):
+            raise InputError(f"patch_size {m.patch_size} must be a multiple of {2 ** (spec.depth - 1)}")
+        names = job.class_names or spec.class_names or [f"class{i}" for i in range(spec.n_classes)]
+        sha = hashlib.sha256(Path(m.model).read_bytes()).hexdigest()
+        plan = MethodPlan("unet", spec.n_classes, names, model=spec, model_sha256=sha)
+    else:
+        method = make_classical(m.name, m.params)
+        method.check_bands(n_bands)
+        names = job.class_names or [f"class{i}" for i in range(method.n_classes)]
+        plan = MethodPlan(m.name, method.n_classes, names, classical=method)
+    if len(plan.class_names) != plan.n_classes:
+        raise InputError(f"class_names lists {len(plan.class_names)} names for {plan.n_classes} classes")
+    return plan
+
+
+def _pending(marks: Marks, grid: TileGrid) -> list[tuple[int, int]]:
+    done = marks.keys()
+    return [(t.row, t.col) for t in grid if t.key not in done]
+
+
+def _run(client: Client, fn: Any, tiles: list[tuple[int, int]], resources: dict | None, **kw: Any) -> list:
+    futures = [client.submit(fn, tiles=[t], pure=False, resources=resources, **kw) for t in tiles]
+    return client.gather(futures)
+
+
+def segment(job: JobSpec, scene: Scene, plan: MethodPlan, scene_fp: dict, client: Client) -> str:
+    """Segment the scene into ``<output>/result.zarr`` and return its path."""
+    m = job.method
+    fp = {"scene": scene_fp, "method": m.model_dump(mode="json", exclude={"model"}),
+          "model_sha256": plan.model_sha256, "tile_size": job.tile_size}
+    result = result_path(job.output)
+    create_result(result, fp, scene.crs, scene.transform, scene.height, scene.width, scene.chunk,
+                  plan.class_names)
+    tgrid = TileGrid(scene.height, scene.width, job.tile_size)
+    common = {"scene_path": scene.path, "tile_size": job.tile_size}
+    if plan.model is not None:
+        resources = {"GPU": 1} if use_gpu(job.cluster) else None
+        work = work_path(job.output)
+        group = open_or_create(work, fp, "work store")
+        pgrid = PatchGrid(scene.height, scene.width, m.patch_size, m.overlap)
+        p = m.patch_size
+        ensure_array(group, "logits", (*pgrid.shape, plan.n_classes, p, p), (1, 1, plan.n_classes, p, p),
+                     "float16", 0, ("patch_row", "patch_col", "class", "py", "px"))
+        _run(client, infer_tiles, _pending(Marks(work, INFER_STAGE), tgrid), resources, work_path=work,
+             model_path=str(m.model), patch=p, overlap=m.overlap, batch_size=m.batch_size, **common)
+        _run(client, stitch_tiles, _pending(Marks(result, SEGMENT_STAGE), tgrid), None, work_path=work,
+             result_path=result, patch=p, overlap=m.overlap, **common)
+    else:
+        state = fit_classical(plan.classical, scene, client)
+        _run(client, segment_classical_tiles, _pending(Marks(result, SEGMENT_STAGE), tgrid), None,
+             result_path=result, method=m.name, params=m.params, state=state, **common)
+    return result
+
+
+def fit_classical(method: ClassicalMethod, scene: Scene, client: Client) -> dict[str, Any]:
+    """Fit a classical method's scene-wide state (thresholds, centres) on the client."""
+    def windows(halo: int) -> list[tuple[np.ndarray, np.ndarray, tuple[slice, slice]]]:
+        out = []
+        for w in sample_windows(scene):
+            outer = w.grow(halo, scene.height, scene.width)
+            img, valid = scene.read(outer)
+            out.append((img, valid, w.relative_to(outer)))
+        return out
+
+    ctx = FitContext(stats=scene_stats(scene, client), n_bands=scene.count,
+                     sample_pixels=lambda: sample_pixels(scene, client), sample_windows=windows)
+    return method.fit(ctx)
+

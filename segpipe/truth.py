@@ -1,0 +1,122 @@
+"""Ground truth onto the scene grid: a raster on the same grid, or vectors rasterised per tile.
+
+Rasters must already be on the scene's CRS and grid: silently resampling labels would change
+what is being measured, so a mismatch is an input error. Vector labels are reprojected into the
+scene CRS (as Raster Vision does) and burned in tile by tile, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from rasterio.crs import CRS
+from rasterio.features import rasterize
+from rasterio.warp import transform_geom
+from shapely.geometry import box, shape
+
+from segpipe.config import TruthSpec
+from segpipe.errors import InputError
+from segpipe.grid import Window
+from segpipe.io.raster import RasterInfo, raster_info
+
+VECTOR_SUFFIXES = {".geojson", ".json"}
+IGNORE = 255
+
+
+@dataclass
+class Truth:
+    """Checked ground truth, cheap to send to workers (vector shapes are in scene CRS)."""
+
+    kind: str  # "raster" | "vector"
+    path: str
+    shapes: list[tuple[dict[str, Any], int]] = field(default_factory=list)
+    nodata: float | None = None
+    all_touched: bool = False
+    remap: dict[int, int] = field(default_factory=dict)
+
+    def read(self, window: Window, transform: rasterio.Affine) -> np.ndarray:
+        """Labels (uint8, 255 = ignore) for ``window`` of the scene."""
+        if self.kind == "raster":
+            with rasterio.open(self.path) as ds:
+                a = ds.read(1, window=((window.row0, window.row1), (window.col0, window.col1)))
+            ignore = np.zeros(a.shape, bool) if self.nodata is None else (a == self.nodata)
+            if self.remap:
+                mapped = a.astype(np.int64)
+                for src, dst in self.remap.items():
+                    mapped[a == src] = dst
+                a = mapped
+            ignore |= (a < 0) | (a >= IGNORE)
+            return np.where(ignore, IGNORE, a).astype(np.uint8)
+        t = transform * rasterio.Affine.translation(window.col0, window.row0)
+        if not self.shapes:
+            return np.zeros((window.height, window.width), np.uint8)
+        return rasterize(self.shapes, out_shape=(window.height, window.width), transform=t, fill=0,
+                         all_touched=self.all_touched, dtype="uint8")
+
+
+def _check_raster(spec: TruthSpec, scene: RasterInfo) -> Truth:
+    info = raster_info(spec.path, "ground-truth raster")
+    if info.crs != scene.crs:
+        raise InputError(f"ground-truth raster is on another CRS ({info.crs.to_string()}) than the scene "
+                         f"({scene.crs.to_string()}): {spec.path}")
+    same_grid = (info.height, info.width) == (scene.height, scene.width) and \
+        info.transform.almost_equals(scene.transform, precision=1e-9 * max(1.0, abs(scene.transform.a)))
+    if not same_grid:
+        raise InputError(f"ground-truth raster is on another grid ({info.width}x{info.height}, "
+                         f"{tuple(info.transform)[:6]}) than the scene ({scene.width}x{scene.height}, "
+                         f"{tuple(scene.transform)[:6]}): {spec.path}")
+    return Truth("raster", info.path, nodata=info.nodata, remap=dict(spec.remap))
+
+
+def _vector_crs(doc: dict[str, Any]) -> CRS:
+    name = (doc.get("crs") or {}).get("properties", {}).get("name")
+    if not name:
+        return CRS.from_epsg(4326)  # RFC 7946
+    try:
+        return CRS.from_user_input(name)
+    except Exception:  # noqa: BLE001
+        raise InputError(f"ground-truth vector has an unknown CRS {name!r}") from None
+
+
+def _check_vector(spec: TruthSpec, scene: RasterInfo) -> Truth:
+    p = Path(spec.path)
+    try:
+        doc = json.loads(p.read_text())
+        features = doc["features"] if doc.get("type") == "FeatureCollection" else [doc]
+    except (ValueError, KeyError, AttributeError):
+        raise InputError(f"ground-truth vector is not valid GeoJSON: {p}") from None
+    src_crs = _vector_crs(doc)
+    shapes = []
+    for f in features:
+        geom = f.get("geometry")
+        if not geom:
+            continue
+        if src_crs != scene.crs:
+            geom = transform_geom(src_crs, scene.crs, geom)
+        if spec.attribute is not None:
+            if spec.attribute not in (f.get("properties") or {}):
+                raise InputError(f"ground-truth feature lacks attribute {spec.attribute!r}: {p}")
+            value = int(f["properties"][spec.attribute])
+        else:
+            value = spec.value
+        shapes.append((geom, value))
+    if shapes:
+        scene_box = box(*scene.bounds)
+        if not any(shape(g).intersects(scene_box) for g, _ in shapes):
+            raise InputError(f"ground-truth vector does not overlap the scene: {p}")
+    return Truth("vector", str(p.resolve()), shapes=shapes, all_touched=spec.all_touched)
+
+
+def check_truth(spec: TruthSpec, scene: RasterInfo) -> Truth:
+    """Validate ground truth against the scene, before anything is written."""
+    p = Path(spec.path)
+    if not p.exists():
+        raise InputError(f"ground truth not found: {p}")
+    if p.suffix.lower() in VECTOR_SUFFIXES:
+        return _check_vector(spec, scene)
+    return _check_raster(spec, scene)
