@@ -39,7 +39,7 @@ def connect(spec: ClusterSpec) -> Iterator[Client]:
     gpu = use_gpu(spec)
     n_workers = max(1, torch.cuda.device_count()) if gpu else spec.n_workers
     cluster = LocalCluster(n_workers=n_workers, threads_per_worker=spec.threads_per_worker, processes=True,
-                           memory_limit=spec.memory_limit, dashboard_address=None,
+                           memory_limit=spec.memory_limit, dashboard_address=":0",
                            resources={"GPU": 1} if gpu else None)
     client = Client(cluster)
     try:

@@ -65,7 +65,7 @@ class JobSpec(_Strict):
     output: Path
     bands: list[int] | None = None
     nodata: float | None = None
-    chunk_size: int = Field(512, ge=64)
+    chunk_size: int | None = Field(None, ge=64, description="Zarr chunk edge; default min(512, tile_size)")
     tile_size: int = Field(512, ge=64)
     method: MethodSpec
     truth: TruthSpec | None = None
@@ -81,6 +81,8 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _tile_multiple_of_chunk(self) -> JobSpec:
+        if self.chunk_size is None:
+            self.chunk_size = min(512, self.tile_size)
         if self.tile_size % self.chunk_size:
             raise ValueError(f"tile_size {self.tile_size} must be a multiple of chunk_size {self.chunk_size}"
                              " so that every tile writes whole chunks")

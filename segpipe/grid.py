@@ -77,7 +77,7 @@ class Tile:
 
     def transform(self, scene_transform: Affine) -> Affine:
         """Affine of this tile's core, so a tile can be georeferenced on its own."""
-        return scene_transform * Affine.translation(self.core.col0, self.core.row0)
+        return scene_transform @ Affine.translation(self.core.col0, self.core.row0)
 
 
 @dataclass(frozen=True)

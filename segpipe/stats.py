@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import dask.array as da
 import numpy as np
 from distributed import Client
 
@@ -44,44 +43,59 @@ class SceneStats:
         return float(self.hist_centers[min(len(cdf) - 1, np.searchsorted(cdf, q))])
 
 
-def _dask_arrays(scene: Scene) -> tuple[da.Array, da.Array]:
-    img = da.from_zarr(scene.image).astype(np.float32)
-    valid = da.from_zarr(scene.valid) > 0
-    return img, valid
+def _windows(scene: Scene) -> list[Window]:
+    """Row bands of whole chunks: few tasks, each reading a bounded amount."""
+    rows = max(scene.chunk, (4 * 1024 * 1024 // max(1, scene.width * scene.count)) // scene.chunk * scene.chunk)
+    return [Window(r, 0, min(scene.height, r + rows), scene.width) for r in range(0, scene.height, rows)]
+
+
+def _moments(path: str, w: Window) -> tuple:
+    img, valid = Scene(path).read(w)
+    v = img[:, valid].astype(np.float64)
+    if v.shape[1] == 0:
+        return 0, np.zeros(len(img)), np.zeros(len(img)), None, None, None, None
+    g = grey(img)[valid]
+    return (v.shape[1], v.sum(axis=1), (v**2).sum(axis=1), v.min(axis=1), v.max(axis=1),
+            float(g.min()), float(g.max()))
+
+
+def _histogram(path: str, w: Window, lo: float, hi: float, bins: int) -> np.ndarray:
+    img, valid = Scene(path).read(w)
+    return np.histogram(grey(img)[valid], bins=bins, range=(lo, hi))[0]
 
 
 def scene_stats(scene: Scene, client: Client, bins: int = 1024) -> SceneStats:
-    """Two reductions over the store: moments and range, then the grey histogram."""
-    img, valid = _dask_arrays(scene)
-    w = valid.astype(np.float64)
-    n = w.sum()
-    s1 = (img * w).sum(axis=(1, 2))
-    s2 = ((img.astype(np.float64) ** 2) * w).sum(axis=(1, 2))
-    big = np.float32(np.finfo(np.float32).max)
-    mn = da.where(valid, img, big).min(axis=(1, 2))
-    mx = da.where(valid, img, -big).max(axis=(1, 2))
-    g = img.mean(axis=0)
-    gmin = da.where(valid, g, big).min()
-    gmax = da.where(valid, g, -big).max()
-    n, s1, s2, mn, mx, gmin, gmax = client.compute([n, s1, s2, mn, mx, gmin, gmax], sync=True)
-    n = max(float(n), 1.0)
-    mean = s1 / n
-    std = np.sqrt(np.maximum(s2 / n - mean**2, 0.0))
-    if gmax < gmin:  # no valid pixel at all
-        gmin, gmax = 0.0, 1.0
-    hi = float(gmax) if gmax > gmin else float(gmin) + 1.0
-    counts, edges = da.histogram(da.where(valid, g, np.nan), bins=bins, range=(float(gmin), hi))
-    counts = client.compute(counts, sync=True)
+    """Two passes over the store on the cluster: moments and range, then the grey histogram."""
+    wins = _windows(scene)
+    parts = [p for p in client.gather(client.map(_moments, [scene.path] * len(wins), wins)) if p[0]]
+    if not parts:
+        zeros = [0.0] * scene.count
+        return SceneStats(zeros, zeros, zeros, zeros, np.zeros(bins, np.int64), np.linspace(0, 1, bins + 1))
+    n = float(sum(p[0] for p in parts))
+    mean = sum(p[1] for p in parts) / n
+    std = np.sqrt(np.maximum(sum(p[2] for p in parts) / n - mean**2, 0.0))
+    mn = np.min([p[3] for p in parts], axis=0)
+    mx = np.max([p[4] for p in parts], axis=0)
+    lo = min(p[5] for p in parts)
+    hi = max(p[6] for p in parts)
+    hi = hi if hi > lo else lo + 1.0
+    hists = client.gather(client.map(_histogram, [scene.path] * len(wins), wins, lo=lo, hi=hi, bins=bins))
+    edges = np.linspace(lo, hi, bins + 1)
     return SceneStats([float(v) for v in mn], [float(v) for v in mx], [float(v) for v in mean],
-                      [float(v) for v in std], np.asarray(counts), np.asarray(edges))
+                      [float(v) for v in std], np.sum(hists, axis=0), edges)
+
+
+def _strided(path: str, w: Window, step: int) -> np.ndarray:
+    img, valid = Scene(path).read(w)
+    return img[:, ::step, ::step][:, valid[::step, ::step]].T
 
 
 def sample_pixels(scene: Scene, client: Client, n: int = SAMPLE_PIXELS) -> np.ndarray:
     """A deterministic, tiling-independent pixel sample: a regular stride over the whole scene."""
     step = max(1, int(np.sqrt(scene.height * scene.width / n)))
-    img, valid = _dask_arrays(scene)
-    sub, ok = client.compute([img[:, ::step, ::step], valid[::step, ::step]], sync=True)
-    return sub[:, ok].T  # (pixels, bands)
+    rows = max(step, (scene.chunk // step) * step)
+    wins = [Window(r, 0, min(scene.height, r + rows), scene.width) for r in range(0, scene.height, rows)]
+    return np.concatenate(client.gather(client.map(_strided, [scene.path] * len(wins), wins, step=step)))
 
 
 def sample_windows(scene: Scene, size: int = 256, per_axis: int = 4) -> list[Window]:

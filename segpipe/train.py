@@ -119,7 +119,7 @@ def train_on_store(scene: Scene, out: str | Path, spec: TrainSpec, class_names: 
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     model_spec.info = {"trained_on": str(scene.group.attrs.get("source")), "train_cols": cols,
                        "steps": len(losses), "patch_size": p, "seconds": round(time.perf_counter() - t0, 1)}
@@ -144,6 +144,6 @@ def train_from_files(image: str | Path, labels: str | Path, out: str | Path, spe
     """Ingest image + labels into Zarr (in ``workdir`` or a temporary folder) and train."""
     names = class_names or ["background", "foreground"]
     with tempfile.TemporaryDirectory() as tmp, Client(processes=False, n_workers=1, threads_per_worker=2,
-                                                      dashboard_address=None) as client:
+                                                      dashboard_address=":0") as client:
         scene = prepare_store(image, labels, Path(workdir or tmp) / "train", bands, client)
         return train_on_store(scene, out, spec, names)

@@ -52,7 +52,7 @@ class Truth:
                 a = mapped
             ignore |= (a < 0) | (a >= IGNORE)
             return np.where(ignore, IGNORE, a).astype(np.uint8)
-        t = transform * rasterio.Affine.translation(window.col0, window.row0)
+        t = transform @ rasterio.Affine.translation(window.col0, window.row0)
         if not self.shapes:
             return np.zeros((window.height, window.width), np.uint8)
         return rasterize(self.shapes, out_shape=(window.height, window.width), transform=t, fill=0,

@@ -95,7 +95,9 @@ class Marks:
     """Completion marks for one stage of one store."""
 
     def __init__(self, store_path: str | Path, stage: str) -> None:
-        self.dir = Path(store_path) / MARKS_DIR / stage
+        p = Path(store_path)
+        # Beside the store, not inside it: Zarr readers warn about foreign objects in a hierarchy.
+        self.dir = p.parent / MARKS_DIR / p.name / stage
 
     def done(self, key: str) -> bool:
         return (self.dir / key).exists()

@@ -1,0 +1,89 @@
+"""Prefect flow: segment one scene.
+
+Coarse Prefect, fine Dask: each pipeline stage is one Prefect task (retries, state, artifacts);
+inside a task the per-tile work fans out over the Dask cluster whose address the flow passes
+along. Tasks exchange store paths and small summaries, never pixel arrays.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from distributed import Client
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from segpipe.cluster import connect
+from segpipe.config import load_job
+from segpipe.pipeline import Checked, check, run_export, run_ingest, run_metrics, run_segment
+from segpipe.report import format_summary
+from segpipe.scene import Scene
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@task(name="check-inputs")
+def check_task(job_path: str, overrides: dict[str, Any]) -> Checked:
+    return check(load_job(job_path, overrides))
+
+
+@task(name="ingest", retries=1)
+def ingest_task(checked: Checked, scheduler: str) -> str:
+    with Client(scheduler) as client:
+        return run_ingest(checked, client).path
+
+
+@task(name="segment", retries=1)
+def segment_task(checked: Checked, scene: str, scheduler: str) -> str:
+    with Client(scheduler) as client:
+        return run_segment(checked, Scene(scene), client)
+
+
+@task(name="export-cog")
+def export_task(checked: Checked, result: str) -> str:
+    return str(run_export(checked, result))
+
+
+@task(name="tile-metrics")
+def metrics_task(checked: Checked, scene: str, result: str, scheduler: str) -> dict[str, Any] | None:
+    with Client(scheduler) as client:
+        report = run_metrics(checked, Scene(scene), result, client)
+    if report is None:
+        return None
+    create_table_artifact(key="tile-iou", table=report.rows,
+                          description=f"Per-tile IoU/Dice/accuracy for {checked.job.input.name}")
+    s = report.summary
+    create_markdown_artifact(key="global-iou", markdown=(
+        f"# {checked.job.input.name}\n\nglobal accuracy **{s['global_accuracy']}**, mean IoU "
+        f"**{s['global_mean_iou']}**\n\n" + "\n".join(f"- {k}: IoU {v}" for k, v in s["global_iou"].items())))
+    get_run_logger().info(format_summary(report))
+    return s
+
+
+@flow(name="segment-scene")
+def segment_scene(job: str, output: str | None = None, scheduler: str | None = None,
+                  tile_size: int | None = None) -> dict[str, Any]:
+    """Segment the scene described by the job YAML ``job``; returns output paths and global scores."""
+    overrides: dict[str, Any] = {}
+    if output:
+        overrides["output"] = str(Path(output).resolve())
+    if tile_size:
+        overrides["tile_size"] = tile_size
+    if scheduler:
+        overrides["cluster"] = {"scheduler": scheduler}
+    checked = check_task(job, overrides)
+    with connect(checked.job.cluster) as client:
+        address = client.scheduler.address
+        scene = ingest_task(checked, address)
+        result = segment_task(checked, scene, address)
+        cog = export_task(checked, result)
+        summary = metrics_task(checked, scene, result, address)
+    return {"cog": cog, "result": result, "summary": summary}
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(segment_scene(sys.argv[1]))

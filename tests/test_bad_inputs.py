@@ -1,0 +1,141 @@
+"""Bad input: one line on stderr, exit code 2, and nothing already written is touched."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import BUILDINGS, SCENE, write_tif
+
+
+def cli(tmp_path: Path, job: dict) -> subprocess.CompletedProcess:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return subprocess.run([sys.executable, "-m", "segpipe.cli", "run", str(path)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("segpipe: error: ")
+    assert "Traceback" not in proc.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+@pytest.fixture
+def existing_output(tmp_path):
+    """An output folder holding a previous good result that must survive."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "segmentation.tif").write_bytes(b"previous good result")
+    return out
+
+
+def snapshot(folder: Path) -> dict:
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def base_job(out: Path, **kw) -> dict:
+    return {"input": str(SCENE), "output": str(out), "tile_size": 256, "method": {"name": "otsu"}, **kw}
+
+
+def test_missing_input(tmp_path, existing_output):
+    before = snapshot(existing_output)
+    proc = cli(tmp_path, base_job(existing_output, input=str(tmp_path / "nope.tif")))
+    assert_one_line_error(proc, "not found", "nope.tif")
+    assert snapshot(existing_output) == before
+
+
+def test_corrupt_tiff(tmp_path, existing_output):
+    bad = tmp_path / "corrupt.tif"
+    bad.write_bytes(SCENE.read_bytes()[:20000])
+    before = snapshot(existing_output)
+    assert_one_line_error(cli(tmp_path, base_job(existing_output, input=str(bad))), "corrupt.tif")
+    assert snapshot(existing_output) == before
+
+
+def test_not_a_tiff(tmp_path, existing_output):
+    bad = tmp_path / "junk.tif"
+    bad.write_text("hello")
+    assert_one_line_error(cli(tmp_path, base_job(existing_output, input=str(bad))), "not a readable raster")
+
+
+def test_no_crs(tmp_path, existing_output):
+    plain = write_tif(tmp_path / "nocrs.tif", np.ones((1, 300, 300), np.uint8), like=None)
+    before = snapshot(existing_output)
+    assert_one_line_error(cli(tmp_path, base_job(existing_output, input=str(plain))), "no CRS")
+    assert snapshot(existing_output) == before
+
+
+def test_truth_on_another_crs(tmp_path, existing_output):
+    from rasterio.crs import CRS
+    gt = write_tif(tmp_path / "gt.tif", np.zeros((1, 900, 900), np.uint8), crs=CRS.from_epsg(32617))
+    proc = cli(tmp_path, base_job(existing_output, truth={"path": str(gt)}))
+    assert_one_line_error(proc, "another CRS")
+
+
+def test_truth_on_another_grid(tmp_path, existing_output):
+    gt = write_tif(tmp_path / "gt.tif", np.zeros((1, 450, 450), np.uint8))
+    assert_one_line_error(cli(tmp_path, base_job(existing_output, truth={"path": str(gt)})), "another grid")
+
+
+def test_truth_vector_not_overlapping(tmp_path, existing_output):
+    import json
+    doc = json.loads(BUILDINGS.read_text())
+    for f in doc["features"]:
+        f["geometry"]["coordinates"] = [[[x - 50000, y] for x, y, *_ in ring] for ring in f["geometry"]["coordinates"]]
+    far = tmp_path / "far.geojson"
+    far.write_text(json.dumps(doc))
+    assert_one_line_error(cli(tmp_path, base_job(existing_output, truth={"path": str(far)})), "overlap")
+
+
+def test_wrong_band_count_for_model(tmp_path, existing_output, tiny_model):
+    rgb = write_tif(tmp_path / "rgb.tif", np.ones((3, 300, 300), np.uint16))
+    job = base_job(existing_output, input=str(rgb), method={"name": "unet", "model": str(tiny_model)})
+    assert_one_line_error(cli(tmp_path, job), "expects 1 band", "provides 3")
+
+
+def test_tile_larger_than_scene(tmp_path, existing_output):
+    job = base_job(existing_output, tile_size=2048, chunk_size=512)
+    assert_one_line_error(cli(tmp_path, job), "tile_size 2048", "larger than the scene")
+
+
+def test_unsafe_model_file_is_refused(tmp_path, existing_output):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    bad = tmp_path / "evil.pt"
+    bad.write_bytes(pickle.dumps({"format": "segpipe-unet2d/1", "x": Evil()}))
+    proc = cli(tmp_path, base_job(existing_output, method={"name": "unet", "model": str(bad)}))
+    assert_one_line_error(proc, "weights-only")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_unknown_method_parameter_and_invalid_yaml(tmp_path, existing_output):
+    proc = cli(tmp_path, base_job(existing_output, method={"name": "otsu", "params": {"clases": 3}}))
+    assert_one_line_error(proc, "clases")
+    proc = cli(tmp_path, base_job(existing_output, method={"name": "snake"}))
+    assert_one_line_error(proc, "method.name")
+
+
+def test_output_from_another_job_is_not_overwritten(tmp_path, client):
+    from helpers import run
+
+    out = tmp_path / "o"
+    job = base_job(out)
+    del job["output"]
+    run(client, out, **job)
+    before = snapshot(out)
+    other = write_tif(tmp_path / "other.tif", np.full((1, 900, 900), 7, np.uint16))
+    proc = cli(tmp_path, base_job(out, input=str(other)))
+    assert_one_line_error(proc, "different input")
+    assert snapshot(out) == before

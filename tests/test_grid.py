@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+
+from segpipe.grid import PatchGrid, TileGrid, Window, gaussian_importance, patch_starts
+
+
+@pytest.mark.parametrize("length,patch,stride", [(900, 256, 192), (256, 256, 192), (100, 256, 192),
+                                                 (2100, 128, 96), (1000, 64, 64)])
+def test_patch_starts_cover_the_axis(length, patch, stride):
+    starts = patch_starts(length, patch, stride)
+    covered = np.zeros(max(length, patch), bool)
+    for s in starts:
+        covered[s:s + patch] = True
+    assert covered[:length].all()
+    assert starts == sorted(set(starts))
+    assert all(b - a <= stride for a, b in zip(starts, starts[1:], strict=False))
+    assert starts[-1] + patch == max(length, patch)
+
+
+@pytest.mark.parametrize("tile", [64, 128, 512, 1024])
+def test_each_patch_is_owned_by_exactly_one_tile(tile):
+    pg = PatchGrid(1000, 1300, 128, 0.25)
+    owners = {}
+    for t in TileGrid(1000, 1300, tile):
+        for ij in pg.owned_by(t):
+            assert ij not in owners
+            owners[ij] = t.key
+    assert len(owners) == pg.shape[0] * pg.shape[1]
+
+
+def test_covering_lists_exactly_the_intersecting_patches():
+    pg = PatchGrid(700, 700, 128, 0.5)
+    w = Window(100, 200, 300, 260)
+    expect = [(i, j) for i in range(pg.shape[0]) for j in range(pg.shape[1])
+              if pg.window(i, j).row0 < 300 and pg.window(i, j).row1 > 100
+              and pg.window(i, j).col0 < 260 and pg.window(i, j).col1 > 200]
+    assert pg.covering(w) == expect
+
+
+def test_gaussian_importance_is_positive_symmetric_and_peaks_centre():
+    g = gaussian_importance(64)
+    assert g.min() > 0 and g.max() == 1.0
+    np.testing.assert_array_equal(g, g.T)
+    np.testing.assert_array_equal(g, g[::-1, ::-1])
+    assert g[31, 31] == g.max() and g[0, 0] < 1e-3
+
+
+def test_tile_transform_offsets_the_scene_affine():
+    from affine import Affine
+    t = TileGrid(1000, 1000, 256).tile(1, 2)
+    a = Affine(0.5, 0, 100.0, 0, -0.5, 900.0)
+    assert t.transform(a) @ (0, 0) == a @ (512, 256)
