@@ -23,6 +23,7 @@ from segpipe.io.result import create_result
 from segpipe.io.store import Marks, ensure_array, open_or_create
 from segpipe.models.checkpoint import ModelSpec, read_spec
 from segpipe.models.classical import ClassicalMethod, FitContext, make_classical
+from segpipe.regions import check_params, grow_regions
 from segpipe.scene import Scene, result_path, work_path
 from segpipe.stats import sample_pixels, sample_windows, scene_stats
 from segpipe.stitch import stitch_tiles
@@ -53,6 +54,10 @@ def plan_method(job: JobSpec, n_bands: int) -> MethodPlan:
         names = job.class_names or spec.class_names or [f"class{i}" for i in range(spec.n_classes)]
         sha = hashlib.sha256(Path(m.model).read_bytes()).hexdigest()
         plan = MethodPlan("unet", spec.n_classes, names, model=spec, model_sha256=sha)
+    elif m.name == "region_growing":
+        check_params(m.params)
+        names = job.class_names or ["outside", "region"]
+        plan = MethodPlan(m.name, 2, names)
     else:
         method = make_classical(m.name, m.params)
         method.check_bands(n_bands)
@@ -95,6 +100,11 @@ def segment(job: JobSpec, scene: Scene, plan: MethodPlan, scene_fp: dict, client
              model_path=str(m.model), patch=p, overlap=m.overlap, batch_size=m.batch_size, **common)
         _run(client, stitch_tiles, _pending(Marks(result, SEGMENT_STAGE), tgrid), None, work_path=work,
              result_path=result, patch=p, overlap=m.overlap, **common)
+    elif m.name == "region_growing":
+        work = work_path(job.output)
+        if not _pending(Marks(result, SEGMENT_STAGE), tgrid):
+            return result
+        grow_regions(scene, open_or_create(work, fp, "work store"), work, result, job.tile_size, m.params, client)
     else:
         state = fit_classical(plan.classical, scene, client)
         _run(client, segment_classical_tiles, _pending(Marks(result, SEGMENT_STAGE), tgrid), None,

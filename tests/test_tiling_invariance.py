@@ -64,3 +64,26 @@ def test_bounded_classical_methods_match_whole_image_processing(tmp_path, big_sc
     whole = np.where(valid, method.predict(img, valid, state), 255)
     np.testing.assert_array_equal(maps[0], whole)
     assert len(np.unique(whole[valid])) >= 2
+
+
+@pytest.mark.parametrize("connectivity", [1, 2])
+def test_region_growing_is_exact_across_tiles(tmp_path, big_scene, client, connectivity):
+    """Tile-wise region growing equals whole-image flood fill, whatever the tile size."""
+    from skimage.segmentation import flood
+
+    import rasterio
+    with rasterio.open(big_scene) as ds:
+        img = ds.read(1).astype(np.float32)
+    seed = (1000, 1500)
+    tol = 200.0
+    params = {"seeds": [list(seed)], "tolerance": tol, "connectivity": connectivity}
+    maps = [class_map(run(client, tmp_path / str(t), input=str(big_scene), tile_size=t,
+                          method={"name": "region_growing", "params": params})) for t in (512, 1024)]
+    np.testing.assert_array_equal(maps[0], maps[1])
+    nodata = img == 0  # nodata never joins a region, so it may not carry growth across in the reference either
+    expect = flood(np.where(nodata, -1e6, img), seed, tolerance=tol, connectivity=connectivity)
+    got = maps[0] == 1
+    rows, cols = np.nonzero(expect)
+    assert expect.sum() > 100_000 and np.ptp(rows) > 1024 and np.ptp(cols) > 1024, \
+        "the region should span several tiles for this test to mean anything"
+    np.testing.assert_array_equal(got, expect)

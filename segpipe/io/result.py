@@ -39,7 +39,8 @@ def create_result(path: str, fingerprint: dict[str, Any], crs: CRS, transform: A
                                dimension_names=("y",))
         y[:] = transform.f + (np.arange(height) + 0.5) * transform.e
         y.attrs.update({"standard_name": "projection_y_coordinate", "axis": "Y"})
-    class_attrs = {"grid_mapping": "spatial_ref", "coordinates": "spatial_ref", "_FillValue": NODATA, "flag_values": list(range(len(class_names))),
+    class_attrs = {"grid_mapping": "spatial_ref", "coordinates": "spatial_ref", "_FillValue": NODATA,
+                   "flag_values": list(range(len(class_names))),
                    "flag_meanings": " ".join(n.replace(" ", "_") for n in class_names)}
     ensure_array(group, "class", (height, width), (chunk, chunk), "uint8", NODATA, ("y", "x"), class_attrs)
     return group
