@@ -69,9 +69,8 @@ def test_bounded_classical_methods_match_whole_image_processing(tmp_path, big_sc
 @pytest.mark.parametrize("connectivity", [1, 2])
 def test_region_growing_is_exact_across_tiles(tmp_path, big_scene, client, connectivity):
     """Tile-wise region growing equals whole-image flood fill, whatever the tile size."""
-    from skimage.segmentation import flood
-
     import rasterio
+    from skimage.segmentation import flood
     with rasterio.open(big_scene) as ds:
         img = ds.read(1).astype(np.float32)
     seed = (1000, 1500)

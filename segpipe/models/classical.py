@@ -78,6 +78,20 @@ class ClassicalMethod:
         raise NotImplementedError
 
 
+def otsu_thresholds(stats: SceneStats, classes: int = 2) -> list[float]:
+    """(Multi-)Otsu thresholds of the scene histogram; a flat scene gets one class below its value."""
+    counts, centers = stats.hist_counts, stats.hist_centers
+    used = np.nonzero(counts)[0]
+    if len(used) < classes:
+        top = float(centers[used[-1]]) if len(used) else 0.0
+        return [top] * (classes - 1)
+    lo, hi = used[0], used[-1] + 1  # trim empty tails: skimage needs occupied end bins
+    hist = (counts[lo:hi], centers[lo:hi])
+    if classes == 2:
+        return [float(filters.threshold_otsu(hist=hist))]
+    return [float(v) for v in filters.threshold_multiotsu(classes=classes, hist=hist)]
+
+
 class Otsu(ClassicalMethod):
     """(Multi-)Otsu thresholds from the whole scene's grey histogram."""
 
@@ -89,12 +103,7 @@ class Otsu(ClassicalMethod):
         return int(self.p["classes"])
 
     def fit(self, ctx: FitContext) -> State:
-        hist = (ctx.stats.hist_counts, ctx.stats.hist_centers)
-        if self.n_classes == 2:
-            t = [float(filters.threshold_otsu(hist=hist))]
-        else:
-            t = [float(v) for v in filters.threshold_multiotsu(classes=self.n_classes, hist=hist)]
-        return {"thresholds": t}
+        return {"thresholds": otsu_thresholds(ctx.stats, self.n_classes)}
 
     def predict(self, img, valid, state):
         return np.digitize(grey(img), state["thresholds"], right=True).astype(np.uint8)
@@ -172,8 +181,7 @@ class Watershed(ClassicalMethod):
         return int(self.p["halo"])
 
     def fit(self, ctx):
-        hist = (ctx.stats.hist_counts, ctx.stats.hist_centers)
-        t = float(filters.threshold_otsu(hist=hist))
+        t = otsu_thresholds(ctx.stats)[0]
         spread = float(np.mean(ctx.stats.std)) * float(self.p["margin"])
         return {"low": t - spread, "high": t + spread}
 

@@ -1,0 +1,74 @@
+"""Ingest: any band count, nodata and masks honoured, georeferencing in attributes; resume."""
+
+import numpy as np
+import pytest
+import rasterio
+import zarr
+from conftest import SCENE, write_tif
+from helpers import class_map, run
+
+from segpipe.errors import InputError
+from segpipe.io.store import Marks, read_geo
+
+
+def test_multiband_ingest_keeps_pixels_nodata_and_georeferencing(tmp_path, client):
+    rng = np.random.default_rng(0)
+    data = rng.integers(1, 5000, size=(4, 700, 650), dtype=np.uint16)
+    data[:, 100:200, 300:420] = 9999
+    src = write_tif(tmp_path / "four.tif", data, nodata=9999)
+    out = tmp_path / "out"
+    run(client, out, input=str(src), bands=[4, 2], tile_size=256, method={"name": "kmeans", "params": {"k": 2}})
+    g = zarr.open_group(str(out / "scene.zarr"), mode="r")
+    assert g["image"].shape == (2, 700, 650) and g["image"].chunks == (2, 256, 256)
+    np.testing.assert_array_equal(g["image"][:], data[[3, 1]])
+    valid = g["valid"][:] > 0
+    assert not valid[100:200, 300:420].any() and valid.sum() == 700 * 650 - 100 * 120
+    crs, transform = read_geo(dict(g.attrs))
+    with rasterio.open(SCENE) as s:
+        assert crs == s.crs and transform == s.transform
+    assert g.attrs["bands"] == [4, 2]
+    assert (class_map_of(out)[100:200, 300:420] == 255).all()
+
+
+def class_map_of(out):
+    return np.asarray(zarr.open_array(str(out / "result.zarr"), path="class", mode="r")[:])
+
+
+def test_internal_mask_is_honoured(tmp_path, client):
+    data = np.full((1, 300, 300), 500, np.uint16)
+    src = write_tif(tmp_path / "masked.tif", data)
+    with rasterio.open(src, "r+") as ds:
+        mask = np.full((300, 300), 255, np.uint8)
+        mask[:50] = 0
+        ds.write_mask(mask)
+    out = tmp_path / "out"
+    run(client, out, input=str(src), tile_size=256, chunk_size=128, method={"name": "otsu"})
+    valid = zarr.open_array(str(out / "scene.zarr"), path="valid", mode="r")[:]
+    assert valid[:50].sum() == 0 and valid[50:].all()
+
+
+def test_rerun_skips_finished_tiles_and_redoes_only_missing_ones(tmp_path, client, tiny_model):
+    job = {"input": str(SCENE), "tile_size": 256, "chunk_size": 128,
+           "method": {"name": "unet", "model": str(tiny_model), "patch_size": 128}}
+    out = tmp_path / "out"
+    first = class_map(run(client, out, **job))
+    result = out / "result.zarr"
+    marks = Marks(result, "segment")
+    assert len(marks.keys()) == 16
+    # Simulate a crash that lost two tiles: their marks and pixels are gone.
+    arr = zarr.open_array(str(result), path="class", mode="r+")
+    for key in ("1_2", "3_0"):
+        (marks.dir / key).unlink()
+        r, c = map(int, key.split("_"))
+        arr[r * 256:(r + 1) * 256, c * 256:(c + 1) * 256] = 0
+    stamps = {k: (marks.dir / k).stat().st_mtime_ns for k in marks.keys()}
+    second = class_map(run(client, out, **job))
+    np.testing.assert_array_equal(first, second)
+    assert {k for k in marks.keys() if (marks.dir / k).stat().st_mtime_ns != stamps.get(k)} == {"1_2", "3_0"}
+
+
+def test_changed_settings_on_existing_output_are_refused(tmp_path, client):
+    out = tmp_path / "out"
+    run(client, out, input=str(SCENE), tile_size=256, method={"name": "otsu"})
+    with pytest.raises(InputError, match="different input or settings"):
+        run(client, out, input=str(SCENE), tile_size=256, method={"name": "otsu", "params": {"classes": 3}})
