@@ -53,10 +53,10 @@ def metrics_task(checked: Checked, scene: str, result: str, scheduler: str) -> d
     if report is None:
         return None
     create_table_artifact(key="tile-iou", table=report.rows,
-                          description=f"Per-tile IoU/Dice/accuracy for {checked.job.input.name}")
+                          description=f"Per-tile IoU/Dice/accuracy for {Path(checked.job.input).name}")
     s = report.summary
     create_markdown_artifact(key="global-iou", markdown=(
-        f"# {checked.job.input.name}\n\nglobal accuracy **{s['global_accuracy']}**, mean IoU "
+        f"# {Path(checked.job.input).name}\n\nglobal accuracy **{s['global_accuracy']}**, mean IoU "
         f"**{s['global_mean_iou']}**\n\n" + "\n".join(f"- {k}: IoU {v}" for k, v in s["global_iou"].items())))
     get_run_logger().info(format_summary(report))
     return s

@@ -39,7 +39,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     job = load_job(args.job, _overrides(args))
     checked = check(job)
     with connect(job.cluster) as client:
-        outcome = run_job(checked, client)
+        outcome = run_job(checked, client, log=lambda line: print(f"segpipe: {line}", flush=True))
     print(f"segmentation: {outcome.cog}")
     print(f"zarr result:  {outcome.result}")
     if outcome.report is not None:

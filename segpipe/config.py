@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from segpipe.errors import InputError
+from segpipe.io.raster import local_or_remote
 
 METHODS = ("unet", "otsu", "adaptive", "kmeans", "watershed", "edges", "region_growing", "hsv", "gabor")
 
@@ -61,7 +62,7 @@ class ClusterSpec(_Strict):
 class JobSpec(_Strict):
     """A whole segmentation job."""
 
-    input: Path
+    input: str = Field(description="local path, URL or GDAL /vsi path of the GeoTIFF/COG")
     output: Path
     bands: list[int] | None = None
     nodata: float | None = None
@@ -93,7 +94,7 @@ class JobSpec(_Strict):
         def fix(p: Path | None) -> Path | None:
             return None if p is None else (p if p.is_absolute() else (base / p)).resolve()
         data = self.model_copy(deep=True)
-        data.input = fix(data.input)
+        data.input = local_or_remote(data.input, base)
         data.output = fix(data.output)
         if data.method.model is not None:
             data.method.model = fix(data.method.model)

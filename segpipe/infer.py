@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
+from distributed import get_worker
 
-from segpipe.grid import PatchGrid, TileGrid
+from segpipe.grid import PatchGrid, TileGrid, Window
 from segpipe.io.store import Marks
 from segpipe.models.checkpoint import ModelSpec, load_model
 from segpipe.models.classical import make_classical
@@ -38,6 +39,10 @@ def device_name() -> str:
 
 @lru_cache(maxsize=4)
 def _cached(path: str, device: str) -> tuple[UNet2d, ModelSpec]:
+    try:  # torch's own threads default to every core; a worker should use only its share
+        torch.set_num_threads(max(1, get_worker().state.nthreads))
+    except ValueError:
+        pass  # not inside a Dask worker
     return load_model(path, device)
 
 
@@ -49,16 +54,25 @@ def worker_model(path: str) -> tuple[UNet2d, ModelSpec, str]:
     return model, spec, device
 
 
-def _read_patch(scene: Scene, grid: PatchGrid, ij: tuple[int, int], spec: ModelSpec) -> np.ndarray:
-    """One normalised patch; invalid pixels become 0 (the band mean); short scenes are padded."""
-    w = grid.window(*ij)
-    h, wd = min(w.row1, scene.height) - w.row0, min(w.col1, scene.width) - w.col0
-    img, valid = scene.read(type(w)(w.row0, w.col0, w.row0 + h, w.col0 + wd))
+def read_patches(scene: Scene, grid: PatchGrid, group: list[tuple[int, int]], spec: ModelSpec) -> np.ndarray:
+    """Normalised patches (N, bands, P, P); invalid pixels become 0 (the band mean).
+
+    Patches of one patch row are cut from a single strip read, so overlapping patches do not
+    decode the same Zarr chunks again. Patches reaching past a short scene's edge are zero-padded.
+    """
     mean = np.asarray(spec.mean, np.float32)[:, None, None]
     std = np.asarray(spec.std, np.float32)[:, None, None]
-    x = np.where(valid[None], (img - mean) / std, 0.0).astype(np.float32)
-    out = np.zeros((x.shape[0], grid.patch, grid.patch), np.float32)
-    out[:, :h, :wd] = x
+    out = np.zeros((len(group), scene.count, grid.patch, grid.patch), np.float32)
+    for i in sorted({i for i, _ in group}):
+        members = [(k, j) for k, (ii, j) in enumerate(group) if ii == i]
+        wins = [grid.window(i, j) for _, j in members]
+        strip = Window(wins[0].row0, min(w.col0 for w in wins), min(wins[0].row1, scene.height),
+                       min(max(w.col1 for w in wins), scene.width))
+        img, valid = scene.read(strip)
+        x = np.where(valid[None], (img - mean) / std, 0.0)
+        for (k, _), w in zip(members, wins, strict=True):
+            part = x[:, :, w.col0 - strip.col0:w.col1 - strip.col0]
+            out[k, :, :part.shape[1], :part.shape[2]] = part
     return out
 
 
@@ -99,7 +113,7 @@ def infer_tiles(scene_path: str, work_path: str, model_path: str, patch: int, ov
             groups = list(_batches(owned, batch_size))
 
             def load(group: list[tuple[int, int]]) -> np.ndarray:
-                return np.stack([_read_patch(scene, grid, ij, spec) for ij in group])
+                return read_patches(scene, grid, group, spec)
 
             pending = pool.submit(load, groups[0]) if groups else None
             for k, group in enumerate(groups):

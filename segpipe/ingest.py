@@ -19,7 +19,7 @@ from distributed import Client
 from segpipe.config import JobSpec
 from segpipe.errors import InputError
 from segpipe.grid import TileGrid
-from segpipe.io.raster import RasterInfo
+from segpipe.io.raster import RasterInfo, is_remote
 from segpipe.io.store import Marks, ensure_array, geo_attrs, open_or_create
 from segpipe.scene import Scene, scene_path
 
@@ -37,8 +37,13 @@ def selected_bands(job: JobSpec, info: RasterInfo) -> list[int]:
 
 def fingerprint(job: JobSpec, info: RasterInfo) -> dict:
     """What the scene store depends on: change any of it and the store must not be reused."""
-    st = os.stat(info.path)
-    return {"source": info.path, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+    if is_remote(info.path):
+        with rasterio.open(info.path) as ds:  # objects change under the same URL: identify by content metadata
+            size, mtime = None, ds.tags().get("TIFFTAG_DATETIME")
+    else:
+        st = os.stat(info.path)
+        size, mtime = st.st_size, st.st_mtime_ns
+    return {"source": info.path, "size": size, "mtime_ns": mtime, "shape": [info.count, info.height, info.width],
             "bands": selected_bands(job, info), "nodata": job.nodata, "chunk": job.chunk_size}
 
 

@@ -7,6 +7,7 @@ never leaves a partial output behind.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,10 +95,16 @@ class Outcome:
     report: MetricsReport | None
 
 
-def run_job(c: Checked, client: Client) -> Outcome:
-    """Run every stage of a checked job on ``client``."""
+def run_job(c: Checked, client: Client, log: Callable[[str], None] = lambda _: None) -> Outcome:
+    """Run every stage of a checked job on ``client``; ``log`` hears one line per stage."""
+    n_workers = len(client.scheduler_info()["workers"])
+    log(f"ingest {c.info.path} ({c.info.width}x{c.info.height}, {c.info.count} band(s)) on {n_workers} worker(s)")
     scene = run_ingest(c, client)
+    log(f"segment with {c.plan.name}, {len(TileGrid(scene.height, scene.width, c.job.tile_size))} tile(s)")
     result = run_segment(c, scene, client)
+    log(f"export {c.cog_path}")
     cog = run_export(c, result)
+    if c.truth is not None:
+        log("per-tile metrics")
     report = run_metrics(c, scene, result, client)
     return Outcome(scene.path, result, cog, report)

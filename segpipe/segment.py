@@ -81,7 +81,8 @@ def _run(client: Client, fn: Any, tiles: list[tuple[int, int]], resources: dict 
 def segment(job: JobSpec, scene: Scene, plan: MethodPlan, scene_fp: dict, client: Client) -> str:
     """Segment the scene into ``<output>/result.zarr`` and return its path."""
     m = job.method
-    fp = {"scene": scene_fp, "method": m.model_dump(mode="json", exclude={"model"}),
+    # What the result depends on; batch size does not change a single pixel, so it may differ on resume.
+    fp = {"scene": scene_fp, "method": m.model_dump(mode="json", exclude={"model", "batch_size"}),
           "model_sha256": plan.model_sha256, "tile_size": job.tile_size}
     result = result_path(job.output)
     create_result(result, fp, scene.crs, scene.transform, scene.height, scene.width, scene.chunk,
@@ -95,7 +96,8 @@ def segment(job: JobSpec, scene: Scene, plan: MethodPlan, scene_fp: dict, client
         pgrid = PatchGrid(scene.height, scene.width, m.patch_size, m.overlap)
         p = m.patch_size
         ensure_array(group, "logits", (*pgrid.shape, plan.n_classes, p, p), (1, 1, plan.n_classes, p, p),
-                     "float16", 0, ("patch_row", "patch_col", "class", "py", "px"))
+                     "float16", 0, ("patch_row", "patch_col", "class", "py", "px"),
+                     compress=False)  # logits barely compress; zstd would only cost CPU
         _run(client, infer_tiles, _pending(Marks(work, INFER_STAGE), tgrid), resources, work_path=work,
              model_path=str(m.model), patch=p, overlap=m.overlap, batch_size=m.batch_size, **common)
         _run(client, stitch_tiles, _pending(Marks(result, SEGMENT_STAGE), tgrid), None, work_path=work,

@@ -51,7 +51,7 @@ class TrainSpec:
 def prepare_store(image: str | Path, labels: str | Path, folder: str | Path, bands: list[int] | None,
                   client: Client) -> Scene:
     """Ingest ``image`` into ``folder/scene.zarr`` and burn ``labels`` into its ``truth`` array."""
-    job = JobSpec(input=Path(image), output=Path(folder), bands=bands,
+    job = JobSpec(input=str(image), output=Path(folder), bands=bands,
                   method=MethodSpec(name="otsu"), truth=TruthSpec(path=Path(labels)))
     info = raster_info(image)
     truth = check_truth(job.truth, info)

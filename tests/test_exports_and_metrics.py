@@ -87,3 +87,20 @@ def test_scores_edge_cases():
     pred = np.array([[0, 1], [255, 1]], np.uint8)
     truth = np.array([[0, 0], [1, 255]], np.uint8)
     np.testing.assert_array_equal(confusion(pred, truth, 2), [[1, 1], [0, 0]])
+
+
+def test_raster_truth_gives_the_same_metrics_as_the_vector_it_came_from(tmp_path, client, otsu_run):
+    """Ground truth as a raster (255 = building, remapped to 1) on the scene grid."""
+    from conftest import write_tif
+    from helpers import run
+
+    out, _ = otsu_run
+    with rasterio.open(SCENE) as src:
+        doc = json.loads(BUILDINGS.read_text())
+        burned = rasterize([(f["geometry"], 255) for f in doc["features"]], out_shape=(src.height, src.width),
+                           transform=src.transform, dtype="uint8")
+    gt = write_tif(tmp_path / "gt.tif", burned[None])
+    o = run(client, tmp_path / "o", input=str(SCENE), tile_size=256, chunk_size=128, method={"name": "otsu"},
+            truth={"path": str(gt), "remap": {255: 1}}, class_names=["background", "building"])
+    vector = json.loads((out / "metrics" / "summary.json").read_text())["summary"]
+    assert o.report.summary["confusion_matrix"] == vector["confusion_matrix"]

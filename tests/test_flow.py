@@ -41,3 +41,13 @@ def test_segment_scene_flow_writes_outputs_and_table_artifact(prefect_api, tmp_p
     assert arts, "the per-tile table artifact was not created"
     table = arts[0].data if isinstance(arts[0].data, list) else json.loads(arts[0].data)
     assert len(table) == 16 and "iou_bright" in table[0]
+
+
+def test_train_flow_writes_a_checkpoint(prefect_api, tmp_path):
+    from flows.train import train
+    from segpipe.models.checkpoint import read_spec
+
+    out = tmp_path / "m.pt"
+    res = train(str(SCENE), str(BUILDINGS), str(out), class_names=["background", "building"], epochs=1,
+                steps_per_epoch=3, patch_size=64, batch_size=4, base=4, depth=3)
+    assert res["model"] == str(out) and read_spec(out).n_classes == 2

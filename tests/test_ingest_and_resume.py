@@ -72,3 +72,17 @@ def test_changed_settings_on_existing_output_are_refused(tmp_path, client):
     run(client, out, input=str(SCENE), tile_size=256, method={"name": "otsu"})
     with pytest.raises(InputError, match="different input or settings"):
         run(client, out, input=str(SCENE), tile_size=256, method={"name": "otsu", "params": {"classes": 3}})
+
+
+def test_gdal_virtual_path_input(tmp_path, client):
+    """Inputs need not be local files: a GeoTIFF inside a zip, read through GDAL's /vsizip/."""
+    import zipfile
+    archive = tmp_path / "scene.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.write(SCENE, "scene.tif")
+    src = f"/vsizip/{archive}/scene.tif"
+    out = tmp_path / "out"
+    o = run(client, out, input=src, tile_size=256, method={"name": "otsu"})
+    direct = run(client, tmp_path / "direct", input=str(SCENE), tile_size=256, method={"name": "otsu"})
+    np.testing.assert_array_equal(class_map(o), class_map(direct))
+    assert zarr.open_group(str(out / "scene.zarr"), mode="r").attrs["source"] == src

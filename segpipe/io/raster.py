@@ -32,15 +32,30 @@ class RasterInfo:
         return rasterio.transform.array_bounds(self.height, self.width, self.transform)[::1]
 
 
+def is_remote(path: str | Path) -> bool:
+    """URLs (https://, s3://, ...) and GDAL virtual paths (/vsizip/, /vsicurl/, ...) are not local files."""
+    s = str(path)
+    return "://" in s or s.startswith("/vsi")
+
+
+def local_or_remote(path: str | Path, base: Path | None = None) -> str:
+    """Local paths made absolute (relative to ``base``), remote ones left exactly as given."""
+    if is_remote(path):
+        return str(path)
+    p = Path(path)
+    return str((p if p.is_absolute() or base is None else base / p).resolve())
+
+
 def open_checked(path: str | Path, what: str = "input raster") -> rasterio.DatasetReader:
     """Open ``path`` with rasterio or raise :class:`InputError` naming the file and the reason."""
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"{what} not found: {p}")
-    if p.is_dir():
-        raise InputError(f"{what} is a directory, not a raster file: {p}")
+    if not is_remote(path):
+        p = Path(path)
+        if not p.exists():
+            raise InputError(f"{what} not found: {p}")
+        if p.is_dir():
+            raise InputError(f"{what} is a directory, not a raster file: {p}")
     try:
-        return rasterio.open(p)
+        return rasterio.open(path)
     except RasterioIOError as exc:
         reason = str(exc).splitlines()[0] if str(exc) else "unreadable"
         raise InputError(f"{what} is not a readable raster ({reason}): {p}") from None
@@ -60,7 +75,7 @@ def raster_info(path: str | Path, what: str = "input raster", require_crs: bool 
         except RasterioIOError as exc:
             raise InputError(f"{what} is corrupt ({str(exc).splitlines()[0]}): {path}") from None
         return RasterInfo(
-            path=str(Path(path).resolve()), height=ds.height, width=ds.width, count=ds.count,
+            path=local_or_remote(path), height=ds.height, width=ds.width, count=ds.count,
             dtype=ds.dtypes[0], crs=ds.crs, transform=ds.transform, nodata=ds.nodata,
             descriptions=tuple(ds.descriptions),
         )

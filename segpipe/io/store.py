@@ -76,7 +76,7 @@ def _jsonable(value: Any) -> Any:
 
 def ensure_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[int, ...],
                  dtype: Any, fill_value: Any, dims: tuple[str, ...],
-                 attrs: dict[str, Any] | None = None) -> zarr.Array:
+                 attrs: dict[str, Any] | None = None, compress: bool = True) -> zarr.Array:
     """Create ``name`` in ``group`` unless it already exists with the same geometry (resume)."""
     if name in group:
         arr = group[name]
@@ -84,8 +84,9 @@ def ensure_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: t
             raise InputError(f"array {name!r} in {group.store} has another shape or dtype; "
                              "use another output folder")
         return arr
+    extra = {} if compress else {"compressors": None}
     arr = group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill_value,
-                             dimension_names=dims)
+                             dimension_names=dims, **extra)
     if attrs:
         arr.attrs.update(attrs)
     return arr
