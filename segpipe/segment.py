@@ -108,9 +108,11 @@ def segment(job: JobSpec, scene: Scene, plan: MethodPlan, scene_fp: dict, client
             return result
         grow_regions(scene, open_or_create(work, fp, "work store"), work, result, job.tile_size, m.params, client)
     else:
-        state = fit_classical(plan.classical, scene, client)
-        _run(client, segment_classical_tiles, _pending(Marks(result, SEGMENT_STAGE), tgrid), None,
-             result_path=result, method=m.name, params=m.params, state=state, **common)
+        pending = _pending(Marks(result, SEGMENT_STAGE), tgrid)
+        if pending:
+            state = fit_classical(plan.classical, scene, client)
+            _run(client, segment_classical_tiles, pending, None, result_path=result, method=m.name,
+                 params=m.params, state=state, **common)
     return result
 
 
