@@ -57,6 +57,11 @@ class Window:
             min(height, self.row1 + halo), min(width, self.col1 + halo),
         )
 
+    def intersect(self, other: Window) -> Window:
+        """The overlap of two windows (assumed to intersect)."""
+        return Window(max(self.row0, other.row0), max(self.col0, other.col0),
+                      min(self.row1, other.row1), min(self.col1, other.col1))
+
     def relative_to(self, outer: Window) -> tuple[slice, slice]:
         """Slices that cut this window out of an array holding ``outer``."""
         return (slice(self.row0 - outer.row0, self.row1 - outer.row0),

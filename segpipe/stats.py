@@ -43,9 +43,13 @@ class SceneStats:
         return float(self.hist_centers[min(len(cdf) - 1, np.searchsorted(cdf, q))])
 
 
-def _windows(scene: Scene) -> list[Window]:
-    """Row bands of whole chunks: few tasks, each reading a bounded amount."""
-    rows = max(scene.chunk, (4 * 1024 * 1024 // max(1, scene.width * scene.count)) // scene.chunk * scene.chunk)
+def _row_bands(scene: Scene, multiple: int, budget: int = 4 * 2**20) -> list[Window]:
+    """Full-width row bands about ``budget`` values each: few tasks, bounded memory per task.
+
+    Band heights are a multiple of ``multiple`` (the chunk edge for aligned reads, or a sampling
+    stride so that a strided sample stays on one scene-wide lattice).
+    """
+    rows = max(multiple, budget // max(1, scene.width * scene.count) // multiple * multiple)
     return [Window(r, 0, min(scene.height, r + rows), scene.width) for r in range(0, scene.height, rows)]
 
 
@@ -66,7 +70,7 @@ def _histogram(path: str, w: Window, lo: float, hi: float, bins: int) -> np.ndar
 
 def scene_stats(scene: Scene, client: Client, bins: int = 1024) -> SceneStats:
     """Two passes over the store on the cluster: moments and range, then the grey histogram."""
-    wins = _windows(scene)
+    wins = _row_bands(scene, scene.chunk)
     parts = [p for p in client.gather(client.map(_moments, [scene.path] * len(wins), wins)) if p[0]]
     if not parts:
         zeros = [0.0] * scene.count
@@ -93,8 +97,7 @@ def _strided(path: str, w: Window, step: int) -> np.ndarray:
 def sample_pixels(scene: Scene, client: Client, n: int = SAMPLE_PIXELS) -> np.ndarray:
     """A deterministic, tiling-independent pixel sample: a regular stride over the whole scene."""
     step = max(1, int(np.sqrt(scene.height * scene.width / n)))
-    rows = max(step, (scene.chunk // step) * step)
-    wins = [Window(r, 0, min(scene.height, r + rows), scene.width) for r in range(0, scene.height, rows)]
+    wins = _row_bands(scene, step)
     return np.concatenate(client.gather(client.map(_strided, [scene.path] * len(wins), wins, step=step)))
 
 

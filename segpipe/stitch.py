@@ -25,8 +25,7 @@ def blend_window(logits: zarr.Array, grid: PatchGrid, window: Window) -> np.ndar
     wsum = np.zeros((window.height, window.width), np.float32)
     for i, j in grid.covering(window):
         pw = grid.window(i, j)
-        inter = Window(max(pw.row0, window.row0), max(pw.col0, window.col0),
-                       min(pw.row1, window.row1), min(pw.col1, window.col1))
+        inter = pw.intersect(window)
         src = inter.relative_to(pw)
         dst = inter.relative_to(window)
         y = np.asarray(logits[i, j, :, src[0], src[1]], dtype=np.float32)
