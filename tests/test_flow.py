@@ -51,3 +51,44 @@ def test_train_flow_writes_a_checkpoint(prefect_api, tmp_path):
     res = train(str(SCENE), str(BUILDINGS), str(out), class_names=["background", "building"], epochs=1,
                 steps_per_epoch=3, patch_size=64, batch_size=4, base=4, depth=3)
     assert res["model"] == str(out) and read_spec(out).n_classes == 2
+
+
+def test_archive_flow_skips_done_items_and_reports_a_failing_one(prefect_api, tmp_path):
+    import shutil
+
+    import rasterio
+    import yaml
+
+    from flows.archive import archive
+
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    shutil.copy(SCENE, folder / "a.tif")
+    with rasterio.open(SCENE) as src:
+        profile, data = src.profile, src.read()
+    with rasterio.open(folder / "b.tif", "w", **profile) as dst:
+        dst.write(data[:, ::-1, :])
+    (folder / "c.tif").write_bytes(SCENE.read_bytes()[:5000])  # truncated: this item must fail alone
+    job = tmp_path / "template.yaml"
+    job.write_text(yaml.safe_dump({"input": "unused.tif", "output": "unused", "tile_size": 256,
+                                   "method": {"name": "otsu"}, "truth": {"path": str(BUILDINGS)},
+                                   "class_names": ["background", "building"], "cluster": {"n_workers": 2}}))
+    out = tmp_path / "out"
+
+    first = {r["item"]: r for r in archive(str(folder), str(job), str(out))}
+    assert first["a"]["status"] == "done" and first["b"]["status"] == "done"
+    assert first["c"]["status"] == "failed" and "c.tif" in first["c"]["error"]
+    assert (out / "a" / "segmentation.tif").is_file() and (out / "b" / "segmentation.tif").is_file()
+    assert not (out / "c").exists()
+    assert first["a"]["global_mean_iou"] != first["b"]["global_mean_iou"]  # b is flipped: labels misalign
+
+    with rasterio.open(folder / "b.tif", "r+") as dst:  # b changes: it must be done again
+        dst.write(data)
+    second = {r["item"]: r for r in archive(str(folder), str(job), str(out))}
+    assert second["a"]["status"] == "skipped (done before)"
+    assert second["a"]["global_mean_iou"] == first["a"]["global_mean_iou"]
+    assert second["b"]["status"] == "done" and second["c"]["status"] == "failed"
+    assert second["b"]["global_mean_iou"] == first["a"]["global_mean_iou"]  # b now holds a's pixels
+    superseded = list((out / ".superseded").iterdir())
+    assert [p.name.split("-")[0] for p in superseded] == ["b"]  # b's first results kept, not overwritten
+    assert (superseded[0] / "segmentation.tif").is_file()
