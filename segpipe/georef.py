@@ -1,5 +1,8 @@
 """Georeferenced exports: the class map as a Cloud-Optimized GeoTIFF.
 
+Slides (no CRS) get the same tiled, pyramidal TIFF without GeoTIFF tags, with the pixel size as
+TIFF resolution tags (pixels per centimetre), which slide viewers and tifffile read.
+
 Written window by window into a temporary tiled GeoTIFF (bounded memory), converted by GDAL's COG
 driver (internal tiling, overviews by nearest neighbour so classes are never averaged), and moved
 into place with an atomic rename: a failed export never leaves a half-written COG over a good one.
@@ -34,9 +37,10 @@ def export_cog(result_path: str, dest: str | Path, block: int = 512) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = dest.with_name(f".{dest.name}.{os.getpid()}.staging.tif")
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    profile = {"driver": "GTiff", "height": h, "width": w, "count": 1, "dtype": "uint8", "crs": crs,
-               "transform": transform, "nodata": NODATA, "tiled": True, "blockxsize": 512,
-               "blockysize": 512, "compress": "deflate"}
+    mpp = group.attrs.get("mpp")
+    geo = {"crs": crs, "transform": transform} if crs is not None else {}
+    profile = {"driver": "GTiff", "height": h, "width": w, "count": 1, "dtype": "uint8", **geo,
+               "nodata": NODATA, "tiled": True, "blockxsize": 512, "blockysize": 512, "compress": "deflate"}
     try:
         with rasterio.open(staging, "w", **profile) as ds:
             for tile in TileGrid(h, w, block):
@@ -45,6 +49,9 @@ def export_cog(result_path: str, dest: str | Path, block: int = 512) -> Path:
                          window=((win.row0, win.row1), (win.col0, win.col1)))
             ds.write_colormap(1, {i: PALETTE[i % len(PALETTE)] for i in range(max(1, len(names)))})
             ds.update_tags(class_names=",".join(names))
+            if crs is None and mpp:
+                ds.update_tags(TIFFTAG_XRESOLUTION=1e4 / mpp[0], TIFFTAG_YRESOLUTION=1e4 / mpp[1],
+                               TIFFTAG_RESOLUTIONUNIT=3, mpp=f"{mpp[0]},{mpp[1]}")
             ds.set_band_description(1, "class")
         rasterio.shutil.copy(staging, tmp, driver="COG", compress="DEFLATE", overview_resampling="NEAREST",
                              blocksize=512)

@@ -76,6 +76,12 @@ def read_patches(scene: Scene, grid: PatchGrid, group: list[tuple[int, int]], sp
     return out
 
 
+def has_valid(scene: Scene, window: Window) -> bool:
+    """Whether any pixel of ``window`` (clipped to the scene) is valid."""
+    w = window.intersect(Window(0, 0, scene.height, scene.width))
+    return bool(np.asarray(scene.valid[w.slices]).any())
+
+
 def _batches(items: list, size: int) -> Iterator[list]:
     for k in range(0, len(items), size):
         yield items[k:k + size]
@@ -109,7 +115,8 @@ def infer_tiles(scene_path: str, work_path: str, model_path: str, patch: int, ov
     with ThreadPoolExecutor(max_workers=1) as pool:
         for r, c in tiles:
             tile = tgrid.tile(r, c)
-            owned = grid.owned_by(tile)
+            # A patch with no valid pixel only covers pixels that end as nodata: never compute it.
+            owned = [ij for ij in grid.owned_by(tile) if has_valid(scene, grid.window(*ij))]
             groups = list(_batches(owned, batch_size))
 
             def load(group: list[tuple[int, int]]) -> np.ndarray:

@@ -9,6 +9,7 @@ values, alpha bands and internal masks are all honoured.
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,9 @@ from distributed import Client
 
 from segpipe.config import JobSpec
 from segpipe.errors import InputError
-from segpipe.grid import TileGrid
-from segpipe.io.raster import RasterInfo, is_remote
+from segpipe.grid import TileGrid, Window
+from segpipe.io.raster import RasterInfo, is_remote, raster_info
+from segpipe.io.slide import is_slide, read_window, slide_info, tissue_mask, upsample_mask
 from segpipe.io.store import Marks, ensure_array, geo_attrs, open_or_create
 from segpipe.scene import Scene, scene_path
 
@@ -47,23 +49,45 @@ def fingerprint(job: JobSpec, info: RasterInfo) -> dict:
             "bands": selected_bands(job, info), "nodata": job.nodata, "chunk": job.chunk_size}
 
 
-def _ingest_row(src: str, store: str, row: int, chunk: int, bands: list[int],
-                nodata: float | None) -> int:
+def source_info(path: str) -> RasterInfo:
+    """Inspect the input, a GeoTIFF/COG (rasterio) or a whole-slide image (OpenSlide)."""
+    if not is_slide(path):
+        return raster_info(path)
+    s = slide_info(path)
+    return RasterInfo(s.path, s.height, s.width, 3, "uint8", None, s.transform, None, ("red", "green", "blue"),
+                      kind="slide", mpp=(s.mpp_x, s.mpp_y))
+
+
+def _read_raster(ds: rasterio.DatasetReader, w: Window, bands: list[int],
+                 nodata: float | None) -> tuple[np.ndarray, np.ndarray]:
+    rwin = ((w.row0, w.row1), (w.col0, w.col1))
+    data = ds.read(bands, window=rwin)
+    if nodata is not None:
+        ok = ~np.any(data == nodata, axis=0) if not np.isnan(nodata) else ~np.any(np.isnan(data), axis=0)
+    else:
+        ok = ds.dataset_mask(window=rwin) > 0
+        if np.issubdtype(data.dtype, np.floating):
+            ok &= np.all(np.isfinite(data), axis=0)
+    return data, ok
+
+
+def _read_slide(src: str, w: Window, bands: list[int],
+                tissue: tuple[np.ndarray, float]) -> tuple[np.ndarray, np.ndarray]:
+    rgb, scanned = read_window(src, w)
+    return rgb[[b - 1 for b in bands]], scanned & upsample_mask(*tissue, w)
+
+
+def _ingest_row(src: str, store: str, row: int, chunk: int, bands: list[int], nodata: float | None,
+                tissue: tuple[np.ndarray, float] | None = None) -> int:
     """Copy one row of chunk windows from ``src`` into the store; returns the row index."""
     group = zarr.open_group(store, mode="r+")
     image, valid = group["image"], group["valid"]
     grid = TileGrid(image.shape[1], image.shape[2], chunk)
-    with rasterio.open(src) as ds:
+    with ExitStack() as stack:
+        ds = None if tissue is not None else stack.enter_context(rasterio.open(src))
         for col in range(grid.shape[1]):
             w = grid.tile(row, col).core
-            rwin = ((w.row0, w.row1), (w.col0, w.col1))
-            data = ds.read(bands, window=rwin)
-            if nodata is not None:
-                ok = ~np.any(data == nodata, axis=0) if not np.isnan(nodata) else ~np.any(np.isnan(data), axis=0)
-            else:
-                ok = ds.dataset_mask(window=rwin) > 0
-                if np.issubdtype(data.dtype, np.floating):
-                    ok &= np.all(np.isfinite(data), axis=0)
+            data, ok = _read_slide(src, w, bands, tissue) if ds is None else _read_raster(ds, w, bands, nodata)
             image[:, w.row0:w.row1, w.col0:w.col1] = data
             valid[w.row0:w.row1, w.col0:w.col1] = ok.astype(np.uint8)
     Marks(store, STAGE).mark(str(row))
@@ -80,13 +104,14 @@ def ingest(job: JobSpec, info: RasterInfo, client: Client) -> Scene:
     ensure_array(group, "image", (len(bands), info.height, info.width), (len(bands), c, c), info.dtype,
                  0, ("band", "y", "x"))
     ensure_array(group, "valid", (info.height, info.width), (c, c), "uint8", 0, ("y", "x"))
-    group.attrs.update({**geo_attrs(info.crs, info.transform), "source": info.path,
+    group.attrs.update({**geo_attrs(info.crs, info.transform, info.mpp), "source": info.path, "kind": info.kind,
                         "bands": bands, "nodata": job.nodata if job.nodata is not None else info.nodata,
                         "band_names": [info.descriptions[b - 1] or f"band{b}" for b in bands]})
     marks = Marks(store, STAGE)
     done = marks.keys()
     rows = [r for r in range(TileGrid(info.height, info.width, c).shape[0]) if str(r) not in done]
+    tissue = tissue_mask(info.path) if info.kind == "slide" and rows else None
     futures = client.map(_ingest_row, [info.path] * len(rows), [store] * len(rows), rows,
-                         chunk=c, bands=bands, nodata=job.nodata, pure=False)
+                         chunk=c, bands=bands, nodata=job.nodata, tissue=tissue, pure=False)
     client.gather(futures)
     return Scene(store)

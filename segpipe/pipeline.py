@@ -17,8 +17,8 @@ from segpipe.config import JobSpec
 from segpipe.errors import InputError
 from segpipe.georef import export_cog
 from segpipe.grid import TileGrid
-from segpipe.ingest import fingerprint, ingest, selected_bands
-from segpipe.io.raster import RasterInfo, raster_info
+from segpipe.ingest import fingerprint, ingest, selected_bands, source_info
+from segpipe.io.raster import RasterInfo
 from segpipe.io.result import add_truth_array
 from segpipe.metrics import tile_confusions
 from segpipe.report import MetricsReport, build_report, write_report
@@ -47,7 +47,7 @@ class Checked:
 
 def check(job: JobSpec) -> Checked:
     """Validate input raster, bands, method/model, tiling and ground truth; writes nothing."""
-    info = raster_info(job.input)
+    info = source_info(job.input)
     bands = selected_bands(job, info)
     if job.tile_size > max(info.height, info.width):
         raise InputError(f"tile_size {job.tile_size} is larger than the scene ({info.width}x{info.height} px)")

@@ -39,7 +39,7 @@ def _clean(v: float) -> float | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), 6)
 
 
-def build_report(confusions: dict[tuple[int, int], np.ndarray], grid: TileGrid, crs: CRS, transform: Affine,
+def build_report(confusions: dict[tuple[int, int], np.ndarray], grid: TileGrid, crs: CRS | None, transform: Affine,
                  class_names: list[str]) -> MetricsReport:
     rows, feats = [], []
     total = None
@@ -57,7 +57,9 @@ def build_report(confusions: dict[tuple[int, int], np.ndarray], grid: TileGrid, 
             row[f"dice_{name}"] = _clean(s.dice[k])
         rows.append(row)
         ring = [[west, south], [east, south], [east, north], [west, north], [west, south]]
-        geom = transform_geom(crs, "EPSG:4326", {"type": "Polygon", "coordinates": [ring]})
+        geom = {"type": "Polygon", "coordinates": [ring]}
+        if crs is not None:  # RFC 7946 wants WGS 84; slides stay in micrometres
+            geom = transform_geom(crs, "EPSG:4326", geom)
         feats.append({"type": "Feature", "geometry": geom,
                       "properties": {**row, "bounds_scene_crs": [west, south, east, north]}})
     g = scores(total) if total is not None else None
@@ -70,7 +72,7 @@ def build_report(confusions: dict[tuple[int, int], np.ndarray], grid: TileGrid, 
         "global_iou": {n: _clean(g.iou[k]) for k, n in enumerate(class_names)} if g else {},
         "global_dice": {n: _clean(g.dice[k]) for k, n in enumerate(class_names)} if g else {},
         "confusion_matrix": total.tolist() if total is not None else [],
-        "crs": crs.to_string(),
+        "crs": crs.to_string() if crs is not None else None,
     }
     return MetricsReport(rows, summary, feats)
 

@@ -86,7 +86,7 @@ def segment(job: JobSpec, scene: Scene, plan: MethodPlan, scene_fp: dict, client
           "model_sha256": plan.model_sha256, "tile_size": job.tile_size}
     result = result_path(job.output)
     create_result(result, fp, scene.crs, scene.transform, scene.height, scene.width, scene.chunk,
-                  plan.class_names)
+                  plan.class_names, scene.group.attrs.get("mpp"))
     tgrid = TileGrid(scene.height, scene.width, job.tile_size)
     common = {"scene_path": scene.path, "tile_size": job.tile_size}
     if plan.model is not None:

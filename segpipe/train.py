@@ -24,8 +24,7 @@ from torch import nn
 from segpipe.config import JobSpec, MethodSpec, TruthSpec
 from segpipe.errors import InputError
 from segpipe.grid import TileGrid
-from segpipe.ingest import ingest
-from segpipe.io.raster import raster_info
+from segpipe.ingest import ingest, source_info
 from segpipe.io.store import ensure_array
 from segpipe.models.checkpoint import ModelSpec, save_checkpoint
 from segpipe.scene import Scene
@@ -53,7 +52,7 @@ def prepare_store(image: str | Path, labels: str | Path, folder: str | Path, ban
     """Ingest ``image`` into ``folder/scene.zarr`` and burn ``labels`` into its ``truth`` array."""
     job = JobSpec(input=str(image), output=Path(folder), bands=bands,
                   method=MethodSpec(name="otsu"), truth=TruthSpec(path=Path(labels)))
-    info = raster_info(image)
+    info = source_info(str(image))
     truth = check_truth(job.truth, info)
     scene = ingest(job, info, client)
     arr = ensure_array(zarr.open_group(scene.path, mode="r+"), "truth", (scene.height, scene.width),

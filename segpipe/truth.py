@@ -60,7 +60,12 @@ class Truth:
 
 
 def _check_raster(spec: TruthSpec, scene: RasterInfo) -> Truth:
-    info = raster_info(spec.path, "ground-truth raster")
+    info = raster_info(spec.path, "ground-truth raster", require_crs=scene.crs is not None)
+    if scene.crs is None:  # a slide: labels must be on its pixel grid
+        if (info.height, info.width) != (scene.height, scene.width):
+            raise InputError(f"ground-truth raster is on another grid ({info.width}x{info.height}) than the "
+                             f"slide ({scene.width}x{scene.height}): {spec.path}")
+        return Truth("raster", info.path, nodata=info.nodata, remap=dict(spec.remap))
     if info.crs != scene.crs:
         raise InputError(f"ground-truth raster is on another CRS ({info.crs.to_string()}) than the scene "
                          f"({scene.crs.to_string()}): {spec.path}")
@@ -85,6 +90,8 @@ def _vector_crs(doc: dict[str, Any]) -> CRS:
 
 def _check_vector(spec: TruthSpec, scene: RasterInfo) -> Truth:
     p = Path(spec.path)
+    if scene.crs is None:
+        raise InputError(f"vector ground truth needs a georeferenced scene; give slides a label raster: {p}")
     try:
         doc = json.loads(p.read_text())
         features = doc["features"] if doc.get("type") == "FeatureCollection" else [doc]

@@ -86,3 +86,22 @@ def test_gdal_virtual_path_input(tmp_path, client):
     direct = run(client, tmp_path / "direct", input=str(SCENE), tile_size=256, method={"name": "otsu"})
     np.testing.assert_array_equal(class_map(o), class_map(direct))
     assert zarr.open_group(str(out / "scene.zarr"), mode="r").attrs["source"] == src
+
+
+def test_patches_without_valid_pixels_are_never_computed(tmp_path, client, tiny_model, sample_pixels):
+    from segpipe.grid import PatchGrid
+
+    data = sample_pixels.copy()
+    data[:, 200:700, 100:800] = 0  # a large nodata block (the sample's nodata value is 0)
+    src = write_tif(tmp_path / "holes.tif", data, nodata=0)
+    out = tmp_path / "out"
+    cls = class_map(run(client, out, input=str(src), tile_size=256, chunk_size=128,
+                        method={"name": "unet", "model": str(tiny_model), "patch_size": 128}))
+    grid = PatchGrid(900, 900, 128, 0.25)
+    valid = data[0] != 0
+    expect = {(i, j) for i in range(grid.shape[0]) for j in range(grid.shape[1])
+              if valid[grid.window(i, j).slices].any()}
+    assert len(expect) < grid.shape[0] * grid.shape[1]
+    logits = zarr.open_array(str(out / "work.zarr"), path="logits", mode="r")
+    assert logits.nchunks_initialized == len(expect)
+    assert (cls[~valid] == 255).all() and (cls[valid] != 255).all()

@@ -26,10 +26,12 @@ class RasterInfo:
     transform: Affine
     nodata: float | None
     descriptions: tuple[str | None, ...]
+    kind: str = "raster"  # or "slide": no CRS, transform in micrometres
+    mpp: tuple[float, float] | None = None
 
     @property
     def bounds(self) -> tuple[float, float, float, float]:
-        return rasterio.transform.array_bounds(self.height, self.width, self.transform)[::1]
+        return rasterio.transform.array_bounds(self.height, self.width, self.transform)
 
 
 def is_remote(path: str | Path) -> bool:

@@ -20,14 +20,14 @@ from segpipe.io.store import ensure_array, geo_attrs, open_or_create
 NODATA = 255
 
 
-def create_result(path: str, fingerprint: dict[str, Any], crs: CRS, transform: Affine, height: int,
-                  width: int, chunk: int, class_names: list[str]) -> zarr.Group:
+def create_result(path: str, fingerprint: dict[str, Any], crs: CRS | None, transform: Affine, height: int,
+                  width: int, chunk: int, class_names: list[str], mpp: list[float] | None = None) -> zarr.Group:
     """Create (or reopen for resume) the result group and its coordinate variables."""
     group = open_or_create(path, fingerprint, "result store")
-    group.attrs.update({**geo_attrs(crs, transform), "class_names": class_names, "nodata": NODATA})
+    group.attrs.update({**geo_attrs(crs, transform, mpp), "class_names": class_names, "nodata": NODATA})
     gt = " ".join(str(v) for v in (transform.c, transform.a, transform.b, transform.f, transform.d,
                                    transform.e))
-    if "spatial_ref" not in group:
+    if crs is not None and "spatial_ref" not in group:
         sr = group.create_array("spatial_ref", shape=(), dtype="int64", fill_value=0, dimension_names=())
         sr[...] = 0
         sr.attrs.update({"crs_wkt": crs.to_wkt(), "spatial_ref": crs.to_wkt(), "GeoTransform": gt})
@@ -39,7 +39,8 @@ def create_result(path: str, fingerprint: dict[str, Any], crs: CRS, transform: A
                                dimension_names=("y",))
         y[:] = transform.f + (np.arange(height) + 0.5) * transform.e
         y.attrs.update({"standard_name": "projection_y_coordinate", "axis": "Y"})
-    class_attrs = {"grid_mapping": "spatial_ref", "coordinates": "spatial_ref", "_FillValue": NODATA,
+    grid_mapping = {"grid_mapping": "spatial_ref", "coordinates": "spatial_ref"} if crs is not None else {}
+    class_attrs = {**grid_mapping, "_FillValue": NODATA,
                    "flag_values": list(range(len(class_names))),
                    "flag_meanings": " ".join(n.replace(" ", "_") for n in class_names)}
     ensure_array(group, "class", (height, width), (chunk, chunk), "uint8", NODATA, ("y", "x"), class_attrs)
@@ -48,5 +49,6 @@ def create_result(path: str, fingerprint: dict[str, Any], crs: CRS, transform: A
 
 def add_truth_array(path: str, height: int, width: int, chunk: int) -> zarr.Array:
     group = zarr.open_group(path, mode="r+")
+    grid_mapping = {"grid_mapping": "spatial_ref", "coordinates": "spatial_ref"} if "spatial_ref" in group else {}
     return ensure_array(group, "truth", (height, width), (chunk, chunk), "uint8", NODATA, ("y", "x"),
-                        {"grid_mapping": "spatial_ref", "coordinates": "spatial_ref", "_FillValue": NODATA})
+                        {**grid_mapping, "_FillValue": NODATA})

