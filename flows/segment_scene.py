@@ -41,9 +41,10 @@ def segment_task(checked: Checked, scene: str, scheduler: str) -> str:
         return run_segment(checked, Scene(scene), client)
 
 
-@task(name="export-cog")
-def export_task(checked: Checked, result: str) -> str:
-    return str(run_export(checked, result))
+@task(name="export")
+def export_task(checked: Checked, scene: str, result: str, scheduler: str) -> list[str]:
+    with Client(scheduler) as client:
+        return [str(p) for p in run_export(checked, Scene(scene), result, client)]
 
 
 @task(name="tile-metrics")
@@ -78,9 +79,9 @@ def segment_scene(job: str, output: str | None = None, scheduler: str | None = N
         address = client.scheduler.address
         scene = ingest_task(checked, address)
         result = segment_task(checked, scene, address)
-        cog = export_task(checked, result)
+        exports = export_task(checked, scene, result, address)
         summary = metrics_task(checked, scene, result, address)
-    return {"cog": cog, "result": result, "summary": summary}
+    return {"exports": exports, "result": result, "summary": summary}
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     checked = check(job)
     with connect(job.cluster) as client:
         outcome = run_job(checked, client, log=lambda line: print(f"segpipe: {line}", flush=True))
-    print(f"segmentation: {outcome.cog}")
+    for path in outcome.exports:
+        print(f"export:       {path}")
     print(f"zarr result:  {outcome.result}")
     if outcome.report is not None:
         print(f"metrics:      {checked.metrics_dir}")

@@ -71,6 +71,8 @@ class JobSpec(_Strict):
     method: MethodSpec
     truth: TruthSpec | None = None
     class_names: list[str] | None = None
+    exports: list[Literal["cog", "ome-zarr"]] | None = Field(
+        None, description="default: cog for rasters; cog and ome-zarr for slides")
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
 
     @field_validator("bands")

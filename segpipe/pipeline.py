@@ -21,6 +21,7 @@ from segpipe.ingest import fingerprint, ingest, selected_bands, source_info
 from segpipe.io.raster import RasterInfo
 from segpipe.io.result import add_truth_array
 from segpipe.metrics import tile_confusions
+from segpipe.omezarr import export_ome_zarr
 from segpipe.report import MetricsReport, build_report, write_report
 from segpipe.scene import Scene
 from segpipe.segment import MethodPlan, plan_method, segment
@@ -39,6 +40,16 @@ class Checked:
     @property
     def cog_path(self) -> Path:
         return Path(self.job.output) / "segmentation.tif"
+
+    @property
+    def ome_path(self) -> Path:
+        return Path(self.job.output) / "image.ome.zarr"
+
+    @property
+    def exports(self) -> list[str]:
+        if self.job.exports is not None:
+            return list(self.job.exports)
+        return ["cog", "ome-zarr"] if self.info.kind == "slide" else ["cog"]
 
     @property
     def metrics_dir(self) -> Path:
@@ -67,8 +78,14 @@ def run_segment(c: Checked, scene: Scene, client: Client) -> str:
     return segment(c.job, scene, c.plan, fingerprint(c.job, c.info), client)
 
 
-def run_export(c: Checked, result: str) -> Path:
-    return export_cog(result, c.cog_path)
+def run_export(c: Checked, scene: Scene, result: str, client: Client) -> list[Path]:
+    """Write the requested exports; each one is renamed into place only when complete."""
+    out = []
+    if "cog" in c.exports:
+        out.append(export_cog(result, c.cog_path))
+    if "ome-zarr" in c.exports:
+        out.append(export_ome_zarr(scene.path, result, c.ome_path, client, c.plan.class_names))
+    return out
 
 
 def run_metrics(c: Checked, scene: Scene, result: str, client: Client) -> MetricsReport | None:
@@ -91,8 +108,12 @@ class Outcome:
 
     scene: str
     result: str
-    cog: Path
+    exports: list[Path]
     report: MetricsReport | None
+
+    @property
+    def cog(self) -> Path | None:
+        return next((p for p in self.exports if p.suffix == ".tif"), None)
 
 
 def run_job(c: Checked, client: Client, log: Callable[[str], None] = lambda _: None) -> Outcome:
@@ -102,9 +123,9 @@ def run_job(c: Checked, client: Client, log: Callable[[str], None] = lambda _: N
     scene = run_ingest(c, client)
     log(f"segment with {c.plan.name}, {len(TileGrid(scene.height, scene.width, c.job.tile_size))} tile(s)")
     result = run_segment(c, scene, client)
-    log(f"export {c.cog_path}")
-    cog = run_export(c, result)
+    log(f"export {', '.join(c.exports)}")
+    exports = run_export(c, scene, result, client)
     if c.truth is not None:
         log("per-tile metrics")
     report = run_metrics(c, scene, result, client)
-    return Outcome(scene.path, result, cog, report)
+    return Outcome(scene.path, result, exports, report)

@@ -105,3 +105,32 @@ def test_unreadable_slide_is_a_one_line_error(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("segpipe: error: input slide") and "broken.svs" in lines[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_slide_ome_zarr_image_with_labels_opens_with_ome_zarr_readers(otsu_slide):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+    from ome_zarr_models.v05.image import Image
+    from ome_zarr_models.v05.image_label import ImageLabel
+
+    out, o = otsu_slide
+    path = out / "image.ome.zarr"
+    assert path in o.exports
+    root = zarr.open_group(str(path), mode="r")
+    image = Image.from_zarr(root)  # validates against the OME-Zarr 0.5 schema
+    ImageLabel.from_zarr(root["labels/segmentation"])
+    ms = image.attributes.ome.multiscales[0]
+    assert [a.unit for a in ms.axes[1:]] == ["micrometer", "micrometer"]
+    assert ms.datasets[0].coordinateTransformations[0].scale[1:] == [0.499, 0.499]
+    assert ms.datasets[1].coordinateTransformations[0].scale[1:] == [0.998, 0.998]
+
+    nodes = list(Reader(parse_url(str(path)))())
+    levels = nodes[0].data
+    assert len(levels) >= 3 and levels[0].shape == (3, 2967, 2220)
+    scene_img = zarr.open_array(str(out / "scene.zarr"), path="image", mode="r")
+    np.testing.assert_array_equal(np.asarray(levels[0][:, :512, :512]), scene_img[:, :512, :512])
+    label_nodes = [n for n in nodes if "image-label" in n.zarr.root_attrs.get("ome", n.zarr.root_attrs)]
+    assert label_nodes, [n.zarr.root_attrs for n in nodes]
+    cls = class_map(o)
+    np.testing.assert_array_equal(np.asarray(label_nodes[0].data[0]), cls)
+    np.testing.assert_array_equal(np.asarray(label_nodes[0].data[1]), cls[::2, ::2])

@@ -1,0 +1,100 @@
+"""OME-Zarr 0.5 export: the scene as a multiscale image with the class map as a ``labels`` image.
+
+Levels halve the resolution by taking every second pixel (nearest neighbour), for the image and
+the labels alike, so both pyramids stay pixel-aligned with scale-only transforms and classes are
+never averaged. Pixel size comes from the scene: micrometres for slides, CRS units otherwise.
+Each level is built from the previous one on the Dask cluster, chunk by chunk; the finished
+store is renamed into place, so a failed export never leaves a half-written one behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import zarr
+from distributed import Client
+
+from segpipe.georef import PALETTE
+from segpipe.io.result import NODATA
+from segpipe.scene import Scene
+
+VERSION = "0.5"
+LABEL_NAME = "segmentation"
+
+
+def _units(scene: Scene) -> tuple[str | None, tuple[float, float]]:
+    t = scene.transform
+    size = (abs(t.e), abs(t.a))
+    if scene.crs is None:
+        return ("micrometer" if scene.group.attrs.get("mpp") else None), size
+    unit = scene.crs.linear_units
+    return ("meter" if unit in ("metre", "meter") else None), size
+
+
+def _multiscales(n_levels: int, axes: list[dict[str, Any]], size: tuple[float, float], name: str) -> list[dict]:
+    lead = [1.0] * (len(axes) - 2)
+    return [{
+        "name": name,
+        "axes": axes,
+        "datasets": [{"path": str(k), "coordinateTransformations": [
+            {"type": "scale", "scale": lead + [size[0] * 2**k, size[1] * 2**k]}]} for k in range(n_levels)],
+    }]
+
+
+def _pyramid(group: zarr.Group, base: da.Array, n_levels: int, chunk: int, fill: Any, dims: tuple[str, ...],
+             client: Client) -> None:
+    level = base
+    for k in range(n_levels):
+        chunks = (*level.shape[:-2], chunk, chunk)
+        arr = group.create_array(str(k), shape=level.shape, chunks=chunks, dtype=level.dtype, fill_value=fill,
+                                 dimension_names=dims)
+        client.compute(da.store(level.rechunk(chunks), arr, lock=False, compute=False), sync=True)
+        level = da.from_zarr(arr)[..., ::2, ::2]
+
+
+def levels_for(height: int, width: int, smallest: int = 256, most: int = 6) -> int:
+    """Pyramid depth: halve until the image fits ``smallest`` pixels."""
+    n = 1
+    while max(height, width) / 2**n >= smallest and n < most:
+        n += 1
+    return n
+
+
+def export_ome_zarr(scene_path: str, result_path: str, dest: str | Path, client: Client,
+                    class_names: list[str]) -> Path:
+    """Write ``dest`` (an ``.ome.zarr`` folder) from the scene store and the result store."""
+    scene = Scene(scene_path)
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    unit, size = _units(scene)
+    space = [{"name": ax, "type": "space", **({"unit": unit} if unit else {})} for ax in ("y", "x")]
+    n = levels_for(scene.height, scene.width)
+    chunk = scene.chunk
+    root = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
+    root.attrs["ome"] = {"version": VERSION, "multiscales": _multiscales(
+        n, [{"name": "c", "type": "channel"}, *space], size, Path(scene.group.attrs.get("source", "image")).name)}
+    _pyramid(root, da.from_zarr(scene.image), n, chunk, 0, ("c", "y", "x"), client)
+    labels = root.create_group("labels")
+    labels.attrs["ome"] = {"version": VERSION, "labels": [LABEL_NAME]}
+    seg = labels.create_group(LABEL_NAME)
+    colors = [{"label-value": i, "rgba": [*PALETTE[i % len(PALETTE)], 255]} for i in range(len(class_names))]
+    seg.attrs["ome"] = {"version": VERSION, "multiscales": _multiscales(n, space, size, LABEL_NAME),
+                        "image-label": {"colors": colors, "source": {"image": "../../"},
+                                        "properties": [{"label-value": i, "class": name}
+                                                       for i, name in enumerate(class_names)]}}
+    classes = da.from_zarr(zarr.open_array(result_path, path="class", mode="r"))
+    _pyramid(seg, classes, n, chunk, NODATA, ("y", "x"), client)
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.{os.getpid()}.old")
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, dest)
+    return dest
