@@ -43,7 +43,7 @@ def export_cog(result_path: str, dest: str | Path, block: int = 512) -> Path:
                "nodata": NODATA, "tiled": True, "blockxsize": 512, "blockysize": 512, "compress": "deflate"}
     try:
         with rasterio.open(staging, "w", **profile) as ds:
-            for tile in TileGrid(h, w, block):
+            for tile in TileGrid((h, w), block):
                 win = tile.core
                 ds.write(np.asarray(arr[win.slices]), 1,
                          window=((win.row0, win.row1), (win.col0, win.col1)))

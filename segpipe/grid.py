@@ -1,19 +1,23 @@
-"""Tile geometry: one global patch grid and a tile partition on top of it.
+"""Tile geometry for 2-D and 3-D: one global patch grid and a tile partition on top of it.
 
 Why two grids: inference patches overlap and must lie on a single scene-wide grid so that the
 stitched answer does not depend on how the scene is split into tiles. Tiles are chunk-aligned
 blocks of the output; they decide *who* computes and writes what, never *what* is computed.
 Each patch is owned by exactly one tile (the tile containing its origin), so no patch is
 computed twice, and each output tile is written by exactly one task.
+Everything here works on any number of spatial axes; the last two are rows and columns.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 from affine import Affine
+
+Index = tuple[int, ...]
 
 
 def patch_starts(length: int, patch: int, stride: int) -> list[int]:
@@ -29,142 +33,164 @@ def patch_starts(length: int, patch: int, stride: int) -> list[int]:
     return sorted(set(starts))
 
 
+def _per_axis(value: int | tuple[int, ...], ndim: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, tuple | list) else (int(value),) * ndim
+
+
 @dataclass(frozen=True)
-class Window:
-    """A half-open pixel window [row0, row1) x [col0, col1)."""
+class Box:
+    """A half-open box ``[start, stop)`` over the spatial axes."""
 
-    row0: int
-    col0: int
-    row1: int
-    col1: int
+    start: Index
+    stop: Index
+
+    @classmethod
+    def of(cls, shape: Index) -> Box:
+        """The whole of an array of ``shape``."""
+        return cls((0,) * len(shape), tuple(shape))
+
+    @classmethod
+    def rc(cls, row0: int, col0: int, row1: int, col1: int) -> Box:
+        """A 2-D window from row/column bounds."""
+        return cls((row0, col0), (row1, col1))
 
     @property
-    def height(self) -> int:
-        return self.row1 - self.row0
+    def ndim(self) -> int:
+        return len(self.start)
 
     @property
-    def width(self) -> int:
-        return self.col1 - self.col0
+    def shape(self) -> Index:
+        return tuple(b - a for a, b in zip(self.start, self.stop, strict=True))
 
     @property
-    def slices(self) -> tuple[slice, slice]:
-        return slice(self.row0, self.row1), slice(self.col0, self.col1)
+    def slices(self) -> tuple[slice, ...]:
+        return tuple(slice(a, b) for a, b in zip(self.start, self.stop, strict=True))
 
-    def grow(self, halo: int, height: int, width: int) -> Window:
-        """This window enlarged by ``halo`` pixels on every side, clipped to the scene."""
-        return Window(
-            max(0, self.row0 - halo), max(0, self.col0 - halo),
-            min(height, self.row1 + halo), min(width, self.col1 + halo),
-        )
+    # Row/column accessors: the last two axes, as rasters and slides use them.
+    row0 = property(lambda self: self.start[-2])
+    col0 = property(lambda self: self.start[-1])
+    row1 = property(lambda self: self.stop[-2])
+    col1 = property(lambda self: self.stop[-1])
+    height = property(lambda self: self.stop[-2] - self.start[-2])
+    width = property(lambda self: self.stop[-1] - self.start[-1])
 
-    def intersect(self, other: Window) -> Window:
-        """The overlap of two windows (assumed to intersect)."""
-        return Window(max(self.row0, other.row0), max(self.col0, other.col0),
-                      min(self.row1, other.row1), min(self.col1, other.col1))
+    def grow(self, halo: int, shape: Index) -> Box:
+        """This box enlarged by ``halo`` on every side, clipped to an array of ``shape``."""
+        return Box(tuple(max(0, a - halo) for a in self.start),
+                   tuple(min(n, b + halo) for b, n in zip(self.stop, shape, strict=True)))
 
-    def relative_to(self, outer: Window) -> tuple[slice, slice]:
-        """Slices that cut this window out of an array holding ``outer``."""
-        return (slice(self.row0 - outer.row0, self.row1 - outer.row0),
-                slice(self.col0 - outer.col0, self.col1 - outer.col0))
+    def intersect(self, other: Box) -> Box:
+        """The overlap of two boxes (assumed to intersect)."""
+        return Box(tuple(map(max, self.start, other.start)), tuple(map(min, self.stop, other.stop)))
+
+    def relative_to(self, outer: Box) -> tuple[slice, ...]:
+        """Slices that cut this box out of an array holding ``outer``."""
+        return tuple(slice(a - o, b - o) for a, b, o in zip(self.start, self.stop, outer.start, strict=True))
 
 
 @dataclass(frozen=True)
 class Tile:
-    """One output tile: its index in the tile grid and its core window."""
+    """One output tile: its index in the tile grid and its core box."""
 
-    row: int
-    col: int
-    core: Window
+    index: Index
+    core: Box
 
     @property
     def key(self) -> str:
-        return f"{self.row}_{self.col}"
+        return "_".join(map(str, self.index))
+
+    @property
+    def row(self) -> int:
+        return self.index[-2]
+
+    @property
+    def col(self) -> int:
+        return self.index[-1]
 
     def transform(self, scene_transform: Affine) -> Affine:
-        """Affine of this tile's core, so a tile can be georeferenced on its own."""
+        """Affine of this tile's core (2-D), so a tile can be georeferenced on its own."""
         return scene_transform @ Affine.translation(self.core.col0, self.core.row0)
 
 
 @dataclass(frozen=True)
 class TileGrid:
-    """Chunk-aligned partition of a ``height`` x ``width`` scene into tiles of ``tile_size``."""
+    """Chunk-aligned partition of an array of ``shape`` into tiles of ``tile_size`` per axis."""
 
-    height: int
-    width: int
-    tile_size: int
+    shape: Index
+    tile_size: int | Index
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return (-(-self.height // self.tile_size), -(-self.width // self.tile_size))
+    def size(self) -> Index:
+        return _per_axis(self.tile_size, len(self.shape))
 
-    def tile(self, row: int, col: int) -> Tile:
-        t = self.tile_size
-        return Tile(row, col, Window(row * t, col * t, min(self.height, (row + 1) * t),
-                                     min(self.width, (col + 1) * t)))
+    @property
+    def counts(self) -> Index:
+        return tuple(-(-n // t) for n, t in zip(self.shape, self.size, strict=True))
+
+    def tile(self, index: Index) -> Tile:
+        start = tuple(i * t for i, t in zip(index, self.size, strict=True))
+        stop = tuple(min(n, a + t) for a, t, n in zip(start, self.size, self.shape, strict=True))
+        return Tile(tuple(index), Box(start, stop))
 
     def __iter__(self) -> Iterator[Tile]:
-        rows, cols = self.shape
-        for r in range(rows):
-            for c in range(cols):
-                yield self.tile(r, c)
+        for index in itertools.product(*(range(c) for c in self.counts)):
+            yield self.tile(index)
 
     def __len__(self) -> int:
-        rows, cols = self.shape
-        return rows * cols
+        return int(np.prod(self.counts))
 
 
 @dataclass(frozen=True)
 class PatchGrid:
     """The scene-wide grid of overlapping inference patches."""
 
-    height: int
-    width: int
-    patch: int
+    shape: Index
+    patch: int | Index
     overlap: float
 
     @property
-    def stride(self) -> int:
-        return max(1, int(round(self.patch * (1.0 - self.overlap))))
+    def size(self) -> Index:
+        return _per_axis(self.patch, len(self.shape))
 
     @property
-    def row_starts(self) -> list[int]:
-        return patch_starts(self.height, self.patch, self.stride)
+    def strides(self) -> Index:
+        return tuple(max(1, int(round(p * (1.0 - self.overlap)))) for p in self.size)
 
     @property
-    def col_starts(self) -> list[int]:
-        return patch_starts(self.width, self.patch, self.stride)
+    def starts(self) -> tuple[list[int], ...]:
+        return tuple(patch_starts(n, p, s) for n, p, s in zip(self.shape, self.size, self.strides, strict=True))
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return len(self.row_starts), len(self.col_starts)
+    def counts(self) -> Index:
+        return tuple(len(s) for s in self.starts)
 
-    def window(self, i: int, j: int) -> Window:
-        r, c = self.row_starts[i], self.col_starts[j]
-        return Window(r, c, r + self.patch, c + self.patch)
+    def window(self, index: Index) -> Box:
+        start = tuple(s[i] for s, i in zip(self.starts, index, strict=True))
+        return Box(start, tuple(a + p for a, p in zip(start, self.size, strict=True)))
 
-    def owned_by(self, tile: Tile) -> list[tuple[int, int]]:
+    def owned_by(self, tile: Tile) -> list[Index]:
         """Patch indices whose origin lies in ``tile``'s core: a partition of all patches."""
-        rows = [i for i, r in enumerate(self.row_starts) if tile.core.row0 <= r < tile.core.row1]
-        cols = [j for j, c in enumerate(self.col_starts) if tile.core.col0 <= c < tile.core.col1]
-        return [(i, j) for i in rows for j in cols]
+        axes = [[i for i, s in enumerate(starts) if a <= s < b]
+                for starts, a, b in zip(self.starts, tile.core.start, tile.core.stop, strict=True)]
+        return list(itertools.product(*axes))
 
-    def covering(self, window: Window) -> list[tuple[int, int]]:
-        """Patch indices (in global row-major order) whose footprint intersects ``window``."""
-        rows = [i for i, r in enumerate(self.row_starts) if r < window.row1 and r + self.patch > window.row0]
-        cols = [j for j, c in enumerate(self.col_starts) if c < window.col1 and c + self.patch > window.col0]
-        return [(i, j) for i in rows for j in cols]
+    def covering(self, box: Box) -> list[Index]:
+        """Patch indices (in global lexicographic order) whose footprint intersects ``box``."""
+        axes = [[i for i, s in enumerate(starts) if s < b and s + p > a]
+                for starts, p, a, b in zip(self.starts, self.size, box.start, box.stop, strict=True)]
+        return list(itertools.product(*axes))
 
 
-def gaussian_importance(patch: int, sigma_scale: float = 0.125) -> np.ndarray:
-    """nnU-Net's Gaussian importance map (sigma = patch/8), normalised to max 1, no zeros.
+def gaussian_importance(patch: Index, sigma_scale: float = 0.125) -> np.ndarray:
+    """nnU-Net's Gaussian importance map (sigma = patch/8 per axis), max 1, no zeros.
 
-    Zeros would make pixels at patch corners undefined where only one patch covers them, so
+    Zeros would make voxels at patch corners undefined where only one patch covers them, so
     they are lifted to the smallest positive weight, as nnU-Net does.
     """
-    coords = np.arange(patch, dtype=np.float64) - (patch - 1) / 2.0
-    sigma = patch * sigma_scale
-    g1 = np.exp(-0.5 * (coords / sigma) ** 2)
-    g = np.outer(g1, g1)
+    g = np.ones((), np.float64)
+    for p in patch:
+        coords = np.arange(p, dtype=np.float64) - (p - 1) / 2.0
+        g = np.multiply.outer(g, np.exp(-0.5 * (coords / (p * sigma_scale)) ** 2))
     g /= g.max()
     g = g.astype(np.float32)
     g[g == 0] = g[g > 0].min()

@@ -20,7 +20,7 @@ import torch
 import zarr
 from distributed import get_worker
 
-from segpipe.grid import PatchGrid, TileGrid, Window
+from segpipe.grid import Box, Index, PatchGrid, TileGrid
 from segpipe.io.store import Marks
 from segpipe.models.checkpoint import ModelSpec, load_model
 from segpipe.models.classical import make_classical
@@ -54,32 +54,33 @@ def worker_model(path: str) -> tuple[UNet2d, ModelSpec, str]:
     return model, spec, device
 
 
-def read_patches(scene: Scene, grid: PatchGrid, group: list[tuple[int, int]], spec: ModelSpec) -> np.ndarray:
-    """Normalised patches (N, bands, P, P); invalid pixels become 0 (the band mean).
+def read_patches(scene: Scene, grid: PatchGrid, group: list[Index], spec: ModelSpec) -> np.ndarray:
+    """Normalised patches (N, bands, *patch); invalid pixels become 0 (the band mean).
 
-    Patches of one patch row are cut from a single strip read, so overlapping patches do not
-    decode the same Zarr chunks again. Patches reaching past a short scene's edge are zero-padded.
+    Patches that differ only in their last index (a run along the columns) are cut from a single
+    read of their union, so overlapping patches do not decode the same Zarr chunks again.
+    Patches reaching past a short scene's edge are zero-padded.
     """
-    mean = np.asarray(spec.mean, np.float32)[:, None, None]
-    std = np.asarray(spec.std, np.float32)[:, None, None]
-    out = np.zeros((len(group), scene.count, grid.patch, grid.patch), np.float32)
-    for i in sorted({i for i, _ in group}):
-        members = [(k, j) for k, (ii, j) in enumerate(group) if ii == i]
-        wins = [grid.window(i, j) for _, j in members]
-        strip = Window(wins[0].row0, min(w.col0 for w in wins), min(wins[0].row1, scene.height),
-                       min(max(w.col1 for w in wins), scene.width))
-        img, valid = scene.read(strip)
+    lead = (slice(None),) + (None,) * len(grid.shape)
+    mean = np.asarray(spec.mean, np.float32)[lead]
+    std = np.asarray(spec.std, np.float32)[lead]
+    whole = Box.of(scene.shape)
+    out = np.zeros((len(group), scene.count, *grid.size), np.float32)
+    for run in sorted({idx[:-1] for idx in group}):
+        members = [(k, grid.window(idx)) for k, idx in enumerate(group) if idx[:-1] == run]
+        union = Box(members[0][1].start[:-1] + (min(w.start[-1] for _, w in members),),
+                    members[0][1].stop[:-1] + (max(w.stop[-1] for _, w in members),)).intersect(whole)
+        img, valid = scene.read(union)
         x = np.where(valid[None], (img - mean) / std, 0.0)
-        for (k, _), w in zip(members, wins, strict=True):
-            part = x[:, :, w.col0 - strip.col0:w.col1 - strip.col0]
-            out[k, :, :part.shape[1], :part.shape[2]] = part
+        for k, w in members:
+            part = x[(slice(None), *w.intersect(whole).relative_to(union))]
+            out[(k, slice(None), *(slice(0, n) for n in part.shape[1:]))] = part
     return out
 
 
-def has_valid(scene: Scene, window: Window) -> bool:
+def has_valid(scene: Scene, window: Box) -> bool:
     """Whether any pixel of ``window`` (clipped to the scene) is valid."""
-    w = window.intersect(Window(0, 0, scene.height, scene.width))
-    return bool(np.asarray(scene.valid[w.slices]).any())
+    return bool(np.asarray(scene.valid[window.intersect(Box.of(scene.shape)).slices]).any())
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
@@ -103,23 +104,23 @@ def forward(model: UNet2d, batch: np.ndarray, device: str, batch_size: int) -> n
 
 
 def infer_tiles(scene_path: str, work_path: str, model_path: str, patch: int, overlap: float,
-                batch_size: int, tile_size: int, tiles: list[tuple[int, int]]) -> int:
+                batch_size: int, tile_size: int, tiles: list[Index]) -> int:
     """Compute and store the logits of every patch owned by ``tiles``; returns patches computed."""
     model, spec, device = worker_model(model_path)
     scene = Scene(scene_path)
-    grid = PatchGrid(scene.height, scene.width, patch, overlap)
-    tgrid = TileGrid(scene.height, scene.width, tile_size)
+    grid = PatchGrid(scene.shape, patch, overlap)
+    tgrid = TileGrid(scene.shape, tile_size)
     logits = zarr.open_array(work_path, path="logits", mode="r+")
     marks = Marks(work_path, INFER_STAGE)
     count = 0
     with ThreadPoolExecutor(max_workers=1) as pool:
-        for r, c in tiles:
-            tile = tgrid.tile(r, c)
+        for index in tiles:
+            tile = tgrid.tile(index)
             # A patch with no valid pixel only covers pixels that end as nodata: never compute it.
-            owned = [ij for ij in grid.owned_by(tile) if has_valid(scene, grid.window(*ij))]
+            owned = [ij for ij in grid.owned_by(tile) if has_valid(scene, grid.window(ij))]
             groups = list(_batches(owned, batch_size))
 
-            def load(group: list[tuple[int, int]]) -> np.ndarray:
+            def load(group: list[Index]) -> np.ndarray:
                 return read_patches(scene, grid, group, spec)
 
             pending = pool.submit(load, groups[0]) if groups else None
@@ -128,24 +129,24 @@ def infer_tiles(scene_path: str, work_path: str, model_path: str, patch: int, ov
                 if k + 1 < len(groups):
                     pending = pool.submit(load, groups[k + 1])
                 out = forward(model, batch, device, batch_size).astype(np.float16)
-                for (i, j), y in zip(group, out, strict=True):
-                    logits[i, j] = y
+                for idx, y in zip(group, out, strict=True):
+                    logits[idx] = y
                 count += len(group)
             marks.mark(tile.key)
     return count
 
 
 def segment_classical_tiles(scene_path: str, result_path: str, method: str, params: dict[str, Any],
-                            state: dict[str, Any], tile_size: int, tiles: list[tuple[int, int]]) -> int:
+                            state: dict[str, Any], tile_size: int, tiles: list[Index]) -> int:
     """Classical method on each tile (read with its halo), core written to the result store."""
     m = make_classical(method, params)
     scene = Scene(scene_path)
-    tgrid = TileGrid(scene.height, scene.width, tile_size)
+    tgrid = TileGrid(scene.shape, tile_size)
     out = zarr.open_array(result_path, path="class", mode="r+")
     marks = Marks(result_path, SEGMENT_STAGE)
-    for r, c in tiles:
-        tile = tgrid.tile(r, c)
-        outer = tile.core.grow(m.halo, scene.height, scene.width)
+    for index in tiles:
+        tile = tgrid.tile(index)
+        outer = tile.core.grow(m.halo, scene.shape)
         img, valid = scene.read(outer)
         cls = m.predict(img, valid, state)[tile.core.relative_to(outer)]
         cls = np.where(valid[tile.core.relative_to(outer)], cls, NODATA_CLASS).astype(np.uint8)

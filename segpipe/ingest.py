@@ -19,7 +19,7 @@ from distributed import Client
 
 from segpipe.config import JobSpec
 from segpipe.errors import InputError
-from segpipe.grid import TileGrid, Window
+from segpipe.grid import Box, TileGrid
 from segpipe.io.raster import RasterInfo, is_remote, raster_info
 from segpipe.io.slide import is_slide, read_window, slide_info, tissue_mask, upsample_mask
 from segpipe.io.store import Marks, ensure_array, geo_attrs, open_or_create
@@ -58,7 +58,7 @@ def source_info(path: str) -> RasterInfo:
                       kind="slide", mpp=(s.mpp_x, s.mpp_y))
 
 
-def _read_raster(ds: rasterio.DatasetReader, w: Window, bands: list[int],
+def _read_raster(ds: rasterio.DatasetReader, w: Box, bands: list[int],
                  nodata: float | None) -> tuple[np.ndarray, np.ndarray]:
     rwin = ((w.row0, w.row1), (w.col0, w.col1))
     data = ds.read(bands, window=rwin)
@@ -71,7 +71,7 @@ def _read_raster(ds: rasterio.DatasetReader, w: Window, bands: list[int],
     return data, ok
 
 
-def _read_slide(src: str, w: Window, bands: list[int],
+def _read_slide(src: str, w: Box, bands: list[int],
                 tissue: tuple[np.ndarray, float]) -> tuple[np.ndarray, np.ndarray]:
     rgb, scanned = read_window(src, w)
     return rgb[[b - 1 for b in bands]], scanned & upsample_mask(*tissue, w)
@@ -82,11 +82,11 @@ def _ingest_row(src: str, store: str, row: int, chunk: int, bands: list[int], no
     """Copy one row of chunk windows from ``src`` into the store; returns the row index."""
     group = zarr.open_group(store, mode="r+")
     image, valid = group["image"], group["valid"]
-    grid = TileGrid(image.shape[1], image.shape[2], chunk)
+    grid = TileGrid((image.shape[1], image.shape[2]), chunk)
     with ExitStack() as stack:
         ds = None if tissue is not None else stack.enter_context(rasterio.open(src))
-        for col in range(grid.shape[1]):
-            w = grid.tile(row, col).core
+        for col in range(grid.counts[1]):
+            w = grid.tile((row, col)).core
             data, ok = _read_slide(src, w, bands, tissue) if ds is None else _read_raster(ds, w, bands, nodata)
             image[:, w.row0:w.row1, w.col0:w.col1] = data
             valid[w.row0:w.row1, w.col0:w.col1] = ok.astype(np.uint8)
@@ -109,7 +109,7 @@ def ingest(job: JobSpec, info: RasterInfo, client: Client) -> Scene:
                         "band_names": [info.descriptions[b - 1] or f"band{b}" for b in bands]})
     marks = Marks(store, STAGE)
     done = marks.keys()
-    rows = [r for r in range(TileGrid(info.height, info.width, c).shape[0]) if str(r) not in done]
+    rows = [r for r in range(TileGrid((info.height, info.width), c).counts[0]) if str(r) not in done]
     tissue = tissue_mask(info.path) if info.kind == "slide" and rows else None
     futures = client.map(_ingest_row, [info.path] * len(rows), [store] * len(rows), rows,
                          chunk=c, bands=bands, nodata=job.nodata, tissue=tissue, pure=False)

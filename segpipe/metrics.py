@@ -56,12 +56,12 @@ def tile_confusions(scene_path: str, result_path: str, truth: Truth, n_classes: 
                     tiles: list[tuple[int, int]]) -> list[tuple[tuple[int, int], np.ndarray]]:
     """Burn/read truth for each tile core, store it, and count the tile's confusion matrix."""
     scene = Scene(scene_path)
-    tgrid = TileGrid(scene.height, scene.width, tile_size)
+    tgrid = TileGrid(scene.shape, tile_size)
     pred_arr = zarr.open_array(result_path, path="class", mode="r")
     truth_arr = zarr.open_array(result_path, path="truth", mode="r+")
     out = []
     for r, c in tiles:
-        core = tgrid.tile(r, c).core
+        core = tgrid.tile((r, c)).core
         t = truth.read(core, scene.transform)
         t = np.where(np.asarray(scene.valid[core.slices]) > 0, t, NODATA_CLASS).astype(np.uint8)
         truth_arr[core.slices] = t

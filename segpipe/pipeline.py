@@ -93,7 +93,7 @@ def run_metrics(c: Checked, scene: Scene, result: str, client: Client) -> Metric
     if c.truth is None:
         return None
     add_truth_array(result, scene.height, scene.width, scene.chunk)
-    grid = TileGrid(scene.height, scene.width, c.job.tile_size)
+    grid = TileGrid(scene.shape, c.job.tile_size)
     futures = [client.submit(tile_confusions, scene.path, result, c.truth, c.plan.n_classes,
                              c.job.tile_size, [(t.row, t.col)], pure=False) for t in grid]
     confusions = {key: cm for part in client.gather(futures) for key, cm in part}
@@ -121,7 +121,7 @@ def run_job(c: Checked, client: Client, log: Callable[[str], None] = lambda _: N
     n_workers = len(client.scheduler_info()["workers"])
     log(f"ingest {c.info.path} ({c.info.width}x{c.info.height}, {c.info.count} band(s)) on {n_workers} worker(s)")
     scene = run_ingest(c, client)
-    log(f"segment with {c.plan.name}, {len(TileGrid(scene.height, scene.width, c.job.tile_size))} tile(s)")
+    log(f"segment with {c.plan.name}, {len(TileGrid(scene.shape, c.job.tile_size))} tile(s)")
     result = run_segment(c, scene, client)
     log(f"export {', '.join(c.exports)}")
     exports = run_export(c, scene, result, client)

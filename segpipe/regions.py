@@ -73,7 +73,7 @@ def seed_pixels(scene: Scene, p: dict[str, Any]) -> list[tuple[int, int]]:
 def _label_tile(scene_path: str, work_path: str, tile_size: int, tile: tuple[int, int], lo: float, hi: float,
                 connectivity: int, seeds: list[tuple[int, int]]) -> Faces:
     scene = Scene(scene_path)
-    core = TileGrid(scene.height, scene.width, tile_size).tile(*tile).core
+    core = TileGrid(scene.shape, tile_size).tile(tile).core
     img, valid = scene.read(core)
     g = grey(img)
     mask = (g >= lo) & (g <= hi) & valid
@@ -128,7 +128,7 @@ def merge(faces: dict[tuple[int, int], Faces], grid: TileGrid, connectivity: int
 def _paint_tile(scene_path: str, work_path: str, result_path: str, tile_size: int, tile: tuple[int, int],
                 keep: np.ndarray) -> None:
     scene = Scene(scene_path)
-    t = TileGrid(scene.height, scene.width, tile_size).tile(*tile)
+    t = TileGrid(scene.shape, tile_size).tile(tile)
     lab = np.asarray(zarr.open_array(work_path, path="labels", mode="r")[t.core.slices])
     valid = np.asarray(scene.valid[t.core.slices]) > 0
     cls = np.where(valid, keep[lab].astype(np.uint8), NODATA_CLASS).astype(np.uint8)
@@ -148,7 +148,7 @@ def grow_regions(scene: Scene, work_group: zarr.Group, work_path: str, result_pa
     centre, tol = float(np.mean(values)), float(p["tolerance"])
     ensure_array(work_group, "labels", (scene.height, scene.width), (scene.chunk, scene.chunk), "uint32", 0,
                  ("y", "x"))
-    grid = TileGrid(scene.height, scene.width, tile_size)
+    grid = TileGrid(scene.shape, tile_size)
     keys = [(t.row, t.col) for t in grid]
     futures = [client.submit(_label_tile, scene.path, work_path, tile_size, k, centre - tol, centre + tol,
                              int(p["connectivity"]), seeds, pure=False) for k in keys]

@@ -46,8 +46,8 @@ def build_report(confusions: dict[tuple[int, int], np.ndarray], grid: TileGrid, 
     for (r, c), cm in sorted(confusions.items()):
         total = cm.copy() if total is None else total + cm
         s = scores(cm)
-        core = grid.tile(r, c).core
-        t = grid.tile(r, c).transform(transform)
+        core = grid.tile((r, c)).core
+        t = grid.tile((r, c)).transform(transform)
         west, south, east, north = array_bounds(core.height, core.width, t)
         row: dict[str, Any] = {"tile": f"{r}_{c}", "row": r, "col": c, "row0": core.row0, "col0": core.col0,
                                "height": core.height, "width": core.width, "pixels": s.pixels,

@@ -15,7 +15,7 @@ import zarr
 from affine import Affine
 from rasterio.crs import CRS
 
-from segpipe.grid import Window
+from segpipe.grid import Box
 from segpipe.io.store import read_geo
 
 
@@ -42,6 +42,11 @@ class Scene:
         return int(self.image.shape[0])
 
     @property
+    def shape(self) -> tuple[int, ...]:
+        """Spatial shape (the image array without its band axis)."""
+        return tuple(int(n) for n in self.image.shape[1:])
+
+    @property
     def height(self) -> int:
         return int(self.image.shape[1])
 
@@ -65,7 +70,7 @@ class Scene:
     def transform(self) -> Affine:
         return self.geo[1]
 
-    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, window: Box) -> tuple[np.ndarray, np.ndarray]:
         """Pixels (float32, band-first) and validity (bool) of ``window``."""
         rows, cols = window.slices
         img = np.asarray(self.image[:, rows, cols], dtype=np.float32)

@@ -17,7 +17,7 @@ from distributed import Client
 from segpipe.cluster import use_gpu
 from segpipe.config import JobSpec
 from segpipe.errors import InputError
-from segpipe.grid import PatchGrid, TileGrid
+from segpipe.grid import Index, PatchGrid, TileGrid
 from segpipe.infer import INFER_STAGE, SEGMENT_STAGE, infer_tiles, segment_classical_tiles
 from segpipe.io.result import create_result
 from segpipe.io.store import Marks, ensure_array, open_or_create
@@ -68,12 +68,12 @@ def plan_method(job: JobSpec, n_bands: int) -> MethodPlan:
     return plan
 
 
-def _pending(marks: Marks, grid: TileGrid) -> list[tuple[int, int]]:
+def _pending(marks: Marks, grid: TileGrid) -> list[Index]:
     done = marks.keys()
-    return [(t.row, t.col) for t in grid if t.key not in done]
+    return [t.index for t in grid if t.key not in done]
 
 
-def _run(client: Client, fn: Any, tiles: list[tuple[int, int]], resources: dict | None, **kw: Any) -> list:
+def _run(client: Client, fn: Any, tiles: list[Index], resources: dict | None, **kw: Any) -> list:
     futures = [client.submit(fn, tiles=[t], pure=False, resources=resources, **kw) for t in tiles]
     return client.gather(futures)
 
@@ -87,16 +87,18 @@ def segment(job: JobSpec, scene: Scene, plan: MethodPlan, scene_fp: dict, client
     result = result_path(job.output)
     create_result(result, fp, scene.crs, scene.transform, scene.height, scene.width, scene.chunk,
                   plan.class_names, scene.group.attrs.get("mpp"))
-    tgrid = TileGrid(scene.height, scene.width, job.tile_size)
+    tgrid = TileGrid(scene.shape, job.tile_size)
     common = {"scene_path": scene.path, "tile_size": job.tile_size}
     if plan.model is not None:
         resources = {"GPU": 1} if use_gpu(job.cluster) else None
         work = work_path(job.output)
         group = open_or_create(work, fp, "work store")
-        pgrid = PatchGrid(scene.height, scene.width, m.patch_size, m.overlap)
+        pgrid = PatchGrid(scene.shape, m.patch_size, m.overlap)
         p = m.patch_size
-        ensure_array(group, "logits", (*pgrid.shape, plan.n_classes, p, p), (1, 1, plan.n_classes, p, p),
-                     "float16", 0, ("patch_row", "patch_col", "class", "py", "px"),
+        nd = len(scene.shape)
+        ensure_array(group, "logits", (*pgrid.counts, plan.n_classes, *pgrid.size),
+                     (*(1,) * nd, plan.n_classes, *pgrid.size), "float16", 0,
+                     (*(f"patch_{a}" for a in "zyx"[-nd:]), "class", *(f"p{a}" for a in "zyx"[-nd:])),
                      compress=False)  # logits barely compress; zstd would only cost CPU
         _run(client, infer_tiles, _pending(Marks(work, INFER_STAGE), tgrid), resources, work_path=work,
              model_path=str(m.model), patch=p, overlap=m.overlap, batch_size=m.batch_size, **common)
@@ -121,7 +123,7 @@ def fit_classical(method: ClassicalMethod, scene: Scene, client: Client) -> dict
     def windows(halo: int) -> list[tuple[np.ndarray, np.ndarray, tuple[slice, slice]]]:
         out = []
         for w in sample_windows(scene):
-            outer = w.grow(halo, scene.height, scene.width)
+            outer = w.grow(halo, scene.shape)
             img, valid = scene.read(outer)
             out.append((img, valid, w.relative_to(outer)))
         return out

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from distributed import Client
 
-from segpipe.grid import Window
+from segpipe.grid import Box
 from segpipe.scene import Scene
 
 SAMPLE_PIXELS = 200_000
@@ -43,17 +43,17 @@ class SceneStats:
         return float(self.hist_centers[min(len(cdf) - 1, np.searchsorted(cdf, q))])
 
 
-def _row_bands(scene: Scene, multiple: int, budget: int = 4 * 2**20) -> list[Window]:
+def _row_bands(scene: Scene, multiple: int, budget: int = 4 * 2**20) -> list[Box]:
     """Full-width row bands about ``budget`` values each: few tasks, bounded memory per task.
 
     Band heights are a multiple of ``multiple`` (the chunk edge for aligned reads, or a sampling
     stride so that a strided sample stays on one scene-wide lattice).
     """
     rows = max(multiple, budget // max(1, scene.width * scene.count) // multiple * multiple)
-    return [Window(r, 0, min(scene.height, r + rows), scene.width) for r in range(0, scene.height, rows)]
+    return [Box.rc(r, 0, min(scene.height, r + rows), scene.width) for r in range(0, scene.height, rows)]
 
 
-def _moments(path: str, w: Window) -> tuple:
+def _moments(path: str, w: Box) -> tuple:
     img, valid = Scene(path).read(w)
     v = img[:, valid].astype(np.float64)
     if v.shape[1] == 0:
@@ -63,7 +63,7 @@ def _moments(path: str, w: Window) -> tuple:
             float(g.min()), float(g.max()))
 
 
-def _histogram(path: str, w: Window, lo: float, hi: float, bins: int) -> np.ndarray:
+def _histogram(path: str, w: Box, lo: float, hi: float, bins: int) -> np.ndarray:
     img, valid = Scene(path).read(w)
     return np.histogram(grey(img)[valid], bins=bins, range=(lo, hi))[0]
 
@@ -89,7 +89,7 @@ def scene_stats(scene: Scene, client: Client, bins: int = 1024) -> SceneStats:
                       [float(v) for v in std], np.sum(hists, axis=0), edges)
 
 
-def _strided(path: str, w: Window, step: int) -> np.ndarray:
+def _strided(path: str, w: Box, step: int) -> np.ndarray:
     img, valid = Scene(path).read(w)
     return img[:, ::step, ::step][:, valid[::step, ::step]].T
 
@@ -101,11 +101,11 @@ def sample_pixels(scene: Scene, client: Client, n: int = SAMPLE_PIXELS) -> np.nd
     return np.concatenate(client.gather(client.map(_strided, [scene.path] * len(wins), wins, step=step)))
 
 
-def sample_windows(scene: Scene, size: int = 256, per_axis: int = 4) -> list[Window]:
+def sample_windows(scene: Scene, size: int = 256, per_axis: int = 4) -> list[Box]:
     """Fixed windows spread evenly over the scene, independent of the job's tile size."""
     def starts(length: int) -> list[int]:
         if length <= size:
             return [0]
         return sorted({int(round(v)) for v in np.linspace(0, length - size, per_axis)})
-    return [Window(r, c, min(scene.height, r + size), min(scene.width, c + size))
+    return [Box.rc(r, c, min(scene.height, r + size), min(scene.width, c + size))
             for r in starts(scene.height) for c in starts(scene.width)]

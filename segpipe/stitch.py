@@ -11,40 +11,41 @@ from __future__ import annotations
 import numpy as np
 import zarr
 
-from segpipe.grid import PatchGrid, TileGrid, Window, gaussian_importance
+from segpipe.grid import Box, Index, PatchGrid, TileGrid, gaussian_importance
 from segpipe.infer import NODATA_CLASS, SEGMENT_STAGE
 from segpipe.io.store import Marks
 from segpipe.scene import Scene
 
 
-def blend_window(logits: zarr.Array, grid: PatchGrid, window: Window) -> np.ndarray:
-    """Gaussian-weighted mean logits (C, h, w) over ``window``."""
-    g = gaussian_importance(grid.patch)
-    n_classes = logits.shape[2]
-    acc = np.zeros((n_classes, window.height, window.width), np.float32)
-    wsum = np.zeros((window.height, window.width), np.float32)
-    for i, j in grid.covering(window):
-        pw = grid.window(i, j)
+def blend_window(logits: zarr.Array, grid: PatchGrid, window: Box) -> np.ndarray:
+    """Gaussian-weighted mean logits (C, *window.shape) over ``window``."""
+    g = gaussian_importance(grid.size)
+    nd = len(grid.shape)
+    n_classes = logits.shape[nd]
+    acc = np.zeros((n_classes, *window.shape), np.float32)
+    wsum = np.zeros(window.shape, np.float32)
+    for idx in grid.covering(window):
+        pw = grid.window(idx)
         inter = pw.intersect(window)
         src = inter.relative_to(pw)
         dst = inter.relative_to(window)
-        y = np.asarray(logits[i, j, :, src[0], src[1]], dtype=np.float32)
-        acc[:, dst[0], dst[1]] += y * g[src]
+        y = np.asarray(logits[(*idx, slice(None), *src)], dtype=np.float32)
+        acc[(slice(None), *dst)] += y * g[src]
         wsum[dst] += g[src]
     return acc / wsum
 
 
 def stitch_tiles(scene_path: str, work_path: str, result_path: str, patch: int, overlap: float,
-                 tile_size: int, tiles: list[tuple[int, int]]) -> int:
+                 tile_size: int, tiles: list[Index]) -> int:
     """Blend, take the arg-max class and write each tile's core; invalid pixels get nodata."""
     scene = Scene(scene_path)
-    grid = PatchGrid(scene.height, scene.width, patch, overlap)
-    tgrid = TileGrid(scene.height, scene.width, tile_size)
+    grid = PatchGrid(scene.shape, patch, overlap)
+    tgrid = TileGrid(scene.shape, tile_size)
     logits = zarr.open_array(work_path, path="logits", mode="r")
     out = zarr.open_array(result_path, path="class", mode="r+")
     marks = Marks(result_path, SEGMENT_STAGE)
-    for r, c in tiles:
-        tile = tgrid.tile(r, c)
+    for index in tiles:
+        tile = tgrid.tile(index)
         blended = blend_window(logits, grid, tile.core)
         cls = np.argmax(blended, axis=0).astype(np.uint8)
         valid = np.asarray(scene.valid[tile.core.slices]) > 0

@@ -57,7 +57,7 @@ def prepare_store(image: str | Path, labels: str | Path, folder: str | Path, ban
     scene = ingest(job, info, client)
     arr = ensure_array(zarr.open_group(scene.path, mode="r+"), "truth", (scene.height, scene.width),
                        (scene.chunk, scene.chunk), "uint8", IGNORE, ("y", "x"))
-    for tile in TileGrid(scene.height, scene.width, scene.chunk):
+    for tile in TileGrid(scene.shape, scene.chunk):
         arr[tile.core.slices] = truth.read(tile.core, scene.transform)
     return scene
 

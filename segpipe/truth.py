@@ -21,7 +21,7 @@ from shapely.geometry import box, shape
 
 from segpipe.config import TruthSpec
 from segpipe.errors import InputError
-from segpipe.grid import Window
+from segpipe.grid import Box
 from segpipe.io.raster import RasterInfo, raster_info
 
 VECTOR_SUFFIXES = {".geojson", ".json"}
@@ -39,7 +39,7 @@ class Truth:
     all_touched: bool = False
     remap: dict[int, int] = field(default_factory=dict)
 
-    def read(self, window: Window, transform: rasterio.Affine) -> np.ndarray:
+    def read(self, window: Box, transform: rasterio.Affine) -> np.ndarray:
         """Labels (uint8, 255 = ignore) for ``window`` of the scene."""
         if self.kind == "raster":
             with rasterio.open(self.path) as ds:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from segpipe.grid import PatchGrid, TileGrid, Window, gaussian_importance, patch_starts
+from segpipe.grid import Box, PatchGrid, TileGrid, gaussian_importance, patch_starts
 
 
 @pytest.mark.parametrize("length,patch,stride", [(900, 256, 192), (256, 256, 192), (100, 256, 192),
@@ -19,26 +19,26 @@ def test_patch_starts_cover_the_axis(length, patch, stride):
 
 @pytest.mark.parametrize("tile", [64, 128, 512, 1024])
 def test_each_patch_is_owned_by_exactly_one_tile(tile):
-    pg = PatchGrid(1000, 1300, 128, 0.25)
+    pg = PatchGrid((1000, 1300), 128, 0.25)
     owners = {}
-    for t in TileGrid(1000, 1300, tile):
+    for t in TileGrid((1000, 1300), tile):
         for ij in pg.owned_by(t):
             assert ij not in owners
             owners[ij] = t.key
-    assert len(owners) == pg.shape[0] * pg.shape[1]
+    assert len(owners) == pg.counts[0] * pg.counts[1]
 
 
 def test_covering_lists_exactly_the_intersecting_patches():
-    pg = PatchGrid(700, 700, 128, 0.5)
-    w = Window(100, 200, 300, 260)
-    expect = [(i, j) for i in range(pg.shape[0]) for j in range(pg.shape[1])
-              if pg.window(i, j).row0 < 300 and pg.window(i, j).row1 > 100
-              and pg.window(i, j).col0 < 260 and pg.window(i, j).col1 > 200]
+    pg = PatchGrid((700, 700), 128, 0.5)
+    w = Box.rc(100, 200, 300, 260)
+    expect = [(i, j) for i in range(pg.counts[0]) for j in range(pg.counts[1])
+              if pg.window((i, j)).row0 < 300 and pg.window((i, j)).row1 > 100
+              and pg.window((i, j)).col0 < 260 and pg.window((i, j)).col1 > 200]
     assert pg.covering(w) == expect
 
 
 def test_gaussian_importance_is_positive_symmetric_and_peaks_centre():
-    g = gaussian_importance(64)
+    g = gaussian_importance((64, 64))
     assert g.min() > 0 and g.max() == 1.0
     np.testing.assert_array_equal(g, g.T)
     np.testing.assert_array_equal(g, g[::-1, ::-1])
@@ -47,6 +47,26 @@ def test_gaussian_importance_is_positive_symmetric_and_peaks_centre():
 
 def test_tile_transform_offsets_the_scene_affine():
     from affine import Affine
-    t = TileGrid(1000, 1000, 256).tile(1, 2)
+    t = TileGrid((1000, 1000), 256).tile((1, 2))
     a = Affine(0.5, 0, 100.0, 0, -0.5, 900.0)
     assert t.transform(a) @ (0, 0) == a @ (512, 256)
+
+
+def test_three_dimensional_grids_partition_and_cover():
+    pg = PatchGrid((70, 200, 190), (32, 64, 64), 0.25)
+    owners = {}
+    for t in TileGrid((70, 200, 190), 64):
+        for idx in pg.owned_by(t):
+            assert idx not in owners
+            owners[idx] = t.key
+    assert len(owners) == int(np.prod(pg.counts)) and len(next(iter(owners))) == 3
+    covered = np.zeros((70, 200, 190), int)
+    for idx in owners:
+        covered[pg.window(idx).intersect(Box.of((70, 200, 190))).slices] += 1
+    assert covered.min() >= 1
+    box = Box((10, 20, 30), (40, 90, 100))
+    expect = [idx for idx in sorted(owners) if all(
+        a < hi and a + p > lo for a, p, lo, hi in zip(pg.window(idx).start, pg.size, box.start, box.stop, strict=True))]
+    assert pg.covering(box) == expect
+    g = gaussian_importance((16, 32, 32))
+    assert g.shape == (16, 32, 32) and g.min() > 0 and g.max() == 1.0

@@ -97,11 +97,11 @@ def test_patches_without_valid_pixels_are_never_computed(tmp_path, client, tiny_
     out = tmp_path / "out"
     cls = class_map(run(client, out, input=str(src), tile_size=256, chunk_size=128,
                         method={"name": "unet", "model": str(tiny_model), "patch_size": 128}))
-    grid = PatchGrid(900, 900, 128, 0.25)
+    grid = PatchGrid((900, 900), 128, 0.25)
     valid = data[0] != 0
-    expect = {(i, j) for i in range(grid.shape[0]) for j in range(grid.shape[1])
-              if valid[grid.window(i, j).slices].any()}
-    assert len(expect) < grid.shape[0] * grid.shape[1]
+    expect = {(i, j) for i in range(grid.counts[0]) for j in range(grid.counts[1])
+              if valid[grid.window((i, j)).slices].any()}
+    assert len(expect) < grid.counts[0] * grid.counts[1]
     logits = zarr.open_array(str(out / "work.zarr"), path="logits", mode="r")
     assert logits.nchunks_initialized == len(expect)
     assert (cls[~valid] == 255).all() and (cls[valid] != 255).all()

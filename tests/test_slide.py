@@ -69,10 +69,11 @@ def test_background_tiles_and_patches_are_skipped(tmp_path, client, svs):
     cls = class_map(run(client, out, input=str(svs), tile_size=512,
                         method={"name": "unet", "model": str(model), "patch_size": 256}))
     valid = zarr.open_array(str(out / "scene.zarr"), path="valid", mode="r")[:] > 0
-    grid = PatchGrid(2967, 2220, 256, 0.25)
-    with_tissue = sum(valid[grid.window(i, j).slices].any() for i in range(grid.shape[0]) for j in range(grid.shape[1]))
+    grid = PatchGrid((2967, 2220), 256, 0.25)
+    with_tissue = sum(valid[grid.window((i, j)).slices].any()
+                      for i in range(grid.counts[0]) for j in range(grid.counts[1]))
     logits = zarr.open_array(str(out / "work.zarr"), path="logits", mode="r")
-    assert logits.nchunks_initialized == with_tissue < grid.shape[0] * grid.shape[1]
+    assert logits.nchunks_initialized == with_tissue < grid.counts[0] * grid.counts[1]
     assert (cls[~valid] == 255).all() and (cls[valid] != 255).all()
 
 

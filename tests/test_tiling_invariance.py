@@ -5,7 +5,7 @@ import pytest
 from distributed import Client, LocalCluster
 from helpers import class_map, run
 
-from segpipe.grid import Window
+from segpipe.grid import Box
 from segpipe.models.classical import make_classical
 from segpipe.scene import Scene
 
@@ -60,7 +60,7 @@ def test_bounded_classical_methods_match_whole_image_processing(tmp_path, big_sc
     scene = Scene(str(tmp_path / "512" / "scene.zarr"))
     method = make_classical(name, params)
     state = fit_classical(method, scene, client)
-    img, valid = scene.read(Window(0, 0, scene.height, scene.width))
+    img, valid = scene.read(Box.rc(0, 0, scene.height, scene.width))
     whole = np.where(valid, method.predict(img, valid, state), 255)
     np.testing.assert_array_equal(maps[0], whole)
     assert len(np.unique(whole[valid])) >= 2

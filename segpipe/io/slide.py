@@ -17,7 +17,7 @@ from affine import Affine
 from skimage import color, filters, morphology
 
 from segpipe.errors import InputError
-from segpipe.grid import Window
+from segpipe.grid import Box
 
 SLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"}
 THUMB_DOWNSAMPLE = 16
@@ -67,7 +67,7 @@ def slide_info(path: str | Path) -> SlideInfo:
         return SlideInfo(str(Path(path).resolve()), h, w, mpp_x, mpp_y, props.get("openslide.vendor", ""))
 
 
-def read_window(path: str, window: Window) -> tuple[np.ndarray, np.ndarray]:
+def read_window(path: str, window: Box) -> tuple[np.ndarray, np.ndarray]:
     """RGB (3, h, w) uint8 and scanned-area mask (alpha > 0) of a level-0 window."""
     with _open(path) as s:
         rgba = np.asarray(s.read_region((window.col0, window.row0), 0, (window.width, window.height)))
@@ -92,7 +92,7 @@ def tissue_mask(path: str, min_fraction: float = 0.002) -> tuple[np.ndarray, int
     return mask, factor
 
 
-def upsample_mask(mask: np.ndarray, factor: float, window: Window) -> np.ndarray:
+def upsample_mask(mask: np.ndarray, factor: float, window: Box) -> np.ndarray:
     """The level-0 pixels of ``window`` looked up in the low-resolution mask (nearest)."""
     rows = np.minimum((np.arange(window.row0, window.row1) / factor).astype(int), mask.shape[0] - 1)
     cols = np.minimum((np.arange(window.col0, window.col1) / factor).astype(int), mask.shape[1] - 1)
