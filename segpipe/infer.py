@@ -24,7 +24,7 @@ from segpipe.grid import Box, Index, PatchGrid, TileGrid
 from segpipe.io.store import Marks
 from segpipe.models.checkpoint import ModelSpec, load_model
 from segpipe.models.classical import make_classical
-from segpipe.models.unet import UNet2d
+from segpipe.models.unet import UNet
 from segpipe.scene import Scene
 
 NODATA_CLASS = 255
@@ -38,7 +38,7 @@ def device_name() -> str:
 
 
 @lru_cache(maxsize=4)
-def _cached(path: str, device: str) -> tuple[UNet2d, ModelSpec]:
+def _cached(path: str, device: str) -> tuple[UNet, ModelSpec]:
     try:  # torch's own threads default to every core; a worker should use only its share
         torch.set_num_threads(max(1, get_worker().state.nthreads))
     except ValueError:
@@ -46,7 +46,7 @@ def _cached(path: str, device: str) -> tuple[UNet2d, ModelSpec]:
     return load_model(path, device)
 
 
-def worker_model(path: str) -> tuple[UNet2d, ModelSpec, str]:
+def worker_model(path: str) -> tuple[UNet, ModelSpec, str]:
     """This process's copy of the model, loaded on first use (one model per worker)."""
     device = device_name()
     with _lock:
@@ -88,7 +88,7 @@ def _batches(items: list, size: int) -> Iterator[list]:
         yield items[k:k + size]
 
 
-def forward(model: UNet2d, batch: np.ndarray, device: str, batch_size: int) -> np.ndarray:
+def forward(model: UNet, batch: np.ndarray, device: str, batch_size: int) -> np.ndarray:
     """Logits for a batch, padded to a fixed ``batch_size`` so every call has the same shape."""
     n = batch.shape[0]
     if n < batch_size:
@@ -103,7 +103,7 @@ def forward(model: UNet2d, batch: np.ndarray, device: str, batch_size: int) -> n
         return y.float().cpu().numpy()[:n]
 
 
-def infer_tiles(scene_path: str, work_path: str, model_path: str, patch: int, overlap: float,
+def infer_tiles(scene_path: str, work_path: str, model_path: str, patch: int | Index, overlap: float,
                 batch_size: int, tile_size: int, tiles: list[Index]) -> int:
     """Compute and store the logits of every patch owned by ``tiles``; returns patches computed."""
     model, spec, device = worker_model(model_path)

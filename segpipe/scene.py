@@ -71,10 +71,9 @@ class Scene:
         return self.geo[1]
 
     def read(self, window: Box) -> tuple[np.ndarray, np.ndarray]:
-        """Pixels (float32, band-first) and validity (bool) of ``window``."""
-        rows, cols = window.slices
-        img = np.asarray(self.image[:, rows, cols], dtype=np.float32)
-        valid = np.asarray(self.valid[rows, cols]) > 0
+        """Pixels/voxels (float32, band-first) and validity (bool) of ``window``."""
+        img = np.asarray(self.image[(slice(None), *window.slices)], dtype=np.float32)
+        valid = np.asarray(self.valid[window.slices]) > 0
         return img, valid
 
 

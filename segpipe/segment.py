@@ -46,6 +46,8 @@ def plan_method(job: JobSpec, n_bands: int) -> MethodPlan:
     m = job.method
     if m.name == "unet":
         spec = read_spec(m.model)
+        if spec.dims != 2:
+            raise InputError(f"model {m.model.name} is a {spec.dims}-D network; this scene is 2-D")
         if spec.in_channels != n_bands:
             raise InputError(f"model {m.model.name} expects {spec.in_channels} band(s), "
                              f"the scene provides {n_bands}; select bands with 'bands:'")

@@ -35,7 +35,7 @@ def blend_window(logits: zarr.Array, grid: PatchGrid, window: Box) -> np.ndarray
     return acc / wsum
 
 
-def stitch_tiles(scene_path: str, work_path: str, result_path: str, patch: int, overlap: float,
+def stitch_tiles(scene_path: str, work_path: str, result_path: str, patch: int | Index, overlap: float,
                  tile_size: int, tiles: list[Index]) -> int:
     """Blend, take the arg-max class and write each tile's core; invalid pixels get nodata."""
     scene = Scene(scene_path)

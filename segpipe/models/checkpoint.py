@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from segpipe.errors import InputError
-from segpipe.models.unet import UNet2d
+from segpipe.models.unet import UNet
 
-FORMAT = "segpipe-unet2d/1"
+FORMAT = "segpipe-unet2d/1"  # name kept: checkpoints of 3-D nets carry dims=3 in the same format
 
 
 @dataclass
@@ -28,21 +28,22 @@ class ModelSpec:
     n_classes: int
     base: int = 16
     depth: int = 4
+    dims: int = 2
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
     class_names: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
 
-    def build(self) -> UNet2d:
-        return UNet2d(self.in_channels, self.n_classes, self.base, self.depth)
+    def build(self) -> UNet:
+        return UNet(self.in_channels, self.n_classes, self.base, self.depth, self.dims)
 
 
-def save_checkpoint(path: str | Path, model: UNet2d, spec: ModelSpec) -> None:
+def save_checkpoint(path: str | Path, model: UNet, spec: ModelSpec) -> None:
     """Write a checkpoint atomically (a crash never leaves a half-written model behind)."""
     payload = {
         "format": FORMAT,
         "spec": {"in_channels": spec.in_channels, "n_classes": spec.n_classes, "base": spec.base,
-                 "depth": spec.depth, "mean": [float(v) for v in spec.mean],
+                 "depth": spec.depth, "dims": spec.dims, "mean": [float(v) for v in spec.mean],
                  "std": [float(v) for v in spec.std], "class_names": list(spec.class_names),
                  "info": spec.info},
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
@@ -59,7 +60,7 @@ def read_spec(path: str | Path) -> ModelSpec:
     return _load(path)[0]
 
 
-def load_model(path: str | Path, device: str = "cpu") -> tuple[UNet2d, ModelSpec]:
+def load_model(path: str | Path, device: str = "cpu") -> tuple[UNet, ModelSpec]:
     """Load a checkpoint into an eval-mode model on ``device``."""
     spec, state = _load(path)
     model = spec.build()
@@ -80,6 +81,6 @@ def _load(path: str | Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
         raise InputError(f"model file is not a {FORMAT} checkpoint: {p}")
     s = payload["spec"]
     spec = ModelSpec(in_channels=s["in_channels"], n_classes=s["n_classes"], base=s["base"],
-                     depth=s["depth"], mean=list(s["mean"]), std=list(s["std"]),
+                     depth=s["depth"], dims=int(s.get("dims", 2)), mean=list(s["mean"]), std=list(s["std"]),
                      class_names=list(s["class_names"]), info=dict(s.get("info", {})))
     return spec, payload["state_dict"]
