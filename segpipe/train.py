@@ -90,7 +90,8 @@ def train_on_store(scene: Scene, out: str | Path, spec: TrainSpec, class_names: 
     y_all = np.where(use, truth, IGNORE).astype(np.int64)
     n_classes = len(class_names)
     fg = np.argwhere((truth > 0) & (truth < n_classes) & use)
-    model_spec = ModelSpec(scene.count, n_classes, spec.base, spec.depth, mean, std, class_names)
+    model_spec = ModelSpec(in_channels=scene.count, n_classes=n_classes, base=spec.base, depth=spec.depth,
+                           mean=mean, std=std, class_names=class_names)
     model = model_spec.build()
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=spec.epochs * spec.steps_per_epoch)

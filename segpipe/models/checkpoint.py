@@ -28,11 +28,11 @@ class ModelSpec:
     n_classes: int
     base: int = 16
     depth: int = 4
-    dims: int = 2
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
     class_names: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    dims: int = 2
 
     def build(self) -> UNet:
         return UNet(self.in_channels, self.n_classes, self.base, self.depth, self.dims)
