@@ -48,7 +48,8 @@ def segment_volume(client, scene: str, out, model, tile: int) -> np.ndarray:
     ensure_array(work, "logits", (*pg.counts, 3, *PATCH), (1, 1, 1, 3, *PATCH), "float16", 0,
                  ("pz", "py", "px", "class", "z", "y", "x"))
     result = zarr.open_group(str(out / "result.zarr"), mode="w-")
-    ensure_array(result, "class", SHAPE, (16, 64, 64), "uint8", 255, ("z", "y", "x"))
+    # Chunks no larger than the smallest tile: every tile writes whole chunks, so no two tasks share one.
+    ensure_array(result, "class", SHAPE, (16, 32, 32), "uint8", 255, ("z", "y", "x"))
     tiles = [t.index for t in TileGrid(SHAPE, tile)]
     common = {"scene_path": scene, "patch": PATCH, "overlap": 0.25, "tile_size": tile}
     client.gather([client.submit(infer_tiles, work_path=str(out / "work.zarr"), model_path=str(model),
