@@ -1,9 +1,10 @@
-"""Source raster -> chunked Zarr v3 scene store, streamed in chunk windows.
+"""Source (GeoTIFF/COG or whole-slide image) -> chunked Zarr v3 scene store, streamed in chunk windows.
 
 Memory is bounded by one chunk per task whatever the scene size: each task reads one row of
-chunk windows from the GeoTIFF and writes them straight into whole Zarr chunks, so no two tasks
-write the same chunk and no lock is needed. Validity comes from GDAL's dataset mask, so nodata
-values, alpha bands and internal masks are all honoured.
+chunk windows from the source and writes them straight into whole Zarr chunks, so no two tasks
+write the same chunk and no lock is needed. For rasters, validity comes from GDAL's dataset mask,
+so nodata values, alpha bands and internal masks are all honoured; for slides it is the scanned
+area intersected with the tissue mask.
 """
 
 from __future__ import annotations

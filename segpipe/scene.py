@@ -29,11 +29,11 @@ class Scene:
     def group(self) -> zarr.Group:
         return zarr.open_group(self.path, mode="r")
 
-    @property
+    @cached_property
     def image(self) -> zarr.Array:
-        return self.group["image"]
+        return self.group["image"]  # opened once: every open re-reads the array's metadata
 
-    @property
+    @cached_property
     def valid(self) -> zarr.Array:
         return self.group["valid"]
 
