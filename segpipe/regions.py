@@ -97,7 +97,7 @@ def _pairs(a: np.ndarray, b: np.ndarray, oa: int, ob: int, connectivity: int) ->
     return out
 
 
-def merge(faces: dict[tuple[int, int], Faces], grid: TileGrid, connectivity: int) -> dict[tuple[int, int], np.ndarray]:
+def merge(faces: dict[tuple[int, int], Faces], connectivity: int) -> dict[tuple[int, int], np.ndarray]:
     """Per tile, a lookup local label -> kept (bool), from unions across all tile borders."""
     order = sorted(faces)
     offsets, total = {}, 0
@@ -153,6 +153,6 @@ def grow_regions(scene: Scene, work_group: zarr.Group, work_path: str, result_pa
     futures = [client.submit(_label_tile, scene.path, work_path, tile_size, k, centre - tol, centre + tol,
                              int(p["connectivity"]), seeds, pure=False) for k in keys]
     faces = dict(zip(keys, client.gather(futures), strict=True))
-    keep = merge(faces, grid, int(p["connectivity"]))
+    keep = merge(faces, int(p["connectivity"]))
     client.gather([client.submit(_paint_tile, scene.path, work_path, result_path, tile_size, k, keep[k],
                                  pure=False) for k in keys])
