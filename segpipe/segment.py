@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from distributed import Client
 
 from segpipe.cluster import use_gpu
@@ -21,7 +22,7 @@ from segpipe.grid import Index, PatchGrid, TileGrid
 from segpipe.infer import INFER_STAGE, SEGMENT_STAGE, infer_tiles, segment_classical_tiles
 from segpipe.io.result import create_result
 from segpipe.io.store import Marks, ensure_array, open_or_create
-from segpipe.models.checkpoint import ModelSpec, read_spec
+from segpipe.models.checkpoint import ModelSpec, load_model, read_spec
 from segpipe.models.classical import ClassicalMethod, FitContext, make_classical
 from segpipe.regions import check_params, grow_regions
 from segpipe.scene import Scene, result_path, work_path
@@ -51,8 +52,7 @@ def plan_method(job: JobSpec, n_bands: int) -> MethodPlan:
         if spec.in_channels != n_bands:
             raise InputError(f"model {m.model.name} expects {spec.in_channels} band(s), "
                              f"the scene provides {n_bands}; select bands with 'bands:'")
-        if m.patch_size % (2 ** (spec.depth - 1)):
-            raise InputError(f"patch_size {m.patch_size} must be a multiple of {2 ** (spec.depth - 1)}")
+        check_patch(m.model, m.patch_size, spec)
         names = job.class_names or spec.class_names or [f"class{i}" for i in range(spec.n_classes)]
         sha = hashlib.sha256(Path(m.model).read_bytes()).hexdigest()
         plan = MethodPlan("unet", spec.n_classes, names, model=spec, model_sha256=sha)
@@ -68,6 +68,25 @@ def plan_method(job: JobSpec, n_bands: int) -> MethodPlan:
     if len(plan.class_names) != plan.n_classes:
         raise InputError(f"class_names lists {len(plan.class_names)} names for {plan.n_classes} classes")
     return plan
+
+
+def check_patch(model_path: Path, patch: int, spec: ModelSpec) -> None:
+    """One dry forward pass on the client: the model must map a patch to logits of the same size.
+
+    Cheaper than learning it from a failed task on a worker, and it works for any architecture
+    (each has its own divisibility rules).
+    """
+    model, _ = load_model(model_path)
+    x = torch.zeros((1, spec.in_channels, *(patch,) * spec.dims))
+    try:
+        with torch.inference_mode():
+            y = model(x)
+    except RuntimeError as exc:
+        raise InputError(f"model {model_path.name} cannot run on patch_size {patch}: "
+                         f"{str(exc).splitlines()[0]}") from None
+    if tuple(y.shape) != (1, spec.n_classes, *(patch,) * spec.dims):
+        raise InputError(f"model {model_path.name} maps a {patch}-pixel patch to shape {tuple(y.shape)[2:]}, "
+                         f"not to the patch size; choose another patch_size")
 
 
 def _pending(marks: Marks, grid: TileGrid) -> list[Index]:

@@ -33,17 +33,33 @@ class ModelSpec:
     class_names: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
     dims: int = 2
+    arch: str = "segpipe.UNet"
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def build(self) -> UNet:
-        return UNet(self.in_channels, self.n_classes, self.base, self.depth, self.dims)
+    def build(self) -> torch.nn.Module:
+        """The network, untrained: segpipe's U-Net, or a MONAI network named ``monai.<Class>``."""
+        if self.arch == "segpipe.UNet":
+            return UNet(self.in_channels, self.n_classes, self.base, self.depth, self.dims)
+        if self.arch.startswith("monai."):
+            try:
+                from monai.networks import nets
+            except ImportError:
+                raise InputError(f"model architecture {self.arch} needs MONAI: pip install monai") from None
+            cls = getattr(nets, self.arch.removeprefix("monai."), None)
+            if cls is None:
+                raise InputError(f"MONAI has no network {self.arch.removeprefix('monai.')!r}")
+            return cls(spatial_dims=self.dims, in_channels=self.in_channels, out_channels=self.n_classes,
+                       **self.arch_kwargs)
+        raise InputError(f"unknown model architecture {self.arch!r}")
 
 
-def save_checkpoint(path: str | Path, model: UNet, spec: ModelSpec) -> None:
+def save_checkpoint(path: str | Path, model: torch.nn.Module, spec: ModelSpec) -> None:
     """Write a checkpoint atomically (a crash never leaves a half-written model behind)."""
     payload = {
         "format": FORMAT,
         "spec": {"in_channels": spec.in_channels, "n_classes": spec.n_classes, "base": spec.base,
-                 "depth": spec.depth, "dims": spec.dims, "mean": [float(v) for v in spec.mean],
+                 "depth": spec.depth, "dims": spec.dims, "arch": spec.arch, "arch_kwargs": spec.arch_kwargs,
+                 "mean": [float(v) for v in spec.mean],
                  "std": [float(v) for v in spec.std], "class_names": list(spec.class_names),
                  "info": spec.info},
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
@@ -60,7 +76,7 @@ def read_spec(path: str | Path) -> ModelSpec:
     return _load(path)[0]
 
 
-def load_model(path: str | Path, device: str = "cpu") -> tuple[UNet, ModelSpec]:
+def load_model(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, ModelSpec]:
     """Load a checkpoint into an eval-mode model on ``device``."""
     spec, state = _load(path)
     model = spec.build()
@@ -81,6 +97,7 @@ def _load(path: str | Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
         raise InputError(f"model file is not a {FORMAT} checkpoint: {p}")
     s = payload["spec"]
     spec = ModelSpec(in_channels=s["in_channels"], n_classes=s["n_classes"], base=s["base"],
-                     depth=s["depth"], dims=int(s.get("dims", 2)), mean=list(s["mean"]), std=list(s["std"]),
+                     depth=s["depth"], dims=int(s.get("dims", 2)), arch=s.get("arch", "segpipe.UNet"),
+                     arch_kwargs=dict(s.get("arch_kwargs", {})), mean=list(s["mean"]), std=list(s["std"]),
                      class_names=list(s["class_names"]), info=dict(s.get("info", {})))
     return spec, payload["state_dict"]
