@@ -22,7 +22,7 @@ from segpipe.grid import Index, PatchGrid, TileGrid
 from segpipe.infer import INFER_STAGE, SEGMENT_STAGE, infer_tiles, segment_classical_tiles
 from segpipe.io.result import create_result
 from segpipe.io.store import Marks, ensure_array, open_or_create
-from segpipe.models.checkpoint import ModelSpec, load_model, read_spec
+from segpipe.models.checkpoint import ModelSpec, load_model
 from segpipe.models.classical import ClassicalMethod, FitContext, make_classical
 from segpipe.regions import check_params, grow_regions
 from segpipe.scene import Scene, result_path, work_path
@@ -46,13 +46,13 @@ def plan_method(job: JobSpec, n_bands: int) -> MethodPlan:
     """Check that the method can run on a scene with ``n_bands`` bands (before anything is written)."""
     m = job.method
     if m.name == "unet":
-        spec = read_spec(m.model)
+        model, spec = load_model(m.model)
         if spec.dims != 2:
             raise InputError(f"model {m.model.name} is a {spec.dims}-D network; this scene is 2-D")
         if spec.in_channels != n_bands:
             raise InputError(f"model {m.model.name} expects {spec.in_channels} band(s), "
                              f"the scene provides {n_bands}; select bands with 'bands:'")
-        check_patch(m.model, m.patch_size, spec)
+        check_patch(model, m.model.name, m.patch_size, spec)
         names = job.class_names or spec.class_names or [f"class{i}" for i in range(spec.n_classes)]
         sha = hashlib.sha256(Path(m.model).read_bytes()).hexdigest()
         plan = MethodPlan("unet", spec.n_classes, names, model=spec, model_sha256=sha)
@@ -70,22 +70,21 @@ def plan_method(job: JobSpec, n_bands: int) -> MethodPlan:
     return plan
 
 
-def check_patch(model_path: Path, patch: int, spec: ModelSpec) -> None:
+def check_patch(model: torch.nn.Module, name: str, patch: int, spec: ModelSpec) -> None:
     """One dry forward pass on the client: the model must map a patch to logits of the same size.
 
     Cheaper than learning it from a failed task on a worker, and it works for any architecture
     (each has its own divisibility rules).
     """
-    model, _ = load_model(model_path)
     x = torch.zeros((1, spec.in_channels, *(patch,) * spec.dims))
     try:
         with torch.inference_mode():
             y = model(x)
     except RuntimeError as exc:
-        raise InputError(f"model {model_path.name} cannot run on patch_size {patch}: "
+        raise InputError(f"model {name} cannot run on patch_size {patch}: "
                          f"{str(exc).splitlines()[0]}") from None
     if tuple(y.shape) != (1, spec.n_classes, *(patch,) * spec.dims):
-        raise InputError(f"model {model_path.name} maps a {patch}-pixel patch to shape {tuple(y.shape)[2:]}, "
+        raise InputError(f"model {name} maps a {patch}-pixel patch to shape {tuple(y.shape)[2:]}, "
                          f"not to the patch size; choose another patch_size")
 
 
