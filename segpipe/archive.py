@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from segpipe.errors import InputError
+from segpipe.io.store import write_atomic
 
 DONE_MARK = "_segpipe_done/item.json"
 STARTED_MARK = "_segpipe_done/item-input.json"
@@ -76,13 +77,6 @@ def is_done(item: Item) -> bool:
     return mark.get("input") == _fingerprint(item.source)
 
 
-def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, path)
-
-
 def begin(item: Item) -> Path | None:
     """Make the item's folder ready for this input; returns where stale results were moved, if any.
 
@@ -102,13 +96,13 @@ def begin(item: Item) -> Path | None:
             moved = out.parent / SUPERSEDED / f"{item.name}-{stamp}-{os.getpid()}"
             moved.parent.mkdir(parents=True, exist_ok=True)
             os.replace(out, moved)
-    _write_json(item.started, {"input": _fingerprint(item.source)})
+    write_atomic(item.started, json.dumps({"input": _fingerprint(item.source)}))
     return moved
 
 
 def mark_done(item: Item, summary: dict[str, Any] | None) -> None:
     """Record the item as finished (atomically), with its global scores if any."""
-    _write_json(item.mark, {"input": _fingerprint(item.source), "summary": summary})
+    write_atomic(item.mark, json.dumps({"input": _fingerprint(item.source), "summary": summary}))
 
 
 def read_summary(item: Item) -> dict[str, Any] | None:

@@ -11,7 +11,6 @@ import csv
 import io
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from rasterio.transform import array_bounds
 from rasterio.warp import transform_geom
 
 from segpipe.grid import TileGrid
+from segpipe.io.store import write_atomic
 from segpipe.metrics import scores
 
 
@@ -77,13 +77,6 @@ def build_report(confusions: dict[tuple[int, int], np.ndarray], grid: TileGrid, 
     return MetricsReport(rows, summary, feats)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_report(report: MetricsReport, folder: str | Path) -> dict[str, Path]:
     """Write ``tiles.csv``, ``summary.json`` and ``tiles.geojson`` into ``folder``."""
     folder = Path(folder)
@@ -93,9 +86,9 @@ def write_report(report: MetricsReport, folder: str | Path) -> dict[str, Path]:
         writer.writeheader()
         writer.writerows(report.rows)
     paths = {"csv": folder / "tiles.csv", "json": folder / "summary.json", "geojson": folder / "tiles.geojson"}
-    _atomic_write(paths["csv"], buf.getvalue())
-    _atomic_write(paths["json"], json.dumps({"summary": report.summary, "tiles": report.rows}, indent=2))
-    _atomic_write(paths["geojson"], json.dumps({"type": "FeatureCollection", "features": report.footprints}))
+    write_atomic(paths["csv"], buf.getvalue())
+    write_atomic(paths["json"], json.dumps({"summary": report.summary, "tiles": report.rows}, indent=2))
+    write_atomic(paths["geojson"], json.dumps({"type": "FeatureCollection", "features": report.footprints}))
     return paths
 
 

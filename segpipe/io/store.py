@@ -97,6 +97,17 @@ def ensure_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: t
     return arr
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a hidden temporary file beside ``path`` and rename it into place.
+
+    Readers see the old file or the new one, never half of either, even if the writer is killed.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 class Marks:
     """Completion marks for one stage of one store."""
 
@@ -109,10 +120,7 @@ class Marks:
         return (self.dir / key).exists()
 
     def mark(self, key: str) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f".{key}.{os.getpid()}.tmp"
-        tmp.write_bytes(b"")
-        os.replace(tmp, self.dir / key)
+        write_atomic(self.dir / key, "")
 
     def keys(self) -> set[str]:
         if not self.dir.exists():
