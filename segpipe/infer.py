@@ -78,9 +78,19 @@ def read_patches(scene: Scene, grid: PatchGrid, group: list[Index], spec: ModelS
     return out
 
 
-def has_valid(scene: Scene, window: Box) -> bool:
-    """Whether any pixel of ``window`` (clipped to the scene) is valid."""
-    return bool(np.asarray(scene.valid[window.intersect(Box.of(scene.shape)).slices]).any())
+def with_valid_pixels(scene: Scene, grid: PatchGrid, patches: list[Index]) -> list[Index]:
+    """The patches that hold at least one valid pixel, from one read of their union's validity.
+
+    A patch with no valid pixel only covers pixels that end as nodata, so it is never computed.
+    """
+    if not patches:
+        return []
+    whole = Box.of(scene.shape)
+    wins = [grid.window(idx).intersect(whole) for idx in patches]
+    span = Box(tuple(min(c) for c in zip(*(w.start for w in wins), strict=True)),
+               tuple(max(c) for c in zip(*(w.stop for w in wins), strict=True)))
+    valid = np.asarray(scene.valid[span.slices]) > 0
+    return [idx for idx, w in zip(patches, wins, strict=True) if valid[w.relative_to(span)].any()]
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
@@ -116,8 +126,7 @@ def infer_tiles(scene_path: str, work_path: str, model_path: str, patch: int | I
     with ThreadPoolExecutor(max_workers=1) as pool:
         for index in tiles:
             tile = tgrid.tile(index)
-            # A patch with no valid pixel only covers pixels that end as nodata: never compute it.
-            owned = [ij for ij in grid.owned_by(tile) if has_valid(scene, grid.window(ij))]
+            owned = with_valid_pixels(scene, grid, grid.owned_by(tile))
             groups = list(_batches(owned, batch_size))
 
             def load(group: list[Index]) -> np.ndarray:
