@@ -5,6 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.segpipe-installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
+# Real MRI and CT for the volume tests, from Debian packages (see ../shared/DATA.md).
+MEDICAL_DATA := /usr/share/mricron/templates/ch2.nii.gz /usr/share/doc/invesalius-examples/examples/Cranium.inv3
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
 .PHONY: demo test bench
 
 $(STAMP): pyproject.toml
@@ -17,7 +21,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/segpipe run segpipe/sample/demo.yaml --output out/demo
 
-test: $(STAMP)
+$(MEDICAL_DATA) &:
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq mricron-data invesalius-examples
+
+test: $(STAMP) $(MEDICAL_DATA)
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 

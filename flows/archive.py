@@ -1,4 +1,4 @@
-"""Prefect flow: process a folder (or glob) of scenes, one Prefect task per item.
+"""Prefect flow: process a folder (or glob) of scenes, slides or volumes, one Prefect task per item.
 
 Items already finished from the same input file are skipped; a failing item is reported in the
 table artifact and the returned summary without stopping the others. All items share one Dask
@@ -14,7 +14,7 @@ from distributed import Client
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-from segpipe.archive import Item, begin, discover, is_done, mark_done, read_summary
+from segpipe.archive import Item, begin, discover, is_done, item_job, mark_done, read_summary
 from segpipe.cluster import connect
 from segpipe.config import load_job
 from segpipe.pipeline import check, run_job
@@ -24,7 +24,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 @task(name="segment-item", task_run_name="segment-{item.name}")
 def segment_item(item: Item, job: str, scheduler: str) -> dict[str, Any] | None:
-    checked = check(load_job(job, {"input": item.source, "output": item.output}))
+    checked = check(item_job(job, item))
     moved = begin(item)
     if moved is not None:
         get_run_logger().info(f"{item.name}: results of an earlier input version moved to {moved}")
@@ -38,6 +38,7 @@ def segment_item(item: Item, job: str, scheduler: str) -> dict[str, Any] | None:
 def _row(item: Item, status: str, summary: dict[str, Any] | None, error: str = "") -> dict[str, Any]:
     s = summary or {}
     return {"item": item.name, "status": status, "global_mean_iou": s.get("global_mean_iou"),
+            "global_dice": s.get("global_dice"),
             "global_accuracy": s.get("global_accuracy"), "output": item.output, "error": error}
 
 

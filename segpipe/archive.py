@@ -1,5 +1,6 @@
 """Many scenes in one run: item discovery, per-item output folders and item completion marks.
 
+Items are GeoTIFFs, whole-slide images, NIfTI volumes or DICOM series (one folder per series).
 Each item gets its own output folder named after its file, so items never share stores, and a
 finished item leaves a small JSON mark (its input fingerprint and global scores): a rerun of the
 archive skips it without opening anything else, and a changed input file is processed again.
@@ -15,8 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from segpipe.config import JobSpec, load_job
 from segpipe.errors import InputError
+from segpipe.io.fingerprint import source_fingerprint
 from segpipe.io.store import write_atomic
+from segpipe.io.volume import NIFTI_SUFFIXES, is_dicom_series, volume_stem
+
+ITEM_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", *NIFTI_SUFFIXES)
+NAME_FIELD = "{name}"
 
 DONE_MARK = "_segpipe_done/item.json"
 STARTED_MARK = "_segpipe_done/item-input.json"
@@ -44,15 +51,22 @@ class Item:
 
 
 def _fingerprint(source: str) -> dict[str, Any]:
-    st = os.stat(source)
-    return {"source": str(Path(source).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"source": str(Path(source).resolve()), **source_fingerprint(source)}
+
+
+def _is_item(p: Path) -> bool:
+    return (p.is_file() and p.name.lower().endswith(ITEM_SUFFIXES)) or is_dicom_series(p)
 
 
 def discover(pattern: str, output_root: str | Path) -> list[Item]:
-    """Items matching ``pattern`` (a glob, or a folder meaning every .tif/.tiff in it), sorted."""
+    """Items matching ``pattern``, sorted.
+
+    ``pattern`` is a glob, or a folder meaning every image, slide and NIfTI file in it and every
+    subfolder holding a DICOM series.
+    """
     p = Path(pattern)
-    if p.is_dir():
-        paths = sorted(str(q) for q in p.iterdir() if q.suffix.lower() in (".tif", ".tiff"))
+    if p.is_dir() and not is_dicom_series(p):
+        paths = sorted(str(q) for q in p.iterdir() if not q.name.startswith(".") and _is_item(q))
     else:
         paths = sorted(glob.glob(pattern, recursive=True))
     if not paths:
@@ -60,12 +74,24 @@ def discover(pattern: str, output_root: str | Path) -> list[Item]:
     names: dict[str, str] = {}
     items = []
     for src in paths:
-        name = Path(src).stem
+        name = volume_stem(src)
         if name in names:
             raise InputError(f"two inputs would share the output folder {name!r}: {names[name]} and {src}")
         names[name] = src
         items.append(Item(str(Path(src).resolve()), str(Path(output_root).resolve() / name)))
     return items
+
+
+def item_job(template: str | Path, item: Item) -> JobSpec:
+    """The job template applied to one item; ``{name}`` in the truth path becomes the item's name.
+
+    So per-item labels (``labels/{name}.nii.gz``, as in nnU-Net's ``labelsTr``) are found for
+    every item of an archive.
+    """
+    job = load_job(template, {"input": item.source, "output": item.output})
+    if job.truth is not None and NAME_FIELD in str(job.truth.path):
+        job.truth.path = Path(str(job.truth.path).replace(NAME_FIELD, item.name))
+    return job
 
 
 def is_done(item: Item) -> bool:

@@ -47,6 +47,8 @@ class TruthSpec(_Strict):
     value: int = 1
     all_touched: bool = False
     remap: dict[int, int] = Field(default_factory=dict)
+    binarize: bool = Field(False, description="every label > 0 becomes class 1 (masks stored as intensities, "
+                                              "e.g. a skull-stripped brain as a brain mask)")
 
 
 class ClusterSpec(_Strict):
@@ -62,17 +64,19 @@ class ClusterSpec(_Strict):
 class JobSpec(_Strict):
     """A whole segmentation job."""
 
-    input: str = Field(description="local path, URL or GDAL /vsi path of the GeoTIFF/COG")
+    input: str = Field(description="GeoTIFF/COG (local path, URL or GDAL /vsi path), whole-slide image, "
+                                   "NIfTI file or DICOM series folder")
     output: Path
     bands: list[int] | None = None
     nodata: float | None = None
-    chunk_size: int | None = Field(None, ge=64, description="Zarr chunk edge; default min(512, tile_size)")
+    chunk_size: int | None = Field(None, ge=16, description="Zarr chunk edge; default min(512, tile_size) for "
+                                   "images, 64 (or tile_size when 64 does not divide it) for volumes")
     tile_size: int = Field(512, ge=64)
     method: MethodSpec
     truth: TruthSpec | None = None
     class_names: list[str] | None = None
-    exports: list[Literal["cog", "ome-zarr"]] | None = Field(
-        None, description="default: cog for rasters; cog and ome-zarr for slides")
+    exports: list[Literal["cog", "ome-zarr", "nifti"]] | None = Field(
+        None, description="default: cog for rasters; cog and ome-zarr for slides; nifti for volumes")
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
 
     @field_validator("bands")
@@ -84,12 +88,18 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _tile_multiple_of_chunk(self) -> JobSpec:
-        if self.chunk_size is None:
-            self.chunk_size = min(512, self.tile_size)
-        if self.tile_size % self.chunk_size:
+        if self.chunk_size is not None and self.tile_size % self.chunk_size:
             raise ValueError(f"tile_size {self.tile_size} must be a multiple of chunk_size {self.chunk_size}"
                              " so that every tile writes whole chunks")
         return self
+
+    def chunk_for(self, ndim: int) -> int:
+        """Chunk edge for a scene of ``ndim`` spatial axes: 512^2 images but 64^3 volumes (same order of bytes)."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        if ndim == 2:
+            return min(512, self.tile_size)
+        return 64 if self.tile_size % 64 == 0 else self.tile_size
 
     def resolved(self, base: Path) -> JobSpec:
         """Return a copy whose relative paths are anchored at ``base``."""

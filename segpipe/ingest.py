@@ -1,15 +1,15 @@
-"""Source (GeoTIFF/COG or whole-slide image) -> chunked Zarr v3 scene store, streamed in chunk windows.
+"""Source (GeoTIFF/COG, whole-slide image, NIfTI or DICOM series) -> chunked Zarr v3 scene store.
 
-Memory is bounded by one chunk per task whatever the scene size: each task reads one row of
-chunk windows from the source and writes them straight into whole Zarr chunks, so no two tasks
-write the same chunk and no lock is needed. For rasters, validity comes from GDAL's dataset mask,
-so nodata values, alpha bands and internal masks are all honoured; for slides it is the scanned
-area intersected with the tissue mask.
+Memory is bounded by one row of chunks per task whatever the scene size: each task reads one row
+of chunk windows (for volumes, one slab of chunk thickness along z) from the source and writes
+them straight into whole Zarr chunks, so no two tasks write the same chunk and no lock is needed.
+For rasters, validity comes from GDAL's dataset mask, so nodata values, alpha bands and internal
+masks are all honoured; for slides it is the scanned area intersected with the tissue mask; every
+voxel of a volume is valid unless the job names a ``nodata`` value.
 """
 
 from __future__ import annotations
 
-import os
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -21,9 +21,11 @@ from distributed import Client
 from segpipe.config import JobSpec
 from segpipe.errors import InputError
 from segpipe.grid import Box, TileGrid
+from segpipe.io.fingerprint import source_fingerprint
 from segpipe.io.raster import RasterInfo, is_remote, raster_info
 from segpipe.io.slide import is_slide, read_window, slide_info, tissue_mask, upsample_mask
 from segpipe.io.store import Marks, ensure_array, geo_attrs, open_or_create
+from segpipe.io.volume import is_volume, read_volume, volume_info
 from segpipe.scene import Scene, scene_path
 
 STAGE = "ingest"
@@ -42,16 +44,19 @@ def fingerprint(job: JobSpec, info: RasterInfo) -> dict:
     """What the scene store depends on: change any of it and the store must not be reused."""
     if is_remote(info.path):
         with rasterio.open(info.path) as ds:  # objects change under the same URL: identify by content metadata
-            size, mtime = None, ds.tags().get("TIFFTAG_DATETIME")
+            stamp = {"size": None, "mtime_ns": ds.tags().get("TIFFTAG_DATETIME")}
     else:
-        st = os.stat(info.path)
-        size, mtime = st.st_size, st.st_mtime_ns
-    return {"source": info.path, "size": size, "mtime_ns": mtime, "shape": [info.count, info.height, info.width],
-            "bands": selected_bands(job, info), "nodata": job.nodata, "chunk": job.chunk_size}
+        stamp = source_fingerprint(info.path)
+    return {"source": info.path, **stamp, "shape": [info.count, *info.shape],
+            "bands": selected_bands(job, info), "nodata": job.nodata, "chunk": job.chunk_for(len(info.shape))}
 
 
 def source_info(path: str) -> RasterInfo:
-    """Inspect the input, a GeoTIFF/COG (rasterio) or a whole-slide image (OpenSlide)."""
+    """Inspect the input: GeoTIFF/COG (rasterio), whole-slide image (OpenSlide) or volume (nibabel/pydicom)."""
+    if not is_remote(path) and is_volume(path):
+        v = volume_info(path)
+        return RasterInfo(v.path, v.shape[1], v.shape[2], v.count, v.dtype, None, rasterio.Affine.identity(), None,
+                          (None,) * v.count, kind="volume", depth=v.shape[0], geometry=v.attrs())
     if not is_slide(path):
         return raster_info(path)
     s = slide_info(path)
@@ -78,12 +83,26 @@ def _read_slide(src: str, w: Box, bands: list[int],
     return rgb[[b - 1 for b in bands]], scanned & upsample_mask(*tissue, w)
 
 
+def _read_volume(src: str, w: Box, bands: list[int], nodata: float | None) -> tuple[np.ndarray, np.ndarray]:
+    data = read_volume(src, w)[[b - 1 for b in bands]]
+    if nodata is None:
+        return data, np.ones(w.shape, bool)
+    return data, ~np.any(np.isnan(data) if np.isnan(nodata) else data == nodata, axis=0)
+
+
 def _ingest_row(src: str, store: str, row: int, chunk: int, bands: list[int], nodata: float | None,
                 tissue: tuple[np.ndarray, float] | None = None) -> int:
-    """Copy one row of chunk windows from ``src`` into the store; returns the row index."""
+    """Copy one row of chunk windows (a z slab for volumes) from ``src`` into the store; returns the row."""
     group = zarr.open_group(store, mode="r+")
     image, valid = group["image"], group["valid"]
-    grid = TileGrid((image.shape[1], image.shape[2]), chunk)
+    grid = TileGrid(tuple(image.shape[1:]), chunk)
+    if len(grid.shape) == 3:  # one read per slab: volume formats are read slice-wise anyway
+        w = Box((row * chunk, 0, 0), (min(grid.shape[0], (row + 1) * chunk), *grid.shape[1:]))
+        data, ok = _read_volume(src, w, bands, nodata)
+        image[(slice(None), *w.slices)] = data
+        valid[w.slices] = ok.astype(np.uint8)
+        Marks(store, STAGE).mark(str(row))
+        return row
     with ExitStack() as stack:
         ds = None if tissue is not None else stack.enter_context(rasterio.open(src))
         for col in range(grid.counts[1]):
@@ -101,16 +120,19 @@ def ingest(job: JobSpec, info: RasterInfo, client: Client) -> Scene:
     Path(job.output).mkdir(parents=True, exist_ok=True)
     bands = selected_bands(job, info)
     group = open_or_create(store, fingerprint(job, info), "scene store")
-    c = job.chunk_size
-    ensure_array(group, "image", (len(bands), info.height, info.width), (len(bands), c, c), info.dtype,
-                 0, ("band", "y", "x"))
-    ensure_array(group, "valid", (info.height, info.width), (c, c), "uint8", 0, ("y", "x"))
-    group.attrs.update({**geo_attrs(info.crs, info.transform, info.mpp), "source": info.path, "kind": info.kind,
+    nd = len(info.shape)
+    c = job.chunk_for(nd)
+    dims = ("z", "y", "x")[-nd:]
+    ensure_array(group, "image", (len(bands), *info.shape), (len(bands), *(c,) * nd), info.dtype,
+                 0, ("band", *dims))
+    ensure_array(group, "valid", info.shape, (c,) * nd, "uint8", 0, dims)
+    geometry = info.geometry if info.geometry is not None else geo_attrs(info.crs, info.transform, info.mpp)
+    group.attrs.update({**geometry, "source": info.path, "kind": info.kind,
                         "bands": bands, "nodata": job.nodata if job.nodata is not None else info.nodata,
                         "band_names": [info.descriptions[b - 1] or f"band{b}" for b in bands]})
     marks = Marks(store, STAGE)
     done = marks.keys()
-    rows = [r for r in range(TileGrid((info.height, info.width), c).counts[0]) if str(r) not in done]
+    rows = [r for r in range(TileGrid(info.shape, c).counts[0]) if str(r) not in done]
     tissue = tissue_mask(info.path) if info.kind == "slide" and rows else None
     futures = client.map(_ingest_row, [info.path] * len(rows), [store] * len(rows), rows,
                          chunk=c, bands=bands, nodata=job.nodata, tissue=tissue, pure=False)

@@ -1,8 +1,8 @@
 """Per-tile confusion matrices on tile cores; IoU, Dice and accuracy.
 
-Global scores come from the *summed* confusion matrix, never from averaging tile scores (a tile
-with 10 building pixels must not weigh as much as one with 10,000). Counting on tile cores only
-means each pixel is counted exactly once.
+Works alike on image tiles and volume blocks. Global scores come from the *summed* confusion
+matrix, never from averaging tile scores (a tile with 10 building pixels must not weigh as much
+as one with 10,000). Counting on tile cores only means each pixel is counted exactly once.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import zarr
 
-from segpipe.grid import TileGrid
+from segpipe.grid import Index, TileGrid
 from segpipe.infer import NODATA_CLASS
 from segpipe.scene import Scene
 from segpipe.truth import Truth
@@ -53,17 +53,17 @@ def scores(cm: np.ndarray) -> Scores:
 
 
 def tile_confusions(scene_path: str, result_path: str, truth: Truth, n_classes: int, tile_size: int,
-                    tiles: list[tuple[int, int]]) -> list[tuple[tuple[int, int], np.ndarray]]:
-    """Burn/read truth for each tile core, store it, and count the tile's confusion matrix."""
+                    tiles: list[Index]) -> list[tuple[Index, np.ndarray]]:
+    """Burn/read truth for each tile (block) core, store it, and count the tile's confusion matrix."""
     scene = Scene(scene_path)
     tgrid = TileGrid(scene.shape, tile_size)
     pred_arr = zarr.open_array(result_path, path="class", mode="r")
     truth_arr = zarr.open_array(result_path, path="truth", mode="r+")
     out = []
-    for r, c in tiles:
-        core = tgrid.tile((r, c)).core
+    for index in tiles:
+        core = tgrid.tile(index).core
         t = truth.read(core, scene.transform)
         t = np.where(np.asarray(scene.valid[core.slices]) > 0, t, NODATA_CLASS).astype(np.uint8)
         truth_arr[core.slices] = t
-        out.append(((r, c), confusion(np.asarray(pred_arr[core.slices]), t, n_classes)))
+        out.append((tuple(index), confusion(np.asarray(pred_arr[core.slices]), t, n_classes)))
     return out

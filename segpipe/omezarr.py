@@ -1,8 +1,9 @@
 """OME-Zarr 0.5 export: the scene as a multiscale image with the class map as a ``labels`` image.
 
-Levels halve the resolution by taking every second pixel (nearest neighbour), for the image and
-the labels alike, so both pyramids stay pixel-aligned with scale-only transforms and classes are
-never averaged. Pixel size comes from the scene: micrometres for slides, CRS units otherwise.
+Levels halve the resolution along every spatial axis by taking every second pixel or voxel
+(nearest neighbour), for the image and the labels alike, so both pyramids stay aligned with
+scale-only transforms and classes are never averaged. Pixel size comes from the scene:
+micrometres for slides, millimetres (the voxel spacing) for volumes, CRS units otherwise.
 Each level is built from the previous one on the Dask cluster, chunk by chunk; the finished
 store is renamed into place, so a failed export never leaves a half-written one behind.
 """
@@ -26,7 +27,9 @@ VERSION = "0.5"
 LABEL_NAME = "segmentation"
 
 
-def _units(scene: Scene) -> tuple[str | None, tuple[float, float]]:
+def _units(scene: Scene) -> tuple[str | None, tuple[float, ...]]:
+    if scene.kind == "volume":
+        return "millimeter", tuple(float(v) for v in scene.group.attrs["spacing"])
     t = scene.transform
     size = (abs(t.e), abs(t.a))
     if scene.crs is None:
@@ -35,31 +38,32 @@ def _units(scene: Scene) -> tuple[str | None, tuple[float, float]]:
     return ("meter" if unit in ("metre", "meter") else None), size
 
 
-def _multiscales(n_levels: int, axes: list[dict[str, Any]], size: tuple[float, float], name: str) -> list[dict]:
-    lead = [1.0] * (len(axes) - 2)
+def _multiscales(n_levels: int, axes: list[dict[str, Any]], size: tuple[float, ...], name: str) -> list[dict]:
+    lead = [1.0] * (len(axes) - len(size))
     return [{
         "name": name,
         "axes": axes,
         "datasets": [{"path": str(k), "coordinateTransformations": [
-            {"type": "scale", "scale": lead + [size[0] * 2**k, size[1] * 2**k]}]} for k in range(n_levels)],
+            {"type": "scale", "scale": lead + [v * 2**k for v in size]}]} for k in range(n_levels)],
     }]
 
 
-def _pyramid(group: zarr.Group, base: da.Array, n_levels: int, chunk: int, fill: Any, dims: tuple[str, ...],
-             client: Client) -> None:
+def _pyramid(group: zarr.Group, base: da.Array, n_levels: int, chunk: int, nd: int, fill: Any,
+             dims: tuple[str, ...], client: Client) -> None:
     level = base
     for k in range(n_levels):
-        chunks = (*level.shape[:-2], chunk, chunk)
+        chunks = (*level.shape[:-nd], *(chunk,) * nd)
         arr = group.create_array(str(k), shape=level.shape, chunks=chunks, dtype=level.dtype, fill_value=fill,
                                  dimension_names=dims)
         client.compute(da.store(level.rechunk(chunks), arr, lock=False, compute=False), sync=True)
-        level = da.from_zarr(arr)[..., ::2, ::2]
+        level = da.from_zarr(arr)[(..., *(slice(None, None, 2),) * nd)]
 
 
-def levels_for(height: int, width: int, smallest: int = 256, most: int = 6) -> int:
-    """Pyramid depth: halve until the image fits ``smallest`` pixels."""
+def levels_for(shape: tuple[int, ...], smallest: int | None = None, most: int = 6) -> int:
+    """Pyramid depth: halve until the image fits ``smallest`` pixels (256; 64 voxels for volumes)."""
+    smallest = smallest or (256 if len(shape) == 2 else 64)
     n = 1
-    while max(height, width) / 2**n >= smallest and n < most:
+    while max(shape) / 2**n >= smallest and n < most:
         n += 1
     return n
 
@@ -73,13 +77,15 @@ def export_ome_zarr(scene_path: str, result_path: str, dest: str | Path, client:
     if tmp.exists():
         shutil.rmtree(tmp)
     unit, size = _units(scene)
-    space = [{"name": ax, "type": "space", **({"unit": unit} if unit else {})} for ax in ("y", "x")]
-    n = levels_for(scene.height, scene.width)
+    nd = len(scene.shape)
+    spatial = ("z", "y", "x")[-nd:]
+    space = [{"name": ax, "type": "space", **({"unit": unit} if unit else {})} for ax in spatial]
+    n = levels_for(scene.shape)
     chunk = scene.chunk
     root = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
     root.attrs["ome"] = {"version": VERSION, "multiscales": _multiscales(
         n, [{"name": "c", "type": "channel"}, *space], size, Path(scene.group.attrs.get("source", "image")).name)}
-    _pyramid(root, da.from_zarr(scene.image), n, chunk, 0, ("c", "y", "x"), client)
+    _pyramid(root, da.from_zarr(scene.image), n, chunk, nd, 0, ("c", *spatial), client)
     labels = root.create_group("labels")
     labels.attrs["ome"] = {"version": VERSION, "labels": [LABEL_NAME]}
     seg = labels.create_group(LABEL_NAME)
@@ -89,7 +95,7 @@ def export_ome_zarr(scene_path: str, result_path: str, dest: str | Path, client:
                                         "properties": [{"label-value": i, "class": name}
                                                        for i, name in enumerate(class_names)]}}
     classes = da.from_zarr(zarr.open_array(result_path, path="class", mode="r"))
-    _pyramid(seg, classes, n, chunk, NODATA, ("y", "x"), client)
+    _pyramid(seg, classes, n, chunk, nd, NODATA, spatial, client)
     if dest.exists():
         old = dest.with_name(f".{dest.name}.{os.getpid()}.old")
         os.replace(dest, old)

@@ -21,6 +21,7 @@ from segpipe.ingest import fingerprint, ingest, selected_bands, source_info
 from segpipe.io.raster import RasterInfo
 from segpipe.io.result import add_truth_array
 from segpipe.metrics import tile_confusions
+from segpipe.nifti import export_nifti
 from segpipe.omezarr import export_ome_zarr
 from segpipe.report import MetricsReport, build_report, write_report
 from segpipe.scene import Scene
@@ -42,6 +43,10 @@ class Checked:
         return Path(self.job.output) / "segmentation.tif"
 
     @property
+    def nifti_path(self) -> Path:
+        return Path(self.job.output) / "segmentation.nii.gz"
+
+    @property
     def ome_path(self) -> Path:
         return Path(self.job.output) / "image.ome.zarr"
 
@@ -49,7 +54,7 @@ class Checked:
     def exports(self) -> list[str]:
         if self.job.exports is not None:
             return list(self.job.exports)
-        return ["cog", "ome-zarr"] if self.info.kind == "slide" else ["cog"]
+        return {"slide": ["cog", "ome-zarr"], "volume": ["nifti"]}.get(self.info.kind, ["cog"])
 
     @property
     def metrics_dir(self) -> Path:
@@ -57,12 +62,16 @@ class Checked:
 
 
 def check(job: JobSpec) -> Checked:
-    """Validate input raster, bands, method/model, tiling and ground truth; writes nothing."""
+    """Validate input image or volume, bands, method/model, tiling, exports and ground truth; writes nothing."""
     info = source_info(job.input)
     bands = selected_bands(job, info)
-    if job.tile_size > max(info.height, info.width):
-        raise InputError(f"tile_size {job.tile_size} is larger than the scene ({info.width}x{info.height} px)")
-    plan = plan_method(job, len(bands))
+    if job.tile_size > max(info.shape):
+        raise InputError(f"tile_size {job.tile_size} is larger than the scene ({info.describe()})")
+    wrong = {"volume": {"cog"}}.get(info.kind, {"nifti"}) & set(job.exports or [])
+    if wrong:
+        raise InputError(f"export {sorted(wrong)[0]!r} does not apply to a {info.kind} input "
+                         f"(volumes: nifti, ome-zarr; images and slides: cog, ome-zarr)")
+    plan = plan_method(job, len(bands), len(info.shape))
     truth = check_truth(job.truth, info) if job.truth else None
     out = Path(job.output)
     if out.exists() and not out.is_dir():
@@ -83,21 +92,24 @@ def run_export(c: Checked, scene: Scene, result: str, client: Client) -> list[Pa
     out = []
     if "cog" in c.exports:
         out.append(export_cog(result, c.cog_path))
+    if "nifti" in c.exports:
+        out.append(export_nifti(result, c.nifti_path))
     if "ome-zarr" in c.exports:
         out.append(export_ome_zarr(scene.path, result, c.ome_path, client, c.plan.class_names))
     return out
 
 
 def run_metrics(c: Checked, scene: Scene, result: str, client: Client) -> MetricsReport | None:
-    """Per-tile confusion matrices on the cluster, report files written atomically."""
+    """Per-tile (per-block) confusion matrices on the cluster, report files written atomically."""
     if c.truth is None:
         return None
-    add_truth_array(result, scene.height, scene.width, scene.chunk)
+    add_truth_array(result, scene.shape, scene.chunk)
     grid = TileGrid(scene.shape, c.job.tile_size)
     futures = [client.submit(tile_confusions, scene.path, result, c.truth, c.plan.n_classes,
-                             c.job.tile_size, [(t.row, t.col)], pure=False) for t in grid]
+                             c.job.tile_size, [t.index], pure=False) for t in grid]
     confusions = {key: cm for part in client.gather(futures) for key, cm in part}
-    report = build_report(confusions, grid, scene.crs, scene.transform, c.plan.class_names)
+    report = build_report(confusions, grid, scene.crs, scene.transform, c.plan.class_names,
+                          scene.group.attrs.get("affine"))
     write_report(report, c.metrics_dir)
     return report
 
@@ -115,17 +127,22 @@ class Outcome:
     def cog(self) -> Path | None:
         return next((p for p in self.exports if p.suffix == ".tif"), None)
 
+    @property
+    def nifti(self) -> Path | None:
+        return next((p for p in self.exports if p.name.endswith((".nii", ".nii.gz"))), None)
+
 
 def run_job(c: Checked, client: Client, log: Callable[[str], None] = lambda _: None) -> Outcome:
     """Run every stage of a checked job on ``client``; ``log`` hears one line per stage."""
     n_workers = len(client.scheduler_info()["workers"])
-    log(f"ingest {c.info.path} ({c.info.width}x{c.info.height}, {c.info.count} band(s)) on {n_workers} worker(s)")
+    log(f"ingest {c.info.path} ({c.info.describe()}, {c.info.count} band(s)) on {n_workers} worker(s)")
     scene = run_ingest(c, client)
-    log(f"segment with {c.plan.name}, {len(TileGrid(scene.shape, c.job.tile_size))} tile(s)")
+    unit = "block" if c.info.kind == "volume" else "tile"
+    log(f"segment with {c.plan.name}, {len(TileGrid(scene.shape, c.job.tile_size))} {unit}(s)")
     result = run_segment(c, scene, client)
     log(f"export {', '.join(c.exports)}")
     exports = run_export(c, scene, result, client)
     if c.truth is not None:
-        log("per-tile metrics")
+        log(f"per-{unit} metrics")
     report = run_metrics(c, scene, result, client)
     return Outcome(scene.path, result, exports, report)

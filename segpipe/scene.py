@@ -21,7 +21,7 @@ from segpipe.io.store import read_geo
 
 @dataclass(frozen=True)
 class Scene:
-    """Handle on ``scene.zarr``: ``image`` (band, y, x) and ``valid`` (y, x)."""
+    """Handle on ``scene.zarr``: ``image`` (band, [z,] y, x) and ``valid`` ([z,] y, x)."""
 
     path: str
 
@@ -48,11 +48,16 @@ class Scene:
 
     @property
     def height(self) -> int:
-        return int(self.image.shape[1])
+        return int(self.image.shape[-2])
 
     @property
     def width(self) -> int:
-        return int(self.image.shape[2])
+        return int(self.image.shape[-1])
+
+    @property
+    def kind(self) -> str:
+        """"raster", "slide" or "volume"."""
+        return str(self.group.attrs.get("kind", "raster"))
 
     @property
     def chunk(self) -> int:

@@ -42,13 +42,16 @@ class MethodPlan:
     model_sha256: str | None = None
 
 
-def plan_method(job: JobSpec, n_bands: int) -> MethodPlan:
-    """Check that the method can run on a scene with ``n_bands`` bands (before anything is written)."""
+def plan_method(job: JobSpec, n_bands: int, ndim: int = 2) -> MethodPlan:
+    """Check that the method can run on a scene with ``n_bands`` bands and ``ndim`` spatial axes.
+
+    Runs before anything is written.
+    """
     m = job.method
     if m.name == "unet":
         model, spec = load_model(m.model)
-        if spec.dims != 2:
-            raise InputError(f"model {m.model.name} is a {spec.dims}-D network; this scene is 2-D")
+        if spec.dims != ndim:
+            raise InputError(f"model {m.model.name} is a {spec.dims}-D network; this scene is {ndim}-D")
         if spec.in_channels != n_bands:
             raise InputError(f"model {m.model.name} expects {spec.in_channels} band(s), "
                              f"the scene provides {n_bands}; select bands with 'bands:'")
@@ -57,12 +60,15 @@ def plan_method(job: JobSpec, n_bands: int) -> MethodPlan:
         sha = hashlib.sha256(Path(m.model).read_bytes()).hexdigest()
         plan = MethodPlan("unet", spec.n_classes, names, model=spec, model_sha256=sha)
     elif m.name == "region_growing":
+        if ndim != 2:
+            raise InputError("method 'region_growing' works on 2-D images only")
         check_params(m.params)
         names = job.class_names or ["outside", "region"]
         plan = MethodPlan(m.name, 2, names)
     else:
         method = make_classical(m.name, m.params)
         method.check_bands(n_bands)
+        method.check_dims(ndim)
         names = job.class_names or [f"class{i}" for i in range(method.n_classes)]
         plan = MethodPlan(m.name, method.n_classes, names, classical=method)
     if len(plan.class_names) != plan.n_classes:
@@ -105,8 +111,7 @@ def segment(job: JobSpec, scene: Scene, plan: MethodPlan, scene_fp: dict, client
     fp = {"scene": scene_fp, "method": m.model_dump(mode="json", exclude={"model", "batch_size"}),
           "model_sha256": plan.model_sha256, "tile_size": job.tile_size}
     result = result_path(job.output)
-    create_result(result, fp, scene.crs, scene.transform, scene.height, scene.width, scene.chunk,
-                  plan.class_names, scene.group.attrs.get("mpp"))
+    create_result(result, fp, scene, plan.class_names)
     tgrid = TileGrid(scene.shape, job.tile_size)
     common = {"scene_path": scene.path, "tile_size": job.tile_size}
     if plan.model is not None:

@@ -7,6 +7,7 @@ the answer would depend on the tile size.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,13 +45,15 @@ class SceneStats:
 
 
 def _row_bands(scene: Scene, multiple: int, budget: int = 4 * 2**20) -> list[Box]:
-    """Full-width row bands about ``budget`` values each: few tasks, bounded memory per task.
+    """Slabs along the first axis (rows; z for volumes), about ``budget`` values each.
 
-    Band heights are a multiple of ``multiple`` (the chunk edge for aligned reads, or a sampling
-    stride so that a strided sample stays on one scene-wide lattice).
+    Few tasks, bounded memory per task. Slab thickness is a multiple of ``multiple`` (the chunk edge
+    for aligned reads, or a sampling stride so that a strided sample stays on one scene-wide lattice).
     """
-    rows = max(multiple, budget // max(1, scene.width * scene.count) // multiple * multiple)
-    return [Box.rc(r, 0, min(scene.height, r + rows), scene.width) for r in range(0, scene.height, rows)]
+    first, rest = scene.shape[0], scene.shape[1:]
+    per_row = int(np.prod(rest)) * scene.count
+    rows = max(multiple, budget // max(1, per_row) // multiple * multiple)
+    return [Box((r, *(0,) * len(rest)), (min(first, r + rows), *rest)) for r in range(0, first, rows)]
 
 
 def _moments(path: str, w: Box) -> tuple:
@@ -91,21 +94,27 @@ def scene_stats(scene: Scene, client: Client, bins: int = 1024) -> SceneStats:
 
 def _strided(path: str, w: Box, step: int) -> np.ndarray:
     img, valid = Scene(path).read(w)
-    return img[:, ::step, ::step][:, valid[::step, ::step]].T
+    every = (slice(None, None, step),) * valid.ndim
+    return img[(slice(None), *every)][:, valid[every]].T
 
 
 def sample_pixels(scene: Scene, client: Client, n: int = SAMPLE_PIXELS) -> np.ndarray:
     """A deterministic, tiling-independent pixel sample: a regular stride over the whole scene."""
-    step = max(1, int(np.sqrt(scene.height * scene.width / n)))
+    step = max(1, int((np.prod(scene.shape) / n) ** (1 / len(scene.shape))))
     wins = _row_bands(scene, step)
     return np.concatenate(client.gather(client.map(_strided, [scene.path] * len(wins), wins, step=step)))
 
 
-def sample_windows(scene: Scene, size: int = 256, per_axis: int = 4) -> list[Box]:
-    """Fixed windows spread evenly over the scene, independent of the job's tile size."""
+def sample_windows(scene: Scene, size: int | None = None, per_axis: int = 4) -> list[Box]:
+    """Fixed windows spread evenly over the scene, independent of the job's tile size.
+
+    256^2 pixels for images, 64^3 voxels for volumes (about the same number of values).
+    """
+    size = size or (256 if len(scene.shape) == 2 else 64)
+
     def starts(length: int) -> list[int]:
         if length <= size:
             return [0]
         return sorted({int(round(v)) for v in np.linspace(0, length - size, per_axis)})
-    return [Box.rc(r, c, min(scene.height, r + size), min(scene.width, c + size))
-            for r in starts(scene.height) for c in starts(scene.width)]
+    return [Box(start, tuple(min(n, s + size) for s, n in zip(start, scene.shape, strict=True)))
+            for start in itertools.product(*(starts(n) for n in scene.shape))]

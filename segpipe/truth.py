@@ -1,4 +1,4 @@
-"""Ground truth onto the scene grid: a raster on the same grid, or vectors rasterised per tile.
+"""Ground truth onto the scene grid: a raster or volume on the same grid, or vectors rasterised per tile.
 
 Rasters must already be on the scene's CRS and grid: silently resampling labels would change
 what is being measured, so a mismatch is an input error. Vector labels are reprojected into the
@@ -23,6 +23,7 @@ from segpipe.config import TruthSpec
 from segpipe.errors import InputError
 from segpipe.grid import Box
 from segpipe.io.raster import RasterInfo, raster_info
+from segpipe.io.volume import is_volume, read_volume, volume_info
 
 VECTOR_SUFFIXES = {".geojson", ".json"}
 IGNORE = 255
@@ -32,19 +33,25 @@ IGNORE = 255
 class Truth:
     """Checked ground truth, cheap to send to workers (vector shapes are in scene CRS)."""
 
-    kind: str  # "raster" | "vector"
+    kind: str  # "raster" | "vector" | "volume"
     path: str
     shapes: list[tuple[dict[str, Any], int]] = field(default_factory=list)
     nodata: float | None = None
     all_touched: bool = False
     remap: dict[int, int] = field(default_factory=dict)
+    binarize: bool = False
 
     def read(self, window: Box, transform: rasterio.Affine) -> np.ndarray:
         """Labels (uint8, 255 = ignore) for ``window`` of the scene."""
-        if self.kind == "raster":
-            with rasterio.open(self.path) as ds:
-                a = ds.read(1, window=((window.row0, window.row1), (window.col0, window.col1)))
+        if self.kind in ("raster", "volume"):
+            if self.kind == "volume":
+                a = read_volume(self.path, window)[0]
+            else:
+                with rasterio.open(self.path) as ds:
+                    a = ds.read(1, window=((window.row0, window.row1), (window.col0, window.col1)))
             ignore = np.zeros(a.shape, bool) if self.nodata is None else (a == self.nodata)
+            if self.binarize:
+                a = (a > 0).astype(np.int64)
             if self.remap:
                 mapped = a.astype(np.int64)
                 for src, dst in self.remap.items():
@@ -59,13 +66,27 @@ class Truth:
                          all_touched=self.all_touched, dtype="uint8")
 
 
+def _check_volume(spec: TruthSpec, scene: RasterInfo) -> Truth:
+    """Label volumes must share the scene's voxel grid: same shape and the same affine (to 1e-4 mm)."""
+    if scene.kind != "volume":
+        raise InputError(f"ground truth is a volume but the input is a 2-D image: {spec.path}")
+    v = volume_info(spec.path)
+    scene_affine = np.asarray(scene.geometry["affine"])
+    if v.shape != scene.shape or not np.allclose(np.asarray(v.affine), scene_affine, atol=1e-4):
+        raise InputError(f"ground-truth volume is on another voxel grid ({'x'.join(map(str, v.shape[::-1]))}) "
+                         f"than the input ({scene.describe()}), or has another affine: {spec.path}")
+    return Truth("volume", v.path, remap=dict(spec.remap), binarize=spec.binarize)
+
+
 def _check_raster(spec: TruthSpec, scene: RasterInfo) -> Truth:
+    if scene.kind == "volume":
+        raise InputError(f"ground truth for a volume must be a NIfTI file or DICOM series: {spec.path}")
     info = raster_info(spec.path, "ground-truth raster", require_crs=scene.crs is not None)
     if scene.crs is None:  # a slide: labels must be on its pixel grid
         if (info.height, info.width) != (scene.height, scene.width):
             raise InputError(f"ground-truth raster is on another grid ({info.width}x{info.height}) than the "
                              f"slide ({scene.width}x{scene.height}): {spec.path}")
-        return Truth("raster", info.path, nodata=info.nodata, remap=dict(spec.remap))
+        return Truth("raster", info.path, nodata=info.nodata, remap=dict(spec.remap), binarize=spec.binarize)
     if info.crs != scene.crs:
         raise InputError(f"ground-truth raster is on another CRS ({info.crs.to_string()}) than the scene "
                          f"({scene.crs.to_string()}): {spec.path}")
@@ -75,7 +96,7 @@ def _check_raster(spec: TruthSpec, scene: RasterInfo) -> Truth:
         raise InputError(f"ground-truth raster is on another grid ({info.width}x{info.height}, "
                          f"{tuple(info.transform)[:6]}) than the scene ({scene.width}x{scene.height}, "
                          f"{tuple(scene.transform)[:6]}): {spec.path}")
-    return Truth("raster", info.path, nodata=info.nodata, remap=dict(spec.remap))
+    return Truth("raster", info.path, nodata=info.nodata, remap=dict(spec.remap), binarize=spec.binarize)
 
 
 def _vector_crs(doc: dict[str, Any]) -> CRS:
@@ -91,7 +112,8 @@ def _vector_crs(doc: dict[str, Any]) -> CRS:
 def _check_vector(spec: TruthSpec, scene: RasterInfo) -> Truth:
     p = Path(spec.path)
     if scene.crs is None:
-        raise InputError(f"vector ground truth needs a georeferenced scene; give slides a label raster: {p}")
+        raise InputError(f"vector ground truth needs a georeferenced scene; give slides and volumes label "
+                         f"images: {p}")
     try:
         doc = json.loads(p.read_text())
         features = doc["features"] if doc.get("type") == "FeatureCollection" else [doc]
@@ -126,4 +148,6 @@ def check_truth(spec: TruthSpec, scene: RasterInfo) -> Truth:
         raise InputError(f"ground truth not found: {p}")
     if p.suffix.lower() in VECTOR_SUFFIXES:
         return _check_vector(spec, scene)
+    if is_volume(p):
+        return _check_volume(spec, scene)
     return _check_raster(spec, scene)

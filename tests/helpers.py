@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 import zarr
 
 from segpipe.config import job_from_dict
@@ -19,3 +23,20 @@ def run(client, output: Path, **job: Any) -> Outcome:
 
 def class_map(outcome: Outcome) -> np.ndarray:
     return np.asarray(zarr.open_array(outcome.result, path="class", mode="r")[:])
+
+
+def cli(tmp_path: Path, job: dict) -> subprocess.CompletedProcess:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return subprocess.run([sys.executable, "-m", "segpipe.cli", "run", str(path)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("segpipe: error: ")
+    assert "Traceback" not in proc.stderr
+    for w in words:
+        assert w in lines[0], lines[0]

@@ -1,31 +1,12 @@
 """Bad input: one line on stderr, exit code 2, and nothing already written is touched."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from conftest import BUILDINGS, SCENE, write_tif
-
-
-def cli(tmp_path: Path, job: dict) -> subprocess.CompletedProcess:
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(job))
-    return subprocess.run([sys.executable, "-m", "segpipe.cli", "run", str(path)], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("segpipe: error: ")
-    assert "Traceback" not in proc.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
+from helpers import assert_one_line_error, cli
 
 
 @pytest.fixture

@@ -92,3 +92,48 @@ def test_archive_flow_skips_done_items_and_reports_a_failing_one(prefect_api, tm
     superseded = list((out / ".superseded").iterdir())
     assert [p.name.split("-")[0] for p in superseded] == ["b"]  # b's first results kept, not overwritten
     assert (superseded[0] / "segmentation.tif").is_file()
+
+
+def test_archive_flow_over_volumes_with_per_item_labels(prefect_api, tmp_path):
+    """An archive of volumes: NIfTI, a DICOM series and a broken file; labels found per item by name."""
+    import shutil
+
+    import numpy as np
+    import yaml
+    from medical import ct_affine, load_ct, write_dicom_series, write_nifti
+
+    from flows.archive import archive
+
+    ct = load_ct()
+    folder, labels = tmp_path / "archive", tmp_path / "labels"
+    folder.mkdir()
+    labels.mkdir()
+    part = type(ct)(ct.hu[30:62], ct.bone[30:62], ct.head[30:62], ct.spacing)
+    write_nifti(folder / "ct_a.nii.gz", part.hu, ct_affine(ct))
+    write_dicom_series(folder / "ct_b", part)
+    for name in ("ct_a", "ct_b"):
+        write_nifti(labels / f"{name}.nii.gz", part.head.astype(np.uint8) + part.bone, ct_affine(ct))
+    (folder / "ct_c.nii.gz").write_bytes((folder / "ct_a.nii.gz").read_bytes()[:4000])  # truncated
+    (folder / "notes.txt").write_text("not an item")
+    job = tmp_path / "template.yaml"
+    job.write_text(yaml.safe_dump({"input": "unused", "output": "unused", "tile_size": 128,
+                                   "method": {"name": "otsu", "params": {"classes": 3}},
+                                   "class_names": ["air", "soft", "bone"],
+                                   "truth": {"path": str(labels / "{name}.nii.gz")}}))
+    out = tmp_path / "out"
+    rows = {r["item"]: r for r in archive(str(folder), str(job), str(out))}
+    assert set(rows) == {"ct_a", "ct_b", "ct_c"}
+    assert rows["ct_a"]["status"] == rows["ct_b"]["status"] == "done"
+    assert rows["ct_c"]["status"] == "failed" and "ct_c.nii.gz" in rows["ct_c"]["error"]
+    # The same voxels as NIfTI and as DICOM give the same scores and the same affine.
+    assert rows["ct_a"]["global_dice"] == rows["ct_b"]["global_dice"]
+    assert rows["ct_a"]["global_dice"]["bone"] > 0.8
+    import nibabel as nib
+    a, b = (nib.load(str(out / n / "segmentation.nii.gz")) for n in ("ct_a", "ct_b"))
+    np.testing.assert_allclose(a.affine, b.affine, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+
+    shutil.rmtree(out / "ct_b" / "result.zarr")  # results lost after marking done are not looked at again
+    again = {r["item"]: r for r in archive(str(folder), str(job), str(out))}
+    assert again["ct_a"]["status"] == again["ct_b"]["status"] == "skipped (done before)"
+    assert again["ct_c"]["status"] == "failed"

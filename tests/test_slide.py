@@ -135,3 +135,28 @@ def test_slide_ome_zarr_image_with_labels_opens_with_ome_zarr_readers(otsu_slide
     cls = class_map(o)
     np.testing.assert_array_equal(np.asarray(label_nodes[0].data[0]), cls)
     np.testing.assert_array_equal(np.asarray(label_nodes[0].data[1]), cls[::2, ::2])
+
+
+def test_pyramidal_tiff_slide_is_read_like_the_svs(tmp_path, client, svs, otsu_slide):
+    """Derived: the SVS's level 0 written as a generic tiled, pyramidal TIFF (zlib) with resolution tags."""
+    import openslide
+
+    with openslide.OpenSlide(str(svs)) as s:
+        rgb = np.asarray(s.read_region((0, 0), 0, s.dimensions).convert("RGB"))
+    mpp = 0.499
+    path = tmp_path / "slide.tif"
+    with tifffile.TiffWriter(path) as tw:
+        level = rgb
+        for k in range(3):
+            res = 1e4 / (mpp * 2**k)  # pixels per centimetre
+            tw.write(level, tile=(256, 256), photometric="rgb", compression="zlib", resolution=(res, res),
+                     resolutionunit="CENTIMETER", subfiletype=0 if k == 0 else 1)
+            level = level[::2, ::2]
+    o = run(client, tmp_path / "o", input=str(path), tile_size=512, method={"name": "otsu"})
+    g = zarr.open_group(str(tmp_path / "o" / "scene.zarr"), mode="r")
+    assert g.attrs["kind"] == "slide" and g.attrs["mpp"] == pytest.approx([mpp, mpp])
+    svs_scene = zarr.open_array(str(otsu_slide[0] / "scene.zarr"), path="image", mode="r")
+    np.testing.assert_array_equal(g["image"][:, ::7, ::7], svs_scene[:, ::7, ::7])
+    with tifffile.TiffFile(o.cog) as tif:
+        page = tif.pages.first
+        assert page.tags["XResolution"].value[0] / page.tags["XResolution"].value[1] == pytest.approx(1e4 / mpp)

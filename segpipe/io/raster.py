@@ -26,8 +26,18 @@ class RasterInfo:
     transform: Affine
     nodata: float | None
     descriptions: tuple[str | None, ...]
-    kind: str = "raster"  # or "slide": no CRS, transform in micrometres
+    kind: str = "raster"  # "slide": no CRS, transform in micrometres; "volume": (z, y, x) in millimetres
     mpp: tuple[float, float] | None = None
+    depth: int | None = None  # volumes only
+    geometry: dict | None = None  # volumes: store attributes for the affine, spacing, origin, direction
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Spatial shape: (height, width), or (depth, height, width) for volumes."""
+        return (self.height, self.width) if self.depth is None else (self.depth, self.height, self.width)
+
+    def describe(self) -> str:
+        return "x".join(str(n) for n in self.shape[::-1]) + (" voxels" if self.depth else " px")
 
     @property
     def bounds(self) -> tuple[float, float, float, float]:

@@ -3,7 +3,8 @@
 Layout (CF/rioxarray conventions plus GeoZarr attributes): ``class`` (y, x) uint8 with
 ``grid_mapping = spatial_ref``, 1-D pixel-centre coordinates ``x`` and ``y``, and a scalar
 ``spatial_ref`` carrying ``crs_wkt`` and the GDAL ``GeoTransform``. ``truth`` (y, x) is added
-when ground truth is given.
+when ground truth is given. Volumes have ``class`` (z, y, x) and carry the scene's voxel
+geometry (``affine``, ``spacing``, ``origin``, ``direction``) as attributes instead of a CRS.
 """
 
 from __future__ import annotations
@@ -16,13 +17,35 @@ from affine import Affine
 from rasterio.crs import CRS
 
 from segpipe.io.store import ensure_array, geo_attrs, open_or_create
+from segpipe.scene import Scene
 
 NODATA = 255
+VOLUME_ATTRS = ("affine", "affine_space", "spacing", "origin", "direction", "nifti_xform_code", "spatial:dimensions",
+                "spatial:units")
 
 
-def create_result(path: str, fingerprint: dict[str, Any], crs: CRS | None, transform: Affine, height: int,
-                  width: int, chunk: int, class_names: list[str], mpp: list[float] | None = None) -> zarr.Group:
-    """Create (or reopen for resume) the result group and its coordinate variables."""
+def create_result(path: str, fingerprint: dict[str, Any], scene: Scene, class_names: list[str]) -> zarr.Group:
+    """Create (or reopen for resume) the result group for ``scene`` and its coordinate variables."""
+    if len(scene.shape) == 3:
+        group = open_or_create(path, fingerprint, "result store")
+        attrs = dict(scene.group.attrs)
+        group.attrs.update({"crs_wkt": None, "transform": attrs["transform"], "kind": "volume",
+                            **{k: attrs[k] for k in VOLUME_ATTRS if k in attrs},
+                            "class_names": class_names, "nodata": NODATA})
+        ensure_array(group, "class", scene.shape, (scene.chunk,) * 3, "uint8", NODATA, ("z", "y", "x"),
+                     _class_attrs(class_names))
+        return group
+    return _create_image_result(path, fingerprint, scene.crs, scene.transform, scene.height, scene.width,
+                                scene.chunk, class_names, scene.group.attrs.get("mpp"))
+
+
+def _class_attrs(class_names: list[str]) -> dict[str, Any]:
+    return {"_FillValue": NODATA, "flag_values": list(range(len(class_names))),
+            "flag_meanings": " ".join(n.replace(" ", "_") for n in class_names)}
+
+
+def _create_image_result(path: str, fingerprint: dict[str, Any], crs: CRS | None, transform: Affine, height: int,
+                         width: int, chunk: int, class_names: list[str], mpp: list[float] | None) -> zarr.Group:
     group = open_or_create(path, fingerprint, "result store")
     group.attrs.update({**geo_attrs(crs, transform, mpp), "class_names": class_names, "nodata": NODATA})
     gt = " ".join(str(v) for v in (transform.c, transform.a, transform.b, transform.f, transform.d,
@@ -40,15 +63,14 @@ def create_result(path: str, fingerprint: dict[str, Any], crs: CRS | None, trans
         y[:] = transform.f + (np.arange(height) + 0.5) * transform.e
         y.attrs.update({"standard_name": "projection_y_coordinate", "axis": "Y"})
     grid_mapping = {"grid_mapping": "spatial_ref", "coordinates": "spatial_ref"} if crs is not None else {}
-    class_attrs = {**grid_mapping, "_FillValue": NODATA,
-                   "flag_values": list(range(len(class_names))),
-                   "flag_meanings": " ".join(n.replace(" ", "_") for n in class_names)}
-    ensure_array(group, "class", (height, width), (chunk, chunk), "uint8", NODATA, ("y", "x"), class_attrs)
+    ensure_array(group, "class", (height, width), (chunk, chunk), "uint8", NODATA, ("y", "x"),
+                 {**grid_mapping, **_class_attrs(class_names)})
     return group
 
 
-def add_truth_array(path: str, height: int, width: int, chunk: int) -> zarr.Array:
+def add_truth_array(path: str, shape: tuple[int, ...], chunk: int) -> zarr.Array:
+    """The ``truth`` array beside ``class``: labels as counted by the metrics (255 = not counted)."""
     group = zarr.open_group(path, mode="r+")
     grid_mapping = {"grid_mapping": "spatial_ref", "coordinates": "spatial_ref"} if "spatial_ref" in group else {}
-    return ensure_array(group, "truth", (height, width), (chunk, chunk), "uint8", NODATA, ("y", "x"),
+    return ensure_array(group, "truth", shape, (chunk,) * len(shape), "uint8", NODATA, ("z", "y", "x")[-len(shape):],
                         {**grid_mapping, "_FillValue": NODATA})

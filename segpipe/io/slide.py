@@ -23,8 +23,28 @@ SLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".sv
 THUMB_DOWNSAMPLE = 16
 
 
+GEOTIFF_TAGS = (33550, 33922, 34264, 34735)  # ModelPixelScale, ModelTiepoint, ModelTransformation, GeoKeys
+
+
 def is_slide(path: str | Path) -> bool:
-    return Path(str(path)).suffix.lower() in SLIDE_SUFFIXES
+    """A vendor slide format, or a tiled, pyramidal TIFF without georeferencing (generic slide TIFF)."""
+    p = Path(str(path))
+    if p.suffix.lower() in SLIDE_SUFFIXES:
+        return True
+    return p.suffix.lower() in (".tif", ".tiff") and p.is_file() and is_pyramidal_plain_tiff(p)
+
+
+def is_pyramidal_plain_tiff(path: Path) -> bool:
+    """Tiled, with reduced-resolution levels, and no GeoTIFF tags: a slide, not a map."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            first = tif.pages.first
+            geo = any(t in first.tags for t in GEOTIFF_TAGS)
+            return not geo and first.is_tiled and (len(tif.pages) > 1 or bool(first.subifds))
+    except (tifffile.TiffFileError, OSError, ValueError):
+        return False  # not a TIFF tifffile can parse: leave the verdict to the raster reader
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ class ClassicalMethod:
     params: dict[str, Any] = field(default_factory=dict)
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
+    volumes: ClassVar[bool] = False  # True where predict is N-D (works on (band, z, y, x) volumes)
 
     def __post_init__(self) -> None:
         unknown = set(self.params) - set(self.defaults)
@@ -70,6 +71,12 @@ class ClassicalMethod:
 
     def check_bands(self, n_bands: int) -> None:
         """Raise if the scene's band count cannot be used by this method."""
+
+    def check_dims(self, ndim: int) -> None:
+        """Raise if the method cannot segment a scene with ``ndim`` spatial axes."""
+        if ndim != 2 and not self.volumes:
+            raise InputError(f"method {self.name!r} works on 2-D images only; for volumes use "
+                             f"{', '.join(n for n, m in CLASSICAL.items() if m.volumes)} or a 3-D model")
 
     def fit(self, ctx: FitContext) -> State:
         return {}
@@ -96,6 +103,7 @@ class Otsu(ClassicalMethod):
     """(Multi-)Otsu thresholds from the whole scene's grey histogram."""
 
     name = "otsu"
+    volumes = True
     defaults = {"classes": 2}
 
     @property
@@ -113,6 +121,7 @@ class Adaptive(ClassicalMethod):
     """Local threshold (``skimage.filters.threshold_local``); halo covers the filter support."""
 
     name = "adaptive"
+    volumes = True
     defaults = {"block_size": 51, "method": "gaussian", "offset": 0.0}
 
     @property
@@ -138,6 +147,7 @@ class KMeans(ClassicalMethod):
     """k-means on standardised band values, fitted on a scene-wide sample; classes by brightness."""
 
     name = "kmeans"
+    volumes = True
     defaults = {"k": 3, "seed": 0}
 
     @property
@@ -152,7 +162,8 @@ class KMeans(ClassicalMethod):
                 "centres": _ordered_kmeans(x, self.n_classes, int(self.p["seed"])).tolist()}
 
     def predict(self, img, valid, state):
-        x = (img - np.asarray(state["mean"])[:, None, None]) / np.asarray(state["std"])[:, None, None]
+        lead = (slice(None),) + (None,) * (img.ndim - 1)
+        x = (img - np.asarray(state["mean"])[lead]) / np.asarray(state["std"])[lead]
         return _nearest(x, np.asarray(state["centres"]))
 
 
@@ -165,8 +176,8 @@ def _ordered_kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 
 def _nearest(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
-    """Index of the nearest centre for every pixel of a (features, h, w) array."""
-    d = ((x[None, :, :, :] - centres[:, :, None, None]) ** 2).sum(axis=1)
+    """Index of the nearest centre for every pixel of a (features, *spatial) array."""
+    d = ((x[None] - centres[(..., *(None,) * (x.ndim - 1))]) ** 2).sum(axis=1)
     return np.argmin(d, axis=0).astype(np.uint8)
 
 
@@ -174,6 +185,7 @@ class Watershed(ClassicalMethod):
     """Marker watershed on the Sobel gradient; markers from scene-wide Otsu +/- margin x std."""
 
     name = "watershed"
+    volumes = True
     defaults = {"margin": 0.5, "smooth": 1.0, "halo": 64}
 
     @property

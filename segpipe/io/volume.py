@@ -1,0 +1,237 @@
+"""Medical volumes: NIfTI files and DICOM series (a folder of slices), read window by window.
+
+Axis convention: a volume is stored and processed as ``(z, y, x)`` = NIfTI's ``(k, j, i)``, which
+is C order for the array NIfTI keeps on disk in Fortran order, so slabs of ``z`` stream straight to
+and from files. Geometry is kept as the NIfTI-style 4x4 ``affine`` that maps voxel ``(i, j, k)``
+to RAS+ millimetres; spacing, origin and direction are derived from it and written alongside.
+DICOM (LPS+) geometry is converted to the same RAS+ affine, so both formats export alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from segpipe.errors import InputError
+from segpipe.grid import Box
+from segpipe.io.fingerprint import source_fingerprint
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def is_nifti(path: str | Path) -> bool:
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def _dicom_files(folder: Path) -> list[Path]:
+    """Files of ``folder`` that carry the DICOM magic (``DICM`` at byte 128), sorted by name."""
+    out = []
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.stat().st_size > 132:
+            with open(p, "rb") as f:
+                f.seek(128)
+                if f.read(4) == b"DICM":
+                    out.append(p)
+    return out
+
+
+def is_dicom_series(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and any(True for _ in _dicom_files(p)[:1])
+
+
+def is_volume(path: str | Path) -> bool:
+    return is_nifti(path) or is_dicom_series(path)
+
+
+def volume_stem(path: str | Path) -> str:
+    """Name of a volume without its format suffix (``ct.nii.gz`` -> ``ct``; a DICOM folder's name)."""
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem if Path(path).is_file() else name
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    """Shape ``(z, y, x)``, bands, dtype and the RAS+ affine of voxel ``(i, j, k)``."""
+
+    path: str
+    shape: tuple[int, int, int]
+    count: int
+    dtype: str
+    affine: tuple[tuple[float, ...], ...]
+    fmt: str  # "nifti" | "dicom"
+    xform_code: int = 1  # NIfTI sform code of the source (1 scanner, 2 aligned, 3 Talairach, 4 MNI)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size along (z, y, x) in millimetres."""
+        a = np.asarray(self.affine)[:3, :3]
+        return tuple(float(v) for v in np.linalg.norm(a, axis=0)[::-1])
+
+    @property
+    def origin(self) -> tuple[float, float, float]:
+        return tuple(float(v) for v in np.asarray(self.affine)[:3, 3])
+
+    @property
+    def direction(self) -> list[list[float]]:
+        """Unit direction cosines of the i, j, k axes (columns), RAS+."""
+        a = np.asarray(self.affine)[:3, :3]
+        return (a / np.linalg.norm(a, axis=0)).tolist()
+
+    def attrs(self) -> dict:
+        """Store attributes: geometry in the forms NIfTI, ITK and OME-Zarr readers want."""
+        return {"crs_wkt": None, "transform": [self.spacing[2], 0.0, 0.0, 0.0, self.spacing[1], 0.0],
+                "affine": [list(r) for r in self.affine], "affine_space": "RAS+ mm, voxel (i, j, k) = (x, y, z)",
+                "spacing": list(self.spacing), "origin": list(self.origin), "direction": self.direction,
+                "nifti_xform_code": self.xform_code,
+                "spatial:dimensions": ["z", "y", "x"], "spatial:units": "millimetre"}
+
+
+# --- NIfTI -----------------------------------------------------------------------------------------
+
+def _nifti(path: str):  # noqa: ANN202 - nibabel image
+    import nibabel as nib
+
+    try:
+        img = nib.load(path)
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for bad files
+        raise InputError(f"input volume is not a readable NIfTI file ({str(exc).splitlines()[0]}): {path}") from None
+    if len(img.shape) not in (3, 4):
+        raise InputError(f"input volume has {len(img.shape)} dimension(s); 3-D or 4-D (bands last) needed: {path}")
+    return img
+
+
+def _nifti_info(path: str) -> VolumeInfo:
+    img = _nifti(path)
+    shape = img.shape
+    affine = img.affine
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError(f"input volume has a degenerate affine (no usable voxel geometry): {path}")
+    dtype = np.dtype(img.get_data_dtype())
+    scaled = img.dataobj.slope != 1 or img.dataobj.inter != 0
+    try:  # decode the last voxel so that a truncated file fails here, before any output exists
+        np.asarray(img.dataobj[(-1,) * len(shape)])
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"input volume is corrupt ({str(exc).splitlines()[0]}): {path}") from None
+    code = int(img.header["sform_code"]) or int(img.header["qform_code"]) or 1
+    return VolumeInfo(path, (shape[2], shape[1], shape[0]), shape[3] if len(shape) == 4 else 1,
+                      "float32" if scaled else dtype.name, tuple(tuple(float(v) for v in r) for r in affine), "nifti",
+                      code)
+
+
+def _read_nifti(path: str, box: Box) -> np.ndarray:
+    img = _nifti(path)
+    (z0, y0, x0), (z1, y1, x1) = box.start, box.stop
+    a = np.asarray(img.dataobj[x0:x1, y0:y1, z0:z1])  # (i, j, k[, band])
+    if a.ndim == 3:
+        a = a[..., None]
+    return np.ascontiguousarray(a.transpose(3, 2, 1, 0))  # (band, z, y, x)
+
+
+# --- DICOM -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Series:
+    files: tuple[str, ...]  # sorted along the slice normal
+    affine: np.ndarray
+    rows: int
+    cols: int
+    dtype: str
+
+
+@lru_cache(maxsize=8)
+def _series(folder: str, stamp: str) -> _Series:
+    """Sort one series' slices along their normal and derive its RAS+ affine (cached per folder state)."""
+    import pydicom
+
+    files = _dicom_files(Path(folder))
+    headers = []
+    for f in files:
+        try:
+            headers.append((f, pydicom.dcmread(f, stop_before_pixels=True)))
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(f"DICOM file is unreadable ({str(exc).splitlines()[0]}): {f}") from None
+    uids = {str(h.get("SeriesInstanceUID", "")) for _, h in headers}
+    if len(uids) > 1:
+        raise InputError(f"folder holds {len(uids)} DICOM series; give one series per folder: {folder}")
+    need = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
+    for f, h in headers:
+        missing = [k for k in need if k not in h]
+        if missing:
+            raise InputError(f"DICOM slice lacks {', '.join(missing)}, so its geometry is unknown: {f}")
+    iop = np.asarray(headers[0][1].ImageOrientationPatient, float)
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    pos = [(float(np.dot(np.asarray(h.ImagePositionPatient, float), normal)), str(f), h) for f, h in headers]
+    pos.sort(key=lambda t: t[0])
+    steps = np.diff([p[0] for p in pos])
+    if len(pos) > 1 and (np.any(steps <= 0) or np.ptp(steps) > 1e-3 * max(1.0, abs(float(np.mean(steps))))):
+        raise InputError(f"DICOM slices are not evenly spaced along their normal (missing or duplicate slice): "
+                         f"{folder}")
+    h0 = pos[0][2]
+    dr, dc = (float(v) for v in h0.PixelSpacing)  # between rows (along j), between columns (along i)
+    dk = float(np.mean(steps)) if len(pos) > 1 else float(h0.get("SliceThickness", 1.0) or 1.0)
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * dc
+    lps[:3, 1] = col_dir * dr
+    lps[:3, 2] = normal * dk
+    lps[:3, 3] = np.asarray(h0.ImagePositionPatient, float)
+    bits = int(h0.get("BitsAllocated", 16))
+    signed = int(h0.get("PixelRepresentation", 0)) == 1
+    scaled = any(float(h.get("RescaleSlope", 1) or 1) != 1 or float(h.get("RescaleIntercept", 0) or 0) != 0
+                 for _, _, h in pos)
+    dtype = "float32" if scaled else f"{'int' if signed else 'uint'}{bits}"
+    return _Series(tuple(p[1] for p in pos), LPS_TO_RAS @ lps, int(h0.Rows), int(h0.Columns), dtype)
+
+
+def _series_of(folder: str) -> _Series:
+    return _series(folder, source_fingerprint(folder)["mtime_ns"])
+
+
+def _dicom_info(path: str) -> VolumeInfo:
+    s = _series_of(path)
+    try:  # decode one slice so that undecodable pixel data fails here, before any output exists
+        _read_dicom(path, Box((len(s.files) - 1, 0, 0), (len(s.files), 1, 1)))
+    except (ValueError, RuntimeError, AttributeError) as exc:
+        raise InputError(f"DICOM pixel data cannot be decoded ({str(exc).splitlines()[0]}): {path}") from None
+    return VolumeInfo(path, (len(s.files), s.rows, s.cols), 1, s.dtype,
+                      tuple(tuple(float(v) for v in r) for r in s.affine), "dicom")
+
+
+def _read_dicom(path: str, box: Box) -> np.ndarray:
+    import pydicom
+
+    s = _series_of(path)
+    (z0, y0, x0), (z1, y1, x1) = box.start, box.stop
+    out = np.empty((1, z1 - z0, y1 - y0, x1 - x0), np.dtype(s.dtype))
+    for k, f in enumerate(s.files[z0:z1]):
+        ds = pydicom.dcmread(f)
+        if (int(ds.Rows), int(ds.Columns)) != (s.rows, s.cols):
+            raise InputError(f"DICOM slice has another size ({ds.Columns}x{ds.Rows}) than the series: {f}")
+        px = ds.pixel_array[y0:y1, x0:x1]
+        slope, inter = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+        out[0, k] = px * slope + inter if s.dtype == "float32" else px
+    return out
+
+
+# --- either format ---------------------------------------------------------------------------------
+
+def volume_info(path: str | Path) -> VolumeInfo:
+    """Inspect a NIfTI file or DICOM series folder without loading its voxels."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"input volume not found: {p}")
+    path = str(p.resolve())
+    return _nifti_info(path) if is_nifti(path) else _dicom_info(path)
+
+
+def read_volume(path: str, box: Box) -> np.ndarray:
+    """Voxels ``(band, z, y, x)`` of ``box``."""
+    return _read_nifti(path, box) if is_nifti(path) else _read_dicom(path, box)
