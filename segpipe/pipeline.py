@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import zarr
 from distributed import Client
 
 from segpipe.config import JobSpec
@@ -18,12 +19,15 @@ from segpipe.errors import InputError
 from segpipe.georef import export_cog
 from segpipe.grid import TileGrid
 from segpipe.ingest import fingerprint, ingest, selected_bands, source_info
+from segpipe.instances import InstanceSummary, label_instances
 from segpipe.io.raster import RasterInfo
 from segpipe.io.result import add_truth_array
+from segpipe.io.store import open_or_create
 from segpipe.metrics import tile_confusions
 from segpipe.nifti import export_nifti
+from segpipe.objects import ObjectReport, object_report, tile_objects, tile_polygons, write_polygons
 from segpipe.omezarr import export_ome_zarr
-from segpipe.report import MetricsReport, build_report, write_report
+from segpipe.report import MetricsReport, add_object_columns, build_report, write_object_report, write_report
 from segpipe.scene import Scene
 from segpipe.segment import MethodPlan, plan_method, segment
 from segpipe.truth import Truth, check_truth
@@ -60,6 +64,21 @@ class Checked:
     def metrics_dir(self) -> Path:
         return Path(self.job.output) / "metrics"
 
+    @property
+    def polygons_path(self) -> Path:
+        return Path(self.job.output) / "objects.gpkg"
+
+    @property
+    def instance_classes(self) -> list[int]:
+        spec = self.job.instances
+        return list(spec.classes) if spec and spec.classes else list(range(1, self.plan.n_classes))
+
+    @property
+    def connectivity(self) -> int:
+        """scipy connectivity: 1 = face neighbours, ndim = full (diagonals included)."""
+        spec = self.job.instances
+        return len(self.info.shape) if spec is None or spec.connectivity == "full" else 1
+
 
 def check(job: JobSpec) -> Checked:
     """Validate input image or volume, bands, method/model, tiling, exports and ground truth; writes nothing."""
@@ -73,6 +92,10 @@ def check(job: JobSpec) -> Checked:
                          f"(volumes: nifti, ome-zarr; images and slides: cog, ome-zarr)")
     plan = plan_method(job, len(bands), len(info.shape))
     truth = check_truth(job.truth, info) if job.truth else None
+    if job.instances and job.instances.classes:
+        bad = [k for k in job.instances.classes if not 0 <= k < plan.n_classes]
+        if bad:
+            raise InputError(f"instances.classes {bad} are not classes of this method (0..{plan.n_classes - 1})")
     out = Path(job.output)
     if out.exists() and not out.is_dir():
         raise InputError(f"output path exists and is not a folder: {out}")
@@ -99,7 +122,36 @@ def run_export(c: Checked, scene: Scene, result: str, client: Client) -> list[Pa
     return out
 
 
-def run_metrics(c: Checked, scene: Scene, result: str, client: Client) -> MetricsReport | None:
+def run_instances(c: Checked, result: str, client: Client) -> InstanceSummary | None:
+    """Connected components of the instance classes with global IDs into ``result.zarr/instances``."""
+    if c.job.instances is None:
+        return None
+    fp = {"result": zarr.open_group(result, mode="r").attrs["segpipe_fingerprint"],
+          "instances": c.job.instances.model_dump(mode="json")}
+    work = str(Path(c.job.output) / "instances_work.zarr")
+    return label_instances(result, open_or_create(work, fp, "instance work store"), work, c.job.tile_size,
+                           c.instance_classes, c.connectivity, client)
+
+
+def run_objects(c: Checked, scene: Scene, result: str, inst: InstanceSummary | None,
+                client: Client) -> ObjectReport | None:
+    """Object statistics and matches (metrics/objects.*) and, for 2-D scenes, polygons (objects.gpkg)."""
+    if inst is None:
+        return None
+    grid = TileGrid(scene.shape, c.job.tile_size)
+    parts = client.gather([client.submit(tile_objects, scene.path, result, c.truth, c.job.tile_size, t.index,
+                                         pure=False) for t in grid])
+    report = object_report(parts, grid, inst.classes, c.job.instances.match_iou, c.plan.class_names)
+    write_object_report(report, c.metrics_dir, scene.transform, scene.group.attrs.get("affine"))
+    if len(scene.shape) == 2:
+        pieces = client.gather([client.submit(tile_polygons, result, c.job.tile_size, t.index, scene.transform,
+                                              c.connectivity, pure=False) for t in grid])
+        write_polygons([p for part in pieces for p in part], report.objects, scene.crs, c.polygons_path)
+    return report
+
+
+def run_metrics(c: Checked, scene: Scene, result: str, client: Client,
+                objects: ObjectReport | None = None) -> MetricsReport | None:
     """Per-tile (per-block) confusion matrices on the cluster, report files written atomically."""
     if c.truth is None:
         return None
@@ -110,6 +162,8 @@ def run_metrics(c: Checked, scene: Scene, result: str, client: Client) -> Metric
     confusions = {key: cm for part in client.gather(futures) for key, cm in part}
     report = build_report(confusions, grid, scene.crs, scene.transform, c.plan.class_names,
                           scene.group.attrs.get("affine"))
+    if objects is not None:
+        add_object_columns(report, objects)
     write_report(report, c.metrics_dir)
     return report
 
@@ -122,6 +176,7 @@ class Outcome:
     result: str
     exports: list[Path]
     report: MetricsReport | None
+    objects: ObjectReport | None = None
 
     @property
     def cog(self) -> Path | None:
@@ -140,9 +195,16 @@ def run_job(c: Checked, client: Client, log: Callable[[str], None] = lambda _: N
     unit = "block" if c.info.kind == "volume" else "tile"
     log(f"segment with {c.plan.name}, {len(TileGrid(scene.shape, c.job.tile_size))} {unit}(s)")
     result = run_segment(c, scene, client)
+    instances = None
+    if c.job.instances is not None:
+        log(f"instances of class(es) {c.instance_classes} across {unit}s")
+        instances = run_instances(c, result, client)
     log(f"export {', '.join(c.exports)}")
     exports = run_export(c, scene, result, client)
+    objects = run_objects(c, scene, result, instances, client)
+    if objects is not None and len(scene.shape) == 2:
+        exports.append(c.polygons_path)
     if c.truth is not None:
         log(f"per-{unit} metrics")
-    report = run_metrics(c, scene, result, client)
-    return Outcome(scene.path, result, exports, report)
+    report = run_metrics(c, scene, result, client, objects)
+    return Outcome(scene.path, result, exports, report, objects)

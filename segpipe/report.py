@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.transform import array_bounds
@@ -24,6 +25,7 @@ from rasterio.warp import transform_geom
 from segpipe.grid import Index, TileGrid
 from segpipe.io.store import write_atomic
 from segpipe.metrics import scores
+from segpipe.objects import ObjectReport
 
 
 @dataclass
@@ -128,14 +130,68 @@ def format_summary(report: MetricsReport) -> str:
     volume = unit == "voxels"
     lines = [f"global accuracy {s['global_accuracy']}, mean IoU {s['global_mean_iou']} over {s['pixels']} {unit}"]
     lines.append("global IoU: " + ", ".join(f"{n}={s['global_iou'][n]}" for n in names))
+    if "objects" in s:
+        o = s["objects"]
+        lines.append(f"objects: {o['objects']} predicted, {o.get('truth_objects')} true, {o.get('matched')} matched "
+                     f"(IoU > {o.get('match_iou')}), F1 {o.get('f1')}, mean matched IoU {o.get('mean_matched_iou')}")
     if volume:
         lines.append("global Dice: " + ", ".join(f"{n}={s['global_dice'][n]}" for n in names))
     score = "dice" if volume else "iou"
     key = "block" if volume else "tile"
-    header = f"{key:>8} {unit:>9} " + " ".join(f"{score.capitalize() + ' ' + n:>16}" for n in names)
+    header = f"{key:>8} {unit:>9} " + " ".join(f"{('Dice ' if volume else 'IoU ') + n:>16}" for n in names)
     lines.append(header)
     for row in report.rows:
         vals = " ".join(f"{'-' if row[f'{score}_{n}'] is None else format(row[f'{score}_{n}'], '.4f'):>16}"
                         for n in names)
         lines.append(f"{row[key]:>8} {row[unit]:>9} {vals}")
     return "\n".join(lines)
+
+
+def add_object_columns(report: MetricsReport, objects: ObjectReport) -> None:
+    """Per-tile object counts and matched-object IoU beside the pixel scores, and the object summary."""
+    key = "block" if report.summary.get("unit") == "voxels" else "tile"
+    for row in report.rows:
+        extra = {k: (_clean(v) if isinstance(v, float) else v) for k, v in objects.per_tile[row[key]].items()}
+        row.update(extra)
+    for feat, row in zip(report.footprints, report.rows, strict=False):  # images only: volumes have none
+        feat["properties"].update({k: row[k] for k in objects.per_tile[row[key]]})
+    report.summary["objects"] = {k: (_clean(v) if isinstance(v, float) else v) for k, v in objects.summary.items()}
+
+
+def _world_centroids(df: pd.DataFrame, transform: Affine, affine: list[list[float]] | None) -> pd.DataFrame:
+    """Centroids from pixel (row, col) / voxel (z, y, x) indices to scene CRS or RAS+ millimetres."""
+    out = pd.DataFrame(index=df.index)
+    if affine is not None:
+        ijk = np.stack([df["c2"], df["c1"], df["c0"], np.ones(len(df))])  # voxel centres: index = centre
+        world = np.asarray(affine) @ ijk
+        for k, name in enumerate(("x_mm", "y_mm", "z_mm")):
+            out[name] = world[k]
+    else:
+        col, row = df["c1"].to_numpy() + 0.5, df["c0"].to_numpy() + 0.5  # pixel centres
+        t = transform
+        out["centroid_x"], out["centroid_y"] = t.c + t.a * col + t.b * row, t.f + t.d * col + t.e * row
+    return out
+
+
+def write_object_report(objects: ObjectReport, folder: str | Path, transform: Affine,
+                        affine: list[list[float]] | None) -> dict[str, Path]:
+    """``objects.csv`` (one row per predicted object), ``truth_objects.csv`` and ``objects.json``."""
+    folder = Path(folder)
+    paths = {"objects": folder / "objects.csv", "json": folder / "objects.json"}
+
+    def table(df: pd.DataFrame, key: str, match: str, match_name: str) -> str:
+        cols = pd.concat([df[["pixels"]], _world_centroids(df, transform, affine),
+                          df[[c for c in ("class", "tile", match, "iou") if c in df]]], axis=1)
+        cols = cols.rename(columns={match: match_name})
+        cols.insert(0, key, df.index.to_numpy())
+        return cols.to_csv(index=False, float_format="%.12g")
+
+    write_atomic(paths["objects"], table(objects.objects, "id", "truth_id", "truth_id"))
+    if objects.truth is not None:
+        paths["truth"] = folder / "truth_objects.csv"
+        write_atomic(paths["truth"], table(objects.truth, "truth_id", "id", "matched_id"))
+    clean = {k: (_clean(v) if isinstance(v, float) else v) for k, v in objects.summary.items()}
+    tiles = {t: {k: (_clean(v) if isinstance(v, float) else v) for k, v in row.items()}
+             for t, row in objects.per_tile.items()}
+    write_atomic(paths["json"], json.dumps({"summary": clean, "tiles": tiles}, indent=2))
+    return paths

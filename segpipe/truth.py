@@ -40,17 +40,37 @@ class Truth:
     all_touched: bool = False
     remap: dict[int, int] = field(default_factory=dict)
     binarize: bool = False
+    instances: bool = False
+
+    def _read_raw(self, window: Box) -> np.ndarray:
+        if self.kind == "volume":
+            return read_volume(self.path, window)[0]
+        with rasterio.open(self.path) as ds:
+            return ds.read(1, window=((window.row0, window.row1), (window.col0, window.col1)))
+
+    def has_ids(self) -> bool:
+        """Whether true objects can be told apart: vector features, or a raster of instance IDs."""
+        return self.kind == "vector" or self.instances
+
+    def read_ids(self, window: Box, transform: rasterio.Affine) -> np.ndarray:
+        """True object IDs (uint32, 0 = none) for ``window``: feature number + 1, or the raster's own IDs."""
+        if self.kind != "vector":
+            a = self._read_raw(window)
+            ok = (a > 0) if self.nodata is None else (a > 0) & (a != self.nodata)
+            return np.where(ok, a, 0).astype(np.uint32)
+        if not self.shapes:
+            return np.zeros(window.shape, np.uint32)
+        t = transform @ rasterio.Affine.translation(window.col0, window.row0)
+        ids = [(g, k + 1) for k, (g, _) in enumerate(self.shapes)]
+        return rasterize(ids, out_shape=window.shape, transform=t, fill=0, all_touched=self.all_touched,
+                         dtype="uint32")
 
     def read(self, window: Box, transform: rasterio.Affine) -> np.ndarray:
         """Labels (uint8, 255 = ignore) for ``window`` of the scene."""
         if self.kind in ("raster", "volume"):
-            if self.kind == "volume":
-                a = read_volume(self.path, window)[0]
-            else:
-                with rasterio.open(self.path) as ds:
-                    a = ds.read(1, window=((window.row0, window.row1), (window.col0, window.col1)))
+            a = self._read_raw(window)
             ignore = np.zeros(a.shape, bool) if self.nodata is None else (a == self.nodata)
-            if self.binarize:
+            if self.binarize or self.instances:
                 a = (a > 0).astype(np.int64)
             if self.remap:
                 mapped = a.astype(np.int64)
@@ -75,7 +95,7 @@ def _check_volume(spec: TruthSpec, scene: RasterInfo) -> Truth:
     if v.shape != scene.shape or not np.allclose(np.asarray(v.affine), scene_affine, atol=1e-4):
         raise InputError(f"ground-truth volume is on another voxel grid ({'x'.join(map(str, v.shape[::-1]))}) "
                          f"than the input ({scene.describe()}), or has another affine: {spec.path}")
-    return Truth("volume", v.path, remap=dict(spec.remap), binarize=spec.binarize)
+    return Truth("volume", v.path, remap=dict(spec.remap), binarize=spec.binarize, instances=spec.instances)
 
 
 def _check_raster(spec: TruthSpec, scene: RasterInfo) -> Truth:
@@ -86,7 +106,8 @@ def _check_raster(spec: TruthSpec, scene: RasterInfo) -> Truth:
         if (info.height, info.width) != (scene.height, scene.width):
             raise InputError(f"ground-truth raster is on another grid ({info.width}x{info.height}) than the "
                              f"slide ({scene.width}x{scene.height}): {spec.path}")
-        return Truth("raster", info.path, nodata=info.nodata, remap=dict(spec.remap), binarize=spec.binarize)
+        return Truth("raster", info.path, nodata=info.nodata, remap=dict(spec.remap), binarize=spec.binarize,
+                     instances=spec.instances)
     if info.crs != scene.crs:
         raise InputError(f"ground-truth raster is on another CRS ({info.crs.to_string()}) than the scene "
                          f"({scene.crs.to_string()}): {spec.path}")
@@ -96,7 +117,8 @@ def _check_raster(spec: TruthSpec, scene: RasterInfo) -> Truth:
         raise InputError(f"ground-truth raster is on another grid ({info.width}x{info.height}, "
                          f"{tuple(info.transform)[:6]}) than the scene ({scene.width}x{scene.height}, "
                          f"{tuple(scene.transform)[:6]}): {spec.path}")
-    return Truth("raster", info.path, nodata=info.nodata, remap=dict(spec.remap), binarize=spec.binarize)
+    return Truth("raster", info.path, nodata=info.nodata, remap=dict(spec.remap), binarize=spec.binarize,
+                     instances=spec.instances)
 
 
 def _vector_crs(doc: dict[str, Any]) -> CRS:
