@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.segpipe-installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-# Real MRI and CT for the volume tests, from Debian packages (see ../shared/DATA.md).
-MEDICAL_DATA := /usr/share/mricron/templates/ch2.nii.gz /usr/share/doc/invesalius-examples/examples/Cranium.inv3
+# From Debian packages, for the tests: real MRI and CT (see ../shared/DATA.md), and Chromium for the HTML report.
+TEST_SYSTEM_DEPS := /usr/share/mricron/templates/ch2.nii.gz /usr/share/doc/invesalius-examples/examples/Cranium.inv3 \
+	/usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test bench
@@ -22,11 +23,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/segpipe run segpipe/sample/demo.yaml --output out/demo
 
-$(MEDICAL_DATA) &:
+$(TEST_SYSTEM_DEPS) &:
 	$(SUDO) apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq mricron-data invesalius-examples
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq mricron-data invesalius-examples chromium
 
-test: $(STAMP) $(MEDICAL_DATA)
+test: $(STAMP) $(TEST_SYSTEM_DEPS)
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 

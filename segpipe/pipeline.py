@@ -18,6 +18,7 @@ from segpipe.config import JobSpec
 from segpipe.errors import InputError
 from segpipe.georef import export_cog
 from segpipe.grid import TileGrid
+from segpipe.html_report import write_html_report
 from segpipe.ingest import fingerprint, ingest, selected_bands, source_info
 from segpipe.instances import InstanceSummary, label_instances
 from segpipe.io.raster import RasterInfo
@@ -63,6 +64,10 @@ class Checked:
     @property
     def metrics_dir(self) -> Path:
         return Path(self.job.output) / "metrics"
+
+    @property
+    def html_path(self) -> Path:
+        return self.metrics_dir / "report.html"
 
     @property
     def polygons_path(self) -> Path:
@@ -165,6 +170,7 @@ def run_metrics(c: Checked, scene: Scene, result: str, client: Client,
     if objects is not None:
         add_object_columns(report, objects)
     write_report(report, c.metrics_dir)
+    write_html_report(report, scene.path, result, c.html_path, f"segpipe: {Path(c.info.path).name}")
     return report
 
 
