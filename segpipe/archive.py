@@ -89,6 +89,8 @@ def item_job(template: str | Path, item: Item) -> JobSpec:
     every item of an archive.
     """
     job = load_job(template, {"input": item.source, "output": item.output})
+    if job.store is not None:  # a shared store prefix (s3://...) gets one sub-prefix per item
+        job.store = f"{job.store.rstrip('/')}/{item.name}"
     if job.truth is not None and NAME_FIELD in str(job.truth.path):
         job.truth.path = Path(str(job.truth.path).replace(NAME_FIELD, item.name))
     return job

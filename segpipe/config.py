@@ -79,6 +79,8 @@ class JobSpec(_Strict):
     input: str = Field(description="GeoTIFF/COG (local path, URL or GDAL /vsi path), whole-slide image, "
                                    "NIfTI file or DICOM series folder")
     output: Path
+    store: str | None = Field(None, description="where the Zarr stores (and their completion marks) live: a folder "
+                                                "or an fsspec URL such as s3://bucket/prefix; default: output")
     bands: list[int] | None = None
     nodata: float | None = None
     chunk_size: int | None = Field(None, ge=16, description="Zarr chunk edge; default min(512, tile_size) for "
@@ -106,6 +108,11 @@ class JobSpec(_Strict):
                              " so that every tile writes whole chunks")
         return self
 
+    @property
+    def store_root(self) -> str:
+        """Folder or URL prefix holding scene.zarr, result.zarr and the work stores."""
+        return self.store if self.store is not None else str(self.output)
+
     def chunk_for(self, ndim: int) -> int:
         """Chunk edge for a scene of ``ndim`` spatial axes: 512^2 images but 64^3 volumes (same order of bytes)."""
         if self.chunk_size is not None:
@@ -121,6 +128,8 @@ class JobSpec(_Strict):
         data = self.model_copy(deep=True)
         data.input = local_or_remote(data.input, base)
         data.output = fix(data.output)
+        if data.store is not None:
+            data.store = local_or_remote(data.store, base)
         if data.method.model is not None:
             data.method.model = fix(data.method.model)
         if data.truth is not None:

@@ -116,7 +116,7 @@ def _ingest_row(src: str, store: str, row: int, chunk: int, bands: list[int], no
 
 def ingest(job: JobSpec, info: RasterInfo, client: Client) -> Scene:
     """Ingest the job's input into ``<output>/scene.zarr``; resumes a partial ingest."""
-    store = scene_path(job.output)
+    store = scene_path(job.store_root)
     Path(job.output).mkdir(parents=True, exist_ok=True)
     bands = selected_bands(job, info)
     group = open_or_create(store, fingerprint(job, info), "scene store")

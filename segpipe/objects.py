@@ -170,8 +170,11 @@ def write_polygons(pieces: list[tuple[int, dict]], objects: pd.DataFrame, crs: C
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp.gpkg")
     if tmp.exists():
         tmp.unlink()
-    write(str(tmp), np.array([shapely.to_wkb(g) for g in geoms], dtype=object), fields,
-          ["id", "class", "pixels", "area", "truth_id", "iou"], geometry_type="MultiPolygon",
-          crs=crs.to_wkt() if crs is not None else None, driver="GPKG", layer="objects")
-    os.replace(tmp, dest)
+    try:
+        write(str(tmp), np.array([shapely.to_wkb(g) for g in geoms], dtype=object), fields,
+              ["id", "class", "pixels", "area", "truth_id", "iou"], geometry_type="MultiPolygon",
+              crs=crs.to_wkt() if crs is not None else None, driver="GPKG", layer="objects")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
     return dest

@@ -82,20 +82,24 @@ def export_ome_zarr(scene_path: str, result_path: str, dest: str | Path, client:
     space = [{"name": ax, "type": "space", **({"unit": unit} if unit else {})} for ax in spatial]
     n = levels_for(scene.shape)
     chunk = scene.chunk
-    root = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
-    root.attrs["ome"] = {"version": VERSION, "multiscales": _multiscales(
-        n, [{"name": "c", "type": "channel"}, *space], size, Path(scene.group.attrs.get("source", "image")).name)}
-    _pyramid(root, da.from_zarr(scene.image), n, chunk, nd, 0, ("c", *spatial), client)
-    labels = root.create_group("labels")
-    labels.attrs["ome"] = {"version": VERSION, "labels": [LABEL_NAME]}
-    seg = labels.create_group(LABEL_NAME)
-    colors = [{"label-value": i, "rgba": [*PALETTE[i % len(PALETTE)], 255]} for i in range(len(class_names))]
-    seg.attrs["ome"] = {"version": VERSION, "multiscales": _multiscales(n, space, size, LABEL_NAME),
-                        "image-label": {"colors": colors, "source": {"image": "../../"},
-                                        "properties": [{"label-value": i, "class": name}
-                                                       for i, name in enumerate(class_names)]}}
-    classes = da.from_zarr(zarr.open_array(result_path, path="class", mode="r"))
-    _pyramid(seg, classes, n, chunk, nd, NODATA, spatial, client)
+    try:
+        root = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
+        root.attrs["ome"] = {"version": VERSION, "multiscales": _multiscales(
+            n, [{"name": "c", "type": "channel"}, *space], size, Path(scene.group.attrs.get("source", "image")).name)}
+        _pyramid(root, da.from_zarr(scene.image), n, chunk, nd, 0, ("c", *spatial), client)
+        labels = root.create_group("labels")
+        labels.attrs["ome"] = {"version": VERSION, "labels": [LABEL_NAME]}
+        seg = labels.create_group(LABEL_NAME)
+        colors = [{"label-value": i, "rgba": [*PALETTE[i % len(PALETTE)], 255]} for i in range(len(class_names))]
+        seg.attrs["ome"] = {"version": VERSION, "multiscales": _multiscales(n, space, size, LABEL_NAME),
+                            "image-label": {"colors": colors, "source": {"image": "../../"},
+                                            "properties": [{"label-value": i, "class": name}
+                                                           for i, name in enumerate(class_names)]}}
+        classes = da.from_zarr(zarr.open_array(result_path, path="class", mode="r"))
+        _pyramid(seg, classes, n, chunk, nd, NODATA, spatial, client)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written store behind
+        raise
     if dest.exists():
         old = dest.with_name(f".{dest.name}.{os.getpid()}.old")
         os.replace(dest, old)

@@ -23,7 +23,7 @@ from segpipe.ingest import fingerprint, ingest, selected_bands, source_info
 from segpipe.instances import InstanceSummary, label_instances
 from segpipe.io.raster import RasterInfo
 from segpipe.io.result import add_truth_array
-from segpipe.io.store import open_or_create
+from segpipe.io.store import open_or_create, store_in
 from segpipe.metrics import tile_confusions
 from segpipe.nifti import export_nifti
 from segpipe.objects import ObjectReport, object_report, tile_objects, tile_polygons, write_polygons
@@ -133,7 +133,7 @@ def run_instances(c: Checked, result: str, client: Client) -> InstanceSummary | 
         return None
     fp = {"result": zarr.open_group(result, mode="r").attrs["segpipe_fingerprint"],
           "instances": c.job.instances.model_dump(mode="json")}
-    work = str(Path(c.job.output) / "instances_work.zarr")
+    work = store_in(c.job.store_root, "instances_work.zarr")
     return label_instances(result, open_or_create(work, fp, "instance work store"), work, c.job.tile_size,
                            c.instance_classes, c.connectivity, client)
 

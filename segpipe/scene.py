@@ -16,7 +16,7 @@ from affine import Affine
 from rasterio.crs import CRS
 
 from segpipe.grid import Box
-from segpipe.io.store import read_geo
+from segpipe.io.store import read_geo, store_in
 
 
 @dataclass(frozen=True)
@@ -82,13 +82,13 @@ class Scene:
         return img, valid
 
 
-def scene_path(output: str | Path) -> str:
-    return str(Path(output) / "scene.zarr")
+def scene_path(root: str | Path) -> str:
+    return store_in(root, "scene.zarr")
 
 
-def result_path(output: str | Path) -> str:
-    return str(Path(output) / "result.zarr")
+def result_path(root: str | Path) -> str:
+    return store_in(root, "result.zarr")
 
 
-def work_path(output: str | Path) -> str:
-    return str(Path(output) / "work.zarr")
+def work_path(root: str | Path) -> str:
+    return store_in(root, "work.zarr")

@@ -110,13 +110,13 @@ def segment(job: JobSpec, scene: Scene, plan: MethodPlan, scene_fp: dict, client
     # What the result depends on; batch size does not change a single pixel, so it may differ on resume.
     fp = {"scene": scene_fp, "method": m.model_dump(mode="json", exclude={"model", "batch_size"}),
           "model_sha256": plan.model_sha256, "tile_size": job.tile_size}
-    result = result_path(job.output)
+    result = result_path(job.store_root)
     create_result(result, fp, scene, plan.class_names)
     tgrid = TileGrid(scene.shape, job.tile_size)
     common = {"scene_path": scene.path, "tile_size": job.tile_size}
     if plan.model is not None:
         resources = {"GPU": 1} if use_gpu(job.cluster) else None
-        work = work_path(job.output)
+        work = work_path(job.store_root)
         group = open_or_create(work, fp, "work store")
         pgrid = PatchGrid(scene.shape, m.patch_size, m.overlap)
         p = m.patch_size
@@ -130,7 +130,7 @@ def segment(job: JobSpec, scene: Scene, plan: MethodPlan, scene_fp: dict, client
         _run(client, stitch_tiles, _pending(Marks(result, SEGMENT_STAGE), tgrid), None, work_path=work,
              result_path=result, patch=p, overlap=m.overlap, **common)
     elif m.name == "region_growing":
-        work = work_path(job.output)
+        work = work_path(job.store_root)
         if not _pending(Marks(result, SEGMENT_STAGE), tgrid):
             return result
         grow_regions(scene, open_or_create(work, fp, "work store"), work, result, job.tile_size, m.params, client)

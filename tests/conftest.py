@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -76,3 +81,25 @@ def tiny_model(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("model") / "tiny.pt"
     save_checkpoint(path, model, spec)
     return path
+
+
+@pytest.fixture
+def dask_cli_cluster(tmp_path):
+    """A real scheduler and two worker processes (each under a nanny) started with the dask CLI, on loopback."""
+    dask = shutil.which("dask", path=str(Path(sys.executable).parent)) or shutil.which("dask")
+    sched_file = tmp_path / "scheduler.json"
+    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0",
+                               "--scheduler-file", str(sched_file)], stderr=subprocess.DEVNULL)]
+    deadline = time.time() + 60
+    while not sched_file.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    procs.append(subprocess.Popen([dask, "worker", "--scheduler-file", str(sched_file), "--nworkers", "2",
+                                   "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard"],
+                                  stderr=subprocess.DEVNULL))
+    address = json.loads(sched_file.read_text())["address"]
+    with Client(address) as c:
+        c.wait_for_workers(2, timeout=60)
+    yield address
+    for p in reversed(procs):
+        p.terminate()
+        p.wait(timeout=30)

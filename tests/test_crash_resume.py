@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 import yaml
-from distributed import Client, LocalCluster
+from distributed import Client
 from helpers import class_map, run
 
 from segpipe.io.store import Marks
@@ -73,10 +73,10 @@ def class_map_at(out):
     return np.asarray(zarr.open_array(str(out / "result.zarr"), path="class", mode="r")[:])
 
 
-def test_killing_a_worker_mid_run_still_gives_the_same_output(tmp_path, job, reference):
+def test_killing_a_worker_mid_run_still_gives_the_same_output(tmp_path, job, reference, dask_cli_cluster):
+    """A real `dask scheduler` and `dask worker` processes; one worker is SIGKILLed while tiles are in flight."""
     out = tmp_path / "out"
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      host="127.0.0.1") as cluster, Client(cluster) as c:
+    with Client(dask_cli_cluster) as c:
         pids = c.run(os.getpid)
         result: dict = {}
 

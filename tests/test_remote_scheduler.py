@@ -1,37 +1,11 @@
 """`segpipe run --scheduler`: a real scheduler and worker processes started with the dask CLI."""
 
-import json
-import shutil
 import subprocess
 import sys
-import time
-from pathlib import Path
 
-import pytest
 import yaml
 from conftest import BUILDINGS, SCENE
 from distributed import Client
-
-
-@pytest.fixture
-def dask_cli_cluster(tmp_path):
-    dask = shutil.which("dask", path=str(Path(sys.executable).parent)) or shutil.which("dask")
-    sched_file = tmp_path / "scheduler.json"
-    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0",
-                               "--scheduler-file", str(sched_file)], stderr=subprocess.DEVNULL)]
-    deadline = time.time() + 60
-    while not sched_file.exists() and time.time() < deadline:
-        time.sleep(0.2)
-    procs.append(subprocess.Popen([dask, "worker", "--scheduler-file", str(sched_file), "--nworkers", "2",
-                                   "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard"],
-                                  stderr=subprocess.DEVNULL))
-    address = json.loads(sched_file.read_text())["address"]
-    with Client(address) as c:
-        c.wait_for_workers(2, timeout=60)
-    yield address
-    for p in reversed(procs):
-        p.terminate()
-        p.wait(timeout=30)
 
 
 def test_run_on_an_existing_scheduler_loads_the_model_once_per_worker(tmp_path, dask_cli_cluster, tiny_model):

@@ -3,7 +3,9 @@
 Why marks are files beside the arrays: workers finish tiles concurrently, and updating one shared
 attribute document from many processes would race. One empty file per finished unit of work is
 atomic on every filesystem, lets a rerun skip done work, and costs nothing to list.
-Stores are never reopened with mode ``'w'``: an existing store is either resumed (same
+Stores may live on a local filesystem or behind any fsspec URL (``s3://bucket/prefix``, with
+credentials and endpoint from the usual AWS environment variables). Stores are never reopened
+with mode ``'w'``: an existing store is either resumed (same
 fingerprint) or refused with an :class:`InputError`, so nothing written is lost.
 """
 
@@ -14,12 +16,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import zarr
 from affine import Affine
 from rasterio.crs import CRS
 
 from segpipe.errors import InputError
+from segpipe.io.raster import is_remote
 
 MARKS_DIR = "_segpipe_done"
 
@@ -57,10 +61,10 @@ def open_or_create(path: str | Path, fingerprint: dict[str, Any], what: str) -> 
     The fingerprint records what the store was made from. A store whose fingerprint differs was
     made by another job: overwriting it would destroy results, so this is an input error.
     """
-    p = Path(path)
-    if p.exists():
+    p = str(path)
+    if _exists(p):
         try:
-            group = zarr.open_group(str(p), mode="r+")
+            group = zarr.open_group(p, mode="r+")
         except Exception:  # noqa: BLE001 - any failure to open means it's not ours
             raise InputError(f"{what} exists but is not a segpipe Zarr store: {p}") from None
         found = group.attrs.get("segpipe_fingerprint")
@@ -70,9 +74,24 @@ def open_or_create(path: str | Path, fingerprint: dict[str, Any], what: str) -> 
                 "use another output folder or delete it"
             )
         return group
-    group = zarr.open_group(str(p), mode="w-")
+    group = zarr.open_group(p, mode="w-")
     group.attrs["segpipe_fingerprint"] = _jsonable(fingerprint)
     return group
+
+
+def _exists(path: str) -> bool:
+    """Whether anything is at ``path``: a local file or folder, or an object prefix on a remote store."""
+    if not is_remote(path):
+        return Path(path).exists()
+    fs, root = fsspec.core.url_to_fs(path)
+    fs.invalidate_cache(root)
+    return fs.exists(root) or fs.exists(f"{root.rstrip('/')}/zarr.json")
+
+
+def store_in(root: str | Path, name: str) -> str:
+    """``name`` inside the folder or fsspec URL prefix ``root``."""
+    r = str(root)
+    return f"{r.rstrip('/')}/{name}" if is_remote(r) else str(Path(r) / name)
 
 
 def _jsonable(value: Any) -> Any:
@@ -104,31 +123,59 @@ def write_atomic(path: Path, text: str) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class Marks:
-    """Completion marks for one stage of one store."""
+    """Completion marks for one stage of one store: files beside a local store, objects beside an s3:// one.
+
+    An object PUT is atomic on S3-compatible stores, as a rename is on a local filesystem.
+    """
 
     def __init__(self, store_path: str | Path, stage: str) -> None:
-        p = Path(store_path)
+        s = str(store_path)
+        self.fs = None
+        if is_remote(s):
+            self.fs, root = fsspec.core.url_to_fs(s)
+            parent, name = root.rstrip("/").rsplit("/", 1)
+            self.remote_dir = f"{parent}/{MARKS_DIR}/{name}/{stage}"
+            return
+        p = Path(s)
         # Beside the store, not inside it: Zarr readers warn about foreign objects in a hierarchy.
         self.dir = p.parent / MARKS_DIR / p.name / stage
 
     def done(self, key: str) -> bool:
+        if self.fs is not None:
+            self.fs.invalidate_cache(self.remote_dir)
+            return self.fs.exists(f"{self.remote_dir}/{key}")
         return (self.dir / key).exists()
 
     def mark(self, key: str) -> None:
+        if self.fs is not None:
+            self.fs.pipe(f"{self.remote_dir}/{key}", b"")
+            return
         write_atomic(self.dir / key, "")
 
     def keys(self) -> set[str]:
+        if self.fs is not None:
+            try:
+                return {p.rsplit("/", 1)[1] for p in self.fs.ls(self.remote_dir, detail=False, refresh=True)}
+            except FileNotFoundError:
+                return set()
         if not self.dir.exists():
             return set()
         return {p.name for p in self.dir.iterdir() if not p.name.startswith(".")}
 
     def clear(self) -> None:
         """Forget this stage's marks (used when a stage's inputs changed and it must be redone)."""
+        if self.fs is not None:
+            if self.keys():
+                self.fs.rm(self.remote_dir, recursive=True)
+            return
         if self.dir.exists():
             for p in self.dir.iterdir():
                 p.unlink()
