@@ -61,6 +61,10 @@ class InstanceSpec(_Strict):
         "full", description="full: diagonal neighbours touch (8-connected in 2-D, 26 in 3-D); face: 4 / 6")
     match_iou: float = Field(0.5, gt=0.0, lt=1.0, description="IoU above which a predicted object matches a "
                                                                  "true one (> 0.5 makes matches unique)")
+    split: Literal["none", "watershed"] = Field(
+        "none", description="watershed: split touching objects, from markers at least marker_distance inside")
+    marker_distance: float = Field(3.0, gt=0.0, description="pixels/voxels: depth of a watershed marker")
+    halo: int = Field(64, ge=0, description="context for watershed splitting; exact where objects fit in it")
 
 
 class ClusterSpec(_Strict):

@@ -45,9 +45,9 @@ def structure(ndim: int, connectivity: int) -> np.ndarray:
 
 
 def label_tile(result_path: str, work_path: str, tile_size: int, index: Index, classes: list[int],
-               connectivity: int) -> TileLabels:
+               connectivity: int, source: str = "class") -> TileLabels:
     """Pass 1: label the components of each class in one tile core; store local labels."""
-    cls_arr = zarr.open_array(result_path, path="class", mode="r")
+    cls_arr = zarr.open_array(result_path, path=source, mode="r")
     core = TileGrid(tuple(cls_arr.shape), tile_size).tile(index).core
     cls = np.asarray(cls_arr[core.slices])
     out = np.zeros(cls.shape, np.uint32)
@@ -111,9 +111,10 @@ def touching_pairs(work_path: str, shape: tuple[int, ...], tile_size: int, index
     return np.unique(np.concatenate(pairs), axis=0)
 
 
-def relabel_tile(result_path: str, work_path: str, tile_size: int, index: Index, lookup: np.ndarray) -> int:
+def relabel_tile(result_path: str, work_path: str, tile_size: int, index: Index, lookup: np.ndarray,
+                 target: str = INSTANCES) -> int:
     """Pass 3: write global instance IDs (``lookup[local]``) into the result's ``instances`` array."""
-    arr = zarr.open_array(result_path, path=INSTANCES, mode="r+")
+    arr = zarr.open_array(result_path, path=target, mode="r+")
     core = TileGrid(tuple(arr.shape), tile_size).tile(index).core
     local = np.asarray(zarr.open_array(work_path, path=LOCAL, mode="r")[core.slices])
     arr[core.slices] = lookup[local]
@@ -145,17 +146,23 @@ class InstanceSummary:
 
 
 def label_instances(result_path: str, work_group: zarr.Group, work_path: str, tile_size: int,
-                    classes: list[int], connectivity: int, client: Client) -> InstanceSummary:
-    """All three passes on the cluster; writes ``instances`` (uint32, 0 = none) into the result store."""
+                    classes: list[int], connectivity: int, client: Client, source: str = "class",
+                    target: str = INSTANCES) -> InstanceSummary:
+    """All three passes on the cluster; writes ``target`` (uint32, 0 = none) into the result store.
+
+    ``source`` (a class array of the same store) holds the classes whose components are labelled.
+    """
     result = zarr.open_group(result_path, mode="r+")
-    cls = result["class"]
+    cls = result[source]
     shape, chunks = tuple(cls.shape), tuple(cls.chunks)
+    if any(tile_size % c for c in chunks):  # tiles write whole chunks only: no two tasks share one
+        raise ValueError(f"tile_size {tile_size} is not a multiple of the chunk shape {chunks}")
     dims = ("z", "y", "x")[-len(shape):]
     ensure_array(work_group, LOCAL, shape, chunks, "uint32", 0, dims)
     grid = TileGrid(shape, tile_size)
     keys = [t.index for t in grid]
     tiles = client.gather([client.submit(label_tile, result_path, work_path, tile_size, k, classes, connectivity,
-                                         pure=False) for k in keys])
+                                         source, pure=False) for k in keys])
     offsets, total = {}, 0
     for t in tiles:
         offsets[t.index] = total
@@ -169,11 +176,11 @@ def label_instances(result_path: str, work_group: zarr.Group, work_path: str, ti
     n = int(lookup.max()) if total else 0
     instance_class = np.zeros(n + 1, np.uint8)
     instance_class[lookup[1:]] = owner
-    ensure_array(result, INSTANCES, shape, chunks, "uint32", 0, dims,
+    ensure_array(result, target, shape, chunks, "uint32", 0, dims,
                  {"_FillValue": 0, "long_name": "instance ID (0 = no object)", "connectivity": connectivity,
                   "instance_classes": classes})
     client.gather([client.submit(relabel_tile, result_path, work_path, tile_size, k,
                                  np.concatenate([[0], lookup[offsets[k] + 1:offsets[k] + 1 + len(t.classes)]])
-                                 .astype(np.uint32), pure=False) for k, t in zip(keys, tiles, strict=True)])
+                                 .astype(np.uint32), target, pure=False) for k, t in zip(keys, tiles, strict=True)])
     return InstanceSummary(n, instance_class)
 

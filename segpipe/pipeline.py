@@ -31,6 +31,7 @@ from segpipe.omezarr import export_ome_zarr
 from segpipe.report import MetricsReport, add_object_columns, build_report, write_object_report, write_report
 from segpipe.scene import Scene
 from segpipe.segment import MethodPlan, plan_method, segment
+from segpipe.split import split_instances
 from segpipe.truth import Truth, check_truth
 
 
@@ -134,8 +135,12 @@ def run_instances(c: Checked, result: str, client: Client) -> InstanceSummary | 
     fp = {"result": zarr.open_group(result, mode="r").attrs["segpipe_fingerprint"],
           "instances": c.job.instances.model_dump(mode="json")}
     work = store_in(c.job.store_root, "instances_work.zarr")
-    return label_instances(result, open_or_create(work, fp, "instance work store"), work, c.job.tile_size,
-                           c.instance_classes, c.connectivity, client)
+    group = open_or_create(work, fp, "instance work store")
+    spec = c.job.instances
+    if spec.split == "watershed":
+        return split_instances(result, group, work, c.job.tile_size, c.instance_classes, c.connectivity,
+                               spec.marker_distance, spec.halo, client)
+    return label_instances(result, group, work, c.job.tile_size, c.instance_classes, c.connectivity, client)
 
 
 def run_objects(c: Checked, scene: Scene, result: str, inst: InstanceSummary | None,
