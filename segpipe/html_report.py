@@ -105,7 +105,7 @@ def write_html_report(report: MetricsReport, scene_path: str, result_path: str, 
             f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in o.items()) + "</table>"
     legend = "".join(f'<span class="swatch" style="background:{colour(v)}"></span>{v:.2f} '
                      for v in (0.0, 0.25, 0.5, 0.75, 1.0))
-    data = json.dumps({"tiles": len(rows), "score": score, "unit": s.get("unit", "pixels")})
+    data = json.dumps({"tiles": len(rows), "score": score, "unit": s.get("unit", "pixels"), "key": key})
     heatmap = _heatmap(rows, scene.shape[-2:], score, key)
     where = " (middle z)" if volume else ""
     page = f"""<!DOCTYPE html>
@@ -131,7 +131,7 @@ const tiles = document.querySelectorAll("#heatmap rect.tile");
 const scored = [...tiles].filter(t => t.dataset.score !== "").map(t => parseFloat(t.dataset.score));
 const worst = scored.length ? Math.min(...scored).toFixed(4) : "-";
 document.getElementById("tile-count").textContent =
-  `${{tiles.length}} of ${{info.tiles}} tiles drawn; worst ${{info.score}} ${{worst}}.`;
+  `${{tiles.length}} of ${{info.tiles}} ${{info.key}}s drawn; worst ${{info.score}} ${{worst}}.`;
 window.addEventListener("load", () => {{
   const q = document.getElementById("quicklook");
   document.body.dataset.quicklook = `${{q.naturalWidth}}x${{q.naturalHeight}}`;
