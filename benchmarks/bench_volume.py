@@ -65,7 +65,7 @@ def run(workers: int = 2) -> dict:
         ours = np.asarray(nib.load(str(outcome.nifti)).dataobj).transpose(2, 1, 0)
     return {"shape": ct.hu.shape, "workers": workers, "device": device, "forward_mvox_s": fwd, "monai_mvox_s": monai,
             "segpipe_mvox_s": e2e, "e2e_over_forward": e2e / fwd, "e2e_over_monai": e2e / monai,
-            "agreement": float((ours == ref).mean())}
+            "agreement": float((ours == ref).mean()), "class1_share": float((ref == 1).mean())}
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ def main() -> None:
         f"| segpipe end to end (NIfTI → Zarr → logits → stitch → NIfTI) | {v['segpipe_mvox_s']:.3f} |",
         "",
         f"Ratios: end-to-end / forward-only = **{v['e2e_over_forward']:.2f}**, end-to-end / MONAI = "
-        f"**{v['e2e_over_monai']:.2f}**; class volumes agree with MONAI on {100 * v['agreement']:.3f}% of voxels.\n",
+        f"**{v['e2e_over_monai']:.2f}**; class volumes agree with MONAI on {100 * v['agreement']:.3f}% of voxels "
+        f"(random weights; MONAI put {100 * v['class1_share']:.1f}% of voxels in class 1).\n",
     ]
     text = "\n".join(lines)
     print(text)
