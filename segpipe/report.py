@@ -147,15 +147,19 @@ def format_summary(report: MetricsReport) -> str:
     return "\n".join(lines)
 
 
+def _clean_values(d: dict[str, Any]) -> dict[str, Any]:
+    """Floats rounded (NaN -> None) for CSV/JSON; other values as they are."""
+    return {k: (_clean(v) if isinstance(v, float) else v) for k, v in d.items()}
+
+
 def add_object_columns(report: MetricsReport, objects: ObjectReport) -> None:
     """Per-tile object counts and matched-object IoU beside the pixel scores, and the object summary."""
     key = "block" if report.summary.get("unit") == "voxels" else "tile"
     for row in report.rows:
-        extra = {k: (_clean(v) if isinstance(v, float) else v) for k, v in objects.per_tile[row[key]].items()}
-        row.update(extra)
+        row.update(_clean_values(objects.per_tile[row[key]]))
     for feat, row in zip(report.footprints, report.rows, strict=False):  # images only: volumes have none
         feat["properties"].update({k: row[k] for k in objects.per_tile[row[key]]})
-    report.summary["objects"] = {k: (_clean(v) if isinstance(v, float) else v) for k, v in objects.summary.items()}
+    report.summary["objects"] = _clean_values(objects.summary)
 
 
 def _world_centroids(df: pd.DataFrame, transform: Affine, affine: list[list[float]] | None) -> pd.DataFrame:
@@ -190,8 +194,6 @@ def write_object_report(objects: ObjectReport, folder: str | Path, transform: Af
     if objects.truth is not None:
         paths["truth"] = folder / "truth_objects.csv"
         write_atomic(paths["truth"], table(objects.truth, "truth_id", "id", "matched_id"))
-    clean = {k: (_clean(v) if isinstance(v, float) else v) for k, v in objects.summary.items()}
-    tiles = {t: {k: (_clean(v) if isinstance(v, float) else v) for k, v in row.items()}
-             for t, row in objects.per_tile.items()}
-    write_atomic(paths["json"], json.dumps({"summary": clean, "tiles": tiles}, indent=2))
+    tiles = {t: _clean_values(row) for t, row in objects.per_tile.items()}
+    write_atomic(paths["json"], json.dumps({"summary": _clean_values(objects.summary), "tiles": tiles}, indent=2))
     return paths
