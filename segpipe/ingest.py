@@ -69,7 +69,7 @@ def _read_raster(ds: rasterio.DatasetReader, w: Box, bands: list[int],
     rwin = ((w.row0, w.row1), (w.col0, w.col1))
     data = ds.read(bands, window=rwin)
     if nodata is not None:
-        ok = ~np.any(data == nodata, axis=0) if not np.isnan(nodata) else ~np.any(np.isnan(data), axis=0)
+        ok = _not_nodata(data, nodata)
     else:
         ok = ds.dataset_mask(window=rwin) > 0
         if np.issubdtype(data.dtype, np.floating):
@@ -85,9 +85,12 @@ def _read_slide(src: str, w: Box, bands: list[int],
 
 def _read_volume(src: str, w: Box, bands: list[int], nodata: float | None) -> tuple[np.ndarray, np.ndarray]:
     data = read_volume(src, w)[[b - 1 for b in bands]]
-    if nodata is None:
-        return data, np.ones(w.shape, bool)
-    return data, ~np.any(np.isnan(data) if np.isnan(nodata) else data == nodata, axis=0)
+    return data, np.ones(w.shape, bool) if nodata is None else _not_nodata(data, nodata)
+
+
+def _not_nodata(data: np.ndarray, nodata: float) -> np.ndarray:
+    """Pixels where no band holds the nodata value (NaN compared as NaN)."""
+    return ~np.any(np.isnan(data) if np.isnan(nodata) else data == nodata, axis=0)
 
 
 def _ingest_row(src: str, store: str, row: int, chunk: int, bands: list[int], nodata: float | None,
