@@ -41,13 +41,19 @@ def mtimes(marks: Marks) -> dict[str, int]:
     return {k: (marks.dir / k).stat().st_mtime_ns for k in marks.keys()}
 
 
-def test_sigkill_of_the_run_then_rerun_redoes_only_unfinished_tiles(tmp_path, job, reference):
+@pytest.mark.parametrize("runner", ["cli", "prefect-flow"])
+def test_sigkill_of_the_run_then_rerun_redoes_only_unfinished_tiles(tmp_path, job, reference, runner):
+    """SIGKILL of `segpipe run`, or of the Prefect flow process (with its own ephemeral Prefect server)."""
     out = tmp_path / "out"
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump({**job, "output": str(out), "cluster": {"n_workers": 2}}))
     infer_marks = Marks(out / "work.zarr", "infer")
-    proc = subprocess.Popen([sys.executable, "-m", "segpipe.cli", "run", str(path)], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [sys.executable, "-m", "segpipe.cli", "run", str(path)] if runner == "cli" else \
+        [sys.executable, "-m", "flows.segment_scene", str(path)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env)
     try:
         wait_for_marks(infer_marks, 3, proc)
     finally:
@@ -57,8 +63,7 @@ def test_sigkill_of_the_run_then_rerun_redoes_only_unfinished_tiles(tmp_path, jo
     total = 5 * 5  # 2100 x 2300 px at 512 px tiles
     assert 3 <= len(done_before) < total, "kill came too late to leave unfinished tiles"
 
-    rerun = subprocess.run([sys.executable, "-m", "segpipe.cli", "run", str(path)], capture_output=True, text=True,
-                           timeout=600)
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert rerun.returncode == 0, rerun.stderr
     after = mtimes(infer_marks)
     assert len(after) == total
