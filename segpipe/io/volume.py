@@ -97,10 +97,20 @@ class VolumeInfo:
 # --- NIfTI -----------------------------------------------------------------------------------------
 
 def _nifti(path: str):  # noqa: ANN202 - nibabel image
+    """The image, opened once per process and file version.
+
+    The file stays open so that slab after slab of a ``.nii.gz`` continues from the gzip index
+    (indexed_gzip) instead of decompressing from the start of the file for every slab.
+    """
+    return _open_nifti(path, source_fingerprint(path)["mtime_ns"])
+
+
+@lru_cache(maxsize=8)
+def _open_nifti(path: str, stamp: int):  # noqa: ANN202, ARG001 - the stamp only keys the cache
     import nibabel as nib
 
     try:
-        img = nib.load(path)
+        img = nib.load(path, keep_file_open=True)
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types for bad files
         raise InputError(f"input volume is not a readable NIfTI file ({str(exc).splitlines()[0]}): {path}") from None
     if len(img.shape) not in (3, 4):
