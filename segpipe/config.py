@@ -63,7 +63,8 @@ class InstanceSpec(_Strict):
                                                                  "true one (> 0.5 makes matches unique)")
     split: Literal["none", "watershed"] = Field(
         "none", description="watershed: split touching objects, from markers at least marker_distance inside")
-    marker_distance: float = Field(3.0, gt=0.0, description="pixels/voxels: depth of a watershed marker")
+    marker_distance: float = Field(3.0, gt=0.0, description="depth of a watershed marker: pixels for images, "
+                                                          "millimetres for volumes")
     halo: int = Field(64, ge=0, description="context for watershed splitting; exact where objects fit in it")
 
 

@@ -1,8 +1,8 @@
 """Watershed splitting of touching objects (nuclei, buildings) with global IDs across tiles.
 
 Why markers first: a per-tile watershed invents its own markers and the tiles disagree at their
-seams. Here markers are decided once for the whole scene: (A) each tile, read with a halo of
-``marker_distance`` + 1, marks the pixels at least ``marker_distance`` inside an object (exact
+seams. Here markers are decided once for the whole scene: (A) each tile, read with a halo just
+over ``marker_distance``, marks the pixels at least ``marker_distance`` inside an object (exact
 distance transform there); (B) the markers' connected components get global IDs with the
 tile-exact labelling of :mod:`segpipe.instances`; (C) each tile, read with ``halo``, floods the
 negated distance map of each class from those global markers inside the class mask and keeps
@@ -11,7 +11,8 @@ position, so the flood order never depends on the window: the result equals whol
 watershed (same markers, same priorities) wherever each object lies within ``halo`` of every
 tile core it touches. (D) Object pixels no marker reaches (objects thinner than twice
 ``marker_distance``) become objects of their own, labelled tile-exactly again, numbered after
-the marker objects.
+the marker objects. Distances are in pixels for images and in millimetres for volumes (the
+voxel spacing), so markers stay round in anisotropic CT.
 """
 
 from __future__ import annotations
@@ -36,15 +37,16 @@ def _window(shape: tuple[int, ...], tile_size: int, index: Index, halo: int):  #
 
 
 def mark_tile(result_path: str, work_path: str, tile_size: int, index: Index, classes: list[int],
-              marker_distance: float) -> None:
+              marker_distance: float, sampling: tuple[float, ...] | None) -> None:
     """Pass A: class id where a pixel lies at least ``marker_distance`` inside an object of that class."""
     cls_arr = zarr.open_array(result_path, path="class", mode="r")
-    tile, outer = _window(tuple(cls_arr.shape), tile_size, index, int(np.ceil(marker_distance)) + 1)
+    reach = marker_distance / min(sampling) if sampling else marker_distance  # in voxels along the finest axis
+    tile, outer = _window(tuple(cls_arr.shape), tile_size, index, int(np.ceil(reach)) + 1)
     cls = np.asarray(cls_arr[outer.slices])
     out = np.zeros(tile.core.shape, np.uint8)
     inner = tile.core.relative_to(outer)
     for c in classes:
-        deep = ndi.distance_transform_edt(cls == c)[inner] >= marker_distance
+        deep = ndi.distance_transform_edt(cls == c, sampling=sampling)[inner] >= marker_distance
         out[deep] = c
     zarr.open_array(work_path, path=MARKERS, mode="r+")[tile.core.slices] = out
 
@@ -58,7 +60,7 @@ def _priority(dist: np.ndarray, start: tuple[int, ...], shape: tuple[int, ...]) 
 
 
 def flood_tile(result_path: str, work_path: str, tile_size: int, index: Index, classes: list[int], halo: int,
-               connectivity: int) -> None:
+               connectivity: int, sampling: tuple[float, ...] | None) -> None:
     """Pass C: watershed from the global markers; core pixels no marker reaches go to ``unreached``."""
     cls_arr = zarr.open_array(result_path, path="class", mode="r")
     shape = tuple(cls_arr.shape)
@@ -72,7 +74,7 @@ def flood_tile(result_path: str, work_path: str, tile_size: int, index: Index, c
         fg = cls == c
         if not fg[inner].any():
             continue
-        prio = _priority(ndi.distance_transform_edt(fg), outer.start, shape)
+        prio = _priority(ndi.distance_transform_edt(fg, sampling=sampling), outer.start, shape)
         ws = watershed(prio, np.where(fg, markers, 0), mask=fg, connectivity=connectivity)[inner]
         core_fg = fg[inner]
         ids[core_fg] = ws[core_fg]
@@ -100,17 +102,19 @@ def split_instances(result_path: str, work_group: zarr.Group, work_path: str, ti
     for name in (MARKERS, UNREACHED):
         ensure_array(work_group, name, shape, chunks, "uint8", 0, dims)
     keys = [t.index for t in TileGrid(shape, tile_size)]
+    spacing = zarr.open_group(result_path, mode="r").attrs.get("spacing")  # volumes: distances in millimetres
+    sampling = tuple(float(v) for v in spacing) if spacing and len(spacing) == len(shape) else None
 
     def each(fn, *args) -> None:  # noqa: ANN001
         client.gather([client.submit(fn, *args[:3], k, *args[3:], pure=False) for k in keys])
 
-    each(mark_tile, result_path, work_path, tile_size, classes, marker_distance)
+    each(mark_tile, result_path, work_path, tile_size, classes, marker_distance, sampling)
     markers = label_instances(work_path, work_group, work_path, tile_size, classes, connectivity, client,
                               source=MARKERS, target=MARKER_IDS)
     ensure_array(zarr.open_group(result_path, mode="r+"), INSTANCES, shape, chunks, "uint32", 0, dims,
                  {"_FillValue": 0, "long_name": "instance ID (0 = no object)", "connectivity": connectivity,
                   "instance_classes": classes, "split": "watershed", "marker_distance": marker_distance})
-    each(flood_tile, result_path, work_path, tile_size, classes, halo, connectivity)
+    each(flood_tile, result_path, work_path, tile_size, classes, halo, connectivity, sampling)
     rest = label_instances(work_path, work_group, work_path, tile_size, classes, connectivity, client,
                            source=UNREACHED, target=UNREACHED_IDS)
     each(combine_tile, result_path, work_path, tile_size, markers.count)
