@@ -46,6 +46,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if outcome.report is not None:
         print(f"metrics:      {checked.metrics_dir}")
         print(format_summary(outcome.report))
+    elif outcome.objects is not None:
+        print(f"objects:      {outcome.objects.summary['objects']} (metrics/objects.csv)")
     return 0
 
 
