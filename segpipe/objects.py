@@ -10,6 +10,7 @@ Polygons are traced per tile in the scene CRS and dissolved per object ID on the
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,8 +153,6 @@ def tile_polygons(result_path: str, tile_size: int, index: Index, transform: Aff
 
 def write_polygons(pieces: list[tuple[int, dict]], objects: pd.DataFrame, crs: CRS | None, dest: Path) -> Path:
     """Dissolve pieces per object ID and write a GeoPackage layer ``objects`` (atomically)."""
-    import os
-
     import shapely
     from pyogrio.raw import write
 

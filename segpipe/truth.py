@@ -58,12 +58,16 @@ class Truth:
             a = self._read_raw(window)
             ok = (a > 0) if self.nodata is None else (a > 0) & (a != self.nodata)
             return np.where(ok, a, 0).astype(np.uint32)
-        if not self.shapes:
-            return np.zeros(window.shape, np.uint32)
+        return self._burn([(g, k + 1) for k, (g, _) in enumerate(self.shapes)], window, transform, "uint32")
+
+    def _burn(self, shapes: list[tuple[dict[str, Any], int]], window: Box, transform: rasterio.Affine,
+              dtype: str) -> np.ndarray:
+        """Rasterise ``shapes`` (scene CRS) onto ``window`` of the scene grid."""
+        if not shapes:
+            return np.zeros(window.shape, dtype)
         t = transform @ rasterio.Affine.translation(window.col0, window.row0)
-        ids = [(g, k + 1) for k, (g, _) in enumerate(self.shapes)]
-        return rasterize(ids, out_shape=window.shape, transform=t, fill=0, all_touched=self.all_touched,
-                         dtype="uint32")
+        return rasterize(shapes, out_shape=window.shape, transform=t, fill=0, all_touched=self.all_touched,
+                         dtype=dtype)
 
     def read(self, window: Box, transform: rasterio.Affine) -> np.ndarray:
         """Labels (uint8, 255 = ignore) for ``window`` of the scene."""
@@ -79,11 +83,7 @@ class Truth:
                 a = mapped
             ignore |= (a < 0) | (a >= IGNORE)
             return np.where(ignore, IGNORE, a).astype(np.uint8)
-        t = transform @ rasterio.Affine.translation(window.col0, window.row0)
-        if not self.shapes:
-            return np.zeros((window.height, window.width), np.uint8)
-        return rasterize(self.shapes, out_shape=(window.height, window.width), transform=t, fill=0,
-                         all_touched=self.all_touched, dtype="uint8")
+        return self._burn(self.shapes, window, transform, "uint8")
 
 
 def _check_volume(spec: TruthSpec, scene: RasterInfo) -> Truth:
@@ -106,17 +106,16 @@ def _check_raster(spec: TruthSpec, scene: RasterInfo) -> Truth:
         if (info.height, info.width) != (scene.height, scene.width):
             raise InputError(f"ground-truth raster is on another grid ({info.width}x{info.height}) than the "
                              f"slide ({scene.width}x{scene.height}): {spec.path}")
-        return Truth("raster", info.path, nodata=info.nodata, remap=dict(spec.remap), binarize=spec.binarize,
-                     instances=spec.instances)
-    if info.crs != scene.crs:
-        raise InputError(f"ground-truth raster is on another CRS ({info.crs.to_string()}) than the scene "
-                         f"({scene.crs.to_string()}): {spec.path}")
-    same_grid = (info.height, info.width) == (scene.height, scene.width) and \
-        info.transform.almost_equals(scene.transform, precision=1e-9 * max(1.0, abs(scene.transform.a)))
-    if not same_grid:
-        raise InputError(f"ground-truth raster is on another grid ({info.width}x{info.height}, "
-                         f"{tuple(info.transform)[:6]}) than the scene ({scene.width}x{scene.height}, "
-                         f"{tuple(scene.transform)[:6]}): {spec.path}")
+    else:
+        if info.crs != scene.crs:
+            raise InputError(f"ground-truth raster is on another CRS ({info.crs.to_string()}) than the scene "
+                             f"({scene.crs.to_string()}): {spec.path}")
+        same_grid = (info.height, info.width) == (scene.height, scene.width) and \
+            info.transform.almost_equals(scene.transform, precision=1e-9 * max(1.0, abs(scene.transform.a)))
+        if not same_grid:
+            raise InputError(f"ground-truth raster is on another grid ({info.width}x{info.height}, "
+                             f"{tuple(info.transform)[:6]}) than the scene ({scene.width}x{scene.height}, "
+                             f"{tuple(scene.transform)[:6]}): {spec.path}")
     return Truth("raster", info.path, nodata=info.nodata, remap=dict(spec.remap), binarize=spec.binarize,
                      instances=spec.instances)
 

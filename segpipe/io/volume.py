@@ -27,21 +27,24 @@ def is_nifti(path: str | Path) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
+def _is_dicom_file(p: Path) -> bool:
+    """Carries the DICOM magic (``DICM`` at byte 128)."""
+    if not p.is_file() or p.stat().st_size <= 132:
+        return False
+    with open(p, "rb") as f:
+        f.seek(128)
+        return f.read(4) == b"DICM"
+
+
 def _dicom_files(folder: Path) -> list[Path]:
-    """Files of ``folder`` that carry the DICOM magic (``DICM`` at byte 128), sorted by name."""
-    out = []
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and p.stat().st_size > 132:
-            with open(p, "rb") as f:
-                f.seek(128)
-                if f.read(4) == b"DICM":
-                    out.append(p)
-    return out
+    """The DICOM files of ``folder``, sorted by name."""
+    return [p for p in sorted(folder.iterdir()) if _is_dicom_file(p)]
 
 
 def is_dicom_series(path: str | Path) -> bool:
+    """A folder with at least one DICOM file (stops at the first one found)."""
     p = Path(path)
-    return p.is_dir() and any(True for _ in _dicom_files(p)[:1])
+    return p.is_dir() and any(_is_dicom_file(q) for q in p.iterdir())
 
 
 def is_volume(path: str | Path) -> bool:
@@ -66,7 +69,6 @@ class VolumeInfo:
     count: int
     dtype: str
     affine: tuple[tuple[float, ...], ...]
-    fmt: str  # "nifti" | "dicom"
     xform_code: int = 1  # NIfTI sform code of the source (1 scanner, 2 aligned, 3 Talairach, 4 MNI)
 
     @property
@@ -132,8 +134,7 @@ def _nifti_info(path: str) -> VolumeInfo:
         raise InputError(f"input volume is corrupt ({str(exc).splitlines()[0]}): {path}") from None
     code = int(img.header["sform_code"]) or int(img.header["qform_code"]) or 1
     return VolumeInfo(path, (shape[2], shape[1], shape[0]), shape[3] if len(shape) == 4 else 1,
-                      "float32" if scaled else dtype.name, tuple(tuple(float(v) for v in r) for r in affine), "nifti",
-                      code)
+                      "float32" if scaled else dtype.name, tuple(tuple(float(v) for v in r) for r in affine), code)
 
 
 def _read_nifti(path: str, box: Box) -> np.ndarray:
@@ -212,7 +213,7 @@ def _dicom_info(path: str) -> VolumeInfo:
     except (ValueError, RuntimeError, AttributeError) as exc:
         raise InputError(f"DICOM pixel data cannot be decoded ({str(exc).splitlines()[0]}): {path}") from None
     return VolumeInfo(path, (len(s.files), s.rows, s.cols), 1, s.dtype,
-                      tuple(tuple(float(v) for v in r) for r in s.affine), "dicom")
+                      tuple(tuple(float(v) for v in r) for r in s.affine))
 
 
 def _read_dicom(path: str, box: Box) -> np.ndarray:
