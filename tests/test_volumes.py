@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 import zarr
 from conftest import SCENE
 from helpers import assert_one_line_error, class_map, cli, run
 from medical import AAL, CH2, CH2BET, ct_affine, dice, load_ct, write_dicom_series, write_nifti
 
 from segpipe.ingest import source_info
-from segpipe.models.checkpoint import ModelSpec, save_checkpoint
 
 MRI_JOB = {"input": str(CH2), "method": {"name": "otsu"}, "class_names": ["background", "foreground"],
            "truth": {"path": str(CH2BET), "binarize": True}}
@@ -120,32 +119,12 @@ def test_kmeans_and_adaptive_run_in_3d_with_halos(client, tmp_path):
     assert set(np.unique(class_map(k))) == {0, 1, 2}
 
 
-@pytest.fixture(scope="module")
-def unet3d(tmp_path_factory):
-    """A small 3-D U-Net trained here in ~15 s on random 32^3 patches of the CT against its bone mask."""
-    ct = load_ct()
-    torch.manual_seed(0)
-    spec = ModelSpec(in_channels=1, n_classes=2, base=4, depth=2, mean=[0.0], std=[500.0], dims=3,
-                     class_names=["other", "bone"])
-    model = spec.build()
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    rng = np.random.default_rng(0)
-    x, y = ct.hu.astype(np.float32) / 500.0, ct.bone.astype(np.int64)
-    for _ in range(120):
-        starts = [[int(rng.integers(0, n - 32)) for n in x.shape] for _ in range(4)]
-        crops = [tuple(slice(s, s + 32) for s in st) for st in starts]
-        xb = torch.from_numpy(np.stack([x[c] for c in crops])[:, None])
-        yb = torch.from_numpy(np.stack([y[c] for c in crops]))
-        loss = torch.nn.functional.cross_entropy(model(xb), yb, weight=torch.tensor([1.0, 4.0]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    path = tmp_path_factory.mktemp("m3") / "unet3d.pt"
-    save_checkpoint(path, model.eval(), spec)
-    return path
+# Shipped, not trained here: a seeded training lands on other weights on CPUs with other float kernels.
+# Trained to convergence on patches outside the crop below (recipe and provenance: tests/data/train_unet3d_ct_bone.py).
+UNET3D = Path(__file__).resolve().parent / "data" / "unet3d_ct_bone.pt"
 
 
-def test_3d_unet_on_a_nifti_volume_is_block_size_invariant_and_exports_ome_zarr(client, tmp_path, unet3d):
+def test_3d_unet_on_a_nifti_volume_is_block_size_invariant_and_exports_ome_zarr(client, tmp_path):
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Reader
     from ome_zarr_models.v05.image import Image
@@ -155,14 +134,14 @@ def test_3d_unet_on_a_nifti_volume_is_block_size_invariant_and_exports_ome_zarr(
     crop = (slice(10, 90), slice(60, 190), slice(40, 210))
     src = write_nifti(tmp_path / "crop.nii.gz", ct.hu[crop], ct_affine(ct))
     truth = write_nifti(tmp_path / "bone.nii.gz", ct.bone[crop].astype(np.uint8), ct_affine(ct))
-    method = {"name": "unet", "model": str(unet3d), "patch_size": 32, "overlap": 0.25, "batch_size": 4}
+    method = {"name": "unet", "model": str(UNET3D), "patch_size": 32, "overlap": 0.25, "batch_size": 4}
     a = run(client, tmp_path / "a", input=str(src), tile_size=64, method=method, exports=["nifti", "ome-zarr"],
             truth={"path": str(truth)})
     b = run(client, tmp_path / "b", input=str(src), tile_size=128, method=method)
     np.testing.assert_array_equal(class_map(a), class_map(b))
     d = a.report.summary["global_dice"]["bone"]
     assert d == pytest.approx(dice(class_map(a) == 1, ct.bone[crop]), abs=1e-6)
-    assert d > 0.5  # a 15-second model, but a real one
+    assert d > 0.8  # 0.89 on this crop, unseen in training; a fixed model moves only by float noise
 
     path = tmp_path / "a" / "image.ome.zarr"
     root = zarr.open_group(str(path), mode="r")
