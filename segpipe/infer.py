@@ -1,35 +1,34 @@
-"""Segment one batch of tiles on one worker.
+"""Model inference on one worker: fixed batches of patches of the global patch grid.
 
-Patch models (the U-Net) run over the patches *owned* by each tile of the global patch grid and
-write each patch's raw logits to the work store (one chunk per patch, so writes never collide);
-:mod:`segpipe.stitch` blends them. The model is loaded once per worker process and cached. Reading
-the next batch from Zarr overlaps with the model's forward pass on the current one.
-Classical methods run per tile with a halo and write the tile core's class map directly.
+The patches that hold a valid pixel are listed once, in global (row-major) order, and cut into batches
+of ``batch_size``: a batch's content depends on the scene and the batch size only, never on the tile
+size or the worker count, so its logits are the same however the work is split, and only the scene's
+very last batch is padded. Batches span tile boundaries; consecutive patches of a row are cut from one
+read of their union. Each batch writes its patches' raw logits to the work store (one chunk per
+patch, so writes never collide) and leaves a completion mark; :mod:`segpipe.stitch` blends them.
+The model is loaded once per worker process and cached. Reading the next batch from Zarr overlaps
+with the model's forward pass on the current one.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
-from typing import Any
 
 import numpy as np
 import torch
 import zarr
 from distributed import get_worker
 
-from segpipe.grid import Box, Index, PatchGrid, TileGrid
+from segpipe.grid import Box, Index, PatchGrid
 from segpipe.io.store import Marks
 from segpipe.models.checkpoint import ModelSpec, load_model
-from segpipe.models.classical import make_classical
 from segpipe.models.unet import UNet
 from segpipe.scene import Scene
 
-NODATA_CLASS = 255
 INFER_STAGE = "infer"
-SEGMENT_STAGE = "segment"
 _lock = threading.Lock()
 
 
@@ -93,11 +92,6 @@ def with_valid_pixels(scene: Scene, grid: PatchGrid, patches: list[Index]) -> li
     return [idx for idx, w in zip(patches, wins, strict=True) if valid[w.relative_to(span)].any()]
 
 
-def _batches(items: list, size: int) -> Iterator[list]:
-    for k in range(0, len(items), size):
-        yield items[k:k + size]
-
-
 def forward(model: UNet, batch: np.ndarray, device: str, batch_size: int) -> np.ndarray:
     """Logits for a batch, padded to a fixed ``batch_size`` so every call has the same shape."""
     n = batch.shape[0]
@@ -113,52 +107,43 @@ def forward(model: UNet, batch: np.ndarray, device: str, batch_size: int) -> np.
         return y.float().cpu().numpy()[:n]
 
 
-def infer_tiles(scene_path: str, work_path: str, model_path: str, patch: int | Index, overlap: float,
-                batch_size: int, tile_size: int, tiles: list[Index]) -> int:
-    """Compute and store the logits of every patch owned by ``tiles``; returns patches computed."""
+def valid_patches_in_rows(scene_path: str, patch: int | Index, overlap: float, rows: list[int]) -> list[Index]:
+    """Patches of the given first-axis indices (patch rows; z for volumes) that hold a valid pixel, in order."""
+    scene = Scene(scene_path)
+    grid = PatchGrid(scene.shape, patch, overlap)
+    rest = [range(c) for c in grid.counts[1:]]
+    out: list[Index] = []
+    for i in rows:
+        out.extend(with_valid_pixels(scene, grid, list(itertools.product([i], *rest))))
+    return out
+
+
+def batch_key(batch_size: int, k: int) -> str:
+    """Completion-mark name of batch ``k``: batches of another size are other batches."""
+    return f"b{batch_size}-{k}"
+
+
+def infer_batches(scene_path: str, work_path: str, model_path: str, patch: int | Index, overlap: float,
+                  batch_size: int, batches: list[tuple[int, list[Index]]]) -> int:
+    """Compute, store and mark the logits of each ``(k, patches)`` batch; returns patches computed."""
     model, spec, device = worker_model(model_path)
     scene = Scene(scene_path)
     grid = PatchGrid(scene.shape, patch, overlap)
-    tgrid = TileGrid(scene.shape, tile_size)
     logits = zarr.open_array(work_path, path="logits", mode="r+")
     marks = Marks(work_path, INFER_STAGE)
     count = 0
     with ThreadPoolExecutor(max_workers=1) as pool:
-        for index in tiles:
-            tile = tgrid.tile(index)
-            owned = with_valid_pixels(scene, grid, grid.owned_by(tile))
-            groups = list(_batches(owned, batch_size))
+        def load(group: list[Index]) -> np.ndarray:
+            return read_patches(scene, grid, group, spec)
 
-            def load(group: list[Index]) -> np.ndarray:
-                return read_patches(scene, grid, group, spec)
-
-            pending = pool.submit(load, groups[0]) if groups else None
-            for k, group in enumerate(groups):
-                batch = pending.result()
-                if k + 1 < len(groups):
-                    pending = pool.submit(load, groups[k + 1])
-                out = forward(model, batch, device, batch_size).astype(np.float16)
-                for idx, y in zip(group, out, strict=True):
-                    logits[idx] = y
-                count += len(group)
-            marks.mark(tile.key)
+        pending = pool.submit(load, batches[0][1]) if batches else None
+        for n, (k, group) in enumerate(batches):
+            batch = pending.result()
+            if n + 1 < len(batches):
+                pending = pool.submit(load, batches[n + 1][1])
+            out = forward(model, batch, device, batch_size).astype(np.float16)
+            for idx, y in zip(group, out, strict=True):
+                logits[idx] = y
+            marks.mark(batch_key(batch_size, k))
+            count += len(group)
     return count
-
-
-def segment_classical_tiles(scene_path: str, result_path: str, method: str, params: dict[str, Any],
-                            state: dict[str, Any], tile_size: int, tiles: list[Index]) -> int:
-    """Classical method on each tile (read with its halo), core written to the result store."""
-    m = make_classical(method, params)
-    scene = Scene(scene_path)
-    tgrid = TileGrid(scene.shape, tile_size)
-    out = zarr.open_array(result_path, path="class", mode="r+")
-    marks = Marks(result_path, SEGMENT_STAGE)
-    for index in tiles:
-        tile = tgrid.tile(index)
-        outer = tile.core.grow(m.halo, scene.shape)
-        img, valid = scene.read(outer)
-        cls = m.predict(img, valid, state)[tile.core.relative_to(outer)]
-        cls = np.where(valid[tile.core.relative_to(outer)], cls, NODATA_CLASS).astype(np.uint8)
-        out[tile.core.slices] = cls
-        marks.mark(tile.key)
-    return len(tiles)

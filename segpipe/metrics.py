@@ -13,14 +13,14 @@ import numpy as np
 import zarr
 
 from segpipe.grid import Index, TileGrid
-from segpipe.infer import NODATA_CLASS
+from segpipe.io.result import NODATA
 from segpipe.scene import Scene
 from segpipe.truth import Truth
 
 
 def confusion(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> np.ndarray:
     """Confusion matrix (rows = truth, columns = prediction) over pixels valid in both."""
-    ok = (pred != NODATA_CLASS) & (truth < n_classes)
+    ok = (pred != NODATA) & (truth < n_classes)
     idx = truth[ok].astype(np.int64) * n_classes + pred[ok].astype(np.int64)
     return np.bincount(idx, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
@@ -63,7 +63,7 @@ def tile_confusions(scene_path: str, result_path: str, truth: Truth, n_classes: 
     for index in tiles:
         core = tgrid.tile(index).core
         t = truth.read(core, scene.transform)
-        t = np.where(np.asarray(scene.valid[core.slices]) > 0, t, NODATA_CLASS).astype(np.uint8)
+        t = np.where(np.asarray(scene.valid[core.slices]) > 0, t, NODATA).astype(np.uint8)
         truth_arr[core.slices] = t
         out.append((tuple(index), confusion(np.asarray(pred_arr[core.slices]), t, n_classes)))
     return out

@@ -21,9 +21,10 @@ from scipy import ndimage as ndi
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from segpipe.classical_tiles import SEGMENT_STAGE
 from segpipe.errors import InputError
 from segpipe.grid import TileGrid
-from segpipe.infer import NODATA_CLASS, SEGMENT_STAGE
+from segpipe.io.result import NODATA
 from segpipe.io.store import Marks, ensure_array
 from segpipe.scene import Scene
 from segpipe.stats import grey
@@ -131,7 +132,7 @@ def _paint_tile(scene_path: str, work_path: str, result_path: str, tile_size: in
     t = TileGrid(scene.shape, tile_size).tile(tile)
     lab = np.asarray(zarr.open_array(work_path, path="labels", mode="r")[t.core.slices])
     valid = np.asarray(scene.valid[t.core.slices]) > 0
-    cls = np.where(valid, keep[lab].astype(np.uint8), NODATA_CLASS).astype(np.uint8)
+    cls = np.where(valid, keep[lab].astype(np.uint8), NODATA).astype(np.uint8)
     zarr.open_array(result_path, path="class", mode="r+")[t.core.slices] = cls
     Marks(result_path, SEGMENT_STAGE).mark(t.key)
 

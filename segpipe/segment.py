@@ -1,7 +1,9 @@
-"""Fan segmentation out over the Dask cluster, skipping tiles already marked done.
+"""Fan segmentation out over the Dask cluster, skipping work already marked done.
 
-Patch models run in two passes (patch logits, then overlap-add stitching); classical methods are
-fitted once on scene-wide statistics on the client, then applied per tile with their halo.
+Patch models run in two passes: logits of fixed batches of the global patch grid (units of whole
+batches, see :mod:`segpipe.infer`), then overlap-add stitching per tile. Classical methods are fitted
+once on scene-wide statistics on the client, then applied per tile with their halo. Tiles and batches
+go to the workers in guided units (:mod:`segpipe.units`). Torch is imported only for model jobs.
 """
 
 from __future__ import annotations
@@ -9,25 +11,29 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from distributed import Client
 
+from segpipe.classical_tiles import SEGMENT_STAGE, segment_classical_tiles
 from segpipe.cluster import use_gpu
 from segpipe.config import JobSpec
 from segpipe.errors import InputError
 from segpipe.grid import Index, PatchGrid, TileGrid
-from segpipe.infer import INFER_STAGE, SEGMENT_STAGE, infer_tiles, segment_classical_tiles
 from segpipe.io.result import create_result
 from segpipe.io.store import Marks, ensure_array, open_or_create
-from segpipe.models.checkpoint import ModelSpec, load_model
 from segpipe.models.classical import ClassicalMethod, FitContext, make_classical
 from segpipe.regions import check_params, grow_regions
 from segpipe.scene import Scene, result_path, work_path
 from segpipe.stats import sample_pixels, sample_windows, scene_stats
 from segpipe.stitch import stitch_tiles
+from segpipe.units import guided_units, run_units, worker_slots
+
+if TYPE_CHECKING:
+    import torch
+
+    from segpipe.models.checkpoint import ModelSpec
 
 
 @dataclass
@@ -49,6 +55,8 @@ def plan_method(job: JobSpec, n_bands: int, ndim: int = 2) -> MethodPlan:
     """
     m = job.method
     if m.name == "unet":
+        from segpipe.models.checkpoint import load_model
+
         model, spec = load_model(m.model)
         if spec.dims != ndim:
             raise InputError(f"model {m.model.name} is a {spec.dims}-D network; this scene is {ndim}-D")
@@ -82,6 +90,8 @@ def check_patch(model: torch.nn.Module, name: str, patch: int, spec: ModelSpec) 
     Cheaper than learning it from a failed task on a worker, and it works for any architecture
     (each has its own divisibility rules).
     """
+    import torch
+
     x = torch.zeros((1, spec.in_channels, *(patch,) * spec.dims))
     try:
         with torch.inference_mode():
@@ -99,11 +109,6 @@ def _pending(marks: Marks, grid: TileGrid) -> list[Index]:
     return [t.index for t in grid if t.key not in done]
 
 
-def _run(client: Client, fn: Any, tiles: list[Index], resources: dict | None, **kw: Any) -> list:
-    futures = [client.submit(fn, tiles=[t], pure=False, resources=resources, **kw) for t in tiles]
-    return client.gather(futures)
-
-
 def segment(job: JobSpec, scene: Scene, plan: MethodPlan, scene_fp: dict, client: Client) -> str:
     """Segment the scene into ``<output>/result.zarr`` and return its path."""
     m = job.method
@@ -115,20 +120,19 @@ def segment(job: JobSpec, scene: Scene, plan: MethodPlan, scene_fp: dict, client
     tgrid = TileGrid(scene.shape, job.tile_size)
     common = {"scene_path": scene.path, "tile_size": job.tile_size}
     if plan.model is not None:
-        resources = {"GPU": 1} if use_gpu(job.cluster) else None
         work = work_path(job.store_root)
         group = open_or_create(work, fp, "work store")
         pgrid = PatchGrid(scene.shape, m.patch_size, m.overlap)
-        p = m.patch_size
         nd = len(scene.shape)
         ensure_array(group, "logits", (*pgrid.counts, plan.n_classes, *pgrid.size),
                      (*(1,) * nd, plan.n_classes, *pgrid.size), "float16", 0,
                      (*(f"patch_{a}" for a in "zyx"[-nd:]), "class", *(f"p{a}" for a in "zyx"[-nd:])),
                      compress=False)  # logits barely compress; zstd would only cost CPU
-        _run(client, infer_tiles, _pending(Marks(work, INFER_STAGE), tgrid), resources, work_path=work,
-             model_path=str(m.model), patch=p, overlap=m.overlap, batch_size=m.batch_size, **common)
-        _run(client, stitch_tiles, _pending(Marks(result, SEGMENT_STAGE), tgrid), None, work_path=work,
-             result_path=result, patch=p, overlap=m.overlap, **common)
+        patch = {"patch": m.patch_size, "overlap": m.overlap}
+        if _pending(Marks(result, SEGMENT_STAGE), tgrid):
+            infer_scene(client, scene, work, str(m.model), m.batch_size, use_gpu(job.cluster), **patch)
+        run_units(client, stitch_tiles, _pending(Marks(result, SEGMENT_STAGE), tgrid), work_path=work,
+                  result_path=result, **patch, **common)
     elif m.name == "region_growing":
         work = work_path(job.store_root)
         if not _pending(Marks(result, SEGMENT_STAGE), tgrid):
@@ -138,9 +142,37 @@ def segment(job: JobSpec, scene: Scene, plan: MethodPlan, scene_fp: dict, client
         pending = _pending(Marks(result, SEGMENT_STAGE), tgrid)
         if pending:
             state = fit_classical(plan.classical, scene, client)
-            _run(client, segment_classical_tiles, pending, None, result_path=result, method=m.name,
-                 params=m.params, state=state, **common)
+            run_units(client, segment_classical_tiles, pending, result_path=result, method=m.name,
+                      params=m.params, state=state, **common)
     return result
+
+
+def patch_batches(client: Client, scene: Scene, patch: int, overlap: float, batch_size: int) -> list[list[Index]]:
+    """The scene's fixed batches: patches holding a valid pixel, in global row-major order, ``batch_size`` each.
+
+    Validity is read on the workers, one unit of patch rows (z for volumes) per task.
+    """
+    from segpipe.infer import valid_patches_in_rows
+
+    rows = list(range(PatchGrid(scene.shape, patch, overlap).counts[0]))
+    units = guided_units(rows, worker_slots(client))
+    found = client.gather([client.submit(valid_patches_in_rows, scene.path, patch, overlap, u, pure=False)
+                           for u in units])
+    patches = [idx for part in found for idx in part]
+    return [patches[k:k + batch_size] for k in range(0, len(patches), batch_size)]
+
+
+def infer_scene(client: Client, scene: Scene, work: str, model: str, batch_size: int, gpu: bool,
+                patch: int, overlap: float) -> None:
+    """Logits of every batch not yet marked done, in guided units of whole batches."""
+    from segpipe.infer import INFER_STAGE, batch_key, infer_batches
+
+    done = Marks(work, INFER_STAGE).keys()
+    batches = patch_batches(client, scene, patch, overlap, batch_size)
+    pending = [(k, b) for k, b in enumerate(batches) if batch_key(batch_size, k) not in done]
+    run_units(client, infer_batches, pending, {"GPU": 1} if gpu else None, item_arg="batches",
+              scene_path=scene.path, work_path=work, model_path=model, patch=patch, overlap=overlap,
+              batch_size=batch_size)
 
 
 def fit_classical(method: ClassicalMethod, scene: Scene, client: Client) -> dict[str, Any]:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 import zarr
 
+from segpipe.classical_tiles import SEGMENT_STAGE
 from segpipe.grid import Box, Index, PatchGrid, TileGrid, gaussian_importance
-from segpipe.infer import NODATA_CLASS, SEGMENT_STAGE
+from segpipe.io.result import NODATA
 from segpipe.io.store import Marks
 from segpipe.scene import Scene
 
@@ -49,6 +50,6 @@ def stitch_tiles(scene_path: str, work_path: str, result_path: str, patch: int |
         blended = blend_window(logits, grid, tile.core)
         cls = np.argmax(blended, axis=0).astype(np.uint8)
         valid = np.asarray(scene.valid[tile.core.slices]) > 0
-        out[tile.core.slices] = np.where(valid, cls, NODATA_CLASS).astype(np.uint8)
+        out[tile.core.slices] = np.where(valid, cls, NODATA).astype(np.uint8)
         marks.mark(tile.key)
     return len(tiles)

@@ -6,9 +6,10 @@ import torch
 import zarr
 
 from segpipe.grid import PatchGrid, TileGrid
-from segpipe.infer import infer_tiles
 from segpipe.io.store import ensure_array
 from segpipe.models.checkpoint import ModelSpec, save_checkpoint
+from segpipe.scene import Scene
+from segpipe.segment import infer_scene
 from segpipe.stitch import stitch_tiles
 
 SHAPE = (40, 150, 140)  # z, y, x
@@ -52,8 +53,7 @@ def segment_volume(client, scene: str, out, model, tile: int) -> np.ndarray:
     ensure_array(result, "class", SHAPE, (16, 32, 32), "uint8", 255, ("z", "y", "x"))
     tiles = [t.index for t in TileGrid(SHAPE, tile)]
     common = {"scene_path": scene, "patch": PATCH, "overlap": 0.25, "tile_size": tile}
-    client.gather([client.submit(infer_tiles, work_path=str(out / "work.zarr"), model_path=str(model),
-                                 batch_size=4, tiles=[t], pure=False, **common) for t in tiles])
+    infer_scene(client, Scene(scene), str(out / "work.zarr"), str(model), 4, False, PATCH, 0.25)
     client.gather([client.submit(stitch_tiles, work_path=str(out / "work.zarr"),
                                  result_path=str(out / "result.zarr"), tiles=[t], pure=False, **common)
                    for t in tiles])
