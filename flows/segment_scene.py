@@ -21,6 +21,7 @@ from segpipe.instances import InstanceSummary
 from segpipe.pipeline import (
     Checked,
     check,
+    remove_scratch,
     run_export,
     run_ingest,
     run_instances,
@@ -100,6 +101,7 @@ def segment_scene(job: str, output: str | None = None, scheduler: str | None = N
         instances = instances_task(checked, result, address)
         exports = export_task(checked, scene, result, address)
         summary = metrics_task(checked, scene, result, instances, address)
+    remove_scratch(checked)
     return {"exports": exports, "result": result, "summary": summary}
 
 

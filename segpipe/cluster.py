@@ -6,11 +6,12 @@ worker never holds two models on one device.
 
 from __future__ import annotations
 
+import ctypes.util
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import dask
-import torch
 from distributed import Client, LocalCluster
 
 from segpipe.config import ClusterSpec
@@ -23,11 +24,23 @@ from segpipe.errors import InputError
 WORKER_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(128 * 2**20), "MALLOC_MMAP_THRESHOLD_": str(64 * 2**20)}
 
 
+def cuda_devices() -> int:
+    """CUDA devices on this host; torch is asked only where an NVIDIA driver is installed.
+
+    Importing torch costs seconds and hundreds of MiB, which a classical job on a CPU host never needs.
+    """
+    if not os.path.exists("/dev/nvidiactl") and ctypes.util.find_library("cuda") is None:
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def use_gpu(spec: ClusterSpec) -> bool:
     """Whether model tasks should request GPU resources."""
     if spec.gpu == "yes":
         return True
-    return spec.gpu == "auto" and spec.scheduler is None and torch.cuda.is_available()
+    return spec.gpu == "auto" and spec.scheduler is None and cuda_devices() > 0
 
 
 @contextmanager
@@ -44,7 +57,7 @@ def connect(spec: ClusterSpec) -> Iterator[Client]:
             client.close()
         return
     gpu = use_gpu(spec)
-    n_workers = max(1, torch.cuda.device_count()) if gpu else spec.n_workers
+    n_workers = max(1, cuda_devices()) if gpu else spec.n_workers
     environ = {**dask.config.get("distributed.nanny.pre-spawn-environ"), **WORKER_MALLOC_ENV}
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=spec.threads_per_worker, processes=True,

@@ -98,6 +98,8 @@ class JobSpec(_Strict):
     exports: list[Literal["cog", "ome-zarr", "nifti"]] | None = Field(
         None, description="default: cog for rasters; cog and ome-zarr for slides; nifti for volumes")
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    keep_work: bool = Field(False, description="keep the model's logits work store after a successful run "
+                                               "(removed by default: it is scratch, several bytes per pixel)")
 
     @field_validator("bands")
     @classmethod

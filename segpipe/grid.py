@@ -79,6 +79,10 @@ class Box:
         return Box(tuple(max(0, a - halo) for a in self.start),
                    tuple(min(n, b + halo) for b, n in zip(self.stop, shape, strict=True)))
 
+    def overlaps(self, other: Box) -> bool:
+        """Whether the two boxes share at least one pixel."""
+        return all(a < d and c < b for a, b, c, d in zip(self.start, self.stop, other.start, other.stop, strict=True))
+
     def intersect(self, other: Box) -> Box:
         """The overlap of two boxes (assumed to intersect)."""
         return Box(tuple(map(max, self.start, other.start)), tuple(map(min, self.stop, other.stop)))
@@ -131,6 +135,12 @@ class TileGrid:
         start = tuple(i * t for i, t in zip(index, self.size, strict=True))
         stop = tuple(min(n, a + t) for a, t, n in zip(start, self.size, self.shape, strict=True))
         return Tile(tuple(index), Box(start, stop))
+
+    def overlapping(self, box: Box) -> list[Tile]:
+        """The tiles whose core shares a pixel with ``box`` (clipped to the array)."""
+        axes = [range(max(0, a) // t, -(-min(b, n) // t)) for a, b, t, n in
+                zip(box.start, box.stop, self.size, self.shape, strict=True)]
+        return [self.tile(i) for i in itertools.product(*axes)]
 
     def __iter__(self) -> Iterator[Tile]:
         for index in itertools.product(*(range(c) for c in self.counts)):

@@ -23,13 +23,13 @@ from segpipe.ingest import fingerprint, ingest, selected_bands, source_info
 from segpipe.instances import InstanceSummary, label_instances
 from segpipe.io.raster import RasterInfo
 from segpipe.io.result import add_truth_array
-from segpipe.io.store import open_or_create, store_in
+from segpipe.io.store import open_or_create, remove_store, store_in
 from segpipe.metrics import tile_confusions
 from segpipe.nifti import export_nifti
 from segpipe.objects import ObjectReport, object_report, tile_objects, tile_polygons, write_polygons
 from segpipe.omezarr import export_ome_zarr
 from segpipe.report import MetricsReport, add_object_columns, build_report, write_object_report, write_report
-from segpipe.scene import Scene
+from segpipe.scene import Scene, work_path
 from segpipe.segment import MethodPlan, plan_method, segment
 from segpipe.split import split_instances
 from segpipe.truth import Truth, check_truth
@@ -179,6 +179,15 @@ def run_metrics(c: Checked, scene: Scene, result: str, client: Client,
     return report
 
 
+def remove_scratch(c: Checked) -> None:
+    """After a successful run: drop the logits/region work store unless the job keeps it (``keep_work``).
+
+    The result store's completion marks say every tile is final, so a rerun never needs it again.
+    """
+    if not c.job.keep_work:
+        remove_store(work_path(c.job.store_root))
+
+
 @dataclass
 class Outcome:
     """Where a run put its results."""
@@ -218,4 +227,5 @@ def run_job(c: Checked, client: Client, log: Callable[[str], None] = lambda _: N
     if c.truth is not None:
         log(f"per-{unit} metrics")
     report = run_metrics(c, scene, result, client, objects)
+    remove_scratch(c)
     return Outcome(scene.path, result, exports, report, objects)

@@ -120,6 +120,8 @@ def segment(job: JobSpec, scene: Scene, plan: MethodPlan, scene_fp: dict, client
     tgrid = TileGrid(scene.shape, job.tile_size)
     common = {"scene_path": scene.path, "tile_size": job.tile_size}
     if plan.model is not None:
+        if not _pending(Marks(result, SEGMENT_STAGE), tgrid):
+            return result  # finished earlier; its work store may be gone already
         work = work_path(job.store_root)
         group = open_or_create(work, fp, "work store")
         pgrid = PatchGrid(scene.shape, m.patch_size, m.overlap)
@@ -128,11 +130,9 @@ def segment(job: JobSpec, scene: Scene, plan: MethodPlan, scene_fp: dict, client
                      (*(1,) * nd, plan.n_classes, *pgrid.size), "float16", 0,
                      (*(f"patch_{a}" for a in "zyx"[-nd:]), "class", *(f"p{a}" for a in "zyx"[-nd:])),
                      compress=False)  # logits barely compress; zstd would only cost CPU
-        patch = {"patch": m.patch_size, "overlap": m.overlap}
-        if _pending(Marks(result, SEGMENT_STAGE), tgrid):
-            infer_scene(client, scene, work, str(m.model), m.batch_size, use_gpu(job.cluster), **patch)
-        run_units(client, stitch_tiles, _pending(Marks(result, SEGMENT_STAGE), tgrid), work_path=work,
-                  result_path=result, **patch, **common)
+        infer_and_stitch(client, scene, work, result, str(m.model), m.batch_size, use_gpu(job.cluster),
+                         m.patch_size, m.overlap, job.tile_size, _pending(Marks(result, SEGMENT_STAGE), tgrid),
+                         keep=job.keep_work)
     elif m.name == "region_growing":
         work = work_path(job.store_root)
         if not _pending(Marks(result, SEGMENT_STAGE), tgrid):
@@ -162,17 +162,53 @@ def patch_batches(client: Client, scene: Scene, patch: int, overlap: float, batc
     return [patches[k:k + batch_size] for k in range(0, len(patches), batch_size)]
 
 
-def infer_scene(client: Client, scene: Scene, work: str, model: str, batch_size: int, gpu: bool,
-                patch: int, overlap: float) -> None:
-    """Logits of every batch not yet marked done, in guided units of whole batches."""
+UNIT_PATCHES = 256  # at most this many patches per inference task: seconds of work, a bounded slice of scratch
+
+
+def infer_and_stitch(client: Client, scene: Scene, work: str, result: str, model: str, batch_size: int, gpu: bool,
+                     patch: int | Index, overlap: float, tile_size: int, tiles: list[Index], keep: bool) -> None:
+    """Logits of the batches the ``tiles`` still need, each tile stitched as soon as its patches are done.
+
+    Batches not yet marked done and holding a patch over one of ``tiles`` run in guided units of whole
+    batches (a rerun that lost a few tiles after its work store was removed recomputes just their
+    neighbourhood). Each tile's stitch task is submitted right after the last inference unit it waits
+    for, so Dask, which prefers earlier submissions, interleaves stitching with inference in scene order;
+    unless ``keep``, a stitched patch whose every tile is final is deleted from the work store, so scratch
+    follows the band of work in flight rather than the scene.
+    """
     from segpipe.infer import INFER_STAGE, batch_key, infer_batches
 
+    grid = PatchGrid(scene.shape, patch, overlap)
+    tgrid = TileGrid(scene.shape, tile_size)
+    covering = {t: grid.covering(tgrid.tile(t).core) for t in tiles}
+    needed = {i for c in covering.values() for i in c}
     done = Marks(work, INFER_STAGE).keys()
     batches = patch_batches(client, scene, patch, overlap, batch_size)
-    pending = [(k, b) for k, b in enumerate(batches) if batch_key(batch_size, k) not in done]
-    run_units(client, infer_batches, pending, {"GPU": 1} if gpu else None, item_arg="batches",
-              scene_path=scene.path, work_path=work, model_path=model, patch=patch, overlap=overlap,
-              batch_size=batch_size)
+    pending = [(k, b) for k, b in enumerate(batches) if batch_key(batch_size, k) not in done and needed.intersection(b)]
+    resources = {"GPU": 1} if gpu else None
+    slots = worker_slots(client, resources)
+    units = guided_units(pending, slots, largest=max(1, UNIT_PATCHES // batch_size))
+    unit_of = {i: u for u, unit in enumerate(units) for _, b in unit for i in b}
+    waits = {t: sorted({unit_of[i] for i in covering[t] if i in unit_of}) for t in tiles}
+    ready_after: dict[int, list[Index]] = {}
+    for t in tiles:
+        ready_after.setdefault(waits[t][-1] if waits[t] else -1, []).append(t)
+    common = {"scene_path": scene.path, "work_path": work, "patch": patch, "overlap": overlap}
+    inferred: list = []
+    stitched: list = []
+
+    def stitch(ready: list[Index]) -> None:
+        for group in guided_units(ready, worker_slots(client)):
+            after = [inferred[u] for u in sorted({u for t in group for u in waits[t]})]
+            stitched.append(client.submit(stitch_tiles, result_path=result, tile_size=tile_size, tiles=group,
+                                          free=not keep, after=after, pure=False, **common))
+
+    stitch(ready_after.get(-1, []))
+    for u, unit in enumerate(units):
+        inferred.append(client.submit(infer_batches, model_path=model, batch_size=batch_size, batches=unit,
+                                      resources=resources, pure=False, **common))
+        stitch(ready_after.get(u, []))
+    client.gather(inferred + stitched)
 
 
 def fit_classical(method: ClassicalMethod, scene: Scene, client: Client) -> dict[str, Any]:

@@ -37,12 +37,17 @@ def blend_window(logits: zarr.Array, grid: PatchGrid, window: Box) -> np.ndarray
 
 
 def stitch_tiles(scene_path: str, work_path: str, result_path: str, patch: int | Index, overlap: float,
-                 tile_size: int, tiles: list[Index]) -> int:
-    """Blend, take the arg-max class and write each tile's core; invalid pixels get nodata."""
+                 tile_size: int, tiles: list[Index], free: bool = False, after: list | None = None) -> int:
+    """Blend, take the arg-max class and write each tile's core; invalid pixels get nodata.
+
+    With ``free``, a patch is deleted from the work store once every tile it overlaps is marked final
+    (each task marks its tile before looking at its neighbours', so of two neighbours finishing together
+    at least one sees both marks). ``after`` only makes Dask wait for the inference units this needs.
+    """
     scene = Scene(scene_path)
     grid = PatchGrid(scene.shape, patch, overlap)
     tgrid = TileGrid(scene.shape, tile_size)
-    logits = zarr.open_array(work_path, path="logits", mode="r")
+    logits = zarr.open_array(work_path, path="logits", mode="r+" if free else "r")
     out = zarr.open_array(result_path, path="class", mode="r+")
     marks = Marks(result_path, SEGMENT_STAGE)
     for index in tiles:
@@ -52,4 +57,8 @@ def stitch_tiles(scene_path: str, work_path: str, result_path: str, patch: int |
         valid = np.asarray(scene.valid[tile.core.slices]) > 0
         out[tile.core.slices] = np.where(valid, cls, NODATA).astype(np.uint8)
         marks.mark(tile.key)
+        if free:
+            for idx in grid.covering(tile.core):
+                if all(marks.done(t.key) for t in tgrid.overlapping(grid.window(idx))):
+                    logits[idx] = 0  # a chunk equal to the fill value is deleted by Zarr
     return len(tiles)

@@ -19,13 +19,13 @@ from distributed import Client
 T = TypeVar("T")
 
 
-def guided_units(items: Sequence[T], slots: int, share: int = 2) -> list[list[T]]:
-    """Consecutive runs of ``items``: each takes 1/(share x slots) of what is left, at least one item."""
+def guided_units(items: Sequence[T], slots: int, share: int = 2, largest: int | None = None) -> list[list[T]]:
+    """Consecutive runs of ``items``, each 1/(share x slots) of what is left, at most ``largest``, at least one."""
     out: list[list[T]] = []
     k, n = 0, len(items)
     per = max(1, share * slots)
     while k < n:
-        size = max(1, -(-(n - k) // per))
+        size = max(1, min(-(-(n - k) // per), largest or n))
         out.append(list(items[k:k + size]))
         k += size
     return out

@@ -20,7 +20,7 @@ TILE = 512
 
 @pytest.fixture(scope="module")
 def job(big_scene, tiny_model):
-    return {"input": str(big_scene), "tile_size": TILE,
+    return {"input": str(big_scene), "tile_size": TILE, "keep_work": True,
             "method": {"name": "unet", "model": str(tiny_model), "patch_size": 128, "batch_size": 4}}
 
 

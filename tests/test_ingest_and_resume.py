@@ -48,13 +48,18 @@ def test_internal_mask_is_honoured(tmp_path, client):
 
 
 def test_rerun_skips_finished_tiles_and_redoes_only_missing_ones(tmp_path, client, tiny_model):
+    """The logits work store is scratch, removed after success; a rerun recomputes only what lost tiles need."""
     job = {"input": str(SCENE), "tile_size": 256, "chunk_size": 128,
            "method": {"name": "unet", "model": str(tiny_model), "patch_size": 128}}
     out = tmp_path / "out"
     first = class_map(run(client, out, **job))
+    assert not (out / "work.zarr").exists() and not (out / "_segpipe_done" / "work.zarr").exists()
     result = out / "result.zarr"
     marks = Marks(result, "segment")
     assert len(marks.keys()) == 16
+    again = run(client, out, **job)  # finished: nothing to redo, no scratch made again
+    np.testing.assert_array_equal(class_map(again), first)
+    assert not (out / "work.zarr").exists()
     # Simulate a crash that lost two tiles: their marks and pixels are gone.
     arr = zarr.open_array(str(result), path="class", mode="r+")
     for key in ("1_2", "3_0"):
@@ -62,9 +67,19 @@ def test_rerun_skips_finished_tiles_and_redoes_only_missing_ones(tmp_path, clien
         r, c = map(int, key.split("_"))
         arr[r * 256:(r + 1) * 256, c * 256:(c + 1) * 256] = 0
     stamps = {k: (marks.dir / k).stat().st_mtime_ns for k in marks.keys()}
-    second = class_map(run(client, out, **job))
+    second = class_map(run(client, out, **{**job, "keep_work": True}))
     np.testing.assert_array_equal(first, second)
     assert {k for k in marks.keys() if (marks.dir / k).stat().st_mtime_ns != stamps.get(k)} == {"1_2", "3_0"}
+    from segpipe.grid import Box, PatchGrid
+    grid = PatchGrid((900, 900), 128, 0.25)
+    lost = [Box.rc(256, 512, 512, 768), Box.rc(768, 0, 900, 256)]
+    near = {(i, j) for i in range(grid.counts[0]) for j in range(grid.counts[1])
+            if any(grid.window((i, j)).overlaps(b) for b in lost)}
+    order = [(i, j) for i in range(grid.counts[0]) for j in range(grid.counts[1])]  # every patch is valid here
+    batches = [order[k:k + 8] for k in range(0, len(order), 8)]
+    expected = sum(len(b) for b in batches if near & set(b))  # whole batches of 8 around the lost tiles
+    logits = zarr.open_array(str(out / "work.zarr"), path="logits", mode="r")
+    assert logits.nchunks_initialized == expected < len(order)
 
 
 def test_changed_settings_on_existing_output_are_refused(tmp_path, client):
@@ -95,7 +110,7 @@ def test_patches_without_valid_pixels_are_never_computed(tmp_path, client, tiny_
     data[:, 200:700, 100:800] = 0  # a large nodata block (the sample's nodata value is 0)
     src = write_tif(tmp_path / "holes.tif", data, nodata=0)
     out = tmp_path / "out"
-    cls = class_map(run(client, out, input=str(src), tile_size=256, chunk_size=128,
+    cls = class_map(run(client, out, input=str(src), tile_size=256, chunk_size=128, keep_work=True,
                         method={"name": "unet", "model": str(tiny_model), "patch_size": 128}))
     grid = PatchGrid((900, 900), 128, 0.25)
     valid = data[0] != 0

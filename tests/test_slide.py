@@ -66,7 +66,7 @@ def test_background_tiles_and_patches_are_skipped(tmp_path, client, svs):
     model = tmp_path / "rgb.pt"
     save_checkpoint(model, spec.build().eval(), spec)
     out = tmp_path / "out"
-    cls = class_map(run(client, out, input=str(svs), tile_size=512,
+    cls = class_map(run(client, out, input=str(svs), tile_size=512, keep_work=True,
                         method={"name": "unet", "model": str(model), "patch_size": 256}))
     valid = zarr.open_array(str(out / "scene.zarr"), path="valid", mode="r")[:] > 0
     grid = PatchGrid((2967, 2220), 256, 0.25)

@@ -9,8 +9,7 @@ from segpipe.grid import PatchGrid, TileGrid
 from segpipe.io.store import ensure_array
 from segpipe.models.checkpoint import ModelSpec, save_checkpoint
 from segpipe.scene import Scene
-from segpipe.segment import infer_scene
-from segpipe.stitch import stitch_tiles
+from segpipe.segment import infer_and_stitch
 
 SHAPE = (40, 150, 140)  # z, y, x
 PATCH = (16, 64, 64)
@@ -52,11 +51,10 @@ def segment_volume(client, scene: str, out, model, tile: int) -> np.ndarray:
     # Chunks no larger than the smallest tile: every tile writes whole chunks, so no two tasks share one.
     ensure_array(result, "class", SHAPE, (16, 32, 32), "uint8", 255, ("z", "y", "x"))
     tiles = [t.index for t in TileGrid(SHAPE, tile)]
-    common = {"scene_path": scene, "patch": PATCH, "overlap": 0.25, "tile_size": tile}
-    infer_scene(client, Scene(scene), str(out / "work.zarr"), str(model), 4, False, PATCH, 0.25)
-    client.gather([client.submit(stitch_tiles, work_path=str(out / "work.zarr"),
-                                 result_path=str(out / "result.zarr"), tiles=[t], pure=False, **common)
-                   for t in tiles])
+    infer_and_stitch(client, Scene(scene), str(out / "work.zarr"), str(out / "result.zarr"), str(model), 4, False,
+                     PATCH, 0.25, tile, tiles, keep=False)
+    # Each patch is deleted once every block it overlaps is final: nothing is left once all blocks are.
+    assert zarr.open_array(str(out / "work.zarr"), path="logits", mode="r").nchunks_initialized == 0
     return zarr.open_array(str(out / "result.zarr"), path="class", mode="r")[:]
 
 

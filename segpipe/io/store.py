@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,22 @@ def ensure_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: t
     if attrs:
         arr.attrs.update(attrs)
     return arr
+
+
+def remove_store(path: str | Path) -> None:
+    """Delete a store and its completion marks, local or remote (scratch no longer needed)."""
+    p = str(path)
+    if is_remote(p):
+        fs, root = fsspec.core.url_to_fs(p)
+        parent, name = root.rstrip("/").rsplit("/", 1)
+        for target in (root, f"{parent}/{MARKS_DIR}/{name}"):
+            fs.invalidate_cache(target)
+            if fs.exists(target):
+                fs.rm(target, recursive=True)
+        return
+    local = Path(p)
+    shutil.rmtree(local, ignore_errors=True)
+    shutil.rmtree(local.parent / MARKS_DIR / local.name, ignore_errors=True)
 
 
 def write_atomic(path: Path, text: str) -> None:
