@@ -1,7 +1,13 @@
-"""End-to-end throughput vs the model's forward-only throughput and vs MONAI's sliding window.
+"""U-Net end to end vs the model's forward-only throughput (same worker layout) and vs MONAI's sliding window.
 
-All three run in one process, one after another, on the same derived image and the same model,
-so the ratios compare like with like on whatever machine runs this.
+Contenders, alternated, each repeated, on the same derived scene and model, each in its best thread layout:
+- segpipe: ``segpipe run`` as a user runs it (GeoTIFF -> Zarr -> logits -> stitch -> COG), job defaults
+  (tile 512, batch 8), two Dask workers x 1 thread; its wall time includes cluster start and shutdown.
+  The peak size of its work store during the run gives the scratch in bytes per scene pixel.
+- forward-only: the bare model on full batches in the same two 1-thread worker processes at once.
+- MONAI ``sliding_window_inference`` (Gaussian, overlap 0.25) on the image in memory, one process, 2 threads.
+The goal compares segpipe with forward-only divided by the job's real overlap factor (patches x patch
+pixels / scene pixels, with the grid's flush last patches).
 """
 
 from __future__ import annotations
@@ -13,74 +19,94 @@ from pathlib import Path
 import numpy as np
 import rasterio
 import torch
-from common import MODEL, mosaic_scene
-from monai.inferers import sliding_window_inference
+from common import MODEL, alternate, load_average, median_spread, mosaic_scene, run_sampled, segpipe_cli
 
 from segpipe.cluster import connect
-from segpipe.config import ClusterSpec, job_from_dict
-from segpipe.models.checkpoint import load_model
-from segpipe.pipeline import check, run_job
+from segpipe.config import ClusterSpec
+from segpipe.grid import PatchGrid
 
-PATCH, OVERLAP, BATCH = 256, 0.25, 4
-
-
-def forward_only(model: torch.nn.Module, device: str, seconds: float = 10.0) -> float:
-    """Mpx/s of the bare model on full batches of patches (no I/O, no overlap)."""
-    x = torch.randn(BATCH, model.down[0][0].in_channels, PATCH, PATCH, device=device)
-    with torch.inference_mode():
-        model(x)
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            model(x)
-            n += 1
-        if device == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-    return n * BATCH * PATCH * PATCH / dt / 1e6
+PATCH, OVERLAP, BATCH, TILE = 256, 0.25, 8, 512
 
 
-def monai_sliding_window(model: torch.nn.Module, image: np.ndarray, mean: float, std: float,
-                         device: str) -> tuple[float, np.ndarray]:
-    x = torch.from_numpy(((image.astype(np.float32) - mean) / std)[None, None]).to(device)
+def _worker_forward(model_path: str, seconds: float) -> tuple[int, float]:
+    """Run on a worker: full batches through this worker's cached model for ``seconds``."""
+    from segpipe.infer import forward, worker_model
+
+    model, spec, device = worker_model(model_path)
+    x = np.random.default_rng(0).standard_normal((BATCH, spec.in_channels, PATCH, PATCH)).astype(np.float32)
+    forward(model, x, device, BATCH)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        forward(model, x, device, BATCH)
+        n += 1
+    return n * BATCH * PATCH * PATCH, time.perf_counter() - t0
+
+
+def forward_only(seconds: float = 10.0) -> float:
+    """Mpx/s of forward passes on full batches in two 1-thread worker processes running at once."""
+    with connect(ClusterSpec(n_workers=2, threads_per_worker=1)) as client:
+        client.run(_worker_forward, str(MODEL), 1.0)  # load and warm up
+        parts = client.run(_worker_forward, str(MODEL), seconds)
+    return sum(px / dt for px, dt in parts.values()) / 1e6
+
+
+def monai_sliding_window(image: np.ndarray) -> tuple[float, np.ndarray]:
+    from monai.inferers import sliding_window_inference
+
+    from segpipe.models.checkpoint import load_model
+
+    torch.set_num_threads(2)
+    model, spec = load_model(MODEL)
+    x = torch.from_numpy(((image.astype(np.float32) - spec.mean[0]) / spec.std[0])[None, None])
     with torch.inference_mode():
         t0 = time.perf_counter()
         y = sliding_window_inference(x, (PATCH, PATCH), BATCH, model, overlap=OVERLAP, mode="gaussian",
                                      sigma_scale=0.125)
-        cls = y.argmax(1)[0].cpu().numpy()
+        cls = y.argmax(1)[0].numpy()
         dt = time.perf_counter() - t0
     return image.size / dt / 1e6, cls
 
 
-def segpipe_end_to_end(scene: Path, out: Path, workers: int) -> tuple[float, np.ndarray]:
-    job = job_from_dict({"input": str(scene), "output": str(out), "tile_size": 1024,
-                         "method": {"name": "unet", "model": str(MODEL), "patch_size": PATCH, "overlap": OVERLAP,
-                                    "batch_size": BATCH},
-                         "cluster": {"n_workers": workers, "threads_per_worker": 1}}, Path.cwd())
-    checked = check(job)
-    with connect(ClusterSpec(n_workers=workers, threads_per_worker=1)) as client:
-        client.run(lambda: None)  # workers up before the clock starts
-        t0 = time.perf_counter()
-        outcome = run_job(checked, client)
-        dt = time.perf_counter() - t0
-    with rasterio.open(outcome.cog) as ds:
-        cls = ds.read(1)
-    return checked.info.height * checked.info.width / dt / 1e6, cls
-
-
-def run(size: int = 2048, workers: int = 2) -> dict:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def run(size: int = 4096, reps: int = 3) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        scene = mosaic_scene(Path(tmp) / "scene.tif", size)
+        tmp = Path(tmp)
+        scene = mosaic_scene(tmp / "scene.tif", size)
         with rasterio.open(scene) as ds:
             image = ds.read(1)
-        model, spec = load_model(MODEL, device)
-        fwd = forward_only(model, device)
-        monai_rate, monai_cls = monai_sliding_window(model, image, spec.mean[0], spec.std[0], device)
-        e2e_rate, ours = segpipe_end_to_end(scene, Path(tmp) / "out", workers)
-    agree = float((monai_cls == ours).mean())
-    return {"size": size, "workers": workers, "device": device, "forward_mpx_s": fwd,
-            "monai_mpx_s": monai_rate, "segpipe_mpx_s": e2e_rate, "e2e_over_forward": e2e_rate / fwd,
-            "e2e_over_monai": e2e_rate / monai_rate, "class_agreement_with_monai": agree}
+        grid = PatchGrid(image.shape, PATCH, OVERLAP)
+        overlap_factor = int(np.prod(grid.counts)) * PATCH * PATCH / image.size
+        monai_cls: list[np.ndarray] = []
+        runs = {"n": 0}
+
+        def segpipe_run() -> dict:
+            runs["n"] += 1
+            out = tmp / f"out{runs['n']}"
+            job = {"input": str(scene), "output": str(out),
+                   "method": {"name": "unet", "model": str(MODEL), "patch_size": PATCH, "overlap": OVERLAP,
+                              "batch_size": BATCH}, "cluster": {"n_workers": 2, "threads_per_worker": 1}}
+            r = run_sampled(segpipe_cli(job, tmp / "job.yaml"), watch=out / "work.zarr")
+            with rasterio.open(out / "segmentation.tif") as ds:
+                r["agreement"] = float((ds.read(1) == monai_cls[0]).mean()) if monai_cls else None
+            r["mpx_s"] = image.size / r["seconds"] / 1e6
+            return r
+
+        def monai_run() -> float:
+            rate, cls = monai_sliding_window(image)
+            monai_cls[:] = [cls]
+            return rate
+
+        res = alternate({"monai": monai_run, "forward": forward_only, "segpipe": segpipe_run}, reps)
+    seg = [r["mpx_s"] for r in res["segpipe"]]
+    cap = [f / overlap_factor for f in res["forward"]]
+    return {"size": size, "tile": TILE, "batch": BATCH, "overlap_factor": overlap_factor, "reps": reps,
+            "forward_mpx_s": res["forward"], "monai_mpx_s": res["monai"], "segpipe_mpx_s": seg,
+            "e2e_over_cap": [s / c for s, c in zip(seg, cap, strict=True)],
+            "e2e_over_monai": [s / m for s, m in zip(seg, res["monai"], strict=True)],
+            "scratch_b_per_px": [r["peak_watch_bytes"] / image.size for r in res["segpipe"]],
+            "peak_rss_mib": [r["peak_rss_mib"] for r in res["segpipe"]],
+            "agreement_with_monai": res["segpipe"][-1]["agreement"], "load": load_average(),
+            "medians": {k: median_spread(v)[0] for k, v in (("segpipe", seg), ("forward", res["forward"]),
+                                                            ("monai", res["monai"]))}}
 
 
 if __name__ == "__main__":

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import psutil
 import rasterio
-import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "segpipe" / "sample"
@@ -32,6 +35,84 @@ def mosaic_scene(path: Path, size: int) -> Path:
 
 
 def machine() -> str:
+    import torch
+
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
             f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, {gpu}, torch {torch.__version__}")
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load average: this machine is shared, so every figure says how busy it was."""
+    return "/".join(f"{v:.1f}" for v in os.getloadavg())
+
+
+def alternate(contenders: dict, reps: int = 3) -> dict[str, list]:
+    """Run each contender once per round, rounds repeated ``reps`` times, so drift hits all alike.
+
+    A contender returns a number (seconds) or a dict whose "seconds" entry is the timing.
+    """
+    out: dict[str, list] = {name: [] for name in contenders}
+    for _ in range(reps):
+        for name, fn in contenders.items():
+            out[name].append(fn())
+    return out
+
+
+def median_spread(values: list[float]) -> tuple[float, float, float]:
+    """Median, minimum and maximum."""
+    v = sorted(values)
+    return float(np.median(v)), float(v[0]), float(v[-1])
+
+
+def fmt(values: list[float], digits: int = 2) -> str:
+    med, lo, hi = median_spread(values)
+    return f"{med:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"
+
+
+def tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def folder_bytes(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def run_sampled(command: list[str], watch: Path | None = None, env: dict | None = None) -> dict:
+    """Run ``command`` in a child; wall seconds, peak RSS of its whole process tree, peak size of ``watch``."""
+    t0 = time.perf_counter()
+    child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, **(env or {})})
+    proc = psutil.Process(child.pid)
+    peak_rss = peak_dir = 0
+    tick = 0
+    while child.poll() is None:
+        peak_rss = max(peak_rss, tree_rss(proc))
+        if watch is not None and tick % 5 == 0:  # walking the store costs more than reading RSS
+            peak_dir = max(peak_dir, folder_bytes(watch))
+        tick += 1
+        time.sleep(0.05)
+    seconds = time.perf_counter() - t0
+    if child.returncode:
+        raise RuntimeError(f"{command} failed ({child.returncode}): {child.stderr.read()[-2000:]}")
+    return {"seconds": seconds, "peak_rss_mib": peak_rss / 2**20, "peak_watch_bytes": peak_dir,
+            "stderr": child.stderr.read()}
+
+
+def segpipe_cli(job: dict, path: Path) -> list[str]:
+    """The command that runs ``job`` (written to ``path``) as a user would: ``segpipe run``."""
+    path.write_text(yaml.safe_dump(job))
+    return [sys.executable, "-m", "segpipe.cli", "run", str(path)]

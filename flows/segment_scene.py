@@ -8,10 +8,12 @@ along. Tasks exchange store paths and small summaries, never pixel arrays.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from distributed import Client
+from distributed import Client, default_client
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -35,6 +37,24 @@ from segpipe.scene import Scene
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+@contextmanager
+def dask_client(address: str) -> Iterator[Client]:
+    """The flow's own Dask client when a task runs in the flow's process, else a client of its own.
+
+    Tasks run in threads of the flow's process by default: one client serves the whole flow instead of a
+    connection handshake per stage.
+    """
+    try:
+        client = default_client()
+    except ValueError:
+        client = None
+    if client is not None and client.scheduler.address == address:
+        yield client
+        return
+    with Client(address) as own:
+        yield own
+
+
 @task(name="check-inputs")
 def check_task(job_path: str, overrides: dict[str, Any]) -> Checked:
     return check(load_job(job_path, overrides))
@@ -42,32 +62,32 @@ def check_task(job_path: str, overrides: dict[str, Any]) -> Checked:
 
 @task(name="ingest", retries=1)
 def ingest_task(checked: Checked, scheduler: str) -> str:
-    with Client(scheduler) as client:
+    with dask_client(scheduler) as client:
         return run_ingest(checked, client).path
 
 
 @task(name="segment", retries=1)
 def segment_task(checked: Checked, scene: str, scheduler: str) -> str:
-    with Client(scheduler) as client:
+    with dask_client(scheduler) as client:
         return run_segment(checked, Scene(scene), client)
 
 
 @task(name="instances", retries=1)
 def instances_task(checked: Checked, result: str, scheduler: str) -> InstanceSummary | None:
-    with Client(scheduler) as client:
+    with dask_client(scheduler) as client:
         return run_instances(checked, result, client)
 
 
 @task(name="export")
 def export_task(checked: Checked, scene: str, result: str, scheduler: str) -> list[str]:
-    with Client(scheduler) as client:
+    with dask_client(scheduler) as client:
         return [str(p) for p in run_export(checked, Scene(scene), result, client)]
 
 
 @task(name="tile-metrics")
 def metrics_task(checked: Checked, scene: str, result: str, instances: InstanceSummary | None,
                  scheduler: str) -> dict[str, Any] | None:
-    with Client(scheduler) as client:
+    with dask_client(scheduler) as client:
         objects = run_objects(checked, Scene(scene), result, instances, client)
         report = run_metrics(checked, Scene(scene), result, client, objects)
     if report is None:

@@ -108,13 +108,24 @@ def _ingest_row(src: str, store: str, row: int, chunk: int, bands: list[int], no
         return row
     with ExitStack() as stack:
         ds = None if tissue is not None else stack.enter_context(rasterio.open(src))
-        for col in range(grid.counts[1]):
-            w = grid.tile((row, col)).core
+        for w in _row_spans(grid, row, image.dtype.itemsize * image.shape[0]):
             data, ok = _read_slide(src, w, bands, tissue) if ds is None else _read_raster(ds, w, bands, nodata)
             image[:, w.row0:w.row1, w.col0:w.col1] = data
             valid[w.row0:w.row1, w.col0:w.col1] = ok.astype(np.uint8)
     Marks(store, STAGE).mark(str(row))
     return row
+
+
+def _row_spans(grid: TileGrid, row: int, bytes_per_pixel: int, budget: int = 64 * 2**20) -> list[Box]:
+    """Row ``row`` of chunk windows in as few reads as fit ``budget`` bytes, each a whole number of chunks.
+
+    One read and one Zarr write per span instead of per chunk: GDAL decodes the span's blocks in one call
+    and Zarr writes its chunks in one (concurrent) call, which is where per-chunk overhead went.
+    """
+    core = grid.tile((row, 0)).core
+    width, n = grid.size[-1], grid.counts[-1]
+    step = max(1, budget // max(1, core.height * width * bytes_per_pixel))
+    return [Box.rc(core.row0, c * width, core.row1, min(grid.shape[-1], (c + step) * width)) for c in range(0, n, step)]
 
 
 def ingest(job: JobSpec, info: RasterInfo, client: Client) -> Scene:

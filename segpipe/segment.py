@@ -186,8 +186,8 @@ def infer_and_stitch(client: Client, scene: Scene, work: str, result: str, model
     batches = patch_batches(client, scene, patch, overlap, batch_size)
     pending = [(k, b) for k, b in enumerate(batches) if batch_key(batch_size, k) not in done and needed.intersection(b)]
     resources = {"GPU": 1} if gpu else None
-    slots = worker_slots(client, resources)
-    units = guided_units(pending, slots, largest=max(1, UNIT_PATCHES // batch_size))
+    cpu_slots = worker_slots(client)
+    units = guided_units(pending, worker_slots(client, resources), largest=max(1, UNIT_PATCHES // batch_size))
     unit_of = {i: u for u, unit in enumerate(units) for _, b in unit for i in b}
     waits = {t: sorted({unit_of[i] for i in covering[t] if i in unit_of}) for t in tiles}
     ready_after: dict[int, list[Index]] = {}
@@ -198,7 +198,7 @@ def infer_and_stitch(client: Client, scene: Scene, work: str, result: str, model
     stitched: list = []
 
     def stitch(ready: list[Index]) -> None:
-        for group in guided_units(ready, worker_slots(client)):
+        for group in guided_units(ready, cpu_slots):
             after = [inferred[u] for u in sorted({u for t in group for u in waits[t]})]
             stitched.append(client.submit(stitch_tiles, result_path=result, tile_size=tile_size, tiles=group,
                                           free=not keep, after=after, pure=False, **common))

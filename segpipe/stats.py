@@ -56,14 +56,24 @@ def _row_bands(scene: Scene, multiple: int, budget: int = 4 * 2**20) -> list[Box
     return [Box((r, *(0,) * len(rest)), (min(first, r + rows), *rest)) for r in range(0, first, rows)]
 
 
-def _moments(path: str, w: Box) -> tuple:
+def _moments(path: str, w: Box, exact: bool) -> tuple:
+    """Sums, squares, extremes per band and the grey range of a slab; with ``exact``, its grey values' counts.
+
+    For integer images the grey level (the mean of the bands) takes few distinct values: their counts
+    (keyed by the integer band sum) are gathered in this same pass, and the histogram is binned from them
+    afterwards, so the store is read once instead of twice.
+    """
     img, valid = Scene(path).read(w)
     v = img[:, valid].astype(np.float64)
     if v.shape[1] == 0:
-        return 0, np.zeros(len(img)), np.zeros(len(img)), None, None, None, None
+        return 0, np.zeros(len(img)), np.zeros(len(img)), None, None, None, None, None
     g = grey(img)[valid]
+    counts = None
+    if exact:
+        sums, n = np.unique(img[:, valid].sum(axis=0, dtype=np.int64), return_counts=True)
+        counts = (sums, n)
     return (v.shape[1], v.sum(axis=1), (v**2).sum(axis=1), v.min(axis=1), v.max(axis=1),
-            float(g.min()), float(g.max()))
+            float(g.min()), float(g.max()), counts)
 
 
 def _histogram(path: str, w: Box, lo: float, hi: float, bins: int) -> np.ndarray:
@@ -71,10 +81,26 @@ def _histogram(path: str, w: Box, lo: float, hi: float, bins: int) -> np.ndarray
     return np.histogram(grey(img)[valid], bins=bins, range=(lo, hi))[0]
 
 
+def _grey_of_sums(sums: np.ndarray, n_bands: int) -> np.ndarray:
+    """The grey level :func:`grey` gives for pixels whose (integer) bands add up to ``sums``.
+
+    Exact: integer sums below 2**24 are exact in float32, and ``mean`` is the float32 sum divided by the
+    band count.
+    """
+    s = sums.astype(np.float32)
+    return s if n_bands == 1 else s / np.float32(n_bands)
+
+
 def scene_stats(scene: Scene, client: Client, bins: int = 1024) -> SceneStats:
-    """Two passes over the store on the cluster: moments and range, then the grey histogram."""
+    """Moments, range and the grey histogram over valid pixels, reduced on the cluster.
+
+    One pass over the store for integer images (up to 2**24 / bands grey levels); a second pass bins the
+    histogram for float images, whose range is known only after the first.
+    """
     wins = _row_bands(scene, scene.chunk)
-    parts = [p for p in client.gather(client.map(_moments, [scene.path] * len(wins), wins)) if p[0]]
+    dtype = np.dtype(scene.image.dtype)
+    exact = dtype.kind in "iub" and dtype.itemsize <= 2
+    parts = [p for p in client.gather(client.map(_moments, [scene.path] * len(wins), wins, exact=exact)) if p[0]]
     if not parts:
         zeros = [0.0] * scene.count
         return SceneStats(zeros, zeros, zeros, zeros, np.zeros(bins, np.int64), np.linspace(0, 1, bins + 1))
@@ -86,10 +112,19 @@ def scene_stats(scene: Scene, client: Client, bins: int = 1024) -> SceneStats:
     lo = min(p[5] for p in parts)
     hi = max(p[6] for p in parts)
     hi = hi if hi > lo else lo + 1.0
-    hists = client.gather(client.map(_histogram, [scene.path] * len(wins), wins, lo=lo, hi=hi, bins=bins))
+    if exact:
+        sums = np.concatenate([p[7][0] for p in parts])
+        counts = np.concatenate([p[7][1] for p in parts])
+        values, where = np.unique(sums, return_inverse=True)
+        weights = np.bincount(where, weights=counts).astype(np.int64)
+        hist = np.histogram(_grey_of_sums(values, scene.count), bins=bins, range=(lo, hi), weights=weights)[0]
+        hist = hist.astype(np.int64)
+    else:
+        hists = client.gather(client.map(_histogram, [scene.path] * len(wins), wins, lo=lo, hi=hi, bins=bins))
+        hist = np.sum(hists, axis=0)
     edges = np.linspace(lo, hi, bins + 1)
     return SceneStats([float(v) for v in mn], [float(v) for v in mx], [float(v) for v in mean],
-                      [float(v) for v in std], np.sum(hists, axis=0), edges)
+                      [float(v) for v in std], hist, edges)
 
 
 def _strided(path: str, w: Box, step: int) -> np.ndarray:

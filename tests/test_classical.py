@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import zarr
 from conftest import BUILDINGS, SCENE, write_tif
 from helpers import class_map, run
 
@@ -50,3 +51,33 @@ def test_kmeans_with_truth_reports_iou(tmp_path, client):
             truth={"path": str(BUILDINGS)}, class_names=["dark", "bright"])
     assert o.report.summary["tiles"] == 16
     assert 0 < o.report.summary["global_iou"]["bright"] < 1
+
+
+@pytest.mark.parametrize("dtype,bands", [("uint16", 1), ("uint8", 3), ("int16", 2), ("float32", 2)])
+def test_scene_statistics_equal_a_whole_array_count(tmp_path, client, sample_pixels, dtype, bands):
+    """Integer scenes are read once (grey-level counts binned afterwards); every path equals numpy on the whole."""
+    from segpipe.scene import Scene
+    from segpipe.stats import scene_stats
+
+    a = sample_pixels[0].astype(np.float64)
+    stack = np.stack([np.roll(a, 37 * k, axis=1) for k in range(bands)])
+    if dtype == "uint8":
+        stack = stack / stack.max() * 255
+    elif dtype == "int16":
+        stack = stack - 900
+    elif dtype == "float32":
+        stack = stack / 7.0
+    data = stack.astype(dtype)
+    data[:, 100:300, 200:400] = 0  # nodata
+    o = run(client, tmp_path / "o", input=str(write_tif(tmp_path / "s.tif", data, nodata=0)), tile_size=256,
+            chunk_size=128, method={"name": "otsu"})
+    stats = scene_stats(Scene(o.scene), client)
+    valid = np.asarray(zarr.open_array(o.scene, path="valid", mode="r")[:]) > 0
+    assert not valid[100:300, 200:400].any() and valid.mean() > 0.9
+    g = data.astype(np.float32).mean(axis=0) if bands > 1 else data[0].astype(np.float32)
+    lo, hi = float(g[valid].min()), float(g[valid].max())
+    expect = np.histogram(g[valid], bins=1024, range=(lo, hi))[0]
+    np.testing.assert_array_equal(stats.hist_counts, expect)
+    assert stats.hist_counts.sum() == valid.sum()
+    np.testing.assert_allclose(stats.mean, data[:, valid].astype(np.float64).mean(axis=1), rtol=1e-9)
+    np.testing.assert_allclose(stats.std, data[:, valid].astype(np.float64).std(axis=1), rtol=1e-6)

@@ -1,0 +1,78 @@
+"""The Prefect flow vs the CLI on the same 1024-tile otsu job (issue 8 goal: flow <= 1.10 x CLI).
+
+A scheduled deployment talks to a Prefect server that is already running, so one server is started
+here first (on loopback) and the flow runs point at it; each contender is a whole child process
+(``python -m flows.segment_scene JOB`` and ``segpipe run JOB``), alternated and repeated.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from common import ROOT, alternate, load_average, mosaic_scene, run_sampled, segpipe_cli
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(size: int = 4096, tile: int = 128, reps: int = 3) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        scene = mosaic_scene(tmp / "scene.tif", size)
+        port = _free_port()
+        env = {"PREFECT_HOME": str(tmp / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+               "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+        prefect = str(Path(sys.executable).parent / "prefect")
+        server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                  env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.time() + 120
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
+                    break
+                except OSError:
+                    if time.time() > deadline:
+                        raise
+                    time.sleep(0.5)
+            n = {"k": 0}
+
+            def job(kind: str) -> Path:
+                n["k"] += 1
+                return tmp / f"{kind}{n['k']}"
+
+            def cli() -> dict:
+                spec = {"input": str(scene), "output": str(job("cli")), "tile_size": tile, "method": {"name": "otsu"},
+                        "cluster": {"n_workers": 2, "threads_per_worker": 1}}
+                return run_sampled(segpipe_cli(spec, tmp / "cli.yaml"))
+
+            def flow() -> dict:
+                spec = {"input": str(scene), "output": str(job("flow")), "tile_size": tile, "method": {"name": "otsu"},
+                        "cluster": {"n_workers": 2, "threads_per_worker": 1}}
+                command = segpipe_cli(spec, tmp / "flow.yaml")[:2] + ["flows.segment_scene", str(tmp / "flow.yaml")]
+                return run_sampled(command, env=env)
+
+            res = alternate({"cli": cli, "flow": flow}, reps)
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    c = [r["seconds"] for r in res["cli"]]
+    f = [r["seconds"] for r in res["flow"]]
+    return {"size": size, "tile": tile, "reps": reps, "cli_s": c, "flow_s": f,
+            "flow_over_cli": [b / a for a, b in zip(c, f, strict=True)],
+            "cli_peak_rss_mib": [r["peak_rss_mib"] for r in res["cli"]],
+            "flow_peak_rss_mib": [r["peak_rss_mib"] for r in res["flow"]], "load": load_average(), "root": str(ROOT)}
+
+
+if __name__ == "__main__":
+    print(run())
