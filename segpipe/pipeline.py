@@ -10,29 +10,25 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import zarr
 from distributed import Client
 
 from segpipe.config import JobSpec
 from segpipe.errors import InputError
-from segpipe.georef import export_cog
 from segpipe.grid import TileGrid
-from segpipe.html_report import write_html_report
 from segpipe.ingest import fingerprint, ingest, selected_bands, source_info
-from segpipe.instances import InstanceSummary, label_instances
 from segpipe.io.raster import RasterInfo
-from segpipe.io.result import add_truth_array
 from segpipe.io.store import open_or_create, remove_store, store_in
-from segpipe.metrics import tile_confusions
-from segpipe.nifti import export_nifti
-from segpipe.objects import ObjectReport, object_report, tile_objects, tile_polygons, write_polygons
-from segpipe.omezarr import export_ome_zarr
-from segpipe.report import MetricsReport, add_object_columns, build_report, write_object_report, write_report
 from segpipe.scene import Scene, work_path
 from segpipe.segment import MethodPlan, plan_method, segment
-from segpipe.split import split_instances
 from segpipe.truth import Truth, check_truth
+
+if TYPE_CHECKING:  # the later stages are imported where they run: start-up pays only for what a job uses
+    from segpipe.instances import InstanceSummary
+    from segpipe.objects import ObjectReport
+    from segpipe.report import MetricsReport
 
 
 @dataclass
@@ -118,6 +114,10 @@ def run_segment(c: Checked, scene: Scene, client: Client) -> str:
 
 def run_export(c: Checked, scene: Scene, result: str, client: Client) -> list[Path]:
     """Write the requested exports; each one is renamed into place only when complete."""
+    from segpipe.georef import export_cog
+    from segpipe.nifti import export_nifti
+    from segpipe.omezarr import export_ome_zarr
+
     out = []
     if "cog" in c.exports:
         out.append(export_cog(result, c.cog_path))
@@ -130,6 +130,9 @@ def run_export(c: Checked, scene: Scene, result: str, client: Client) -> list[Pa
 
 def run_instances(c: Checked, result: str, client: Client) -> InstanceSummary | None:
     """Connected components of the instance classes with global IDs into ``result.zarr/instances``."""
+    from segpipe.instances import label_instances
+    from segpipe.split import split_instances
+
     if c.job.instances is None:
         return None
     fp = {"result": zarr.open_group(result, mode="r").attrs["segpipe_fingerprint"],
@@ -146,6 +149,9 @@ def run_instances(c: Checked, result: str, client: Client) -> InstanceSummary | 
 def run_objects(c: Checked, scene: Scene, result: str, inst: InstanceSummary | None,
                 client: Client) -> ObjectReport | None:
     """Object statistics and matches (metrics/objects.*) and, for 2-D scenes, polygons (objects.gpkg)."""
+    from segpipe.objects import object_report, tile_objects, tile_polygons, write_polygons
+    from segpipe.report import write_object_report
+
     if inst is None:
         return None
     grid = TileGrid(scene.shape, c.job.tile_size)
@@ -163,6 +169,11 @@ def run_objects(c: Checked, scene: Scene, result: str, inst: InstanceSummary | N
 def run_metrics(c: Checked, scene: Scene, result: str, client: Client,
                 objects: ObjectReport | None = None) -> MetricsReport | None:
     """Per-tile (per-block) confusion matrices on the cluster, report files written atomically."""
+    from segpipe.html_report import write_html_report
+    from segpipe.io.result import add_truth_array
+    from segpipe.metrics import tile_confusions
+    from segpipe.report import add_object_columns, build_report, write_report
+
     if c.truth is None:
         return None
     add_truth_array(result, scene.shape, scene.chunk)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 from affine import Affine
-from skimage import color, filters, morphology
 
 from segpipe.errors import InputError
 from segpipe.grid import Box
@@ -100,6 +99,8 @@ def tissue_mask(path: str, min_fraction: float = 0.002) -> tuple[np.ndarray, int
     Tissue is saturated, background glass is not: Otsu on the thumbnail's saturation, then a
     closing and removal of specks smaller than ``min_fraction`` of the thumbnail.
     """
+    from skimage import color, filters, morphology  # here, not at import: only slide jobs pay for it
+
     with _open(path) as s:
         w, h = s.dimensions
         size = (max(1, w // THUMB_DOWNSAMPLE), max(1, h // THUMB_DOWNSAMPLE))
