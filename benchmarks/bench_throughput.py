@@ -67,7 +67,7 @@ def monai_sliding_window(image: np.ndarray) -> tuple[float, np.ndarray]:
     return image.size / dt / 1e6, cls
 
 
-def run(size: int = 4096, reps: int = 3) -> dict:
+def run(size: int = 6144, reps: int = 3) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         scene = mosaic_scene(tmp / "scene.tif", size)

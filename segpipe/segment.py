@@ -24,6 +24,7 @@ from segpipe.grid import Index, PatchGrid, TileGrid
 from segpipe.io.result import create_result
 from segpipe.io.store import Marks, ensure_array, open_or_create
 from segpipe.models.classical import ClassicalMethod, FitContext, make_classical
+from segpipe.patches import valid_patches_in_rows
 from segpipe.regions import check_params, grow_regions
 from segpipe.scene import Scene, result_path, work_path
 from segpipe.stats import sample_pixels, sample_windows, scene_stats
@@ -152,8 +153,6 @@ def patch_batches(client: Client, scene: Scene, patch: int, overlap: float, batc
 
     Validity is read on the workers, one unit of patch rows (z for volumes) per task.
     """
-    from segpipe.infer import valid_patches_in_rows
-
     rows = list(range(PatchGrid(scene.shape, patch, overlap).counts[0]))
     units = guided_units(rows, worker_slots(client))
     found = client.gather([client.submit(valid_patches_in_rows, scene.path, patch, overlap, u, pure=False)
