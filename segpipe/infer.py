@@ -108,6 +108,8 @@ def infer_batches(scene_path: str, work_path: str, model_path: str, patch: int |
     logits = zarr.open_array(work_path, path="logits", mode="r+")
     marks = Marks(work_path, INFER_STAGE)
     count = 0
+    done = marks.keys()  # a unit Dask reruns after a lost worker skips the batches already final
+    batches = [(k, group) for k, group in batches if batch_key(batch_size, k) not in done]
     with ThreadPoolExecutor(max_workers=1) as pool:
         def load(group: list[Index]) -> np.ndarray:
             return read_patches(scene, grid, group, spec)

@@ -42,7 +42,8 @@ def stitch_tiles(scene_path: str, work_path: str, result_path: str, patch: int |
 
     With ``free``, a patch is deleted from the work store once every tile it overlaps is marked final
     (each task marks its tile before looking at its neighbours', so of two neighbours finishing together
-    at least one sees both marks). ``after`` only makes Dask wait for the inference units this needs.
+    at least one sees both marks). A tile already marked is skipped. ``after`` only makes Dask wait for
+    the inference units this needs.
     """
     scene = Scene(scene_path)
     grid = PatchGrid(scene.shape, patch, overlap)
@@ -52,6 +53,8 @@ def stitch_tiles(scene_path: str, work_path: str, result_path: str, patch: int |
     marks = Marks(result_path, SEGMENT_STAGE)
     for index in tiles:
         tile = tgrid.tile(index)
+        if marks.done(tile.key):  # final already: a task Dask reruns after a lost worker must not redo it,
+            continue  # since with ``free`` the patches it was made from may be gone
         blended = blend_window(logits, grid, tile.core)
         cls = np.argmax(blended, axis=0).astype(np.uint8)
         valid = np.asarray(scene.valid[tile.core.slices]) > 0
