@@ -147,6 +147,11 @@ def main(names: list[str]) -> None:
         f"load average at the start {load_average()} (1/5/15 min). Each table's contenders ran side by side, "
         "alternated, repeated; figures are medians with the spread (min–max) in brackets. Earlier runs: "
         "benchmarks/HISTORY.md and git history.\n",
+        "How to read them: the goals are issue 8's. Whole-process contenders (`segpipe run`, the plain Dask "
+        "script, the flow) include interpreter start, cluster start and shutdown, so on small scenes fixed "
+        "start-up weighs heavily. Forward-only runs in the same two 1-thread worker processes as segpipe, and "
+        "its rate divided by the job's real overlap factor is the ceiling of end-to-end model throughput. The 3-D "
+        "table is one repetition and varies by ±15 % run to run on this VM.\n",
     ]
     for name in names or list(BENCHES):
         lines += BENCHES[name]()

@@ -99,7 +99,7 @@ def test_killing_a_worker_mid_run_still_gives_the_same_output(tmp_path, job, ref
 
         def go():
             try:
-                result["outcome"] = run(c, out, **job)
+                result["outcome"] = run(c, out, **{**job, "keep_work": False})  # patches freed while stitching
             except Exception as exc:  # noqa: BLE001 - reported below
                 result["error"] = exc
 
