@@ -118,12 +118,11 @@ def segment(job: JobSpec, scene: Scene, plan: MethodPlan, scene_fp: dict, client
           "model_sha256": plan.model_sha256, "tile_size": job.tile_size}
     result = result_path(job.store_root)
     create_result(result, fp, scene, plan.class_names)
-    tgrid = TileGrid(scene.shape, job.tile_size)
-    common = {"scene_path": scene.path, "tile_size": job.tile_size}
+    pending = _pending(Marks(result, SEGMENT_STAGE), TileGrid(scene.shape, job.tile_size))
+    if not pending:
+        return result  # finished earlier; its work store may be gone already
+    work = work_path(job.store_root)
     if plan.model is not None:
-        if not _pending(Marks(result, SEGMENT_STAGE), tgrid):
-            return result  # finished earlier; its work store may be gone already
-        work = work_path(job.store_root)
         group = open_or_create(work, fp, "work store")
         pgrid = PatchGrid(scene.shape, m.patch_size, m.overlap)
         nd = len(scene.shape)
@@ -132,19 +131,13 @@ def segment(job: JobSpec, scene: Scene, plan: MethodPlan, scene_fp: dict, client
                      (*(f"patch_{a}" for a in "zyx"[-nd:]), "class", *(f"p{a}" for a in "zyx"[-nd:])),
                      compress=False)  # logits barely compress; zstd would only cost CPU
         infer_and_stitch(client, scene, work, result, str(m.model), m.batch_size, use_gpu(job.cluster),
-                         m.patch_size, m.overlap, job.tile_size, _pending(Marks(result, SEGMENT_STAGE), tgrid),
-                         keep=job.keep_work)
+                         m.patch_size, m.overlap, job.tile_size, pending, keep=job.keep_work)
     elif m.name == "region_growing":
-        work = work_path(job.store_root)
-        if not _pending(Marks(result, SEGMENT_STAGE), tgrid):
-            return result
         grow_regions(scene, open_or_create(work, fp, "work store"), work, result, job.tile_size, m.params, client)
     else:
-        pending = _pending(Marks(result, SEGMENT_STAGE), tgrid)
-        if pending:
-            state = fit_classical(plan.classical, scene, client)
-            run_units(client, segment_classical_tiles, pending, result_path=result, method=m.name,
-                      params=m.params, state=state, **common)
+        state = fit_classical(plan.classical, scene, client)
+        run_units(client, segment_classical_tiles, pending, scene_path=scene.path, tile_size=job.tile_size,
+                  result_path=result, method=m.name, params=m.params, state=state)
     return result
 
 
