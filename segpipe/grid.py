@@ -2,9 +2,9 @@
 
 Why two grids: inference patches overlap and must lie on a single scene-wide grid so that the
 stitched answer does not depend on how the scene is split into tiles. Tiles are chunk-aligned
-blocks of the output; they decide *who* computes and writes what, never *what* is computed.
-Each patch is owned by exactly one tile (the tile containing its origin), so no patch is
-computed twice, and each output tile is written by exactly one task.
+blocks of the output; they decide *who* writes what, never *what* is computed: patches are computed
+once each, in fixed batches cut from the global grid (:mod:`segpipe.infer`), and each output tile is
+written by exactly one task.
 Everything here works on any number of spatial axes; the last two are rows and columns.
 """
 
@@ -177,12 +177,6 @@ class PatchGrid:
     def window(self, index: Index) -> Box:
         start = tuple(s[i] for s, i in zip(self.starts, index, strict=True))
         return Box(start, tuple(a + p for a, p in zip(start, self.size, strict=True)))
-
-    def owned_by(self, tile: Tile) -> list[Index]:
-        """Patch indices whose origin lies in ``tile``'s core: a partition of all patches."""
-        axes = [[i for i, s in enumerate(starts) if a <= s < b]
-                for starts, a, b in zip(self.starts, tile.core.start, tile.core.stop, strict=True)]
-        return list(itertools.product(*axes))
 
     def covering(self, box: Box) -> list[Index]:
         """Patch indices (in global lexicographic order) whose footprint intersects ``box``."""

@@ -31,7 +31,4 @@ def valid_patches_in_rows(scene_path: str, patch: int | Index, overlap: float, r
     scene = Scene(scene_path)
     grid = PatchGrid(scene.shape, patch, overlap)
     rest = [range(c) for c in grid.counts[1:]]
-    out: list[Index] = []
-    for i in rows:
-        out.extend(with_valid_pixels(scene, grid, list(itertools.product([i], *rest))))
-    return out
+    return [idx for i in rows for idx in with_valid_pixels(scene, grid, list(itertools.product([i], *rest)))]

@@ -183,8 +183,8 @@ def infer_and_stitch(client: Client, scene: Scene, work: str, result: str, model
     pending = [(k, b) for k, b in enumerate(batches) if batch_key(batch_size, k) not in done and needed.intersection(b)]
     resources = {"GPU": 1} if gpu else None
     cpu_slots = worker_slots(client)
-    largest = max(1, UNIT_PATCHES["gpu" if gpu else "cpu"] // batch_size)
-    units = guided_units(pending, worker_slots(client, resources), largest=largest)
+    slots = worker_slots(client, resources) if gpu else cpu_slots
+    units = guided_units(pending, slots, largest=max(1, UNIT_PATCHES["gpu" if gpu else "cpu"] // batch_size))
     unit_of = {i: u for u, unit in enumerate(units) for _, b in unit for i in b}
     waits = {t: sorted({unit_of[i] for i in covering[t] if i in unit_of}) for t in tiles}
     ready_after: dict[int, list[Index]] = {}

@@ -68,10 +68,7 @@ def _moments(path: str, w: Box, exact: bool) -> tuple:
     if v.shape[1] == 0:
         return 0, np.zeros(len(img)), np.zeros(len(img)), None, None, None, None, None
     g = grey(img)[valid]
-    counts = None
-    if exact:
-        sums, n = np.unique(img[:, valid].sum(axis=0, dtype=np.int64), return_counts=True)
-        counts = (sums, n)
+    counts = np.unique(v.sum(axis=0).astype(np.int64), return_counts=True) if exact else None
     return (v.shape[1], v.sum(axis=1), (v**2).sum(axis=1), v.min(axis=1), v.max(axis=1),
             float(g.min()), float(g.max()), counts)
 

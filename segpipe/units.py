@@ -40,9 +40,7 @@ def worker_slots(client: Client, resources: dict[str, float] | None = None) -> i
     return max(1, sum(int(w.get("nthreads", 1)) for w in workers))
 
 
-def run_units(client: Client, fn, items: Sequence, resources: dict[str, float] | None = None,
-              item_arg: str = "tiles", **kw) -> list:
-    """Submit ``fn(**kw, <item_arg>=unit)`` for every guided unit of ``items`` and gather the results."""
-    units = guided_units(items, worker_slots(client, resources))
-    futures = [client.submit(fn, **{item_arg: unit}, pure=False, resources=resources, **kw) for unit in units]
+def run_units(client: Client, fn, tiles: Sequence, **kw) -> list:
+    """Submit ``fn(**kw, tiles=unit)`` for every guided unit of ``tiles`` and gather the results."""
+    futures = [client.submit(fn, tiles=unit, pure=False, **kw) for unit in guided_units(tiles, worker_slots(client))]
     return client.gather(futures)

@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import pytest
 
@@ -18,14 +20,13 @@ def test_patch_starts_cover_the_axis(length, patch, stride):
 
 
 @pytest.mark.parametrize("tile", [64, 128, 512, 1024])
-def test_each_patch_is_owned_by_exactly_one_tile(tile):
-    pg = PatchGrid((1000, 1300), 128, 0.25)
-    owners = {}
-    for t in TileGrid((1000, 1300), tile):
-        for ij in pg.owned_by(t):
-            assert ij not in owners
-            owners[ij] = t.key
-    assert len(owners) == pg.counts[0] * pg.counts[1]
+def test_overlapping_lists_exactly_the_tiles_a_patch_touches(tile):
+    """What decides when a stitched patch may be freed: every tile it touches, no other."""
+    pg, tg = PatchGrid((1000, 1300), 128, 0.25), TileGrid((1000, 1300), tile)
+    for idx in itertools.product(*(range(c) for c in pg.counts)):
+        w = pg.window(idx)
+        expect = [t.key for t in tg if w.overlaps(t.core)]
+        assert [t.key for t in tg.overlapping(w)] == expect and expect
 
 
 def test_covering_lists_exactly_the_intersecting_patches():
@@ -52,14 +53,12 @@ def test_tile_transform_offsets_the_scene_affine():
     assert t.transform(a) @ (0, 0) == a @ (512, 256)
 
 
-def test_three_dimensional_grids_partition_and_cover():
+def test_three_dimensional_grids_cover():
     pg = PatchGrid((70, 200, 190), (32, 64, 64), 0.25)
-    owners = {}
-    for t in TileGrid((70, 200, 190), 64):
-        for idx in pg.owned_by(t):
-            assert idx not in owners
-            owners[idx] = t.key
-    assert len(owners) == int(np.prod(pg.counts)) and len(next(iter(owners))) == 3
+    owners = list(itertools.product(*(range(c) for c in pg.counts)))
+    assert len(owners[0]) == 3
+    tg = TileGrid((70, 200, 190), 64)
+    assert {t.key for idx in owners for t in tg.overlapping(pg.window(idx))} == {t.key for t in tg}
     covered = np.zeros((70, 200, 190), int)
     for idx in owners:
         covered[pg.window(idx).intersect(Box.of((70, 200, 190))).slices] += 1
