@@ -4,8 +4,9 @@ The patches that hold a valid pixel are listed once, in global (row-major) order
 of ``batch_size``: a batch's content depends on the scene and the batch size only, never on the tile
 size or the worker count, so its logits are the same however the work is split, and only the scene's
 very last batch is padded. Batches span tile boundaries; consecutive patches of a row are cut from one
-read of their union. Each batch writes its patches' raw logits to the work store (one chunk per
-patch, so writes never collide) and leaves a completion mark; :mod:`segpipe.stitch` blends them.
+read of their union. Each batch writes its patches' logits (relative to class 0) to the work store
+(one chunk per patch, so writes never collide) and leaves a completion mark; :mod:`segpipe.stitch`
+blends them.
 The model is loaded once per worker process and cached. Reading the next batch from Zarr overlaps
 with the model's forward pass on the current one.
 """
@@ -26,6 +27,7 @@ from segpipe.io.store import Marks
 from segpipe.models.checkpoint import ModelSpec, load_model
 from segpipe.models.unet import UNet
 from segpipe.scene import Scene
+from segpipe.stitch import relative_logits
 
 INFER_STAGE = "infer"
 _lock = threading.Lock()
@@ -119,7 +121,7 @@ def infer_batches(scene_path: str, work_path: str, model_path: str, patch: int |
             batch = pending.result()
             if n + 1 < len(batches):
                 pending = pool.submit(load, batches[n + 1][1])
-            out = forward(model, batch, device, batch_size).astype(np.float16)
+            out = relative_logits(forward(model, batch, device, batch_size))
             for idx, y in zip(group, out, strict=True):
                 logits[idx] = y
             marks.mark(batch_key(batch_size, k))

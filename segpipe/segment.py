@@ -22,13 +22,13 @@ from segpipe.config import JobSpec
 from segpipe.errors import InputError
 from segpipe.grid import Index, PatchGrid, TileGrid
 from segpipe.io.result import create_result
-from segpipe.io.store import Marks, ensure_array, open_or_create
+from segpipe.io.store import Marks, open_or_create
 from segpipe.models.classical import ClassicalMethod, FitContext, make_classical
 from segpipe.patches import valid_patches_in_rows
 from segpipe.regions import check_params, grow_regions
 from segpipe.scene import Scene, result_path, work_path
 from segpipe.stats import sample_pixels, sample_windows, scene_stats
-from segpipe.stitch import stitch_tiles
+from segpipe.stitch import create_logits_store, stitch_tiles
 from segpipe.units import guided_units, run_units, worker_slots
 
 if TYPE_CHECKING:
@@ -124,12 +124,7 @@ def segment(job: JobSpec, scene: Scene, plan: MethodPlan, scene_fp: dict, client
     work = work_path(job.store_root)
     if plan.model is not None:
         group = open_or_create(work, fp, "work store")
-        pgrid = PatchGrid(scene.shape, m.patch_size, m.overlap)
-        nd = len(scene.shape)
-        ensure_array(group, "logits", (*pgrid.counts, plan.n_classes, *pgrid.size),
-                     (*(1,) * nd, plan.n_classes, *pgrid.size), "float16", 0,
-                     (*(f"patch_{a}" for a in "zyx"[-nd:]), "class", *(f"p{a}" for a in "zyx"[-nd:])),
-                     compress=False)  # logits barely compress; zstd would only cost CPU
+        create_logits_store(group, PatchGrid(scene.shape, m.patch_size, m.overlap), plan.n_classes)
         infer_and_stitch(client, scene, work, result, str(m.model), m.batch_size, use_gpu(job.cluster),
                          m.patch_size, m.overlap, job.tile_size, pending, keep=job.keep_work)
     elif m.name == "region_growing":
@@ -158,7 +153,7 @@ def patch_batches(client: Client, scene: Scene, patch: int, overlap: float, batc
 # freed, so they are kept small: on a CPU worker 64 patches of 256² are several seconds of work (the Dask
 # task overhead is milliseconds); a GPU forwards them ~50x faster and gets longer units. Measured on a 6144²
 # scene: 256-patch units kept 4.4 B/px of logits at the peak.
-UNIT_PATCHES = {"cpu": 64, "gpu": 1024}
+UNIT_PATCHES = {"cpu": 32, "gpu": 1024}
 
 
 def infer_and_stitch(client: Client, scene: Scene, work: str, result: str, model: str, batch_size: int, gpu: bool,

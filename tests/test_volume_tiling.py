@@ -10,6 +10,7 @@ from segpipe.io.store import ensure_array
 from segpipe.models.checkpoint import ModelSpec, save_checkpoint
 from segpipe.scene import Scene
 from segpipe.segment import infer_and_stitch
+from segpipe.stitch import create_logits_store
 
 SHAPE = (40, 150, 140)  # z, y, x
 PATCH = (16, 64, 64)
@@ -45,8 +46,7 @@ def model3d(tmp_path_factory):
 def segment_volume(client, scene: str, out, model, tile: int) -> np.ndarray:
     pg = PatchGrid(SHAPE, PATCH, 0.25)
     work = zarr.open_group(str(out / "work.zarr"), mode="w-")
-    ensure_array(work, "logits", (*pg.counts, 3, *PATCH), (1, 1, 1, 3, *PATCH), "float16", 0,
-                 ("pz", "py", "px", "class", "z", "y", "x"))
+    create_logits_store(work, pg, 3)
     result = zarr.open_group(str(out / "result.zarr"), mode="w-")
     # Chunks no larger than the smallest tile: every tile writes whole chunks, so no two tasks share one.
     ensure_array(result, "class", SHAPE, (16, 32, 32), "uint8", 255, ("z", "y", "x"))

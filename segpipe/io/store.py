@@ -101,17 +101,19 @@ def _jsonable(value: Any) -> Any:
 
 def ensure_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[int, ...],
                  dtype: Any, fill_value: Any, dims: tuple[str, ...],
-                 attrs: dict[str, Any] | None = None, compress: bool = True) -> zarr.Array:
-    """Create ``name`` in ``group`` unless it already exists with the same geometry (resume)."""
+                 attrs: dict[str, Any] | None = None, compressors: Any = "auto") -> zarr.Array:
+    """Create ``name`` in ``group`` unless it already exists with the same geometry (resume).
+
+    ``compressors`` as Zarr takes them; the default is Zarr's (zstd).
+    """
     if name in group:
         arr = group[name]
         if tuple(arr.shape) != tuple(shape) or np.dtype(arr.dtype) != np.dtype(dtype):
             raise InputError(f"array {name!r} in {group.store} has another shape or dtype; "
                              "use another output folder")
         return arr
-    extra = {} if compress else {"compressors": None}
     arr = group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill_value,
-                             dimension_names=dims, **extra)
+                             dimension_names=dims, compressors=compressors)
     if attrs:
         arr.attrs.update(attrs)
     return arr
