@@ -43,8 +43,32 @@ def test_internal_mask_is_honoured(tmp_path, client):
         ds.write_mask(mask)
     out = tmp_path / "out"
     run(client, out, input=str(src), tile_size=256, chunk_size=128, method={"name": "otsu"})
-    valid = zarr.open_array(str(out / "scene.zarr"), path="valid", mode="r")[:]
-    assert valid[:50].sum() == 0 and valid[50:].all()
+    valid = zarr.open_array(str(out / "scene.zarr"), path="valid", mode="r")
+    assert valid[:][:50].sum() == 0 and valid[:][50:].all()
+    # all-valid chunk rows are never written (the array reads as valid where unwritten): only row 0 is stored
+    assert valid.fill_value == 1 and valid.nchunks_initialized == 3
+
+
+def test_validity_of_a_store_from_an_older_version_is_written_in_full(tmp_path, client):
+    """A scene store made with fill value 0 (before unwritten meant valid) must get every window written."""
+    from segpipe.config import job_from_dict
+    from segpipe.ingest import ingest, source_info
+
+    out = tmp_path / "out"
+    job = job_from_dict({"input": str(SCENE), "output": str(out), "chunk_size": 128, "method": {"name": "otsu"}},
+                        tmp_path)
+    info = source_info(str(SCENE))
+    ingest(job, info, client)
+    g = zarr.open_group(str(out / "scene.zarr"), mode="r+")
+    attrs = dict(g["valid"].attrs)
+    del g["valid"]
+    g.create_array("valid", shape=info.shape, chunks=(128, 128), dtype="uint8", fill_value=0,
+                   dimension_names=("y", "x")).attrs.update(attrs)
+    Marks(out / "scene.zarr", "ingest").clear()
+    ingest(job, info, client)
+    with rasterio.open(SCENE) as ds:
+        expect = ds.dataset_mask() > 0
+    np.testing.assert_array_equal(zarr.open_array(str(out / "scene.zarr"), path="valid", mode="r")[:] > 0, expect)
 
 
 def test_rerun_skips_finished_tiles_and_redoes_only_missing_ones(tmp_path, client, tiny_model):
