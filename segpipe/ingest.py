@@ -22,6 +22,7 @@ import numpy as np
 import rasterio
 import zarr
 from distributed import Client
+from rasterio.enums import MaskFlags
 from zarr.codecs import BloscCodec
 
 from segpipe.config import JobSpec
@@ -30,6 +31,7 @@ from segpipe.grid import Box, TileGrid
 from segpipe.io.fingerprint import source_fingerprint
 from segpipe.io.raster import RasterInfo, is_remote, raster_info
 from segpipe.io.slide import is_slide, read_window, slide_info, tissue_mask, upsample_mask
+from segpipe.io.source_pixels import SourcePixels, suits_in_place
 from segpipe.io.store import Marks, ensure_array, geo_attrs, open_or_create
 from segpipe.io.volume import is_volume, read_volume, volume_info
 from segpipe.scene import Scene, scene_path
@@ -55,7 +57,13 @@ def fingerprint(job: JobSpec, info: RasterInfo) -> dict:
     else:
         stamp = source_fingerprint(info.path)
     return {"source": info.path, **stamp, "shape": [info.count, *info.shape],
-            "bands": selected_bands(job, info), "nodata": job.nodata, "chunk": job.chunk_for(len(info.shape))}
+            "bands": selected_bands(job, info), "nodata": job.nodata, "chunk": job.chunk_for(len(info.shape)),
+            "pixels": "source" if in_place(job, info) else "copy"}
+
+
+def in_place(job: JobSpec, info: RasterInfo) -> bool:
+    """Whether the job reads the source's pixels in place instead of copying them (see ``pixels``)."""
+    return job.pixels == "auto" and info.kind == "raster" and suits_in_place(info.block, job.chunk_for(2))
 
 
 def source_info(path: str) -> RasterInfo:
@@ -95,6 +103,12 @@ def _read_volume(src: str, w: Box, bands: list[int], nodata: float | None) -> tu
     return data, np.ones(w.shape, bool) if nodata is None else _not_nodata(data, nodata)
 
 
+def _valid_everywhere(ds: rasterio.DatasetReader) -> bool:
+    """An integer raster without nodata, mask or alpha in any band: GDAL's dataset mask is valid everywhere."""
+    return (np.issubdtype(np.dtype(ds.dtypes[0]), np.integer)
+            and all(ds.mask_flag_enums[b - 1] == [MaskFlags.all_valid] for b in range(1, ds.count + 1)))
+
+
 def _not_nodata(data: np.ndarray, nodata: float) -> np.ndarray:
     """Pixels where no band holds the nodata value (NaN compared as NaN)."""
     return ~np.any(np.isnan(data) if np.isnan(nodata) else data == nodata, axis=0)
@@ -102,10 +116,14 @@ def _not_nodata(data: np.ndarray, nodata: float) -> np.ndarray:
 
 def _ingest_row(src: str, store: str, row: int, chunk: int, bands: list[int], nodata: float | None,
                 tissue: tuple[np.ndarray, float] | None = None) -> int:
-    """Copy one row of chunk windows (a z slab for volumes) from ``src`` into the store; returns the row."""
+    """Copy one row of chunk windows (a z slab for volumes) from ``src`` into the store; returns the row.
+
+    A store without an ``image`` array reads the pixels in place: only validity is written.
+    """
     group = zarr.open_group(store, mode="r+")
-    image, valid = group["image"], group["valid"]
-    grid = TileGrid(tuple(image.shape[1:]), chunk)
+    valid = group["valid"]
+    image = group["image"] if "image" in group else None
+    grid = TileGrid(tuple(valid.shape), chunk)
     if len(grid.shape) == 3:  # one read per slab: volume formats are read slice-wise anyway
         w = Box((row * chunk, 0, 0), (min(grid.shape[0], (row + 1) * chunk), *grid.shape[1:]))
         data, ok = _read_volume(src, w, bands, nodata)
@@ -115,9 +133,14 @@ def _ingest_row(src: str, store: str, row: int, chunk: int, bands: list[int], no
         return row
     with ExitStack() as stack:
         ds = None if tissue is not None else stack.enter_context(rasterio.open(src))
-        for w in _row_spans(grid, row, image.dtype.itemsize * image.shape[0]):
+        if image is None and ds is not None and nodata is None and _valid_everywhere(ds):
+            Marks(store, STAGE).mark(str(row))  # nothing to copy and nothing to learn: no pixel is read
+            return row
+        itemsize = image.dtype.itemsize * image.shape[0] if image is not None else 8 * len(bands)
+        for w in _row_spans(grid, row, itemsize):
             data, ok = _read_slide(src, w, bands, tissue) if ds is None else _read_raster(ds, w, bands, nodata)
-            image[:, w.row0:w.row1, w.col0:w.col1] = data
+            if image is not None:
+                image[:, w.row0:w.row1, w.col0:w.col1] = data
             _write_valid(valid, w.slices, ok)
     Marks(store, STAGE).mark(str(row))
     return row
@@ -154,11 +177,15 @@ def ingest(job: JobSpec, info: RasterInfo, client: Client) -> Scene:
     nd = len(info.shape)
     c = job.chunk_for(nd)
     dims = ("z", "y", "x")[-nd:]
-    ensure_array(group, "image", (len(bands), *info.shape), (len(bands), *(c,) * nd), info.dtype,
-                 0, ("band", *dims), compressors=IMAGE_CODEC)
+    pixels = {}
+    if in_place(job, info):
+        pixels = SourcePixels(info.path, bands, info.shape, info.dtype, c).attrs()
+    else:
+        ensure_array(group, "image", (len(bands), *info.shape), (len(bands), *(c,) * nd), info.dtype,
+                     0, ("band", *dims), compressors=IMAGE_CODEC)
     ensure_array(group, "valid", info.shape, (c,) * nd, "uint8", 1, dims)
     geometry = info.geometry if info.geometry is not None else geo_attrs(info.crs, info.transform, info.mpp)
-    group.attrs.update({**geometry, "source": info.path, "kind": info.kind,
+    group.attrs.update({**geometry, **pixels, "source": info.path, "kind": info.kind,
                         "bands": bands, "nodata": job.nodata if job.nodata is not None else info.nodata,
                         "band_names": [info.descriptions[b - 1] or f"band{b}" for b in bands]})
     marks = Marks(store, STAGE)

@@ -86,7 +86,9 @@ def export_ome_zarr(scene_path: str, result_path: str, dest: str | Path, client:
         root = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
         root.attrs["ome"] = {"version": VERSION, "multiscales": _multiscales(
             n, [{"name": "c", "type": "channel"}, *space], size, Path(scene.group.attrs.get("source", "image")).name)}
-        _pyramid(root, da.from_zarr(scene.image), n, chunk, nd, 0, ("c", *spatial), client)
+        image = scene.image  # the store's array, or the source read in place
+        pixels = da.from_zarr(image) if isinstance(image, zarr.Array) else da.from_array(image, chunks=image.chunks)
+        _pyramid(root, pixels, n, chunk, nd, 0, ("c", *spatial), client)
         labels = root.create_group("labels")
         labels.attrs["ome"] = {"version": VERSION, "labels": [LABEL_NAME]}
         seg = labels.create_group(LABEL_NAME)

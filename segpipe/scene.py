@@ -16,12 +16,16 @@ from affine import Affine
 from rasterio.crs import CRS
 
 from segpipe.grid import Box
+from segpipe.io.source_pixels import SourcePixels
 from segpipe.io.store import read_geo, store_in
 
 
 @dataclass(frozen=True)
 class Scene:
-    """Handle on ``scene.zarr``: ``image`` (band, [z,] y, x) and ``valid`` ([z,] y, x)."""
+    """Handle on ``scene.zarr``: ``image`` (band, [z,] y, x) and ``valid`` ([z,] y, x).
+
+    ``image`` is read from the source itself when ingest chose to read it in place.
+    """
 
     path: str
 
@@ -30,7 +34,10 @@ class Scene:
         return zarr.open_group(self.path, mode="r")
 
     @cached_property
-    def image(self) -> zarr.Array:
+    def image(self) -> zarr.Array | SourcePixels:
+        """The pixels: the store's ``image`` array, or the source GeoTIFF read in place (same indexing)."""
+        if self.group.attrs.get("pixels") == "source":
+            return SourcePixels.from_attrs(dict(self.group.attrs))
         return self.group["image"]  # opened once: every open re-reads the array's metadata
 
     @cached_property

@@ -30,6 +30,7 @@ class RasterInfo:
     mpp: tuple[float, float] | None = None
     depth: int | None = None  # volumes only
     geometry: dict | None = None  # volumes: store attributes for the affine, spacing, origin, direction
+    block: tuple[int, int] | None = None  # a GeoTIFF's internal tile (None: strips, or bands of mixed types)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -86,8 +87,9 @@ def raster_info(path: str | Path, what: str = "input raster", require_crs: bool 
             ds.read(1, window=((ds.height - 1, ds.height), (ds.width - 1, ds.width)))
         except RasterioIOError as exc:
             raise InputError(f"{what} is corrupt ({str(exc).splitlines()[0]}): {path}") from None
+        tiled = ds.driver == "GTiff" and ds.profile.get("tiled", False) and len(set(ds.dtypes)) == 1
         return RasterInfo(
             path=local_or_remote(path), height=ds.height, width=ds.width, count=ds.count,
             dtype=ds.dtypes[0], crs=ds.crs, transform=ds.transform, nodata=ds.nodata,
-            descriptions=tuple(ds.descriptions),
+            descriptions=tuple(ds.descriptions), block=tuple(ds.block_shapes[0]) if tiled else None,
         )

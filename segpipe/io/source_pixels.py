@@ -1,0 +1,108 @@
+"""A tiled GeoTIFF/COG read in place: the scene's pixels without a copy into the scene store.
+
+Copying a tiled GeoTIFF into Zarr costs a decode, an encode and a second copy of the scene on disk, and
+buys nothing when the file's internal tiles already fit the job's chunks: a windowed read decodes just
+the tiles it touches, as a Zarr chunk read would (odc-stac and Raster Vision read sources this way too).
+:class:`SourcePixels` looks like the store's ``image`` array (band, y, x) to every stage: same shape,
+dtype, chunks and NumPy-style indexing. The scene store still holds validity and the geometry; its
+fingerprint records the source's size and modification time, so a changed source is refused on resume.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import rasterio
+
+_handles = threading.local()  # GDAL dataset handles must not be shared between threads
+
+# Rows per read when a strided key (a quick-look) is served: bounds memory on any scene size.
+_STRIDED_ROWS = 512
+
+
+def _dataset(path: str) -> rasterio.DatasetReader:
+    """This thread's open handle on ``path`` (opening per read would re-parse the header every tile)."""
+    open_ = getattr(_handles, "open", None)
+    if open_ is None:
+        open_ = _handles.open = {}
+    ds = open_.get(path)
+    if ds is None or ds.closed:
+        ds = open_[path] = rasterio.open(path)
+    return ds
+
+
+def suits_in_place(block: tuple[int, int] | None, chunk: int) -> bool:
+    """Whether a source with internal tiles ``block`` can serve ``chunk``-sized windows without waste."""
+    return block is not None and chunk % block[0] == 0 and chunk % block[1] == 0
+
+
+class SourcePixels:
+    """Read-only array view (band, y, x) of the selected ``bands`` (1-based) of the GeoTIFF at ``path``."""
+
+    def __init__(self, path: str, bands: list[int], shape: tuple[int, int], dtype: str, chunk: int) -> None:
+        self.path = path
+        self.bands = list(bands)
+        self.shape = (len(self.bands), *shape)
+        self.dtype = np.dtype(dtype)
+        self.chunks = (len(self.bands), chunk, chunk)
+        self.ndim = 3
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> SourcePixels:
+        """The view a scene store's attributes describe (written by ingest)."""
+        return cls(attrs["source"], attrs["bands"], tuple(attrs["pixels_shape"]), attrs["pixels_dtype"],
+                   int(attrs["pixels_chunk"]))
+
+    def attrs(self) -> dict[str, Any]:
+        return {"pixels": "source", "pixels_shape": list(self.shape[1:]), "pixels_dtype": self.dtype.name,
+                "pixels_chunk": self.chunks[1]}
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        if any(k is Ellipsis for k in key):
+            i = key.index(Ellipsis)
+            key = key[:i] + (slice(None),) * (self.ndim - len(key) + 1) + key[i + 1:]
+        key = key + (slice(None),) * (self.ndim - len(key))
+        if len(key) != self.ndim:
+            raise IndexError(f"too many indices for a {self.ndim}-D array")
+        picked = np.arange(len(self.bands))[key[0]]
+        bands = [self.bands[i] for i in np.atleast_1d(picked)]
+        axes, squeeze = [], []
+        for k, n in zip(key[1:], self.shape[1:], strict=True):
+            if isinstance(k, (int, np.integer)):
+                k = int(k) + n if k < 0 else int(k)
+                if not 0 <= k < n:
+                    raise IndexError(f"index {k} out of range for an axis of {n}")
+                axes.append((k, k + 1, 1))
+                squeeze.append(True)
+            elif isinstance(k, slice):
+                axes.append(k.indices(n))
+                squeeze.append(False)
+            else:
+                raise TypeError(f"SourcePixels takes integers and slices, not {type(k).__name__}")
+        (r0, r1, rs), (c0, c1, cs) = axes
+        out = self._read(bands, r0, r1, rs, c0, c1, cs)
+        if np.ndim(picked) == 0:
+            out = out[0]
+        drop = tuple(i - len(squeeze) for i, s in enumerate(squeeze) if s)
+        return np.squeeze(out, axis=drop) if drop else out
+
+    def _read(self, bands: list[int], r0: int, r1: int, rs: int, c0: int, c1: int, cs: int) -> np.ndarray:
+        if rs < 0 or cs < 0:
+            raise IndexError("SourcePixels does not take negative steps")
+        ds = _dataset(self.path)
+        if not bands or r1 <= r0 or c1 <= c0:
+            return np.zeros((len(bands), max(0, -(-(r1 - r0) // rs)), max(0, -(-(c1 - c0) // cs))), self.dtype)
+        if rs == 1 and cs == 1:
+            return ds.read(bands, window=((r0, r1), (c0, c1)))
+        parts = []
+        for top in range(r0, r1, _STRIDED_ROWS * rs):  # whole multiples of the step keep the stride aligned
+            bottom = min(r1, top + _STRIDED_ROWS * rs)
+            parts.append(ds.read(bands, window=((top, bottom), (c0, c1)))[:, ::rs, ::cs])
+        return np.concatenate(parts, axis=1)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        a = self[:]
+        return a if dtype is None else a.astype(dtype)
