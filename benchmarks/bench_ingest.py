@@ -2,7 +2,9 @@
 
 A derived 8192² uint16 deflate-tiled GeoTIFF (the SpaceNet sample mosaicked with flips). One LocalCluster
 of 2 workers x 1 thread serves all three contenders, alternated and repeated:
-- segpipe: the ingest stage (pixels + validity from GDAL's dataset mask, completion marks);
+- segpipe: the ingest stage as a job runs it: the tiled source is read in place, so ingest decodes
+  validity from GDAL's dataset mask (all-valid windows are not written) and leaves completion marks;
+- segpipe copy: the same with ``pixels: copy`` (pixels copied into scene.zarr, as for strip TIFFs);
 - decode: rasterio reads of the same 512-px row windows on the workers, pixels thrown away (the floor);
 - rioxarray: ``open_rasterio(chunks=512).to_zarr()``, pixels only.
 Goals (issue 8): segpipe >= 0.8 x decode and >= 1.5 x rioxarray.
@@ -42,10 +44,11 @@ def run(size: int = 8192, reps: int = 3) -> dict:
         info = source_info(str(scene))
         client.run(lambda: None)
 
-        def segpipe_ingest() -> float:
+        def segpipe_ingest(pixels: str = "auto") -> float:
             out = tmp / "seg"
             shutil.rmtree(out, ignore_errors=True)
-            job = job_from_dict({"input": str(scene), "output": str(out), "method": {"name": "otsu"}}, tmp)
+            job = job_from_dict({"input": str(scene), "output": str(out), "method": {"name": "otsu"},
+                                 "pixels": pixels}, tmp)
             t0 = time.perf_counter()
             ingest(job, info, client)
             return time.perf_counter() - t0
@@ -64,11 +67,16 @@ def run(size: int = 8192, reps: int = 3) -> dict:
             da.to_dataset(name="image").to_zarr(out, mode="w", consolidated=False)
             return time.perf_counter() - t0
 
-        res = alternate({"segpipe": segpipe_ingest, "decode": decode, "rioxarray": rio_to_zarr}, reps)
+        res = alternate({"segpipe": segpipe_ingest, "copy": lambda: segpipe_ingest("copy"), "decode": decode,
+                         "rioxarray": rio_to_zarr}, reps)
     mpx = size * size / 1e6
+
+    def ratio(a: str, b: str) -> list[float]:
+        return [y / x for x, y in zip(res[a], res[b], strict=True)]
+
     return {"size": size, "reps": reps, **{f"{k}_s": v for k, v in res.items()},
-            "segpipe_over_decode": [d / s for s, d in zip(res["segpipe"], res["decode"], strict=True)],
-            "segpipe_over_rioxarray": [r / s for s, r in zip(res["segpipe"], res["rioxarray"], strict=True)],
+            "segpipe_over_decode": ratio("segpipe", "decode"), "segpipe_over_rioxarray": ratio("segpipe", "rioxarray"),
+            "copy_over_decode": ratio("copy", "decode"), "copy_over_rioxarray": ratio("copy", "rioxarray"),
             "segpipe_mpx_s": mpx / median_spread(res["segpipe"])[0], "load": load_average(),
             "note": "ratios are speed ratios (time of the other / time of segpipe)"}
 

@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distributed import Client, default_client
 from prefect import flow, get_run_logger, task
@@ -19,7 +19,6 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from segpipe.cluster import connect
 from segpipe.config import load_job
-from segpipe.instances import InstanceSummary
 from segpipe.pipeline import (
     Checked,
     check,
@@ -31,8 +30,10 @@ from segpipe.pipeline import (
     run_objects,
     run_segment,
 )
-from segpipe.report import format_summary
 from segpipe.scene import Scene
+
+if TYPE_CHECKING:  # instances (scipy) and report (pandas) load only when a run uses them, as in the CLI
+    from segpipe.instances import InstanceSummary
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -92,6 +93,8 @@ def metrics_task(checked: Checked, scene: str, result: str, instances: InstanceS
         report = run_metrics(checked, Scene(scene), result, client, objects)
     if report is None:
         return None
+    from segpipe.report import format_summary
+
     create_table_artifact(key="tile-iou", table=report.rows,
                           description=f"Per-tile IoU/Dice/accuracy for {Path(checked.job.input).name}")
     s = report.summary

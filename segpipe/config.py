@@ -99,7 +99,7 @@ class JobSpec(_Strict):
         None, description="default: cog for rasters; cog and ome-zarr for slides; nifti for volumes")
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     pixels: Literal["auto", "copy"] = Field(
-        "auto", description="auto: a tiled GeoTIFF/COG whose internal tiles divide chunk_size is read in place; "
+        "auto", description="auto: a tiled GeoTIFF/COG whose internal tiles nest with the chunks is read in place; "
                             "other inputs, or any input with 'copy', are copied into scene.zarr")
     keep_work: bool = Field(False, description="keep the model's logits work store after a successful run "
                                                "(removed by default: it is scratch, several bytes per pixel)")

@@ -17,7 +17,8 @@ def test_multiband_ingest_keeps_pixels_nodata_and_georeferencing(tmp_path, clien
     data[:, 100:200, 300:420] = 9999
     src = write_tif(tmp_path / "four.tif", data, nodata=9999)
     out = tmp_path / "out"
-    run(client, out, input=str(src), bands=[4, 2], tile_size=256, method={"name": "kmeans", "params": {"k": 2}})
+    run(client, out, input=str(src), bands=[4, 2], tile_size=256, pixels="copy",
+        method={"name": "kmeans", "params": {"k": 2}})
     g = zarr.open_group(str(out / "scene.zarr"), mode="r")
     assert g["image"].shape == (2, 700, 650) and g["image"].chunks == (2, 256, 256)
     np.testing.assert_array_equal(g["image"][:], data[[3, 1]])

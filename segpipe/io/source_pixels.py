@@ -18,8 +18,8 @@ import rasterio
 
 _handles = threading.local()  # GDAL dataset handles must not be shared between threads
 
-# Rows per read when a strided key (a quick-look) is served: bounds memory on any scene size.
-_STRIDED_ROWS = 512
+# Bytes per read when a strided key (a quick-look) is served: bounds memory on any scene size.
+_STRIDED_BYTES = 64 * 2**20
 
 
 def _dataset(path: str) -> rasterio.DatasetReader:
@@ -33,9 +33,17 @@ def _dataset(path: str) -> rasterio.DatasetReader:
     return ds
 
 
+# Larger internal tiles make every small window decode a lot of pixels it does not use.
+MAX_BLOCK = 1024
+
+
 def suits_in_place(block: tuple[int, int] | None, chunk: int) -> bool:
-    """Whether a source with internal tiles ``block`` can serve ``chunk``-sized windows without waste."""
-    return block is not None and chunk % block[0] == 0 and chunk % block[1] == 0
+    """Whether a source with internal tiles ``block`` can serve ``chunk``-sized windows without waste.
+
+    The tiles and the chunks must nest (either divides the other): then a chunk window decodes whole tiles
+    of its own, or one tile that GDAL's block cache keeps for the other chunks inside it.
+    """
+    return block is not None and max(block) <= MAX_BLOCK and all(chunk % b == 0 or b % chunk == 0 for b in block)
 
 
 class SourcePixels:
@@ -97,10 +105,15 @@ class SourcePixels:
             return np.zeros((len(bands), max(0, -(-(r1 - r0) // rs)), max(0, -(-(c1 - c0) // cs))), self.dtype)
         if rs == 1 and cs == 1:
             return ds.read(bands, window=((r0, r1), (c0, c1)))
+        row_bytes = (c1 - c0) * len(bands) * self.dtype.itemsize
+        kept_per_read = max(1, _STRIDED_BYTES // max(1, row_bytes * rs))  # rows kept per read
         parts = []
-        for top in range(r0, r1, _STRIDED_ROWS * rs):  # whole multiples of the step keep the stride aligned
-            bottom = min(r1, top + _STRIDED_ROWS * rs)
-            parts.append(ds.read(bands, window=((top, bottom), (c0, c1)))[:, ::rs, ::cs])
+        for top in range(r0, r1, kept_per_read * rs):  # whole multiples of the step keep the stride aligned
+            if kept_per_read == 1:  # sparse rows: read just the kept one (GDAL caches the tiles it spans)
+                parts.append(ds.read(bands, window=((top, top + 1), (c0, c1)))[:, :, ::cs])
+            else:
+                bottom = min(r1, top + kept_per_read * rs)
+                parts.append(ds.read(bands, window=((top, bottom), (c0, c1)))[:, ::rs, ::cs])
         return np.concatenate(parts, axis=1)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
