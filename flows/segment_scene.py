@@ -22,6 +22,7 @@ from segpipe.config import load_job
 from segpipe.pipeline import (
     Checked,
     check,
+    in_process,
     remove_scratch,
     run_export,
     run_ingest,
@@ -117,7 +118,7 @@ def segment_scene(job: str, output: str | None = None, scheduler: str | None = N
     if scheduler:
         overrides["cluster"] = {"scheduler": scheduler}
     checked = check_task(job, overrides)
-    with connect(checked.job.cluster) as client:
+    with connect(checked.job.cluster, in_process=in_process(checked)) as client:
         address = client.scheduler.address
         scene = ingest_task(checked, address)
         result = segment_task(checked, scene, address)

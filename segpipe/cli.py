@@ -33,12 +33,12 @@ def _overrides(args: argparse.Namespace) -> dict:
 def cmd_run(args: argparse.Namespace) -> int:
     from segpipe.cluster import connect
     from segpipe.config import load_job
-    from segpipe.pipeline import check, run_job
+    from segpipe.pipeline import check, in_process, run_job
     from segpipe.report import format_summary
 
     job = load_job(args.job, _overrides(args))
     checked = check(job)
-    with connect(job.cluster) as client:
+    with connect(job.cluster, in_process=in_process(checked)) as client:
         outcome = run_job(checked, client, log=lambda line: print(f"segpipe: {line}", flush=True))
     for path in outcome.exports:
         print(f"export:       {path}")

@@ -44,8 +44,12 @@ def use_gpu(spec: ClusterSpec) -> bool:
 
 
 @contextmanager
-def connect(spec: ClusterSpec) -> Iterator[Client]:
-    """Yield a client for the job; a LocalCluster made here is closed on exit."""
+def connect(spec: ClusterSpec, in_process: bool = False) -> Iterator[Client]:
+    """Yield a client for the job; a LocalCluster made here is closed on exit.
+
+    ``in_process``: one worker whose threads (n_workers x threads_per_worker of them) run in this process;
+    no worker process is spawned or stopped, which on a small job is most of its wall time.
+    """
     if spec.scheduler:
         try:
             client = Client(spec.scheduler, timeout="15s")
@@ -55,6 +59,12 @@ def connect(spec: ClusterSpec) -> Iterator[Client]:
             yield client
         finally:
             client.close()
+        return
+    if in_process:
+        threads = spec.n_workers * spec.threads_per_worker
+        with LocalCluster(n_workers=1, threads_per_worker=threads, processes=False, memory_limit=0,
+                          dashboard_address=":0") as cluster, Client(cluster) as client:
+            yield client
         return
     gpu = use_gpu(spec)
     n_workers = max(1, cuda_devices()) if gpu else spec.n_workers

@@ -76,6 +76,10 @@ class ClusterSpec(_Strict):
     threads_per_worker: int = Field(1, ge=1)
     memory_limit: str = "4GiB"
     gpu: Literal["auto", "yes", "no"] = "auto"
+    processes: Literal["auto", "yes", "no"] = Field(
+        "auto", description="worker processes (yes) or threads of the segpipe process (no); auto: threads for a "
+                            "classical job on a scene of at most 32 Mpx, where starting and stopping worker "
+                            "processes costs more than the threads lose to Python's GIL")
 
 
 class JobSpec(_Strict):

@@ -7,6 +7,7 @@ never leaves a partial output behind.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,22 @@ def check(job: JobSpec) -> Checked:
     return Checked(job, info, plan, truth)
 
 
+# Scenes up to this many pixels (voxels) run a classical method in threads of the client's process when the
+# cluster's ``processes`` is auto. Measured on a 16.8 Mpx otsu job (2 cores): threads saved 1.9 s of worker
+# start and 0.6 s of shutdown and lost 0.9 s in segmentation to the GIL; the loss grows with the scene.
+IN_PROCESS_PIXELS = 2**25
+
+
+def in_process(c: Checked) -> bool:
+    """Whether the job's LocalCluster should be threads of this process rather than worker processes."""
+    spec = c.job.cluster
+    if spec.scheduler or spec.processes == "yes":
+        return False
+    if spec.processes == "no":
+        return True
+    return c.plan.model is None and math.prod(c.info.shape) <= IN_PROCESS_PIXELS
+
+
 def run_ingest(c: Checked, client: Client) -> Scene:
     return ingest(c.job, c.info, client)
 
@@ -113,17 +130,22 @@ def run_segment(c: Checked, scene: Scene, client: Client) -> str:
 
 
 def run_export(c: Checked, scene: Scene, result: str, client: Client) -> list[Path]:
-    """Write the requested exports; each one is renamed into place only when complete."""
-    from segpipe.georef import export_cog
-    from segpipe.nifti import export_nifti
-    from segpipe.omezarr import export_ome_zarr
+    """Write the requested exports; each one is renamed into place only when complete.
 
+    Each writer is imported only when asked for: OME-Zarr's dask.array alone costs over a second.
+    """
     out = []
     if "cog" in c.exports:
+        from segpipe.georef import export_cog
+
         out.append(export_cog(result, c.cog_path))
     if "nifti" in c.exports:
+        from segpipe.nifti import export_nifti
+
         out.append(export_nifti(result, c.nifti_path))
     if "ome-zarr" in c.exports:
+        from segpipe.omezarr import export_ome_zarr
+
         out.append(export_ome_zarr(scene.path, result, c.ome_path, client, c.plan.class_names))
     return out
 

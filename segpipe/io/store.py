@@ -174,10 +174,21 @@ class Marks:
         return (self.dir / key).exists()
 
     def mark(self, key: str) -> None:
+        self.mark_all([key])
+
+    def mark_all(self, keys: list[str]) -> None:
+        """Mark each of ``keys`` done, in order.
+
+        A mark is an empty file, so creating it is already atomic (it exists or it does not): no temporary
+        file and rename, which cost more than a small tile's own work.
+        """
         if self.fs is not None:
-            self.fs.pipe(f"{self.remote_dir}/{key}", b"")
+            for key in keys:
+                self.fs.pipe(f"{self.remote_dir}/{key}", b"")
             return
-        write_atomic(self.dir / key, "")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for key in keys:
+            os.close(os.open(self.dir / key, os.O_CREAT | os.O_WRONLY, 0o644))
 
     def keys(self) -> set[str]:
         if self.fs is not None:
