@@ -138,8 +138,27 @@ def volume() -> list[str]:
     ]
 
 
+def scale() -> list[str]:
+    import bench_scale
+
+    r = bench_scale.run()
+    return [
+        f"### Scale: 1.6 Gpx otsu ({r['size']}², tile {r['tile']}, derived mosaic made in {r['scene_seconds']:.0f} s; "
+        f"{r['reps']} repetition(s); load {r['load']})\n",
+        "| contender | seconds | peak RSS MiB (process tree) |", "|---|---|---|",
+        f"| segpipe run | {fmt(r['segpipe_s'])} | {fmt(r['segpipe_rss_mib'])} |",
+        f"| plain Dask (rioxarray → histogram → map_overlap → to_zarr → GDAL COG) | {fmt(r['plain_s'])} | "
+        f"{fmt(r['plain_rss_mib'])} |",
+        "",
+        f"- segpipe ÷ plain Dask = **{fmt(r['ratio'])}** (goal ≤ 2); segpipe peak RSS goal < 1.5 GB; "
+        f"export share of the segpipe run = **{fmt(r['export_share'])}** (goal ≤ 0.15)\n",
+    ]
+
+
 BENCHES = {"throughput": throughput, "cheap": cheap, "ingest": ingest, "export": export, "flow": flow,
-           "memory": memory, "volume": volume}
+           "memory": memory, "volume": volume, "scale": scale}
+# What a plain `make bench` runs (within 30 minutes here); `run_all.py scale` adds minutes per repetition.
+DEFAULT = ["throughput", "cheap", "ingest", "export", "flow", "memory", "volume"]
 
 
 def main(names: list[str]) -> None:
@@ -156,7 +175,7 @@ def main(names: list[str]) -> None:
         "its rate divided by the job's real overlap factor is the ceiling of end-to-end model throughput. The 3-D "
         "table is one repetition and varies by ±15 % run to run on this VM.\n",
     ]
-    for name in names or list(BENCHES):
+    for name in names or DEFAULT:
         lines += BENCHES[name]()
     text = "\n".join(lines)
     print(text)
