@@ -22,7 +22,7 @@ SEGMENT_STAGE = "segment"
 
 # Pixels (tile cores) read and written at once: enough to amortise a read and a Zarr write over many small
 # tiles, little enough that a run's float32 bands stay in tens of MB on any tile size.
-RUN_PIXELS = 2**22
+RUN_PIXELS = 2**20
 
 
 def tile_runs(tgrid: TileGrid, tiles: list[Index], max_pixels: int = RUN_PIXELS) -> list[list[Index]]:

@@ -44,10 +44,12 @@ class SceneStats:
         return float(self.hist_centers[min(len(cdf) - 1, np.searchsorted(cdf, q))])
 
 
-def _row_bands(scene: Scene, multiple: int, budget: int = 4 * 2**20) -> list[Box]:
+def _row_bands(scene: Scene, multiple: int, budget: int = 2**20) -> list[Box]:
     """Slabs along the first axis (rows; z for volumes), about ``budget`` values each.
 
-    Few tasks, bounded memory per task. Slab thickness is a multiple of ``multiple`` (the chunk edge
+    Few tasks, bounded memory per task: a slab's statistics hold ~40 bytes per value at their peak
+    (float32 pixels, float64 copies, the sort behind the grey counts), so 4 Mi-value slabs made a 16 Mpx
+    otsu run peak 250 MiB above a 1 Mpx one. Slab thickness is a multiple of ``multiple`` (the chunk edge
     for aligned reads, or a sampling stride so that a strided sample stays on one scene-wide lattice).
     """
     first, rest = scene.shape[0], scene.shape[1:]
@@ -56,21 +58,53 @@ def _row_bands(scene: Scene, multiple: int, budget: int = 4 * 2**20) -> list[Box
     return [Box((r, *(0,) * len(rest)), (min(first, r + rows), *rest)) for r in range(0, first, rows)]
 
 
+# Values converted to float64 at a time for the sums: bounds a slab's temporaries whatever its size.
+_PIECE = 2**18
+
+
 def _moments(path: str, w: Box, exact: bool) -> tuple:
     """Sums, squares, extremes per band and the grey range of a slab; with ``exact``, its grey values' counts.
 
     For integer images the grey level (the mean of the bands) takes few distinct values: their counts
     (keyed by the integer band sum) are gathered in this same pass, and the histogram is binned from them
-    afterwards, so the store is read once instead of twice.
+    afterwards, so the store is read once instead of twice. Everything past the valid pixels themselves is
+    computed a piece at a time (float64 sums, integer keys, bincounts), so a slab's statistics hold little
+    more memory than its pixels.
     """
     img, valid = Scene(path).read(w)
-    v = img[:, valid].astype(np.float64)
-    if v.shape[1] == 0:
+    # (bands, n) float32; a mask over trailing axes would make NumPy build int64 index arrays (16 B/px)
+    x = img.reshape(len(img), -1) if valid.all() else np.stack([band[valid] for band in img])
+    n = x.shape[1]
+    if n == 0:
         return 0, np.zeros(len(img)), np.zeros(len(img)), None, None, None, None, None
-    g = grey(img)[valid]
-    counts = np.unique(v.sum(axis=0).astype(np.int64), return_counts=True) if exact else None
-    return (v.shape[1], v.sum(axis=1), (v**2).sum(axis=1), v.min(axis=1), v.max(axis=1),
-            float(g.min()), float(g.max()), counts)
+    del img
+    mins, maxs = x.min(axis=1).astype(np.float64), x.max(axis=1).astype(np.float64)
+    sums, squares = np.zeros(len(x)), np.zeros(len(x))
+    g_lo, g_hi = np.inf, -np.inf
+    lo, hi = int(mins.sum()), int(maxs.sum())  # bounds of the integer band sums
+    small = exact and hi - lo < 2**20
+    tally = np.zeros(hi - lo + 1, np.int64) if small else None
+    keys = []
+    for k in range(0, n, _PIECE):
+        part = x[:, k:k + _PIECE]
+        wide = part.astype(np.float64)
+        sums += wide.sum(axis=1)
+        squares += (wide * wide).sum(axis=1)
+        g = grey(part)
+        g_lo, g_hi = min(g_lo, float(g.min())), max(g_hi, float(g.max()))
+        if exact:
+            key = (part.sum(axis=0) if len(part) > 1 else part[0]).astype(np.int64)
+            if small:
+                tally += np.bincount(key - lo, minlength=len(tally))
+            else:
+                keys.append(key)
+    counts = None
+    if small:
+        nz = np.flatnonzero(tally)
+        counts = (nz + lo, tally[nz])
+    elif exact:
+        counts = np.unique(np.concatenate(keys), return_counts=True)
+    return n, sums, squares, mins, maxs, g_lo, g_hi, counts
 
 
 def _histogram(path: str, w: Box, lo: float, hi: float, bins: int) -> np.ndarray:

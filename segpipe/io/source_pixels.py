@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import rasterio
+from rasterio.env import get_gdal_config, set_gdal_config
 
 _handles = threading.local()  # GDAL dataset handles must not be shared between threads
 
@@ -22,8 +23,28 @@ _handles = threading.local()  # GDAL dataset handles must not be shared between 
 _STRIDED_BYTES = 64 * 2**20
 
 
+# GDAL's block cache defaults to 5 % of RAM per process and fills with decoded source tiles as a scene is
+# read in place: on a large scene every worker would grow by that much. Tiles are read in scene order and
+# reused only by neighbouring windows, so a bounded cache loses nothing.
+SOURCE_CACHE_BYTES = 256 * 2**20
+_bounded = threading.Lock()
+_cache_set = False
+
+
+def _bound_gdal_cache() -> None:
+    """Lower this process's GDAL block cache to ``SOURCE_CACHE_BYTES`` (once; never raise it)."""
+    global _cache_set
+    with _bounded:
+        if not _cache_set:
+            current = int(get_gdal_config("GDAL_CACHEMAX") or 0)
+            if current == 0 or current > SOURCE_CACHE_BYTES:
+                set_gdal_config("GDAL_CACHEMAX", SOURCE_CACHE_BYTES)
+            _cache_set = True
+
+
 def _dataset(path: str) -> rasterio.DatasetReader:
     """This thread's open handle on ``path`` (opening per read would re-parse the header every tile)."""
+    _bound_gdal_cache()
     open_ = getattr(_handles, "open", None)
     if open_ is None:
         open_ = _handles.open = {}
