@@ -25,8 +25,9 @@ _STRIDED_BYTES = 64 * 2**20
 
 # GDAL's block cache defaults to 5 % of RAM per process and fills with decoded source tiles as a scene is
 # read in place: on a large scene every worker would grow by that much. Tiles are read in scene order and
-# reused only by neighbouring windows, so a bounded cache loses nothing.
-SOURCE_CACHE_BYTES = 256 * 2**20
+# reused only by neighbouring windows (a patch row by the next: ~20 MB per band on a 40000-px-wide scene),
+# so a bounded cache loses nothing.
+SOURCE_CACHE_BYTES = 128 * 2**20
 _bounded = threading.Lock()
 _cache_set = False
 
