@@ -13,81 +13,30 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
-import psutil
-import rasterio
-from common import ROOT, SAMPLE, alternate, load_average, tree_rss
-from rasterio.windows import Window
+from common import alternate, load_average, mosaic_scene, run_sampled, segpipe_cli
 
 HERE = Path(__file__).resolve().parent
 
 
-def big_scene(path: Path, size: int) -> Path:
-    """The derived mosaic, written one block row at a time (the benchmark process stays small)."""
-    with rasterio.open(SAMPLE / "spacenet_pan.tif") as src:
-        a = src.read(1)
-        profile = src.profile
-    profile.update(height=size, width=size, tiled=True, blockxsize=256, blockysize=256, compress="deflate",
-                   predictor=2, BIGTIFF="YES", num_threads="all_cpus")
-    reps = -(-size // a.shape[1])
-    with rasterio.open(path, "w", **profile) as dst:
-        for k, top in enumerate(range(0, size, a.shape[0])):
-            tile = a if k % 2 == 0 else a[::-1]
-            row = np.concatenate([tile if j % 2 == 0 else tile[:, ::-1] for j in range(reps)], axis=1)[:, :size]
-            rows = min(a.shape[0], size - top)
-            dst.write(row[None, :rows], window=Window(0, top, size, rows))
-    return path
-
-
-def timed_lines(command: list[str]) -> dict:
-    """Run ``command``; wall time, peak tree RSS, and when each stdout line appeared (s since start)."""
-    t0 = time.perf_counter()
-    child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    lines: list[tuple[float, str]] = []
-
-    def read() -> None:
-        for line in child.stdout:
-            lines.append((time.perf_counter() - t0, line.rstrip()))
-
-    reader = threading.Thread(target=read)
-    reader.start()
-    proc = psutil.Process(child.pid)
-    peak = 0
-    while child.poll() is None:
-        peak = max(peak, tree_rss(proc))
-        time.sleep(0.1)
-    reader.join()
-    if child.returncode:
-        raise RuntimeError(f"{command} failed: {child.stderr.read()[-2000:]}")
-    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak / 2**20, "lines": lines}
-
-
 def run(size: int = 40000, tile: int = 2048, reps: int = 1) -> dict:
-    import yaml
-
     with tempfile.TemporaryDirectory(dir=os.environ.get("SEGPIPE_BENCH_TMP")) as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        scene = big_scene(tmp / "scene.tif", size)
+        scene = mosaic_scene(tmp / "scene.tif", size, BIGTIFF="YES", num_threads="all_cpus")
         made = time.perf_counter() - t0
         n = {"k": 0}
 
         def segpipe_run() -> dict:
             n["k"] += 1
             out = tmp / f"seg{n['k']}"
-            job = tmp / "job.yaml"
-            job.write_text(yaml.safe_dump({"input": str(scene), "output": str(out),
-                                           "tile_size": tile, "method": {"name": "otsu"},
-                                           "cluster": {"n_workers": 2, "threads_per_worker": 1}}))
-            r = timed_lines([sys.executable, "-m", "segpipe.cli", "run", str(job)])
+            job = {"input": str(scene), "output": str(out), "tile_size": tile, "method": {"name": "otsu"},
+                   "cluster": {"n_workers": 2, "threads_per_worker": 1}}
+            r = run_sampled(segpipe_cli(job, tmp / "job.yaml"), lines=True)
             start = next(t for t, line in r["lines"] if line.startswith("segpipe: export"))
             end = next(t for t, line in r["lines"] if line.startswith("export:"))
             r["export_share"] = (end - start) / r["seconds"]
@@ -97,7 +46,7 @@ def run(size: int = 40000, tile: int = 2048, reps: int = 1) -> dict:
         def plain_run() -> dict:
             n["k"] += 1
             out = tmp / f"p{n['k']}"
-            r = timed_lines([sys.executable, str(HERE / "plain_dask_otsu.py"), str(scene), str(out)])
+            r = run_sampled([sys.executable, str(HERE / "plain_dask_otsu.py"), str(scene), str(out)])
             shutil.rmtree(out)
             return r
 

@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,24 +14,31 @@ import numpy as np
 import psutil
 import rasterio
 import yaml
+from rasterio.windows import Window
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "segpipe" / "sample"
 MODEL = SAMPLE / "unet_spacenet.pt"
 
 
-def mosaic_scene(path: Path, size: int) -> Path:
-    """Derived scene: the SpaceNet sample tiled with flips to ``size`` x ``size`` px, same CRS/origin."""
+def mosaic_scene(path: Path, size: int, **profile: object) -> Path:
+    """Derived scene: the SpaceNet sample tiled with flips to ``size`` x ``size`` px, same CRS/origin.
+
+    Written one row of sample tiles at a time, so a 1.6 Gpx scene never sits in memory; ``profile``
+    adds creation options (e.g. ``BIGTIFF="YES"``).
+    """
     with rasterio.open(SAMPLE / "spacenet_pan.tif") as src:
         a = src.read(1)
-        profile = src.profile
-    reps = -(-size // a.shape[0])
-    row = np.concatenate([a if k % 2 == 0 else a[:, ::-1] for k in range(reps)], axis=1)
-    full = np.concatenate([row if k % 2 == 0 else row[::-1] for k in range(reps)], axis=0)[:size, :size]
-    profile.update(height=size, width=size, tiled=True, blockxsize=256, blockysize=256, compress="deflate",
-                   predictor=2)
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(full[None])
+        base = src.profile
+    base.update(height=size, width=size, tiled=True, blockxsize=256, blockysize=256, compress="deflate",
+                predictor=2, **profile)
+    reps = -(-size // a.shape[1])
+    with rasterio.open(path, "w", **base) as dst:
+        for k, top in enumerate(range(0, size, a.shape[0])):
+            tile = a if k % 2 == 0 else a[::-1]
+            row = np.concatenate([tile if j % 2 == 0 else tile[:, ::-1] for j in range(reps)], axis=1)[:, :size]
+            rows = min(a.shape[0], size - top)
+            dst.write(row[None, :rows], window=Window(0, top, size, rows))
     return path
 
 
@@ -91,11 +99,24 @@ def folder_bytes(path: Path) -> int:
     return total
 
 
-def run_sampled(command: list[str], watch: Path | None = None, env: dict | None = None) -> dict:
-    """Run ``command`` in a child; wall seconds, peak RSS of its whole process tree, peak size of ``watch``."""
+def run_sampled(command: list[str], watch: Path | None = None, env: dict | None = None,
+                lines: bool = False) -> dict:
+    """Run ``command`` in a child; wall seconds, peak RSS of its whole process tree, peak size of ``watch``.
+
+    With ``lines``, also when each line of its stdout appeared: ``lines`` is [(seconds since start, text)].
+    """
     t0 = time.perf_counter()
-    child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, **(env or {})})
+    child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE if lines else subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    seen: list[tuple[float, str]] = []
+    reader = None
+    if lines:
+        def read() -> None:
+            for line in child.stdout:
+                seen.append((time.perf_counter() - t0, line.rstrip()))
+
+        reader = threading.Thread(target=read)
+        reader.start()
     proc = psutil.Process(child.pid)
     peak_rss = peak_dir = 0
     tick = 0
@@ -106,10 +127,12 @@ def run_sampled(command: list[str], watch: Path | None = None, env: dict | None 
         tick += 1
         time.sleep(0.05)
     seconds = time.perf_counter() - t0
+    if reader is not None:
+        reader.join()
     if child.returncode:
         raise RuntimeError(f"{command} failed ({child.returncode}): {child.stderr.read()[-2000:]}")
     return {"seconds": seconds, "peak_rss_mib": peak_rss / 2**20, "peak_watch_bytes": peak_dir,
-            "stderr": child.stderr.read()}
+            "stderr": child.stderr.read(), "lines": seen}
 
 
 def segpipe_cli(job: dict, path: Path) -> list[str]:

@@ -136,8 +136,8 @@ def _ingest_row(src: str, store: str, row: int, chunk: int, bands: list[int], no
         if image is None and ds is not None and nodata is None and _valid_everywhere(ds):
             Marks(store, STAGE).mark(str(row))  # nothing to copy and nothing to learn: no pixel is read
             return row
-        itemsize = image.dtype.itemsize * image.shape[0] if image is not None else 8 * len(bands)
-        for w in _row_spans(grid, row, itemsize):
+        dtype = image.dtype if image is not None else np.dtype(ds.dtypes[0])  # in place: rasters only
+        for w in _row_spans(grid, row, dtype.itemsize * len(bands)):
             data, ok = _read_slide(src, w, bands, tissue) if ds is None else _read_raster(ds, w, bands, nodata)
             if image is not None:
                 image[:, w.row0:w.row1, w.col0:w.col1] = data

@@ -150,9 +150,9 @@ def patch_batches(client: Client, scene: Scene, patch: int, overlap: float, batc
 
 
 # At most this many patches per inference task. Units in flight hold the scratch that stitching has not yet
-# freed, so they are kept small: on a CPU worker 64 patches of 256² are several seconds of work (the Dask
-# task overhead is milliseconds); a GPU forwards them ~50x faster and gets longer units. Measured on a 6144²
-# scene: 256-patch units kept 4.4 B/px of logits at the peak.
+# freed, so they are kept small: on a CPU worker 32 patches of 256² are seconds of work (the Dask task
+# overhead is milliseconds); a GPU forwards them ~50x faster and gets longer units. Measured on a 6144²
+# scene (all C logits stored then): 256-patch units kept 4.4 B/px at the peak, 64-patch units 2.0.
 UNIT_PATCHES = {"cpu": 32, "gpu": 1024}
 
 

@@ -47,9 +47,9 @@ class SceneStats:
 def _row_bands(scene: Scene, multiple: int, budget: int = 2**20) -> list[Box]:
     """Slabs along the first axis (rows; z for volumes), about ``budget`` values each.
 
-    Few tasks, bounded memory per task: a slab's statistics hold ~40 bytes per value at their peak
-    (float32 pixels, float64 copies, the sort behind the grey counts), so 4 Mi-value slabs made a 16 Mpx
-    otsu run peak 250 MiB above a 1 Mpx one. Slab thickness is a multiple of ``multiple`` (the chunk edge
+    Few tasks, bounded memory per task: each running task holds its slab as float32 plus the valid values
+    (about 10 bytes per value with :func:`_moments`), so the peak follows the slab, not the scene.
+    Slab thickness is a multiple of ``multiple`` (the chunk edge
     for aligned reads, or a sampling stride so that a strided sample stays on one scene-wide lattice).
     """
     first, rest = scene.shape[0], scene.shape[1:]

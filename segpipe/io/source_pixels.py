@@ -10,6 +10,7 @@ fingerprint records the source's size and modification time, so a changed source
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any
 
@@ -28,19 +29,14 @@ _STRIDED_BYTES = 64 * 2**20
 # reused only by neighbouring windows (a patch row by the next: ~20 MB per band on a 40000-px-wide scene),
 # so a bounded cache loses nothing.
 SOURCE_CACHE_BYTES = 128 * 2**20
-_bounded = threading.Lock()
-_cache_set = False
 
 
+@functools.cache
 def _bound_gdal_cache() -> None:
-    """Lower this process's GDAL block cache to ``SOURCE_CACHE_BYTES`` (once; never raise it)."""
-    global _cache_set
-    with _bounded:
-        if not _cache_set:
-            current = int(get_gdal_config("GDAL_CACHEMAX") or 0)
-            if current == 0 or current > SOURCE_CACHE_BYTES:
-                set_gdal_config("GDAL_CACHEMAX", SOURCE_CACHE_BYTES)
-            _cache_set = True
+    """Lower this process's GDAL block cache to ``SOURCE_CACHE_BYTES`` (once per process; never raise it)."""
+    current = int(get_gdal_config("GDAL_CACHEMAX") or 0)
+    if current == 0 or current > SOURCE_CACHE_BYTES:
+        set_gdal_config("GDAL_CACHEMAX", SOURCE_CACHE_BYTES)
 
 
 def _dataset(path: str) -> rasterio.DatasetReader:
