@@ -5,10 +5,12 @@ Otsu on a derived 4096² scene with 128-px tiles (1024 tiles). Contenders, alter
 - plain Dask: ``plain_dask_otsu.py`` (rioxarray -> histogram -> map_overlap -> to_zarr -> COG), also a
   whole child process on 2 workers x 1 thread;
 - whole array: the same threshold computed in one process on the array in memory (compute only);
-- whole file: read the GeoTIFF, threshold, write the COG in one process, no machinery at all.
+- whole file: read the GeoTIFF, threshold, write the COG with no machinery at all (whole_file_otsu.py), both
+  as a child process (interpreter and imports included, as for segpipe) and inside this warm process.
 Goals (issue 8): segpipe <= 1.25 x plain Dask and <= 3 x "the single-process whole-array compute"; the
 issue measured that at 2.3 s, which matches the whole-file contender here rather than the bare threshold
-(0.2 s, less than the Python interpreter's own start), so both are reported.
+(0.2 s, less than the Python interpreter's own start), so both are reported; the goal is taken against the
+whole file as a child process, the footing segpipe is measured on.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-import rasterio.shutil
+import whole_file_otsu
 from common import alternate, load_average, median_spread, mosaic_scene, run_sampled, segpipe_cli
 from skimage.filters import threshold_otsu
 
@@ -54,23 +56,20 @@ def run(size: int = 4096, tile: int = 128, reps: int = 3) -> dict:
             return time.perf_counter() - t0
 
         def whole_file() -> float:
-            """The same job in one process without any machinery: read, threshold, write the COG."""
+            """The same job in this (warm) process without any machinery: read, threshold, write the COG."""
             n["k"] += 1
             t0 = time.perf_counter()
-            with rasterio.open(scene) as src:
-                g = src.read(1).astype(np.float32)
-                profile = src.profile
-            cls = (g > threshold_otsu(g, nbins=1024)).astype(np.uint8)
-            profile.update(dtype="uint8", nodata=255, count=1)
-            staging = tmp / f"w{n['k']}.tif"
-            with rasterio.open(staging, "w", **profile) as dst:
-                dst.write(cls, 1)
-            rasterio.shutil.copy(staging, tmp / f"w{n['k']}.cog.tif", driver="COG", compress="DEFLATE",
-                                 overview_resampling="NEAREST", blocksize=512)
+            whole_file_otsu.whole_file(scene, tmp / f"w{n['k']}.tif")
             return time.perf_counter() - t0
 
+        def whole_file_process() -> float:
+            """The same, as a whole child process: interpreter start and imports paid as segpipe pays them."""
+            n["k"] += 1
+            return run_sampled([sys.executable, str(HERE / "whole_file_otsu.py"), str(scene),
+                                str(tmp / f"wp{n['k']}.tif")])["seconds"]
+
         res = alternate({"segpipe": segpipe_run, "plain_dask": plain_run, "whole_array": whole_array,
-                         "whole_file": whole_file}, reps)
+                         "whole_file": whole_file, "whole_file_process": whole_file_process}, reps)
     seg = [r["seconds"] for r in res["segpipe"]]
     plain = [r["seconds"] for r in res["plain_dask"]]
     return {"size": size, "tile": tile, "tiles": (size // tile) ** 2, "reps": reps, "segpipe_s": seg,
@@ -79,6 +78,8 @@ def run(size: int = 4096, tile: int = 128, reps: int = 3) -> dict:
             "segpipe_over_whole": [s / w for s, w in zip(seg, res["whole_array"], strict=True)],
             "whole_file_s": res["whole_file"],
             "segpipe_over_whole_file": [s / w for s, w in zip(seg, res["whole_file"], strict=True)],
+            "whole_file_process_s": res["whole_file_process"],
+            "segpipe_over_whole_process": [s / w for s, w in zip(seg, res["whole_file_process"], strict=True)],
             "segpipe_peak_rss_mib": [r["peak_rss_mib"] for r in res["segpipe"]],
             "plain_peak_rss_mib": [r["peak_rss_mib"] for r in res["plain_dask"]],
             "nanny_kill_warnings": sum("killing" in r["stderr"] for r in res["segpipe"]),

@@ -2,7 +2,8 @@
 
 A scheduled deployment talks to a Prefect server that is already running, so one server is started
 here first (on loopback) and the flow runs point at it; each contender is a whole child process
-(``python -m flows.segment_scene JOB`` and ``segpipe run JOB``), alternated and repeated.
+(``python -m flows.segment_scene JOB`` and ``segpipe run JOB``), alternated and repeated, with a third
+contender that only times ``import prefect`` after segpipe's own imports: the floor of flow / CLI.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ import urllib.request
 from pathlib import Path
 
 from common import ROOT, alternate, load_average, mosaic_scene, run_sampled, segpipe_cli
+
+# A flow process cannot avoid importing Prefect; the CLI never does. (CLI + this import) / CLI is thus the
+# least flow / CLI any flow can reach on this job, before a single task is run.
+PREFECT_IMPORT = ("import time; import segpipe.pipeline, segpipe.cluster; t = time.perf_counter(); "
+                  "import prefect; from prefect import flow, task; print(time.perf_counter() - t)")
 
 
 def _free_port() -> int:
@@ -62,13 +68,20 @@ def run(size: int = 4096, tile: int = 128, reps: int = 3) -> dict:
                 command = segpipe_cli(spec, tmp / "flow.yaml")[:2] + ["flows.segment_scene", str(tmp / "flow.yaml")]
                 return run_sampled(command, env=env)
 
-            res = alternate({"cli": cli, "flow": flow}, reps)
+            def prefect_import() -> float:
+                """Seconds that importing Prefect adds to a process that has segpipe's pipeline loaded already."""
+                r = run_sampled([sys.executable, "-c", PREFECT_IMPORT], env=env, lines=True)
+                return float(r["lines"][-1][1])
+
+            res = alternate({"cli": cli, "flow": flow, "prefect_import": prefect_import}, reps)
         finally:
             server.terminate()
             server.wait(timeout=60)
     c = [r["seconds"] for r in res["cli"]]
     f = [r["seconds"] for r in res["flow"]]
-    return {"size": size, "tile": tile, "reps": reps, "cli_s": c, "flow_s": f,
+    imp = res["prefect_import"]
+    return {"size": size, "tile": tile, "reps": reps, "cli_s": c, "flow_s": f, "prefect_import_s": imp,
+            "floor": [(a + i) / a for a, i in zip(c, imp, strict=True)],
             "flow_over_cli": [b / a for a, b in zip(c, f, strict=True)],
             "cli_peak_rss_mib": [r["peak_rss_mib"] for r in res["cli"]],
             "flow_peak_rss_mib": [r["peak_rss_mib"] for r in res["flow"]], "load": load_average(), "root": str(ROOT)}

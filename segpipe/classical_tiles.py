@@ -62,13 +62,13 @@ def segment_classical_tiles(scene_path: str, result_path: str, method: str, para
         first, last = tgrid.tile(run[0]).core, tgrid.tile(run[-1]).core
         core = Box(first.start, last.stop)
         span = core.grow(m.halo, scene.shape)
-        img, valid = scene.read(span)
+        img, valid = scene.read(span, dtype=None)  # as stored; each tile is made float32 on its own
         cls_run = np.empty(core.shape, np.uint8)
         for index in run:
             tile = tgrid.tile(index)
             outer = tile.core.grow(m.halo, scene.shape)
             part = outer.relative_to(span)
-            t_img = np.ascontiguousarray(img[(slice(None), *part)])
+            t_img = np.ascontiguousarray(img[(slice(None), *part)], dtype=np.float32)
             t_valid = np.ascontiguousarray(valid[part])
             inner = tile.core.relative_to(outer)
             cls = m.predict(t_img, t_valid, state)[inner]

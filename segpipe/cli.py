@@ -34,7 +34,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from segpipe.cluster import connect
     from segpipe.config import load_job
     from segpipe.pipeline import check, in_process, run_job
-    from segpipe.report import format_summary
 
     job = load_job(args.job, _overrides(args))
     checked = check(job)
@@ -44,6 +43,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"export:       {path}")
     print(f"zarr result:  {outcome.result}")
     if outcome.report is not None:
+        from segpipe.report import format_summary  # pandas: over 0.3 s of start-up a job without truth skips
+
         print(f"metrics:      {checked.metrics_dir}")
         print(format_summary(outcome.report))
     elif outcome.objects is not None:

@@ -185,7 +185,7 @@ def ingest(job: JobSpec, info: RasterInfo, client: Client) -> Scene:
                      0, ("band", *dims), compressors=IMAGE_CODEC)
     ensure_array(group, "valid", info.shape, (c,) * nd, "uint8", 1, dims)
     geometry = info.geometry if info.geometry is not None else geo_attrs(info.crs, info.transform, info.mpp)
-    group.attrs.update({**geometry, **pixels, "source": info.path, "kind": info.kind,
+    group.attrs.update({**geometry, **pixels, "source": info.path, "kind": info.kind, "all_valid": False,
                         "bands": bands, "nodata": job.nodata if job.nodata is not None else info.nodata,
                         "band_names": [info.descriptions[b - 1] or f"band{b}" for b in bands]})
     marks = Marks(store, STAGE)
@@ -195,4 +195,7 @@ def ingest(job: JobSpec, info: RasterInfo, client: Client) -> Scene:
     futures = client.map(_ingest_row, [info.path] * len(rows), [store] * len(rows), rows,
                          chunk=c, bands=bands, nodata=job.nodata, tissue=tissue, pure=False)
     client.gather(futures)
+    valid = group["valid"]
+    # No validity chunk written (fill value 1) means every pixel is valid: readers then skip the array.
+    group.attrs["all_valid"] = bool(valid.fill_value == 1 and valid.nchunks_initialized == 0)
     return Scene(store)

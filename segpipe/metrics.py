@@ -63,7 +63,7 @@ def tile_confusions(scene_path: str, result_path: str, truth: Truth, n_classes: 
     for index in tiles:
         core = tgrid.tile(index).core
         t = truth.read(core, scene.transform)
-        t = np.where(np.asarray(scene.valid[core.slices]) > 0, t, NODATA).astype(np.uint8)
+        t = np.where(scene.valid_in(core.slices), t, NODATA).astype(np.uint8)
         truth_arr[core.slices] = t
         out.append((tuple(index), confusion(np.asarray(pred_arr[core.slices]), t, n_classes)))
     return out

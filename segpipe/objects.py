@@ -57,7 +57,7 @@ def tile_objects(scene_path: str, result_path: str, truth: Truth | None, tile_si
     p = _sums(pred, core.start)
     if truth is None or not truth.has_ids():
         return TileObjects(p, None, None)
-    valid = np.asarray(scene.valid[core.slices]) > 0
+    valid = scene.valid_in(core.slices)
     t_ids = np.where(valid, truth.read_ids(core, scene.transform), 0)
     both = (pred > 0) & (t_ids > 0)
     overlap = pd.DataFrame({"id": pred[both].astype(np.int64), "truth_id": t_ids[both].astype(np.int64),

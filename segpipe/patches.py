@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import itertools
 
-import numpy as np
-
 from segpipe.grid import Box, Index, PatchGrid
 from segpipe.scene import Scene
 
@@ -22,7 +20,7 @@ def with_valid_pixels(scene: Scene, grid: PatchGrid, patches: list[Index]) -> li
     wins = [grid.window(idx).intersect(whole) for idx in patches]
     span = Box(tuple(min(c) for c in zip(*(w.start for w in wins), strict=True)),
                tuple(max(c) for c in zip(*(w.stop for w in wins), strict=True)))
-    valid = np.asarray(scene.valid[span.slices]) > 0
+    valid = scene.valid_in(span.slices)
     return [idx for idx, w in zip(patches, wins, strict=True) if valid[w.relative_to(span)].any()]
 
 

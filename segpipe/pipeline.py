@@ -171,11 +171,11 @@ def run_instances(c: Checked, result: str, client: Client) -> InstanceSummary | 
 def run_objects(c: Checked, scene: Scene, result: str, inst: InstanceSummary | None,
                 client: Client) -> ObjectReport | None:
     """Object statistics and matches (metrics/objects.*) and, for 2-D scenes, polygons (objects.gpkg)."""
+    if inst is None:
+        return None
     from segpipe.objects import object_report, tile_objects, tile_polygons, write_polygons
     from segpipe.report import write_object_report
 
-    if inst is None:
-        return None
     grid = TileGrid(scene.shape, c.job.tile_size)
     parts = client.gather([client.submit(tile_objects, scene.path, result, c.truth, c.job.tile_size, t.index,
                                          pure=False) for t in grid])
@@ -191,13 +191,13 @@ def run_objects(c: Checked, scene: Scene, result: str, inst: InstanceSummary | N
 def run_metrics(c: Checked, scene: Scene, result: str, client: Client,
                 objects: ObjectReport | None = None) -> MetricsReport | None:
     """Per-tile (per-block) confusion matrices on the cluster, report files written atomically."""
+    if c.truth is None:
+        return None
     from segpipe.html_report import write_html_report
     from segpipe.io.result import add_truth_array
     from segpipe.metrics import tile_confusions
     from segpipe.report import add_object_columns, build_report, write_report
 
-    if c.truth is None:
-        return None
     add_truth_array(result, scene.shape, scene.chunk)
     grid = TileGrid(scene.shape, c.job.tile_size)
     futures = [client.submit(tile_confusions, scene.path, result, c.truth, c.plan.n_classes,

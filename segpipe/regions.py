@@ -131,7 +131,7 @@ def _paint_tile(scene_path: str, work_path: str, result_path: str, tile_size: in
     scene = Scene(scene_path)
     t = TileGrid(scene.shape, tile_size).tile(tile)
     lab = np.asarray(zarr.open_array(work_path, path="labels", mode="r")[t.core.slices])
-    valid = np.asarray(scene.valid[t.core.slices]) > 0
+    valid = scene.valid_in(t.core.slices)
     cls = np.where(valid, keep[lab].astype(np.uint8), NODATA).astype(np.uint8)
     zarr.open_array(result_path, path="class", mode="r+")[t.core.slices] = cls
     Marks(result_path, SEGMENT_STAGE).mark(t.key)

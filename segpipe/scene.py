@@ -82,11 +82,21 @@ class Scene:
     def transform(self) -> Affine:
         return self.geo[1]
 
-    def read(self, window: Box) -> tuple[np.ndarray, np.ndarray]:
-        """Pixels/voxels (float32, band-first) and validity (bool) of ``window``."""
-        img = np.asarray(self.image[(slice(None), *window.slices)], dtype=np.float32)
-        valid = np.asarray(self.valid[window.slices]) > 0
-        return img, valid
+    def read(self, window: Box, dtype: np.dtype | type | None = np.float32) -> tuple[np.ndarray, np.ndarray]:
+        """Pixels/voxels (float32 unless ``dtype`` says otherwise; None: as stored), band-first, and validity
+        (bool) of ``window``."""
+        img = np.asarray(self.image[(slice(None), *window.slices)], dtype=dtype)
+        return img, self.valid_in(window.slices)
+
+    def valid_in(self, where: tuple[slice, ...]) -> np.ndarray:
+        """Validity (bool) of a window; nothing is read when ingest found every pixel valid.
+
+        Most scenes are valid everywhere, and on small tiles reading the (unwritten) validity chunks cost
+        as much as the method itself.
+        """
+        if self.group.attrs.get("all_valid"):
+            return np.ones(tuple(len(range(*s.indices(n))) for s, n in zip(where, self.shape, strict=False)), bool)
+        return np.asarray(self.valid[where]) > 0
 
 
 def scene_path(root: str | Path) -> str:

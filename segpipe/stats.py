@@ -71,8 +71,10 @@ def _moments(path: str, w: Box, exact: bool) -> tuple:
     computed a piece at a time (float64 sums, integer keys, bincounts), so a slab's statistics hold little
     more memory than its pixels.
     """
-    img, valid = Scene(path).read(w)
-    # (bands, n) float32; a mask over trailing axes would make NumPy build int64 index arrays (16 B/px)
+    # Integer pixels stay in their own type (1-2 bytes a value instead of 4): every sum below is exact either
+    # way, and the grey levels are taken in float32 a piece at a time, as for float images.
+    img, valid = Scene(path).read(w, dtype=None if exact else np.float32)
+    # (bands, n); a mask over trailing axes would make NumPy build int64 index arrays (16 B/px)
     x = img.reshape(len(img), -1) if valid.all() else np.stack([band[valid] for band in img])
     n = x.shape[1]
     if n == 0:
@@ -90,7 +92,7 @@ def _moments(path: str, w: Box, exact: bool) -> tuple:
         wide = part.astype(np.float64)
         sums += wide.sum(axis=1)
         squares += (wide * wide).sum(axis=1)
-        g = grey(part)
+        g = grey(part.astype(np.float32, copy=False))
         g_lo, g_hi = min(g_lo, float(g.min())), max(g_hi, float(g.max()))
         if exact:
             key = (part.sum(axis=0) if len(part) > 1 else part[0]).astype(np.int64)

@@ -88,7 +88,7 @@ def stitch_tiles(scene_path: str, work_path: str, result_path: str, patch: int |
             continue  # since with ``free`` the patches it was made from may be gone
         blended = blend_window(logits, grid, tile.core)
         cls = np.argmax(blended, axis=0).astype(np.uint8)
-        valid = np.asarray(scene.valid[tile.core.slices]) > 0
+        valid = scene.valid_in(tile.core.slices)
         out[tile.core.slices] = np.where(valid, cls, NODATA).astype(np.uint8)
         marks.mark(tile.key)
         if free:

@@ -75,7 +75,7 @@ def train_on_store(scene: Scene, out: str | Path, spec: TrainSpec, class_names: 
     torch.manual_seed(spec.seed)
     rng = np.random.default_rng(spec.seed)
     img = np.asarray(scene.image[:], dtype=np.float32)
-    valid = np.asarray(scene.valid[:]) > 0
+    valid = scene.valid_in((slice(None),) * len(scene.shape))
     truth = np.asarray(zarr.open_array(scene.path, path="truth", mode="r")[:])
     cols = scene.width if spec.train_cols is None else min(spec.train_cols, scene.width)
     p = spec.patch_size

@@ -9,6 +9,7 @@ from helpers import class_map, run
 
 from segpipe.errors import InputError
 from segpipe.io.store import Marks, read_geo
+from segpipe.scene import Scene
 
 
 def test_multiband_ingest_keeps_pixels_nodata_and_georeferencing(tmp_path, client):
@@ -48,6 +49,22 @@ def test_internal_mask_is_honoured(tmp_path, client):
     assert valid[:][:50].sum() == 0 and valid[:][50:].all()
     # all-valid chunk rows are never written (the array reads as valid where unwritten): only row 0 is stored
     assert valid.fill_value == 1 and valid.nchunks_initialized == 3
+    scene = Scene(str(out / "scene.zarr"))
+    assert scene.group.attrs["all_valid"] is False
+    np.testing.assert_array_equal(scene.valid_in((slice(40, 60), slice(None))), valid[40:60] > 0)
+
+
+def test_a_scene_valid_everywhere_is_marked_so_and_reads_as_valid(tmp_path, client):
+    """No validity chunk written: the store says so, and readers get all-true windows of the right shape."""
+    src = write_tif(tmp_path / "full.tif", np.arange(300 * 280, dtype=np.uint16).reshape(1, 300, 280))
+    out = tmp_path / "out"
+    run(client, out, input=str(src), tile_size=256, chunk_size=128, method={"name": "otsu"})
+    scene = Scene(str(out / "scene.zarr"))
+    assert scene.group.attrs["all_valid"] is True and scene.valid.nchunks_initialized == 0
+    for where in [(slice(None), slice(None)), (slice(250, 400), slice(10, 20)), (slice(5, 5), slice(0, 3))]:
+        got = scene.valid_in(where)
+        assert got.dtype == bool and got.all()
+        assert got.shape == np.zeros((300, 280))[where].shape
 
 
 def test_validity_of_a_store_from_an_older_version_is_written_in_full(tmp_path, client):
