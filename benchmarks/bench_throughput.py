@@ -30,14 +30,17 @@ PATCH, OVERLAP, BATCH, TILE = 256, 0.25, 8, 512
 
 def _worker_forward(model_path: str, seconds: float) -> tuple[int, float]:
     """Run on a worker: full batches through this worker's cached model for ``seconds``."""
-    from segpipe.infer import forward, worker_model
+    from segpipe.device_loop import BatchForward
+    from segpipe.infer import worker_model
 
     model, spec, device = worker_model(model_path)
     x = np.random.default_rng(0).standard_normal((BATCH, spec.in_channels, PATCH, PATCH)).astype(np.float32)
-    forward(model, x, device, BATCH)
+    run = BatchForward(model, device, BATCH)
+    staged = run.stage(x)
+    run(staged)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        forward(model, x, device, BATCH)
+        run(staged)
         n += 1
     return n * BATCH * PATCH * PATCH, time.perf_counter() - t0
 

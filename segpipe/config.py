@@ -76,6 +76,8 @@ class ClusterSpec(_Strict):
     threads_per_worker: int = Field(1, ge=1)
     memory_limit: str = "4GiB"
     gpu: Literal["auto", "yes", "no"] = "auto"
+    gpus: list[int | str] | None = Field(None, description="devices given a GPU worker each (CUDA_VISIBLE_DEVICES "
+                                   "values: indices or GPU-/MIG- UUIDs); default: every device this process sees")
     processes: Literal["auto", "yes", "no"] = Field(
         "auto", description="worker processes (yes) or threads of the segpipe process (no); auto: threads for a "
                             "classical job on a scene of at most 32 Mpx, where starting and stopping worker "

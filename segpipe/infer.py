@@ -7,13 +7,14 @@ very last batch is padded. Batches span tile boundaries; consecutive patches of 
 read of their union. Each batch writes its patches' logits (relative to class 0) to the work store
 (one chunk per patch, so writes never collide) and leaves a completion mark; :mod:`segpipe.stitch`
 blends them.
-The model is loaded once per worker process and cached. Reading the next batch from Zarr overlaps
-with the model's forward pass on the current one.
+The model is loaded once per worker process and cached; :mod:`segpipe.device_loop` feeds it (reading
+ahead on CPU threads, pinned non-blocking copies, writes off the device's path on a GPU).
 """
 
 from __future__ import annotations
 
 import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
@@ -22,12 +23,12 @@ import torch
 import zarr
 from distributed import get_worker
 
+from segpipe.device_loop import READERS, BatchForward
 from segpipe.grid import Box, Index, PatchGrid
 from segpipe.io.store import Marks
 from segpipe.models.checkpoint import ModelSpec, load_model
 from segpipe.models.unet import UNet
 from segpipe.scene import Scene
-from segpipe.stitch import relative_logits
 
 INFER_STAGE = "infer"
 _lock = threading.Lock()
@@ -81,49 +82,49 @@ def read_patches(scene: Scene, grid: PatchGrid, group: list[Index], spec: ModelS
     return out
 
 
-def forward(model: UNet, batch: np.ndarray, device: str, batch_size: int) -> np.ndarray:
-    """Logits for a batch, padded to a fixed ``batch_size`` so every call has the same shape."""
-    n = batch.shape[0]
-    if n < batch_size:
-        batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), batch.dtype)])
-    with torch.inference_mode():
-        x = torch.from_numpy(batch).to(device, non_blocking=True)
-        if device == "cuda":
-            with torch.autocast("cuda", dtype=torch.float16):
-                y = model(x)
-        else:
-            y = model(x)
-        return y.float().cpu().numpy()[:n]
-
-
 def batch_key(batch_size: int, k: int) -> str:
     """Completion-mark name of batch ``k``: batches of another size are other batches."""
     return f"b{batch_size}-{k}"
 
 
 def infer_batches(scene_path: str, work_path: str, model_path: str, patch: int | Index, overlap: float,
-                  batch_size: int, batches: list[tuple[int, list[Index]]]) -> int:
-    """Compute, store and mark the logits of each ``(k, patches)`` batch; returns patches computed."""
+                  batch_size: int, batches: list[tuple[int, list[Index]]]) -> tuple[int, int]:
+    """Compute, store and mark the logits of each ``(k, patches)`` batch.
+
+    Returns the patches computed and the largest sub-batch that fitted on the device (``batch_size`` unless
+    the device ran out of memory). Readers stay :data:`READERS` batches ahead of the device; on a GPU the
+    writes go to a writer thread, and a batch's mark is left only after its logits are written.
+    """
     model, spec, device = worker_model(model_path)
     scene = Scene(scene_path)
     grid = PatchGrid(scene.shape, patch, overlap)
     logits = zarr.open_array(work_path, path="logits", mode="r+")
     marks = Marks(work_path, INFER_STAGE)
-    count = 0
     done = marks.keys()  # a unit Dask reruns after a lost worker skips the batches already final
     batches = [(k, group) for k, group in batches if batch_key(batch_size, k) not in done]
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        def load(group: list[Index]) -> np.ndarray:
-            return read_patches(scene, grid, group, spec)
+    run = BatchForward(model, device, batch_size, len(grid.shape))
+    ahead = READERS[run.kind]
 
-        pending = pool.submit(load, batches[0][1]) if batches else None
+    def load(group: list[Index]) -> tuple:
+        return run.stage(read_patches(scene, grid, group, spec))
+
+    def store(k: int, group: list[Index], out: np.ndarray) -> None:
+        for idx, y in zip(group, out, strict=True):
+            logits[idx] = y
+        marks.mark(batch_key(batch_size, k))
+
+    with ThreadPoolExecutor(max_workers=ahead) as readers, ThreadPoolExecutor(max_workers=1) as writer:
+        staged = deque(readers.submit(load, group) for _, group in batches[:ahead])
+        writes = []
         for n, (k, group) in enumerate(batches):
-            batch = pending.result()
-            if n + 1 < len(batches):
-                pending = pool.submit(load, batches[n + 1][1])
-            out = relative_logits(forward(model, batch, device, batch_size))
-            for idx, y in zip(group, out, strict=True):
-                logits[idx] = y
-            marks.mark(batch_key(batch_size, k))
-            count += len(group)
-    return count
+            batch = staged.popleft().result()
+            if n + ahead < len(batches):
+                staged.append(readers.submit(load, batches[n + ahead][1]))
+            out = run(batch)
+            if run.cuda:
+                writes.append(writer.submit(store, k, group, out))
+            else:
+                store(k, group, out)
+        for w in writes:
+            w.result()
+    return sum(len(group) for _, group in batches), run.micro

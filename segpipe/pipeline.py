@@ -22,6 +22,7 @@ from segpipe.grid import TileGrid
 from segpipe.ingest import fingerprint, ingest, selected_bands, source_info
 from segpipe.io.raster import RasterInfo
 from segpipe.io.store import open_or_create, remove_store, store_in
+from segpipe.placement import cpu_stage
 from segpipe.scene import Scene, work_path
 from segpipe.segment import MethodPlan, plan_method, segment
 from segpipe.truth import Truth, check_truth
@@ -121,14 +122,17 @@ def in_process(c: Checked) -> bool:
     return c.plan.model is None and math.prod(c.info.shape) <= IN_PROCESS_PIXELS
 
 
+@cpu_stage
 def run_ingest(c: Checked, client: Client) -> Scene:
     return ingest(c.job, c.info, client)
 
 
+@cpu_stage
 def run_segment(c: Checked, scene: Scene, client: Client) -> str:
     return segment(c.job, scene, c.plan, fingerprint(c.job, c.info), client)
 
 
+@cpu_stage
 def run_export(c: Checked, scene: Scene, result: str, client: Client) -> list[Path]:
     """Write the requested exports; each one is renamed into place only when complete.
 
@@ -150,6 +154,7 @@ def run_export(c: Checked, scene: Scene, result: str, client: Client) -> list[Pa
     return out
 
 
+@cpu_stage
 def run_instances(c: Checked, result: str, client: Client) -> InstanceSummary | None:
     """Connected components of the instance classes with global IDs into ``result.zarr/instances``."""
     from segpipe.instances import label_instances
@@ -168,6 +173,7 @@ def run_instances(c: Checked, result: str, client: Client) -> InstanceSummary | 
     return label_instances(result, group, work, c.job.tile_size, c.instance_classes, c.connectivity, client)
 
 
+@cpu_stage
 def run_objects(c: Checked, scene: Scene, result: str, inst: InstanceSummary | None,
                 client: Client) -> ObjectReport | None:
     """Object statistics and matches (metrics/objects.*) and, for 2-D scenes, polygons (objects.gpkg)."""
@@ -188,6 +194,7 @@ def run_objects(c: Checked, scene: Scene, result: str, inst: InstanceSummary | N
     return report
 
 
+@cpu_stage
 def run_metrics(c: Checked, scene: Scene, result: str, client: Client,
                 objects: ObjectReport | None = None) -> MetricsReport | None:
     """Per-tile (per-block) confusion matrices on the cluster, report files written atomically."""

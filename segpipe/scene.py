@@ -89,13 +89,14 @@ class Scene:
         return img, self.valid_in(window.slices)
 
     def valid_in(self, where: tuple[slice, ...]) -> np.ndarray:
-        """Validity (bool) of a window; nothing is read when ingest found every pixel valid.
+        """Validity (bool, read-only) of a window; nothing is read when ingest found every pixel valid.
 
         Most scenes are valid everywhere, and on small tiles reading the (unwritten) validity chunks cost
         as much as the method itself.
         """
-        if self.group.attrs.get("all_valid"):
-            return np.ones(tuple(len(range(*s.indices(n))) for s, n in zip(where, self.shape, strict=False)), bool)
+        if self.group.attrs.get("all_valid"):  # a read-only view that takes no memory
+            shape = tuple(len(range(*s.indices(n))) for s, n in zip(where, self.shape, strict=False))
+            return np.broadcast_to(np.True_, shape)
         return np.asarray(self.valid[where]) > 0
 
 

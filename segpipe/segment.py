@@ -9,6 +9,7 @@ go to the workers in guided units (:mod:`segpipe.units`). Torch is imported only
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,8 @@ from segpipe.scene import Scene, result_path, work_path
 from segpipe.stats import sample_pixels, sample_windows, scene_stats
 from segpipe.stitch import create_logits_store, stitch_tiles
 from segpipe.units import guided_units, run_units, worker_slots
+
+log = logging.getLogger("segpipe")
 
 if TYPE_CHECKING:
     import torch
@@ -200,7 +203,12 @@ def infer_and_stitch(client: Client, scene: Scene, work: str, result: str, model
         inferred.append(client.submit(infer_batches, model_path=model, batch_size=batch_size, batches=unit,
                                       resources=resources, pure=False, **common))
         stitch(ready_after.get(u, []))
-    client.gather(inferred + stitched)
+    results = client.gather(inferred)
+    client.gather(stitched)
+    fitted = min((micro for _, micro in results), default=batch_size)
+    if fitted < batch_size:  # said once per run, on the client: the run went on with smaller sub-batches
+        log.warning("segpipe: the GPU ran out of memory on batches of %d patches; went on with sub-batches "
+                    "of %d (set a smaller batch_size to avoid the retries)", batch_size, fitted)
 
 
 def fit_classical(method: ClassicalMethod, scene: Scene, client: Client) -> dict[str, Any]:

@@ -59,7 +59,7 @@ def _row_bands(scene: Scene, multiple: int, budget: int = 2**20) -> list[Box]:
 
 
 # Values converted to float64 at a time for the sums: bounds a slab's temporaries whatever its size.
-_PIECE = 2**18
+_PIECE = 2**16
 
 
 def _moments(path: str, w: Box, exact: bool) -> tuple:

@@ -44,11 +44,6 @@ def create_logits_store(group: zarr.Group, grid: PatchGrid, n_classes: int) -> z
     return arr
 
 
-def relative_logits(y: np.ndarray) -> np.ndarray:
-    """Logits (N, C, ...) as stored: classes 1..C-1 minus class 0, float16 (N, C-1, ...)."""
-    return (y[:, 1:] - y[:, :1]).astype(np.float16)
-
-
 def blend_window(logits: zarr.Array, grid: PatchGrid, window: Box) -> np.ndarray:
     """Gaussian-weighted mean logits (C, *window.shape) over ``window``, class 0's being 0 everywhere."""
     g = gaussian_importance(grid.size)

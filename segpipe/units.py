@@ -16,6 +16,8 @@ from typing import TypeVar
 
 from distributed import Client
 
+from segpipe.placement import is_mixed, worker_infos
+
 T = TypeVar("T")
 
 
@@ -32,11 +34,17 @@ def guided_units(items: Sequence[T], slots: int, share: int = 2, largest: int | 
 
 
 def worker_slots(client: Client, resources: dict[str, float] | None = None) -> int:
-    """Tasks the cluster runs at once: its threads, or its workers holding ``resources`` (e.g. GPUs)."""
-    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    """Tasks the cluster runs at once: its threads, or its workers holding ``resources`` (e.g. GPUs).
+
+    On a mixed cluster, work without resources of its own runs on the CPU workers only
+    (:mod:`segpipe.placement`): their CPU slots.
+    """
+    workers = worker_infos(client)
     if resources:
         return max(1, sum(1 for w in workers if all(w.get("resources", {}).get(r, 0) >= v
                                                     for r, v in resources.items())))
+    if is_mixed(workers):
+        return max(1, sum(int(w["resources"].get("CPU", 0)) for w in workers))
     return max(1, sum(int(w.get("nthreads", 1)) for w in workers))
 
 

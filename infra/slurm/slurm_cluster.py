@@ -23,16 +23,19 @@ def cpu_cluster(queue: str, cores: int = 4, memory: str = "16GiB", walltime: str
     """One Dask worker process per SLURM job, one thread per core (torch uses the worker's share)."""
     return SLURMCluster(queue=queue, account=account, cores=cores, processes=1, memory=memory,
                         walltime=walltime, job_name="segpipe-cpu", job_script_prologue=WORKER_ENV,
-                        worker_extra_args=["--nthreads", str(cores)], log_directory="slurm-logs")
+                        worker_extra_args=["--nthreads", str(cores), "--resources", f"CPU={cores}"],
+                        log_directory="slurm-logs")
 
 
-def gpu_cluster(queue: str, gpus_per_job: int = 1, memory: str = "64GiB", walltime: str = "04:00:00",
+def gpu_cluster(queue: str, memory: str = "64GiB", walltime: str = "04:00:00",
                 account: str | None = None) -> SLURMCluster:
-    """GPU jobs: ``--gres=gpu:N`` and a matching ``GPU`` resource, which segpipe's model tasks request."""
-    return SLURMCluster(queue=queue, account=account, cores=4 * gpus_per_job, processes=gpus_per_job,
-                        memory=memory, walltime=walltime, job_name="segpipe-gpu",
-                        job_extra_directives=[f"--gres=gpu:{gpus_per_job}"], job_script_prologue=WORKER_ENV,
-                        worker_extra_args=["--resources", "GPU=1"], log_directory="slurm-logs")
+    """GPU jobs: one GPU each (``--gres=gpu:1``, which SLURM makes the job's only visible device, cuda:0) and a
+    matching ``GPU`` resource, which segpipe's model tasks request; scale with more jobs, not more GPUs per
+    job, so that no two workers drive the same device."""
+    return SLURMCluster(queue=queue, account=account, cores=4, processes=1, memory=memory,
+                        walltime=walltime, job_name="segpipe-gpu",
+                        job_extra_directives=["--gres=gpu:1"], job_script_prologue=WORKER_ENV,
+                        worker_extra_args=["--nthreads", "1", "--resources", "GPU=1"], log_directory="slurm-logs")
 
 
 def main(argv: list[str] | None = None) -> int:
