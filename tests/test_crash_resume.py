@@ -53,6 +53,7 @@ def mtimes(marks: Marks) -> dict[str, int]:
     return {k: (marks.dir / k).stat().st_mtime_ns for k in marks.keys()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runner", ["cli", "prefect-flow"])
 def test_sigkill_of_the_run_then_rerun_redoes_only_unfinished_batches(tmp_path, job, reference, runner):
     """SIGKILL of `segpipe run`, or of the Prefect flow process (with its own ephemeral Prefect server)."""
@@ -90,6 +91,7 @@ def class_map_at(out):
     return np.asarray(zarr.open_array(str(out / "result.zarr"), path="class", mode="r")[:])
 
 
+@pytest.mark.slow
 def test_killing_a_worker_mid_run_still_gives_the_same_output(tmp_path, job, reference, dask_cli_cluster):
     """A real `dask scheduler` and `dask worker` processes; one worker is SIGKILLed while tiles are in flight."""
     out = tmp_path / "out"

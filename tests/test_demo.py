@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import rasterio
 from conftest import DEMO_MODEL, SAMPLE, SCENE
 
@@ -18,6 +19,7 @@ def test_shipped_model_is_small_and_safe_to_load():
     assert spec.info["train_cols"] == 512
 
 
+@pytest.mark.slow
 def test_demo_job_segments_buildings_and_reports_iou(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "segpipe.cli", "run", str(SAMPLE / "demo.yaml"), "--output",
                            str(tmp_path / "demo")], capture_output=True, text=True, timeout=600)

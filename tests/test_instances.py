@@ -84,6 +84,7 @@ def test_diagonal_contacts_across_tile_corners(client, tmp_path):
             assert summary.count == expected
 
 
+@pytest.mark.slow
 def test_building_instances_polygons_and_matched_iou_through_the_pipeline(client, tmp_path):
     """SpaceNet buildings: U-Net class map -> instances -> GeoPackage in the scene CRS, matched IoU."""
     import pyogrio
@@ -133,6 +134,7 @@ def test_building_instances_polygons_and_matched_iou_through_the_pipeline(client
     np.testing.assert_array_equal(burned, pred_mask)  # polygons are the instances, in the scene CRS
 
 
+@pytest.mark.slow
 def test_3d_nuclei_instances_through_the_pipeline(client, tmp_path):
     """Derived: stardist's 3-D nuclei volume mirrored 3 x 3 x 3 (93 x 183 x 171) as NIfTI, with its instances."""
     img = tifffile.imread(STARDIST / "img3d.tif")
@@ -188,6 +190,7 @@ def matched(pred: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> int:
     return sum(i / (area_p[p] + area_t[t] - i) > threshold for (p, t), i in zip(pairs.T, inter, strict=True))
 
 
+@pytest.mark.slow
 def test_watershed_split_of_touching_nuclei_is_tile_exact_and_finds_more_nuclei(client, tmp_path):
     """The human nuclei mask as a class map: touching nuclei merge into one component; watershed splits them."""
     from skimage.segmentation import watershed

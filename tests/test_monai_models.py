@@ -46,6 +46,7 @@ def test_patch_size_the_network_cannot_take_is_an_input_error(tmp_path, client, 
             method={"name": "unet", "model": str(monai_unet), "patch_size": 98})
 
 
+@pytest.mark.slow
 def test_3d_monai_network_on_a_real_mri_volume_matches_monai_sliding_window(tmp_path, client):
     """A 3-D MONAI BasicUNet on the Colin27 T1 volume (NIfTI): block-size invariant, agrees with MONAI."""
     import nibabel as nib

@@ -3,11 +3,13 @@
 import subprocess
 import sys
 
+import pytest
 import yaml
 from conftest import BUILDINGS, SCENE
 from distributed import Client
 
 
+@pytest.mark.slow
 def test_run_on_an_existing_scheduler_loads_the_model_once_per_worker(tmp_path, dask_cli_cluster, tiny_model):
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump({

@@ -55,6 +55,7 @@ def keys(s3, prefix: str) -> dict[str, object]:
     return {o["Key"]: o["LastModified"] for page in pages for o in page.get("Contents", [])}
 
 
+@pytest.mark.slow
 def test_stores_on_s3_give_the_local_result_and_resume_without_rework(s3, s3_client, client, tmp_path):
     local = run(client, tmp_path / "local", **JOB)
     remote = run(s3_client, tmp_path / "out", store=f"s3://{BUCKET}/runs/a", **JOB)

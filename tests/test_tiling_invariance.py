@@ -26,6 +26,7 @@ def unet_maps(tmp_path_factory, big_scene, tiny_model, client):
     return out
 
 
+@pytest.mark.slow
 def test_unet_class_map_identical_for_tile_sizes_512_1024_2048(unet_maps):
     ref = unet_maps[(512, 2)]
     assert ref.shape == (2100, 2300)
