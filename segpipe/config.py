@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from segpipe.errors import InputError
 from segpipe.io.raster import local_or_remote
 
-METHODS = ("unet", "otsu", "adaptive", "kmeans", "watershed", "edges", "region_growing", "hsv", "gabor")
+MODEL_METHODS = ("model", "unet")  # "unet" is the older name of "model", kept for existing job files
+METHODS = ("model", "unet", "otsu", "adaptive", "kmeans", "watershed", "edges", "region_growing", "hsv", "gabor")
 
 
 class _Strict(BaseModel):
@@ -34,8 +35,9 @@ class MethodSpec(_Strict):
 
     @model_validator(mode="after")
     def _model_needed(self) -> MethodSpec:
-        if self.name == "unet" and self.model is None:
-            raise ValueError("method 'unet' needs a 'model' checkpoint path")
+        if self.name in MODEL_METHODS and self.model is None:
+            raise ValueError(f"method {self.name!r} needs a 'model': a segpipe checkpoint or a TorchScript file "
+                             "with its model card")
         return self
 
 

@@ -26,7 +26,8 @@ from distributed import get_worker
 from segpipe.device_loop import READERS, BatchForward
 from segpipe.grid import Box, Index, PatchGrid
 from segpipe.io.store import Marks
-from segpipe.models.checkpoint import ModelSpec, load_model
+from segpipe.models.checkpoint import ModelSpec
+from segpipe.models.load import load_any
 from segpipe.models.unet import UNet
 from segpipe.scene import Scene
 
@@ -47,7 +48,7 @@ def _cached(path: str, device: str) -> tuple[UNet, ModelSpec]:
     # Denormal activations are slow on x86 CPUs; flushing them to zero changed no class here and made the
     # demo U-Net's forward pass on real patches about 6 % faster.
     torch.set_flush_denormal(True)
-    return load_model(path, device)
+    return load_any(path, device)
 
 
 def worker_model(path: str) -> tuple[UNet, ModelSpec, str]:
@@ -75,6 +76,9 @@ def read_patches(scene: Scene, grid: PatchGrid, group: list[Index], spec: ModelS
         union = Box(members[0][1].start[:-1] + (min(w.start[-1] for _, w in members),),
                     members[0][1].stop[:-1] + (max(w.stop[-1] for _, w in members),)).intersect(whole)
         img, valid = scene.read(union)
+        if spec.clip is not None:  # a fixed window (model card): values outside it are saturated first
+            bounds = np.asarray(spec.clip, np.float32)
+            img = np.clip(img, bounds[:, 0][lead], bounds[:, 1][lead])
         x = np.where(valid[None], (img - mean) / std, 0.0)
         for k, w in members:
             part = x[(slice(None), *w.intersect(whole).relative_to(union))]

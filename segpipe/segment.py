@@ -8,10 +8,8 @@ go to the workers in guided units (:mod:`segpipe.units`). Torch is imported only
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,7 +17,7 @@ from distributed import Client
 
 from segpipe.classical_tiles import SEGMENT_STAGE, segment_classical_tiles
 from segpipe.cluster import use_gpu
-from segpipe.config import JobSpec
+from segpipe.config import MODEL_METHODS, JobSpec
 from segpipe.errors import InputError
 from segpipe.grid import Index, PatchGrid, TileGrid
 from segpipe.io.result import create_result
@@ -58,10 +56,10 @@ def plan_method(job: JobSpec, n_bands: int, ndim: int = 2) -> MethodPlan:
     Runs before anything is written.
     """
     m = job.method
-    if m.name == "unet":
-        from segpipe.models.checkpoint import load_model
+    if m.name in MODEL_METHODS:
+        from segpipe.models.load import load_any, model_digest
 
-        model, spec = load_model(m.model)
+        model, spec = load_any(m.model)
         if spec.dims != ndim:
             raise InputError(f"model {m.model.name} is a {spec.dims}-D network; this scene is {ndim}-D")
         if spec.in_channels != n_bands:
@@ -69,8 +67,7 @@ def plan_method(job: JobSpec, n_bands: int, ndim: int = 2) -> MethodPlan:
                              f"the scene provides {n_bands}; select bands with 'bands:'")
         check_patch(model, m.model.name, m.patch_size, spec)
         names = job.class_names or spec.class_names or [f"class{i}" for i in range(spec.n_classes)]
-        sha = hashlib.sha256(Path(m.model).read_bytes()).hexdigest()
-        plan = MethodPlan("unet", spec.n_classes, names, model=spec, model_sha256=sha)
+        plan = MethodPlan(m.name, spec.n_classes, names, model=spec, model_sha256=model_digest(m.model))
     elif m.name == "region_growing":
         if ndim != 2:
             raise InputError("method 'region_growing' works on 2-D images only")

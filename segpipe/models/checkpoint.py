@@ -35,6 +35,7 @@ class ModelSpec:
     dims: int = 2
     arch: str = "segpipe.UNet"
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    clip: list[list[float]] | None = None  # per band [low, high] applied before (x - mean) / std (a CT window)
 
     def build(self) -> torch.nn.Module:
         """The network, untrained: segpipe's U-Net, or a MONAI network named ``monai.<Class>``."""

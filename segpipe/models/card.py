@@ -1,0 +1,111 @@
+"""Model cards: what a model file needs besides its weights, in a YAML file beside it.
+
+A TorchScript file (and, later, ONNX) carries the network but not how to feed it. The card says it:
+input channels, classes and their names, how pixels are normalised, the patch size it was made for, the
+pixel size it was trained at, and what its output means. ``model.ts`` has its card in ``model.card.yaml``.
+segpipe checks the card against the scene before anything is written.
+
+Normalisations, each a per-band ``(x - offset) / scale``, optionally clipped first:
+- ``meanstd``: ``mean`` and ``std`` per band (segpipe's checkpoints, TorchGeo/smp conventions);
+- ``window``: clip to ``[low, high]`` then scale to 0..1 (a fixed CT window, e.g. -1000..1000 HU);
+- ``minmax``: scale ``[low, high]`` to 0..1 without clipping (e.g. 0..255 or 0..10000 reflectance).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from segpipe.errors import InputError
+
+CARD_SUFFIX = ".card.yaml"
+
+
+class Normalisation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["meanstd", "window", "minmax"] = "meanstd"
+    mean: list[float] | None = None
+    std: list[float] | None = Field(None, description="per band; every value > 0")
+    low: list[float] | None = None
+    high: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> Normalisation:
+        pair = ("mean", "std") if self.kind == "meanstd" else ("low", "high")
+        a, b = (getattr(self, k) for k in pair)
+        if a is None or b is None or len(a) != len(b):
+            raise ValueError(f"normalisation {self.kind} needs {pair[0]} and {pair[1]}, one value per band each")
+        if self.kind == "meanstd" and min(b) <= 0:
+            raise ValueError("normalisation std values must be > 0")
+        if self.kind != "meanstd" and any(h <= lo for lo, h in zip(a, b, strict=True)):
+            raise ValueError(f"normalisation {self.kind}: every high must be above its low")
+        return self
+
+    def affine(self) -> tuple[list[float], list[float], list[list[float]] | None]:
+        """Per band (offset, scale) and the clip range or None: pixels become ``(clip(x) - offset) / scale``."""
+        if self.kind == "meanstd":
+            return list(self.mean), list(self.std), None
+        scale = [h - lo for lo, h in zip(self.low, self.high, strict=True)]
+        clip = [[lo, h] for lo, h in zip(self.low, self.high, strict=True)] if self.kind == "window" else None
+        return list(self.low), scale, clip
+
+
+class ModelCard(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["torchscript"]
+    in_channels: int = Field(ge=1)
+    n_classes: int = Field(ge=1, description="output channels; 1 with output: sigmoid (a binary model)")
+    dims: Literal[2, 3] = 2
+    class_names: list[str] | None = None
+    normalisation: Normalisation
+    patch_size: int | None = Field(None, ge=16, description="the patch edge the model was made for")
+    output: Literal["softmax", "sigmoid"] = Field(
+        "softmax", description="softmax: one logit per class, the class is their arg-max; sigmoid: a single "
+                               "logit, class 1 where it is > 0")
+    resolution: list[float] | None = Field(None, description="pixel size it was trained at: m/px (geo), "
+                                                             "µm/px (slides), mm (volumes), one per axis")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelCard:
+        if len(self.normalisation.affine()[0]) != self.in_channels:
+            raise ValueError(f"normalisation gives {len(self.normalisation.affine()[0])} band(s) for "
+                             f"in_channels {self.in_channels}")
+        if self.output == "sigmoid" and self.n_classes != 1:
+            raise ValueError("output sigmoid takes a model with a single output channel (n_classes: 1)")
+        if self.class_names is not None and len(self.class_names) != self.classes:
+            raise ValueError(f"class_names lists {len(self.class_names)} names for {self.classes} classes")
+        return self
+
+    @property
+    def classes(self) -> int:
+        """Classes of the class map: a sigmoid model's one logit gives two (below and above 0)."""
+        return 2 if self.output == "sigmoid" else self.n_classes
+
+
+def card_path(model: str | Path) -> Path:
+    p = Path(model)
+    return p.with_name(p.stem + CARD_SUFFIX)
+
+
+def read_card(model: str | Path) -> ModelCard:
+    """The card beside ``model``; a missing or invalid card is a bad input, named in one line."""
+    path = card_path(model)
+    if not path.is_file():
+        raise InputError(f"model {Path(model).name} needs a model card: {path} (see segpipe/models/card.py)")
+    try:
+        return ModelCard.model_validate(yaml.safe_load(path.read_text()))
+    except (yaml.YAMLError, ValidationError) as exc:
+        first = exc.errors()[0] if isinstance(exc, ValidationError) else None
+        what = f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}" if first else str(exc).splitlines()[0]
+        raise InputError(f"model card {path} is invalid: {what}") from None
+
+
+def write_card(model: str | Path, card: ModelCard) -> Path:
+    path = card_path(model)
+    path.write_text(yaml.safe_dump(card.model_dump(mode="json", exclude_none=True), sort_keys=False))
+    return path

@@ -1,0 +1,99 @@
+"""Bring your own model: TorchScript files with a model card run through the same path as checkpoints."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+import yaml
+from conftest import DEMO_MODEL, SCENE
+from helpers import class_map, cli, run
+
+from segpipe.models.card import card_path
+
+
+def export(tmp_path, checkpoint=DEMO_MODEL, *extra):
+    out = tmp_path / "exported" / "unet.ts"
+    out.parent.mkdir(exist_ok=True)
+    done = subprocess.run([sys.executable, "-m", "segpipe.cli", "export-model", str(checkpoint), "--format",
+                           "torchscript", "--output", str(out), *extra], capture_output=True, text=True, timeout=300)
+    return out, done
+
+
+def test_exported_torchscript_gives_the_checkpoints_class_map(tmp_path, client):
+    model, done = export(tmp_path)
+    assert done.returncode == 0, done.stderr
+    card = yaml.safe_load(card_path(model).read_text())
+    assert card["format"] == "torchscript" and card["in_channels"] == 1 and card["n_classes"] == 2
+    assert card["class_names"] == ["background", "building"] and card["normalisation"]["kind"] == "meanstd"
+    job = {"input": str(SCENE), "tile_size": 256}
+    ckpt = class_map(run(client, tmp_path / "ckpt", **job, method={"name": "unet", "model": str(DEMO_MODEL)}))
+    ts = class_map(run(client, tmp_path / "ts", **job, method={"name": "model", "model": str(model)}))
+    assert (ts == ckpt).mean() >= 0.999 and (ckpt == 1).mean() > 0.02  # buildings (3 % of the scene) found
+
+
+class _Pointwise(torch.nn.Module):
+    """One logit per pixel from a 1x1 convolution: the whole-image answer is known without patches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 1)
+        with torch.no_grad():
+            self.conv.weight.fill_(4.0)
+            self.conv.bias.fill_(-2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def test_window_normalisation_and_a_sigmoid_output_from_the_card(tmp_path, client):
+    """Card: clip to [300, 700], scale to 0..1, one sigmoid logit 4x - 2: class 1 where the clipped, scaled
+    pixel is above 0.5, i.e. above 500."""
+    path = tmp_path / "binary.ts"
+    torch.jit.save(torch.jit.script(_Pointwise().eval()), str(path))
+    card_path(path).write_text(yaml.safe_dump({
+        "format": "torchscript", "in_channels": 1, "n_classes": 1, "output": "sigmoid",
+        "class_names": ["dark", "bright"], "normalisation": {"kind": "window", "low": [300], "high": [700]}}))
+    outcome = run(client, tmp_path / "out", input=str(SCENE), tile_size=256,
+                  method={"name": "model", "model": str(path), "patch_size": 128})
+    with rasterio.open(SCENE) as ds:
+        x = ds.read(1).astype(np.float32)
+    z = 4.0 * (np.clip(x, 300, 700) - 300) / 400 - 2.0
+    expect = (z.astype(np.float16) > 0).astype(np.uint8)
+    got = class_map(outcome)
+    assert 0.05 < expect.mean() < 0.95 and (got == expect).mean() > 0.9999
+
+
+@pytest.mark.parametrize("card,message", [
+    (None, "needs a model card"),
+    ({"format": "torchscript", "in_channels": 1, "n_classes": 2,
+      "normalisation": {"kind": "meanstd", "mean": [1, 2], "std": [1, 1]}}, "2 band(s) for in_channels 1"),
+    ({"format": "torchscript", "in_channels": 3, "n_classes": 2,
+      "normalisation": {"kind": "meanstd", "mean": [0, 0, 0], "std": [1, 1, 1]}}, "expects 3 band(s)"),
+    ({"format": "torchscript", "in_channels": 1, "n_classes": 2,
+      "normalisation": {"kind": "window", "low": [5], "high": [1]}}, "high must be above its low"),
+])
+def test_a_missing_or_wrong_card_is_refused_before_anything_is_written(tmp_path, card, message):
+    model, done = export(tmp_path)
+    assert done.returncode == 0, done.stderr
+    if card is None:
+        card_path(model).unlink()
+    else:
+        card_path(model).write_text(yaml.safe_dump(card))
+    out = tmp_path / "out"
+    r = cli(tmp_path, {"input": str(SCENE), "output": str(out), "method": {"name": "model", "model": str(model)}})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("segpipe: error: ") and message in r.stderr and len(r.stderr.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_export_model_refuses_what_it_cannot_export(tmp_path):
+    bad = tmp_path / "nothing.pt"
+    bad.write_bytes(b"not a checkpoint")
+    _, done = export(tmp_path, bad)
+    assert done.returncode == 2 and done.stderr.startswith("segpipe: error: ") and "Traceback" not in done.stderr
+    _, done = export(tmp_path, DEMO_MODEL, "--patch-size", "100")  # the U-Net needs multiples of 16
+    assert done.returncode == 2 and "patch_size 100" in done.stderr
+    assert not (tmp_path / "exported" / "unet.ts").exists()
