@@ -33,8 +33,6 @@ from segpipe.units import guided_units, run_units, worker_slots
 log = logging.getLogger("segpipe")
 
 if TYPE_CHECKING:
-    import torch
-
     from segpipe.models.checkpoint import ModelSpec
 
 
@@ -57,7 +55,7 @@ def plan_method(job: JobSpec, n_bands: int, ndim: int = 2) -> MethodPlan:
     """
     m = job.method
     if m.name in MODEL_METHODS:
-        from segpipe.models.load import load_any, model_digest
+        from segpipe.models.load import check_patch, load_any, model_digest
 
         model, spec = load_any(m.model)
         if spec.dims != ndim:
@@ -83,26 +81,6 @@ def plan_method(job: JobSpec, n_bands: int, ndim: int = 2) -> MethodPlan:
     if len(plan.class_names) != plan.n_classes:
         raise InputError(f"class_names lists {len(plan.class_names)} names for {plan.n_classes} classes")
     return plan
-
-
-def check_patch(model: torch.nn.Module, name: str, patch: int, spec: ModelSpec) -> None:
-    """One dry forward pass on the client: the model must map a patch to logits of the same size.
-
-    Cheaper than learning it from a failed task on a worker, and it works for any architecture
-    (each has its own divisibility rules).
-    """
-    import torch
-
-    x = torch.zeros((1, spec.in_channels, *(patch,) * spec.dims))
-    try:
-        with torch.inference_mode():
-            y = model(x)
-    except RuntimeError as exc:
-        raise InputError(f"model {name} cannot run on patch_size {patch}: "
-                         f"{str(exc).splitlines()[0]}") from None
-    if tuple(y.shape) != (1, spec.n_classes, *(patch,) * spec.dims):
-        raise InputError(f"model {name} maps a {patch}-pixel patch to shape {tuple(y.shape)[2:]}, "
-                         f"not to the patch size; choose another patch_size")
 
 
 def _pending(marks: Marks, grid: TileGrid) -> list[Index]:

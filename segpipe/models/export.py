@@ -15,6 +15,7 @@ import torch
 from segpipe.errors import InputError
 from segpipe.models.card import ModelCard, Normalisation, card_path, write_card
 from segpipe.models.checkpoint import load_model
+from segpipe.models.load import check_patch
 
 
 def export_torchscript(checkpoint: str | Path, output: str | Path, patch_size: int = 256) -> tuple[Path, Path]:
@@ -25,13 +26,7 @@ def export_torchscript(checkpoint: str | Path, output: str | Path, patch_size: i
         raise InputError(f"output is a folder, not a file: {out}")
     if not out.parent.is_dir():
         raise InputError(f"output folder does not exist: {out.parent}")
-    x = torch.zeros((1, spec.in_channels, *(patch_size,) * spec.dims))
-    try:
-        with torch.inference_mode():
-            expected = model(x)
-    except RuntimeError as exc:
-        raise InputError(f"model {Path(checkpoint).name} cannot run on patch_size {patch_size}: "
-                         f"{str(exc).splitlines()[0]}") from None
+    x, expected = check_patch(model, Path(checkpoint).name, patch_size, spec)
     with torch.no_grad():
         traced = torch.jit.trace(model, x, check_trace=False)
     torch.testing.assert_close(traced(x), expected)  # the trace computes what the model computes

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from segpipe.errors import InputError
 from segpipe.models.card import card_path, read_card
 from segpipe.models.checkpoint import ModelSpec, load_model
 
@@ -62,3 +63,22 @@ def model_digest(path: str | Path) -> str:
     if is_torchscript(path):
         h.update(card_path(path).read_bytes())
     return h.hexdigest()
+
+
+def check_patch(model: torch.nn.Module, name: str, patch: int, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """One dry forward pass on the client: the model must map a patch to logits of the same size.
+
+    Cheaper than learning it from a failed task on a worker, and it works for any architecture
+    (each has its own divisibility rules). Returns the zero patch and its logits.
+    """
+    x = torch.zeros((1, spec.in_channels, *(patch,) * spec.dims))
+    try:
+        with torch.inference_mode():
+            y = model(x)
+    except RuntimeError as exc:
+        raise InputError(f"model {name} cannot run on patch_size {patch}: "
+                         f"{str(exc).splitlines()[0]}") from None
+    if tuple(y.shape) != (1, spec.n_classes, *(patch,) * spec.dims):
+        raise InputError(f"model {name} maps a {patch}-pixel patch to shape {tuple(y.shape)[2:]}, "
+                         f"not to the patch size; choose another patch_size")
+    return x, y
