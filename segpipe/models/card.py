@@ -1,8 +1,9 @@
 """Model cards: what a model file needs besides its weights, in a YAML file beside it.
 
-A TorchScript file (and, later, ONNX) carries the network but not how to feed it. The card says it:
+A TorchScript or ONNX file carries the network but not how to feed it. The card says it:
 input channels, classes and their names, how pixels are normalised, the patch size it was made for, the
-pixel size it was trained at, and what its output means. ``model.ts`` has its card in ``model.card.yaml``.
+pixel size it was trained at, and what its output means. ``model.ts`` has its card in
+``model.ts.card.yaml`` (``model.onnx`` in ``model.onnx.card.yaml``).
 segpipe checks the card against the scene before anything is written.
 
 Normalisations, each a per-band ``(x - offset) / scale``, optionally clipped first:
@@ -57,7 +58,7 @@ class Normalisation(BaseModel):
 class ModelCard(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    format: Literal["torchscript"]
+    format: Literal["torchscript", "onnx"]
     in_channels: int = Field(ge=1)
     n_classes: int = Field(ge=1, description="output channels; 1 with output: sigmoid (a binary model)")
     dims: Literal[2, 3] = 2
@@ -88,8 +89,10 @@ class ModelCard(BaseModel):
 
 
 def card_path(model: str | Path) -> Path:
+    """``model.ts`` -> ``model.ts.card.yaml``: the whole name, so a .ts and an .onnx export side by side each
+    keep their own card."""
     p = Path(model)
-    return p.with_name(p.stem + CARD_SUFFIX)
+    return p.with_name(p.name + CARD_SUFFIX)
 
 
 def read_card(model: str | Path) -> ModelCard:

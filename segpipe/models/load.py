@@ -1,11 +1,12 @@
 """Any model file segpipe runs, loaded the same way on the client (checks) and on the workers.
 
 - a segpipe checkpoint (``torch.save`` of plain values and tensors, read with ``weights_only=True``);
-- a TorchScript file (``torch.jit.save``) with its model card beside it (:mod:`segpipe.models.card`).
+- a TorchScript file (``torch.jit.save``) or an ONNX file (run by onnxruntime), each with its model card
+  beside it (:mod:`segpipe.models.card`).
 
-Both are detected by content, not by file name. Neither runs pickled Python: weights-only unpickling
-accepts tensors and plain containers only, and TorchScript's loader builds TorchScript code and types,
-never arbitrary Python objects.
+None runs pickled Python: weights-only unpickling accepts tensors and plain containers only,
+TorchScript's loader builds TorchScript code and types, never arbitrary Python objects, and ONNX is a
+protobuf graph of standard operators.
 """
 
 from __future__ import annotations
@@ -42,25 +43,65 @@ class SigmoidAsClasses(torch.nn.Module):
         return torch.cat([torch.zeros_like(z), z], dim=1)
 
 
+class OnnxNet(torch.nn.Module):
+    """An ONNX file run by onnxruntime behind the interface of a torch module (tensor in, logits out).
+
+    On a GPU worker onnxruntime's CUDA provider computes (the tensors go through host memory); elsewhere its
+    CPU provider, with as many threads as torch has been given (the worker's share of the cores).
+    """
+
+    def __init__(self, path: str | Path, device: str) -> None:
+        super().__init__()
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise InputError("ONNX models need onnxruntime: pip install 'segpipe[onnx]'") from None
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        providers = ["CPUExecutionProvider"]
+        if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for unreadable files
+            raise InputError(f"model {Path(path).name} is not a loadable ONNX file: "
+                             f"{str(exc).splitlines()[0][:200]}") from None
+        self.input = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.session.run(None, {self.input: x.detach().float().cpu().numpy()})[0]
+        return torch.from_numpy(y).to(x.device)
+
+
 def load_any(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, ModelSpec]:
-    """An eval-mode model on ``device`` and its spec, from a checkpoint or a TorchScript file and card."""
-    if not is_torchscript(path):
+    """An eval-mode model on ``device`` and its spec: a checkpoint, or a TorchScript or ONNX file and its card.
+
+    TorchScript is recognised by content; a file with a card beside it (or named ``*.onnx``) is what its
+    card's ``format`` says; anything else must be a segpipe checkpoint.
+    """
+    torchscript = is_torchscript(path)
+    if not torchscript and not card_path(path).is_file() and Path(path).suffix.lower() != ".onnx":
         return load_model(path, device)
     card = read_card(path)
-    net: torch.nn.Module = torch.jit.load(str(path), map_location=device).eval()
+    if (card.format == "torchscript") != torchscript:
+        raise InputError(f"model {Path(path).name} is {'' if torchscript else 'not '}a TorchScript file, "
+                         f"but its card says format: {card.format}")
+    net: torch.nn.Module = (torch.jit.load(str(path), map_location=device) if torchscript
+                            else OnnxNet(path, device)).eval()
     if card.output == "sigmoid":
         net = SigmoidAsClasses(net).eval()
     offset, scale, clip = card.normalisation.affine()
     spec = ModelSpec(in_channels=card.in_channels, n_classes=card.classes, mean=offset, std=scale, clip=clip,
-                     class_names=list(card.class_names or []), dims=card.dims, arch="torchscript",
+                     class_names=list(card.class_names or []), dims=card.dims, arch=card.format,
                      info={"card": card.model_dump(mode="json", exclude_none=True)})
     return net, spec
 
 
 def model_digest(path: str | Path) -> str:
-    """SHA-256 of the model file and, for TorchScript, its card: either changes every pixel's logits."""
+    """SHA-256 of the model file and of its card, if it has one: either changes every pixel's logits."""
     h = hashlib.sha256(Path(path).read_bytes())
-    if is_torchscript(path):
+    if card_path(path).is_file():
         h.update(card_path(path).read_bytes())
     return h.hexdigest()
 
