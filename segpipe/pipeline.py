@@ -94,7 +94,7 @@ def check(job: JobSpec) -> Checked:
     if wrong:
         raise InputError(f"export {sorted(wrong)[0]!r} does not apply to a {info.kind} input "
                          f"(volumes: nifti, ome-zarr; images and slides: cog, ome-zarr)")
-    plan = plan_method(job, len(bands), len(info.shape))
+    plan = plan_method(job, len(bands), len(info.shape), info.pixel_size)
     truth = check_truth(job.truth, info) if job.truth else None
     if job.instances and job.instances.classes:
         bad = [k for k in job.instances.classes if not 0 <= k < plan.n_classes]

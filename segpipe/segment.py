@@ -48,14 +48,14 @@ class MethodPlan:
     model_sha256: str | None = None
 
 
-def plan_method(job: JobSpec, n_bands: int, ndim: int = 2) -> MethodPlan:
-    """Check that the method can run on a scene with ``n_bands`` bands and ``ndim`` spatial axes.
+def plan_method(job: JobSpec, n_bands: int, ndim: int = 2, pixel_size: tuple[float, ...] | None = None) -> MethodPlan:
+    """Check that the method can run on a scene with ``n_bands`` bands, ``ndim`` spatial axes and ``pixel_size``.
 
     Runs before anything is written.
     """
     m = job.method
     if m.name in MODEL_METHODS:
-        from segpipe.models.load import check_patch, load_any, model_digest
+        from segpipe.models.load import check_patch, check_resolution, load_any, model_digest
 
         model, spec = load_any(m.model)
         if spec.dims != ndim:
@@ -63,6 +63,7 @@ def plan_method(job: JobSpec, n_bands: int, ndim: int = 2) -> MethodPlan:
         if spec.in_channels != n_bands:
             raise InputError(f"model {m.model.name} expects {spec.in_channels} band(s), "
                              f"the scene provides {n_bands}; select bands with 'bands:'")
+        check_resolution(spec, m.model.name, pixel_size)
         check_patch(model, m.model.name, m.patch_size, spec)
         names = job.class_names or spec.class_names or [f"class{i}" for i in range(spec.n_classes)]
         plan = MethodPlan(m.name, spec.n_classes, names, model=spec, model_sha256=model_digest(m.model))

@@ -1,5 +1,6 @@
 """Bring your own model: TorchScript files with a model card run through the same path as checkpoints."""
 
+import json
 import subprocess
 import sys
 
@@ -61,7 +62,8 @@ def test_window_normalisation_and_a_sigmoid_output_from_the_card(tmp_path, clien
     torch.jit.save(torch.jit.script(_Pointwise().eval()), str(path))
     card_path(path).write_text(yaml.safe_dump({
         "format": "torchscript", "in_channels": 1, "n_classes": 1, "output": "sigmoid",
-        "class_names": ["dark", "bright"], "normalisation": {"kind": "window", "low": [300], "high": [700]}}))
+        "class_names": ["dark", "bright"], "normalisation": {"kind": "window", "low": [300], "high": [700]},
+        "resolution": [0.5]}))  # the scene's 0.5 m: accepted as it is
     outcome = run(client, tmp_path / "out", input=str(SCENE), tile_size=256,
                   method={"name": "model", "model": str(path), "patch_size": 128})
     with rasterio.open(SCENE) as ds:
@@ -121,3 +123,71 @@ def test_a_card_must_match_the_file_it_describes(tmp_path):
                        "method": {"name": "model", "model": str(fake)}})
     assert r.returncode == 2 and "not a loadable ONNX file" in r.stderr and len(r.stderr.splitlines()) == 1
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+NETWORK = {"_target_": "UNet", "spatial_dims": 2, "in_channels": 1, "out_channels": 2, "channels": [8, 16, 32],
+           "strides": [2, 2], "num_res_units": 1}
+
+
+def _bundle(root, transforms, network=None):
+    """A MONAI bundle folder as MONAI's own bundle tools lay it out: weights of a seeded 2-D MONAI UNet
+    (``NETWORK``), its config naming ``network`` (default ``NETWORK``)."""
+    from monai.networks.nets import UNet
+
+    network = network or NETWORK
+    (root / "configs").mkdir(parents=True)
+    (root / "models").mkdir()
+    config = {"imports": ["$import torch"], "device": "$torch.device('cpu')", "network_def": network,
+              "network": "$@network_def.to(@device)",
+              "preprocessing": {"_target_": "Compose", "transforms": [
+                  {"_target_": "LoadImaged", "keys": "image"}, {"_target_": "EnsureChannelFirstd", "keys": "image"},
+                  *transforms, {"_target_": "EnsureTyped", "keys": "image"}]},
+              "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [128, 128], "sw_batch_size": 4}}
+    (root / "configs" / "inference.json").write_text(json.dumps(config))
+    (root / "configs" / "metadata.json").write_text(json.dumps({"network_data_format": {
+        "inputs": {"image": {"type": "image", "num_channels": 1, "spatial_shape": [128, 128]}},
+        "outputs": {"pred": {"type": "image", "num_channels": 2, "channel_def": {"0": "background", "1": "bright"}}}}}))
+    torch.manual_seed(3)
+    net = UNet(**{k: v for k, v in NETWORK.items() if k != "_target_"}).eval()
+    torch.save(net.state_dict(), root / "models" / "model.pt")
+    return net
+
+
+def test_a_monai_bundle_runs_as_the_same_network_saved_as_a_checkpoint(tmp_path, client):
+    from segpipe.models.checkpoint import ModelSpec, save_checkpoint
+
+    bundle = tmp_path / "bundle"
+    net = _bundle(bundle, [{"_target_": "NormalizeIntensityd", "keys": "image", "subtrahend": 450.0,
+                            "divisor": 250.0}])
+    ckpt = tmp_path / "same.pt"
+    save_checkpoint(ckpt, net, ModelSpec(in_channels=1, n_classes=2, mean=[450.0], std=[250.0],
+                                         class_names=["background", "bright"], arch="monai.UNet",
+                                         arch_kwargs={"channels": [8, 16, 32], "strides": [2, 2],
+                                                      "num_res_units": 1}))
+    job = {"input": str(SCENE), "tile_size": 256}
+    got = run(client, tmp_path / "b", **job, method={"name": "model", "model": str(bundle), "patch_size": 128})
+    ref = class_map(run(client, tmp_path / "c", **job, method={"name": "model", "model": str(ckpt), "patch_size": 128}))
+    np.testing.assert_array_equal(class_map(got), ref)
+    assert 0 < ref.mean() < 1
+    import zarr
+
+    assert zarr.open_group(got.result, mode="r").attrs["class_names"] == ["background", "bright"]
+
+
+@pytest.mark.parametrize("transforms,network,message", [
+    ([{"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": 0, "a_max": 2000, "b_min": 0, "b_max": 1,
+       "clip": True}, {"_target_": "Spacingd", "keys": "image", "pixdim": [0.3, 0.3]}], None,
+     "trained at 0.3 x 0.3 per pixel, this scene has 0.5 x 0.5"),
+    ([{"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True}], None, "its own statistics"),
+    ([], {"_target_": "$monai.networks.nets.UNet(2, 1, 2, (8, 16), (2,))"}, "not a monai.networks.nets class"),
+    ([], {"_target_": "UNet", "spatial_dims": 2, "in_channels": 1, "out_channels": 2, "channels": "@chans",
+          "strides": [2, 2]}, "is an expression"),
+])
+def test_a_bundle_segpipe_cannot_read_as_plain_data_is_refused_in_one_line(tmp_path, transforms, network, message):
+    bundle = tmp_path / "bundle"
+    _bundle(bundle, transforms, network)
+    out = tmp_path / "out"
+    r = cli(tmp_path, {"input": str(SCENE), "output": str(out), "method": {"name": "model", "model": str(bundle),
+                                                                           "patch_size": 128}})
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    assert not out.exists()

@@ -41,6 +41,13 @@ class RasterInfo:
         return "x".join(str(n) for n in self.shape[::-1]) + (" voxels" if self.depth else " px")
 
     @property
+    def pixel_size(self) -> tuple[float, ...]:
+        """Per spatial axis ((z,) y, x): CRS units (metres for projected scenes), µm (slides), mm (volumes)."""
+        if self.geometry and "spacing" in self.geometry:
+            return tuple(float(v) for v in self.geometry["spacing"])
+        return (abs(self.transform.e), abs(self.transform.a))
+
+    @property
     def bounds(self) -> tuple[float, float, float, float]:
         return rasterio.transform.array_bounds(self.height, self.width, self.transform)
 

@@ -58,7 +58,7 @@ class Normalisation(BaseModel):
 class ModelCard(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    format: Literal["torchscript", "onnx"]
+    format: Literal["torchscript", "onnx", "monai-bundle"]
     in_channels: int = Field(ge=1)
     n_classes: int = Field(ge=1, description="output channels; 1 with output: sigmoid (a binary model)")
     dims: Literal[2, 3] = 2

@@ -2,7 +2,8 @@
 
 - a segpipe checkpoint (``torch.save`` of plain values and tensors, read with ``weights_only=True``);
 - a TorchScript file (``torch.jit.save``) or an ONNX file (run by onnxruntime), each with its model card
-  beside it (:mod:`segpipe.models.card`).
+  beside it (:mod:`segpipe.models.card`);
+- a MONAI bundle folder (:mod:`segpipe.models.bundle`).
 
 None runs pickled Python: weights-only unpickling accepts tensors and plain containers only,
 TorchScript's loader builds TorchScript code and types, never arbitrary Python objects, and ONNX is a
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from segpipe.errors import InputError
+from segpipe.models.bundle import is_bundle, load_bundle
 from segpipe.models.card import card_path, read_card
 from segpipe.models.checkpoint import ModelSpec, load_model
 
@@ -80,6 +82,8 @@ def load_any(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Mo
     TorchScript is recognised by content; a file with a card beside it (or named ``*.onnx``) is what its
     card's ``format`` says; anything else must be a segpipe checkpoint.
     """
+    if is_bundle(path):
+        return load_bundle(path, device)
     torchscript = is_torchscript(path)
     if not torchscript and not card_path(path).is_file() and Path(path).suffix.lower() != ".onnx":
         return load_model(path, device)
@@ -99,7 +103,13 @@ def load_any(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Mo
 
 
 def model_digest(path: str | Path) -> str:
-    """SHA-256 of the model file and of its card, if it has one: either changes every pixel's logits."""
+    """SHA-256 of the model file and of its card, if it has one (of a bundle: its configs and weights), any
+    of which changes every pixel's logits."""
+    if is_bundle(path):
+        h = hashlib.sha256()
+        for part in sorted(p for sub in ("configs", "models") for p in (Path(path) / sub).rglob("*") if p.is_file()):
+            h.update(part.relative_to(path).as_posix().encode() + b"\0" + part.read_bytes())
+        return h.hexdigest()
     h = hashlib.sha256(Path(path).read_bytes())
     if card_path(path).is_file():
         h.update(card_path(path).read_bytes())
@@ -123,3 +133,21 @@ def check_patch(model: torch.nn.Module, name: str, patch: int, spec: ModelSpec) 
         raise InputError(f"model {name} maps a {patch}-pixel patch to shape {tuple(y.shape)[2:]}, "
                          f"not to the patch size; choose another patch_size")
     return x, y
+
+
+def check_resolution(spec: ModelSpec, name: str, pixel_size: tuple[float, ...] | None) -> None:
+    """A model whose card names the pixel size it was trained at runs only on scenes of that pixel size (1 %).
+
+    Running it at another scale would quietly give wrong classes; resampling the scene to the model's
+    resolution is not built yet.
+    """
+    wanted = spec.info.get("card", {}).get("resolution")
+    if not wanted or pixel_size is None:
+        return
+    wanted = list(wanted) * len(pixel_size) if len(wanted) == 1 else list(wanted)
+    if len(wanted) != len(pixel_size):
+        raise InputError(f"model {name} gives a resolution for {len(wanted)} axes; the scene has {len(pixel_size)}")
+    if any(abs(a - b) > 0.01 * b for a, b in zip(pixel_size, wanted, strict=True)):
+        have = " x ".join(f"{v:g}" for v in pixel_size)
+        raise InputError(f"model {name} was trained at {' x '.join(f'{v:g}' for v in wanted)} per pixel, this scene "
+                         f"has {have}: resampling a scene to a model's resolution is not supported yet")
