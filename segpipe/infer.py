@@ -17,6 +17,7 @@ import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,16 +60,19 @@ def worker_model(path: str) -> tuple[UNet, ModelSpec, str]:
     return model, spec, device
 
 
-def read_patches(scene: Scene, grid: PatchGrid, group: list[Index], spec: ModelSpec) -> np.ndarray:
+def read_patches(scene: Scene, grid: PatchGrid, group: list[Index], norm: dict[str, Any]) -> np.ndarray:
     """Normalised patches (N, bands, *patch); invalid pixels become 0 (the band mean).
+
+    ``norm``: per band ``mean`` and ``std``, and ``clip`` ([low, high] per band, or None) applied first, as
+    the client resolved them for the whole scene (:func:`segpipe.segment.normalisation`).
 
     Patches that differ only in their last index (a run along the columns) are cut from a single
     read of their union, so overlapping patches do not decode the same Zarr chunks again.
     Patches reaching past a short scene's edge are zero-padded.
     """
     lead = (slice(None),) + (None,) * len(grid.shape)
-    mean = np.asarray(spec.mean, np.float32)[lead]
-    std = np.asarray(spec.std, np.float32)[lead]
+    mean = np.asarray(norm["mean"], np.float32)[lead]
+    std = np.asarray(norm["std"], np.float32)[lead]
     whole = Box.of(scene.shape)
     out = np.zeros((len(group), scene.count, *grid.size), np.float32)
     for run in sorted({idx[:-1] for idx in group}):
@@ -76,8 +80,8 @@ def read_patches(scene: Scene, grid: PatchGrid, group: list[Index], spec: ModelS
         union = Box(members[0][1].start[:-1] + (min(w.start[-1] for _, w in members),),
                     members[0][1].stop[:-1] + (max(w.stop[-1] for _, w in members),)).intersect(whole)
         img, valid = scene.read(union)
-        if spec.clip is not None:  # a fixed window (model card): values outside it are saturated first
-            bounds = np.asarray(spec.clip, np.float32)
+        if norm.get("clip") is not None:  # a fixed window (model card): values outside it are saturated first
+            bounds = np.asarray(norm["clip"], np.float32)
             img = np.clip(img, bounds[:, 0][lead], bounds[:, 1][lead])
         x = np.where(valid[None], (img - mean) / std, 0.0)
         for k, w in members:
@@ -92,14 +96,14 @@ def batch_key(batch_size: int, k: int) -> str:
 
 
 def infer_batches(scene_path: str, work_path: str, model_path: str, patch: int | Index, overlap: float,
-                  batch_size: int, batches: list[tuple[int, list[Index]]]) -> tuple[int, int]:
+                  batch_size: int, batches: list[tuple[int, list[Index]]], norm: dict[str, Any]) -> tuple[int, int]:
     """Compute, store and mark the logits of each ``(k, patches)`` batch.
 
     Returns the patches computed and the largest sub-batch that fitted on the device (``batch_size`` unless
     the device ran out of memory). Readers stay :data:`READERS` batches ahead of the device; on a GPU the
     writes go to a writer thread, and a batch's mark is left only after its logits are written.
     """
-    model, spec, device = worker_model(model_path)
+    model, _, device = worker_model(model_path)
     scene = Scene(scene_path)
     grid = PatchGrid(scene.shape, patch, overlap)
     logits = zarr.open_array(work_path, path="logits", mode="r+")
@@ -110,7 +114,7 @@ def infer_batches(scene_path: str, work_path: str, model_path: str, patch: int |
     ahead = READERS[run.kind]
 
     def load(group: list[Index]) -> tuple:
-        return run.stage(read_patches(scene, grid, group, spec))
+        return run.stage(read_patches(scene, grid, group, norm))
 
     def store(k: int, group: list[Index], out: np.ndarray) -> None:
         for idx, y in zip(group, out, strict=True):

@@ -105,7 +105,8 @@ def segment(job: JobSpec, scene: Scene, plan: MethodPlan, scene_fp: dict, client
         group = open_or_create(work, fp, "work store")
         create_logits_store(group, PatchGrid(scene.shape, m.patch_size, m.overlap), plan.n_classes)
         infer_and_stitch(client, scene, work, result, str(m.model), m.batch_size, use_gpu(job.cluster),
-                         m.patch_size, m.overlap, job.tile_size, pending, keep=job.keep_work)
+                         m.patch_size, m.overlap, job.tile_size, pending, keep=job.keep_work,
+                         norm=normalisation(plan.model, scene, client))
     elif m.name == "region_growing":
         grow_regions(scene, open_or_create(work, fp, "work store"), work, result, job.tile_size, m.params, client)
     else:
@@ -135,8 +136,26 @@ def patch_batches(client: Client, scene: Scene, patch: int, overlap: float, batc
 UNIT_PATCHES = {"cpu": 32, "gpu": 1024}
 
 
+def normalisation(spec: ModelSpec, scene: Scene, client: Client) -> dict[str, Any]:
+    """How every patch is normalised: the model's fixed values, or the scene's own z-score.
+
+    A z-score is taken once over the whole scene's valid pixels (population standard deviation, a zero one
+    replaced by 1, as MONAI's NormalizeIntensity does), never per tile: tiles must not change the answer.
+    """
+    if spec.scene_zscore is None:
+        return {"mean": list(spec.mean), "std": list(spec.std), "clip": spec.clip}
+    stats = scene_stats(scene, client)
+    mean, std = np.asarray(stats.mean, np.float64), np.asarray(stats.std, np.float64)
+    if spec.scene_zscore == "pooled":  # every band counts the same valid pixels: pool their moments
+        pooled = mean.mean()
+        std = np.full_like(std, np.sqrt(max(float(np.mean(std**2 + mean**2)) - pooled**2, 0.0)))
+        mean = np.full_like(mean, pooled)
+    return {"mean": mean.tolist(), "std": np.where(std > 0, std, 1.0).tolist(), "clip": None}
+
+
 def infer_and_stitch(client: Client, scene: Scene, work: str, result: str, model: str, batch_size: int, gpu: bool,
-                     patch: int | Index, overlap: float, tile_size: int, tiles: list[Index], keep: bool) -> None:
+                     patch: int | Index, overlap: float, tile_size: int, tiles: list[Index], keep: bool,
+                     norm: dict[str, Any]) -> None:
     """Logits of the batches the ``tiles`` still need, each tile stitched as soon as its patches are done.
 
     Batches not yet marked done and holding a patch over one of ``tiles`` run in guided units of whole
@@ -177,7 +196,7 @@ def infer_and_stitch(client: Client, scene: Scene, work: str, result: str, model
     stitch(ready_after.get(-1, []))
     for u, unit in enumerate(units):
         inferred.append(client.submit(infer_batches, model_path=model, batch_size=batch_size, batches=unit,
-                                      resources=resources, pure=False, **common))
+                                      norm=norm, resources=resources, pure=False, **common))
         stitch(ready_after.get(u, []))
     results = client.gather(inferred)
     client.gather(stitched)

@@ -178,7 +178,7 @@ def test_a_monai_bundle_runs_as_the_same_network_saved_as_a_checkpoint(tmp_path,
     ([{"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": 0, "a_max": 2000, "b_min": 0, "b_max": 1,
        "clip": True}, {"_target_": "Spacingd", "keys": "image", "pixdim": [0.3, 0.3]}], None,
      "trained at 0.3 x 0.3 per pixel, this scene has 0.5 x 0.5"),
-    ([{"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True}], None, "its own statistics"),
+    ([{"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True}], None, "over nonzero voxels only"),
     ([], {"_target_": "$monai.networks.nets.UNet(2, 1, 2, (8, 16), (2,))"}, "not a monai.networks.nets class"),
     ([], {"_target_": "UNet", "spatial_dims": 2, "in_channels": 1, "out_channels": 2, "channels": "@chans",
           "strides": [2, 2]}, "is an expression"),
@@ -191,3 +191,24 @@ def test_a_bundle_segpipe_cannot_read_as_plain_data_is_refused_in_one_line(tmp_p
                                                                            "patch_size": 128}})
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
     assert not out.exists()
+
+
+def test_a_scene_zscore_uses_the_whole_scenes_statistics_for_every_tile(tmp_path, client):
+    """NormalizeIntensity without values (MONAI's per-image z-score): the same classes as the same network with
+    the scene's mean and standard deviation, recounted here from the file, as fixed values, for any tile size."""
+    from segpipe.models.checkpoint import ModelSpec, save_checkpoint
+
+    bundle = tmp_path / "bundle"
+    net = _bundle(bundle, [{"_target_": "NormalizeIntensityd", "keys": "image"}])
+    with rasterio.open(SCENE) as ds:
+        x = ds.read(1).astype(np.float64)
+    ckpt = tmp_path / "fixed.pt"
+    save_checkpoint(ckpt, net, ModelSpec(in_channels=1, n_classes=2, mean=[float(x.mean())], std=[float(x.std())],
+                                         arch="monai.UNet", arch_kwargs={"channels": [8, 16, 32], "strides": [2, 2],
+                                                                         "num_res_units": 1}))
+    maps = [class_map(run(client, tmp_path / f"z{tile}", input=str(SCENE), tile_size=tile,
+                          method={"name": "model", "model": str(bundle), "patch_size": 128})) for tile in (256, 512)]
+    ref = class_map(run(client, tmp_path / "fixed", input=str(SCENE), tile_size=256,
+                        method={"name": "model", "model": str(ckpt), "patch_size": 128}))
+    np.testing.assert_array_equal(maps[0], maps[1])
+    assert (maps[0] == ref).mean() > 0.999 and 0 < ref.mean() < 1

@@ -52,7 +52,7 @@ def segment_volume(client, scene: str, out, model, tile: int) -> np.ndarray:
     ensure_array(result, "class", SHAPE, (16, 32, 32), "uint8", 255, ("z", "y", "x"))
     tiles = [t.index for t in TileGrid(SHAPE, tile)]
     infer_and_stitch(client, Scene(scene), str(out / "work.zarr"), str(out / "result.zarr"), str(model), 4, False,
-                     PATCH, 0.25, tile, tiles, keep=False)
+                     PATCH, 0.25, tile, tiles, keep=False, norm={"mean": [400.0], "std": [300.0], "clip": None})
     # Each patch is deleted once every block it overlaps is final: nothing is left once all blocks are.
     assert zarr.open_array(str(out / "work.zarr"), path="logits", mode="r").nchunks_initialized == 0
     return zarr.open_array(str(out / "result.zarr"), path="class", mode="r")[:]

@@ -5,15 +5,15 @@ A bundle config is a program: its ``_target_`` entries name Python callables and
 evaluated. segpipe does not run it. It reads the parts a segmentation model needs, as plain data:
 
 - ``network_def``: a class of ``monai.networks.nets`` and its keyword arguments (plain values only);
-- the intensity transform of ``preprocessing``: ``ScaleIntensityRange(d)`` (a window, scaled to
-  ``b_min``..``b_max``) or ``NormalizeIntensity(d)`` with fixed ``subtrahend``/``divisor``; none means
-  pixels go in as they are;
+- the intensity transform of ``preprocessing``: ``ScaleIntensityRange(d)`` (a window, scaled to 0..1),
+  ``NormalizeIntensity(d)`` with fixed ``subtrahend``/``divisor``, or without them (the scene's own
+  z-score); none means pixels go in as they are;
 - ``Spacing(d)`` ``pixdim``: the resolution it was trained at;
 - ``metadata.json``: input channels, output channels and their names (``channel_def``), patch size.
 
 Weights are read with ``weights_only=True`` (a state dict, or a dict holding one under ``model``).
-Anything else (an expression, another network library, a per-image normalisation) is refused in one
-line rather than guessed.
+Anything else (an expression, another network library, statistics over nonzero voxels) is refused in
+one line rather than guessed.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from segpipe.errors import InputError
-from segpipe.models.card import ModelCard, Normalisation
+from segpipe.models.card import ModelCard, Normalisation, zscore_of
 from segpipe.models.checkpoint import ModelSpec
 
 _SKIP = {"_target_", "_requires_", "_disabled_", "_desc_", "_mode_"}
@@ -85,9 +85,14 @@ def _normalisation(transforms: list[dict[str, Any]], channels: int) -> Normalisa
             return Normalisation(kind=kind, low=[a_min] * channels, high=[a_max] * channels)
         if name == "NormalizeIntensity":
             sub, div = t.get("subtrahend"), t.get("divisor")
+            if sub is None and div is None:
+                if t.get("nonzero", False):
+                    raise InputError("MONAI bundle: NormalizeIntensity(nonzero=True) takes statistics over nonzero "
+                                     "voxels only; segpipe takes them over valid voxels (set the job's nodata: 0 and "
+                                     "nonzero: false in a copy of the bundle)")
+                return Normalisation(kind="zscore", channel_wise=bool(t.get("channel_wise", False)))
             if sub is None or div is None:
-                raise InputError("MONAI bundle: NormalizeIntensity without fixed subtrahend and divisor normalises "
-                                 "each image by its own statistics, which segpipe does not do yet")
+                raise InputError("MONAI bundle: NormalizeIntensity with only one of subtrahend and divisor")
             sub, div = _plain(sub, "subtrahend"), _plain(div, "divisor")
             mean = list(sub) if isinstance(sub, list) else [float(sub)] * channels
             std = list(div) if isinstance(div, list) else [float(div)] * channels
@@ -140,6 +145,7 @@ def load_bundle(folder: str | Path, device: str = "cpu") -> tuple[torch.nn.Modul
     net = _weights(folder, cls, kwargs, device)
     offset, scale, clip = card.normalisation.affine()
     spec = ModelSpec(in_channels=channels, n_classes=classes, mean=offset, std=scale, clip=clip,
+                     scene_zscore=zscore_of(card.normalisation),
                      class_names=list(names or []), dims=dims, arch=f"monai-bundle.{target}",
                      info={"card": card.model_dump(mode="json", exclude_none=True)})
     return net, spec

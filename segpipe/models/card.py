@@ -9,7 +9,10 @@ segpipe checks the card against the scene before anything is written.
 Normalisations, each a per-band ``(x - offset) / scale``, optionally clipped first:
 - ``meanstd``: ``mean`` and ``std`` per band (segpipe's checkpoints, TorchGeo/smp conventions);
 - ``window``: clip to ``[low, high]`` then scale to 0..1 (a fixed CT window, e.g. -1000..1000 HU);
-- ``minmax``: scale ``[low, high]`` to 0..1 without clipping (e.g. 0..255 or 0..10000 reflectance).
+- ``minmax``: scale ``[low, high]`` to 0..1 without clipping (e.g. 0..255 or 0..10000 reflectance);
+- ``zscore``: the scene's own mean and standard deviation over its valid pixels, per band (or pooled over
+  the bands with ``channel_wise: false``), computed once for the whole scene so every tile is normalised
+  alike (nnU-Net's ZScoreNormalization, MONAI's NormalizeIntensity without fixed values).
 """
 
 from __future__ import annotations
@@ -28,14 +31,17 @@ CARD_SUFFIX = ".card.yaml"
 class Normalisation(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["meanstd", "window", "minmax"] = "meanstd"
+    kind: Literal["meanstd", "window", "minmax", "zscore"] = "meanstd"
     mean: list[float] | None = None
     std: list[float] | None = Field(None, description="per band; every value > 0")
     low: list[float] | None = None
     high: list[float] | None = None
+    channel_wise: bool = Field(True, description="zscore: each band by its own statistics (else all bands pooled)")
 
     @model_validator(mode="after")
     def _complete(self) -> Normalisation:
+        if self.kind == "zscore":
+            return self
         pair = ("mean", "std") if self.kind == "meanstd" else ("low", "high")
         a, b = (getattr(self, k) for k in pair)
         if a is None or b is None or len(a) != len(b):
@@ -47,12 +53,23 @@ class Normalisation(BaseModel):
         return self
 
     def affine(self) -> tuple[list[float], list[float], list[list[float]] | None]:
-        """Per band (offset, scale) and the clip range or None: pixels become ``(clip(x) - offset) / scale``."""
+        """Per band (offset, scale) and the clip range or None: pixels become ``(clip(x) - offset) / scale``.
+
+        Empty for ``zscore``: its values come from the scene (:func:`segpipe.segment.normalisation`)."""
+        if self.kind == "zscore":
+            return [], [], None
         if self.kind == "meanstd":
             return list(self.mean), list(self.std), None
         scale = [h - lo for lo, h in zip(self.low, self.high, strict=True)]
         clip = [[lo, h] for lo, h in zip(self.low, self.high, strict=True)] if self.kind == "window" else None
         return list(self.low), scale, clip
+
+
+def zscore_of(norm: Normalisation) -> str | None:
+    """"band" or "pooled" for a scene z-score, None for fixed values."""
+    if norm.kind != "zscore":
+        return None
+    return "band" if norm.channel_wise else "pooled"
 
 
 class ModelCard(BaseModel):
@@ -73,7 +90,7 @@ class ModelCard(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:
-        if len(self.normalisation.affine()[0]) != self.in_channels:
+        if self.normalisation.kind != "zscore" and len(self.normalisation.affine()[0]) != self.in_channels:
             raise ValueError(f"normalisation gives {len(self.normalisation.affine()[0])} band(s) for "
                              f"in_channels {self.in_channels}")
         if self.output == "sigmoid" and self.n_classes != 1:

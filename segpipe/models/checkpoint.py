@@ -36,6 +36,7 @@ class ModelSpec:
     arch: str = "segpipe.UNet"
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     clip: list[list[float]] | None = None  # per band [low, high] applied before (x - mean) / std (a CT window)
+    scene_zscore: str | None = None  # "band" / "pooled": mean and std are the scene's own (model card zscore)
 
     def build(self) -> torch.nn.Module:
         """The network, untrained: segpipe's U-Net, or a MONAI network named ``monai.<Class>``."""

@@ -20,7 +20,7 @@ import torch
 
 from segpipe.errors import InputError
 from segpipe.models.bundle import is_bundle, load_bundle
-from segpipe.models.card import card_path, read_card
+from segpipe.models.card import card_path, read_card, zscore_of
 from segpipe.models.checkpoint import ModelSpec, load_model
 
 
@@ -97,6 +97,7 @@ def load_any(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Mo
         net = SigmoidAsClasses(net).eval()
     offset, scale, clip = card.normalisation.affine()
     spec = ModelSpec(in_channels=card.in_channels, n_classes=card.classes, mean=offset, std=scale, clip=clip,
+                     scene_zscore=zscore_of(card.normalisation),
                      class_names=list(card.class_names or []), dims=card.dims, arch=card.format,
                      info={"card": card.model_dump(mode="json", exclude_none=True)})
     return net, spec
