@@ -31,6 +31,9 @@ class MethodSpec(_Strict):
     patch_size: int = Field(256, ge=16)
     overlap: float = Field(0.25, ge=0.0, lt=1.0)
     batch_size: int = Field(8, ge=1)
+    tta: Literal["none", "mirror"] = Field("none", description="model test-time augmentation: mirror averages "
+                                           "the logits over every flip of the spatial axes (nnU-Net's mirroring; "
+                                           "4x the forward passes in 2-D, 8x in 3-D)")
     params: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")

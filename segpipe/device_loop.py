@@ -18,6 +18,8 @@ already uses the worker's cores, more threads would only take them from it.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 
@@ -37,8 +39,12 @@ class BatchForward:
     ``micro`` is the largest sub-batch that has fitted in device memory; it starts at ``batch_size``.
     """
 
-    def __init__(self, model: torch.nn.Module, device: str, batch_size: int, dims: int = 2) -> None:
+    def __init__(self, model: torch.nn.Module, device: str, batch_size: int, dims: int = 2,
+                 mirror: bool = False) -> None:
         self.model, self.device, self.batch_size, self.dims = model, device, batch_size, dims
+        # test-time mirroring: every subset of the spatial axes flipped, the flips' logits averaged
+        spatial = range(2, 2 + dims)
+        self.flips = [c for k in range(dims + 1) for c in itertools.combinations(spatial, k)] if mirror else [()]
         self.cuda = device.startswith("cuda")
         self.micro = batch_size
         self.copies = torch.cuda.Stream(device) if self.cuda else None
@@ -89,11 +95,18 @@ class BatchForward:
             return y[:n].cpu().numpy()
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Model logits of ``x`` reduced on the device to classes 1..C-1 minus class 0, float16."""
+        """Model logits of ``x`` (averaged over the mirrorings) reduced on the device to classes 1..C-1 minus
+        class 0, float16."""
+        y = None
+        for axes in self.flips:
+            part = self._logits(x.flip(axes) if axes else x)
+            part = part.flip(axes) if axes else part
+            y = part if y is None else y + part
+        y = y / len(self.flips) if len(self.flips) > 1 else y
+        return (y[:, 1:] - y[:, :1]).to(torch.float16)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.cuda:
             with torch.autocast("cuda", dtype=torch.float16):
-                y = self.model(x)
-        else:
-            y = self.model(x)
-        y = y.float()
-        return (y[:, 1:] - y[:, :1]).to(torch.float16)
+                return self.model(x).float()
+        return self.model(x).float()

@@ -96,7 +96,8 @@ def batch_key(batch_size: int, k: int) -> str:
 
 
 def infer_batches(scene_path: str, work_path: str, model_path: str, patch: int | Index, overlap: float,
-                  batch_size: int, batches: list[tuple[int, list[Index]]], norm: dict[str, Any]) -> tuple[int, int]:
+                  batch_size: int, batches: list[tuple[int, list[Index]]], norm: dict[str, Any],
+                  mirror: bool = False) -> tuple[int, int]:
     """Compute, store and mark the logits of each ``(k, patches)`` batch.
 
     Returns the patches computed and the largest sub-batch that fitted on the device (``batch_size`` unless
@@ -110,7 +111,7 @@ def infer_batches(scene_path: str, work_path: str, model_path: str, patch: int |
     marks = Marks(work_path, INFER_STAGE)
     done = marks.keys()  # a unit Dask reruns after a lost worker skips the batches already final
     batches = [(k, group) for k, group in batches if batch_key(batch_size, k) not in done]
-    run = BatchForward(model, device, batch_size, len(grid.shape))
+    run = BatchForward(model, device, batch_size, len(grid.shape), mirror)
     ahead = READERS[run.kind]
 
     def load(group: list[Index]) -> tuple:

@@ -106,7 +106,7 @@ def segment(job: JobSpec, scene: Scene, plan: MethodPlan, scene_fp: dict, client
         create_logits_store(group, PatchGrid(scene.shape, m.patch_size, m.overlap), plan.n_classes)
         infer_and_stitch(client, scene, work, result, str(m.model), m.batch_size, use_gpu(job.cluster),
                          m.patch_size, m.overlap, job.tile_size, pending, keep=job.keep_work,
-                         norm=normalisation(plan.model, scene, client))
+                         norm=normalisation(plan.model, scene, client), mirror=m.tta == "mirror")
     elif m.name == "region_growing":
         grow_regions(scene, open_or_create(work, fp, "work store"), work, result, job.tile_size, m.params, client)
     else:
@@ -155,7 +155,7 @@ def normalisation(spec: ModelSpec, scene: Scene, client: Client) -> dict[str, An
 
 def infer_and_stitch(client: Client, scene: Scene, work: str, result: str, model: str, batch_size: int, gpu: bool,
                      patch: int | Index, overlap: float, tile_size: int, tiles: list[Index], keep: bool,
-                     norm: dict[str, Any]) -> None:
+                     norm: dict[str, Any], mirror: bool = False) -> None:
     """Logits of the batches the ``tiles`` still need, each tile stitched as soon as its patches are done.
 
     Batches not yet marked done and holding a patch over one of ``tiles`` run in guided units of whole
@@ -196,7 +196,7 @@ def infer_and_stitch(client: Client, scene: Scene, work: str, result: str, model
     stitch(ready_after.get(-1, []))
     for u, unit in enumerate(units):
         inferred.append(client.submit(infer_batches, model_path=model, batch_size=batch_size, batches=unit,
-                                      norm=norm, resources=resources, pure=False, **common))
+                                      norm=norm, mirror=mirror, resources=resources, pure=False, **common))
         stitch(ready_after.get(u, []))
     results = client.gather(inferred)
     client.gather(stitched)

@@ -212,3 +212,24 @@ def test_a_scene_zscore_uses_the_whole_scenes_statistics_for_every_tile(tmp_path
                         method={"name": "model", "model": str(ckpt), "patch_size": 128}))
     np.testing.assert_array_equal(maps[0], maps[1])
     assert (maps[0] == ref).mean() > 0.999 and 0 < ref.mean() < 1
+
+
+def test_mirroring_averages_every_flip_and_keeps_tiling_invariance(tmp_path, client, tiny_model):
+    from segpipe.device_loop import BatchForward
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(1, 3, 5, padding=2).eval()  # asymmetric kernels: flips change its output
+    x = np.random.default_rng(0).standard_normal((2, 1, 16, 16)).astype(np.float32)
+    run_ = BatchForward(conv, "cpu", 2, mirror=True)
+    got = run_(run_.stage(x)).astype(np.float32)
+    with torch.inference_mode():
+        t = torch.from_numpy(x)
+        y = sum(conv(t.flip(a)).flip(a) if a else conv(t) for a in [(), (2,), (3,), (2, 3)]) / 4
+    np.testing.assert_allclose(got, (y[:, 1:] - y[:, :1]).numpy(), atol=2e-3)
+    method = {"name": "model", "model": str(tiny_model), "patch_size": 128, "tta": "mirror"}
+    maps = [class_map(run(client, tmp_path / f"m{t}", input=str(SCENE), tile_size=t, method=method))
+            for t in (256, 512)]
+    np.testing.assert_array_equal(maps[0], maps[1])
+    plain = class_map(run(client, tmp_path / "plain", input=str(SCENE), tile_size=256,
+                          method={**method, "tta": "none"}))
+    assert 0.5 < (plain == maps[0]).mean() < 1.0  # the same model, a little different where flips disagree
