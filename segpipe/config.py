@@ -106,6 +106,9 @@ class JobSpec(_Strict):
     truth: TruthSpec | None = None
     class_names: list[str] | None = None
     instances: InstanceSpec | None = None
+    probabilities: bool = Field(False, description="model jobs: per-class probabilities (softmax of the blended "
+                                "logits) into result.zarr/probability (float16) and, for images, probabilities.tif "
+                                "(one uint8 band per class, 0-254 = 0-1, then the confidence band)")
     exports: list[Literal["cog", "ome-zarr", "nifti"]] | None = Field(
         None, description="default: cog for rasters; cog and ome-zarr for slides; nifti for volumes")
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)

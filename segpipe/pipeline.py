@@ -47,6 +47,10 @@ class Checked:
         return Path(self.job.output) / "segmentation.tif"
 
     @property
+    def probabilities_path(self) -> Path:
+        return Path(self.job.output) / "probabilities.tif"
+
+    @property
     def nifti_path(self) -> Path:
         return Path(self.job.output) / "segmentation.nii.gz"
 
@@ -95,6 +99,8 @@ def check(job: JobSpec) -> Checked:
         raise InputError(f"export {sorted(wrong)[0]!r} does not apply to a {info.kind} input "
                          f"(volumes: nifti, ome-zarr; images and slides: cog, ome-zarr)")
     plan = plan_method(job, len(bands), len(info.shape), info.pixel_size)
+    if job.probabilities and plan.model is None:
+        raise InputError(f"probabilities come from a model; method {job.method.name!r} gives classes only")
     truth = check_truth(job.truth, info) if job.truth else None
     if job.instances and job.instances.classes:
         bad = [k for k in job.instances.classes if not 0 <= k < plan.n_classes]
@@ -143,6 +149,10 @@ def run_export(c: Checked, scene: Scene, result: str, client: Client) -> list[Pa
         from segpipe.georef import export_cog
 
         out.append(export_cog(result, c.cog_path))
+        if c.job.probabilities:
+            from segpipe.probability_export import export_probabilities
+
+            out.append(export_probabilities(result, c.probabilities_path))
     if "nifti" in c.exports:
         from segpipe.nifti import export_nifti
 

@@ -20,7 +20,7 @@ from segpipe.cluster import use_gpu
 from segpipe.config import MODEL_METHODS, JobSpec
 from segpipe.errors import InputError
 from segpipe.grid import Index, PatchGrid, TileGrid
-from segpipe.io.result import create_result
+from segpipe.io.result import add_probability_array, create_result
 from segpipe.io.store import Marks, open_or_create
 from segpipe.models.classical import ClassicalMethod, FitContext, make_classical
 from segpipe.patches import valid_patches_in_rows
@@ -95,8 +95,12 @@ def segment(job: JobSpec, scene: Scene, plan: MethodPlan, scene_fp: dict, client
     # What the result depends on; batch size does not change a single pixel, so it may differ on resume.
     fp = {"scene": scene_fp, "method": m.model_dump(mode="json", exclude={"model", "batch_size"}),
           "model_sha256": plan.model_sha256, "tile_size": job.tile_size}
+    if job.probabilities:  # tiles finished without them would lack them: another result
+        fp["probabilities"] = True
     result = result_path(job.store_root)
     create_result(result, fp, scene, plan.class_names)
+    if job.probabilities:
+        add_probability_array(result, plan.class_names, scene.shape, scene.chunk)
     pending = _pending(Marks(result, SEGMENT_STAGE), TileGrid(scene.shape, job.tile_size))
     if not pending:
         return result  # finished earlier; its work store may be gone already

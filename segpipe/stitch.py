@@ -62,6 +62,12 @@ def blend_window(logits: zarr.Array, grid: PatchGrid, window: Box) -> np.ndarray
     return acc / wsum
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Class probabilities (float32) from logits (class first), shifted by their maximum so exp never overflows."""
+    e = np.exp(logits - logits.max(axis=0, keepdims=True))
+    return e / e.sum(axis=0, keepdims=True)
+
+
 def stitch_tiles(scene_path: str, work_path: str, result_path: str, patch: int | Index, overlap: float,
                  tile_size: int, tiles: list[Index], free: bool = False, after: list | None = None) -> int:
     """Blend, take the arg-max class and write each tile's core; invalid pixels get nodata.
@@ -75,7 +81,9 @@ def stitch_tiles(scene_path: str, work_path: str, result_path: str, patch: int |
     grid = PatchGrid(scene.shape, patch, overlap)
     tgrid = TileGrid(scene.shape, tile_size)
     logits = zarr.open_array(work_path, path="logits", mode="r+" if free else "r")
-    out = zarr.open_array(result_path, path="class", mode="r+")
+    group = zarr.open_group(result_path, mode="r+")
+    out = group["class"]
+    prob = group["probability"] if "probability" in group else None
     marks = Marks(result_path, SEGMENT_STAGE)
     for index in tiles:
         tile = tgrid.tile(index)
@@ -85,6 +93,8 @@ def stitch_tiles(scene_path: str, work_path: str, result_path: str, patch: int |
         cls = np.argmax(blended, axis=0).astype(np.uint8)
         valid = scene.valid_in(tile.core.slices)
         out[tile.core.slices] = np.where(valid, cls, NODATA).astype(np.uint8)
+        if prob is not None:
+            prob[(slice(None), *tile.core.slices)] = np.where(valid, softmax(blended), np.nan).astype(np.float16)
         marks.mark(tile.key)
         if free:
             for idx in grid.covering(tile.core):

@@ -233,3 +233,34 @@ def test_mirroring_averages_every_flip_and_keeps_tiling_invariance(tmp_path, cli
     plain = class_map(run(client, tmp_path / "plain", input=str(SCENE), tile_size=256,
                           method={**method, "tta": "none"}))
     assert 0.5 < (plain == maps[0]).mean() < 1.0  # the same model, a little different where flips disagree
+
+
+def test_probabilities_and_confidence_on_request(tmp_path, client, tiny_model):
+    """Softmax of the blended logits: sums to 1, its arg-max is the class map, the same for any tile size;
+    probabilities.tif (read back with GDAL) holds them as bytes, one band per class then the confidence."""
+    import zarr
+
+    method = {"name": "model", "model": str(tiny_model), "patch_size": 128}
+    outs = [run(client, tmp_path / f"p{t}", input=str(SCENE), tile_size=t, method=method, probabilities=True)
+            for t in (256, 512)]
+    probs = [np.asarray(zarr.open_array(o.result, path="probability", mode="r")[:], np.float32) for o in outs]
+    np.testing.assert_array_equal(probs[0], probs[1])
+    p, cls = probs[0], class_map(outs[0])
+    assert p.shape == (3, *cls.shape) and np.abs(p.sum(axis=0) - 1).max() < 3e-3
+    decided = np.sort(p, axis=0)[-1] - np.sort(p, axis=0)[-2] > 2e-3  # float16 ties aside
+    assert (p.argmax(axis=0) == cls)[decided].all() and decided.mean() > 0.5
+    tif = tmp_path / "p256" / "probabilities.tif"
+    assert tif in outs[0].exports
+    with rasterio.open(tif) as ds, rasterio.open(tmp_path / "p256" / "segmentation.tif") as seg:
+        assert ds.count == 4 and ds.descriptions == ("a", "b", "c", "confidence") and ds.dtypes[0] == "uint8"
+        assert ds.crs == seg.crs and ds.transform == seg.transform and ds.overviews(1)
+        assert ds.profile["blockxsize"] == 512 and ds.nodata == 255
+        bands = ds.read()
+    np.testing.assert_array_equal(bands[:3], np.rint(p * 254).astype(np.uint8))
+    np.testing.assert_array_equal(bands[3], np.rint(p.max(axis=0) * 254).astype(np.uint8))
+
+
+def test_probabilities_are_refused_for_a_method_without_them(tmp_path):
+    r = cli(tmp_path, {"input": str(SCENE), "output": str(tmp_path / "o"), "method": {"name": "otsu"},
+                       "probabilities": True})
+    assert r.returncode == 2 and "probabilities come from a model" in r.stderr and not (tmp_path / "o").exists()

@@ -68,6 +68,15 @@ def _create_image_result(path: str, fingerprint: dict[str, Any], crs: CRS | None
     return group
 
 
+def add_probability_array(path: str, class_names: list[str], shape: tuple[int, ...], chunk: int) -> zarr.Array:
+    """``probability`` beside ``class``: (class, [z,] y, x) float16 softmax, NaN where no pixel is valid."""
+    group = zarr.open_group(path, mode="r+")
+    grid_mapping = {"grid_mapping": "spatial_ref", "coordinates": "spatial_ref"} if "spatial_ref" in group else {}
+    dims = ("class", *("z", "y", "x")[-len(shape):])
+    return ensure_array(group, "probability", (len(class_names), *shape), (len(class_names), *(chunk,) * len(shape)),
+                        "float16", float("nan"), dims, {**grid_mapping, "class_names": class_names})
+
+
 def add_truth_array(path: str, shape: tuple[int, ...], chunk: int) -> zarr.Array:
     """The ``truth`` array beside ``class``: labels as counted by the metrics (255 = not counted)."""
     group = zarr.open_group(path, mode="r+")
