@@ -264,3 +264,94 @@ def test_probabilities_are_refused_for_a_method_without_them(tmp_path):
     r = cli(tmp_path, {"input": str(SCENE), "output": str(tmp_path / "o"), "method": {"name": "otsu"},
                        "probabilities": True})
     assert r.returncode == 2 and "probabilities come from a model" in r.stderr and not (tmp_path / "o").exists()
+
+
+ARCH = {"n_stages": 3, "features_per_stage": [4, 8, 16], "conv_op": "torch.nn.modules.conv.Conv2d",
+        "kernel_sizes": [[3, 3]] * 3, "strides": [[1, 1], [2, 2], [2, 2]], "n_conv_per_stage": [1, 1, 1],
+        "n_conv_per_stage_decoder": [1, 1], "conv_bias": True,
+        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d", "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+        "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+        "nonlin_kwargs": {"inplace": True}}
+
+
+def _plain_unet(seed):
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    kwargs = {**ARCH, "conv_op": torch.nn.Conv2d, "norm_op": torch.nn.InstanceNorm2d, "nonlin": torch.nn.LeakyReLU}
+    torch.manual_seed(seed)
+    return PlainConvUNet(input_channels=1, num_classes=2, deep_supervision=False, **kwargs).eval()
+
+
+def _nnunet_folder(root, nets, intensity):
+    """A trained-model folder as nnU-Net v2 writes it, checkpoints with the non-tensor entries nnU-Net keeps."""
+    folder = root / "Dataset501_Buildings" / "nnUNetTrainer__nnUNetPlans__2d"
+    folder.mkdir(parents=True)
+    plans = {"dataset_name": "Dataset501_Buildings", "plans_name": "nnUNetPlans", "transpose_forward": [0, 1],
+             "configurations": {"2d": {"patch_size": [128, 128], "spacing": [0.5, 0.5], "batch_size": 12,
+                                       "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
+                                       "architecture": {"network_class_name":
+                                                        "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                                                        "arch_kwargs": ARCH,
+                                                        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op",
+                                                                                "nonlin"]}}},
+             "foreground_intensity_properties_per_channel": {"0": intensity}}
+    (folder / "plans.json").write_text(json.dumps(plans))
+    (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "pan"},
+                                                     "labels": {"background": 0, "building": 1},
+                                                     "numTraining": 1, "file_ending": ".tif"}))
+    for k, net in enumerate(nets):
+        (folder / f"fold_{k}").mkdir()
+        torch.save({"network_weights": net.state_dict(), "trainer_name": "nnUNetTrainer", "current_epoch": 1000,
+                    "inference_allowed_mirroring_axes": (0, 1),
+                    "logging": {"mean_fg_dice": [np.float64(0.5), np.float64(0.6)]},
+                    "init_args": {"plans": plans, "configuration": "2d", "fold": k, "device": torch.device("cpu")}},
+                   folder / f"fold_{k}" / "checkpoint_final.pth")
+    return folder
+
+
+class _Averaged(torch.nn.Module):
+    def __init__(self, nets):
+        super().__init__()
+        self.a, self.b = nets
+
+    def forward(self, x):
+        return (self.a(x) + self.b(x)) / 2
+
+
+def test_an_nnunet_folder_runs_its_folds_as_an_ensemble_with_its_ct_normalisation(tmp_path, client):
+    """Two folds, CT normalisation from the plans: the class map of the same two networks averaged, exported
+    as TorchScript with the same clip-then-standardise normalisation in its card, through the same path."""
+    pytest.importorskip("dynamic_network_architectures")
+    nets = [_plain_unet(1), _plain_unet(2)]
+    intensity = {"mean": 480.0, "std": 260.0, "percentile_00_5": 120.0, "percentile_99_5": 1400.0,
+                 "min": 0.0, "max": 2047.0, "median": 450.0}
+    folder = _nnunet_folder(tmp_path, nets, intensity)
+    ts = tmp_path / "ensemble.ts"
+    with torch.no_grad():
+        torch.jit.save(torch.jit.trace(_Averaged(nets).eval(), torch.zeros(1, 1, 128, 128)), str(ts))
+    card_path(ts).write_text(yaml.safe_dump({
+        "format": "torchscript", "in_channels": 1, "n_classes": 2,
+        "normalisation": {"kind": "meanstd", "mean": [480.0], "std": [260.0], "low": [120.0], "high": [1400.0]}}))
+    job = {"input": str(SCENE), "tile_size": 256}
+    got = run(client, tmp_path / "nn", **job, method={"name": "model", "model": str(folder), "patch_size": 128})
+    ref = class_map(run(client, tmp_path / "ts", **job, method={"name": "model", "model": str(ts),
+                                                               "patch_size": 128}))
+    assert (class_map(got) == ref).mean() > 0.999 and 0 < ref.mean() < 1
+    import zarr
+
+    assert zarr.open_group(got.result, mode="r").attrs["class_names"] == ["background", "building"]
+
+
+def test_an_nnunet_folder_segpipe_cannot_read_is_refused_in_one_line(tmp_path):
+    pytest.importorskip("dynamic_network_architectures")
+    folder = _nnunet_folder(tmp_path, [_plain_unet(1)], {"mean": 1.0, "std": 1.0})  # no percentiles
+    r = cli(tmp_path, {"input": str(SCENE), "output": str(tmp_path / "o"),
+                       "method": {"name": "model", "model": str(folder), "patch_size": 128}})
+    assert r.returncode == 2 and "CTNormalization without" in r.stderr and len(r.stderr.splitlines()) == 1
+    plans = json.loads((folder / "plans.json").read_text())
+    plans["configurations"]["2d"]["architecture"]["arch_kwargs"]["nonlin"] = "os.system"
+    (folder / "plans.json").write_text(json.dumps(plans))
+    r = cli(tmp_path, {"input": str(SCENE), "output": str(tmp_path / "o"),
+                       "method": {"name": "model", "model": str(folder), "patch_size": 128}})
+    assert r.returncode == 2 and "'os.system' is not a torch.nn.* name" in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()

@@ -7,7 +7,8 @@ pixel size it was trained at, and what its output means. ``model.ts`` has its ca
 segpipe checks the card against the scene before anything is written.
 
 Normalisations, each a per-band ``(x - offset) / scale``, optionally clipped first:
-- ``meanstd``: ``mean`` and ``std`` per band (segpipe's checkpoints, TorchGeo/smp conventions);
+- ``meanstd``: ``mean`` and ``std`` per band (segpipe's checkpoints, TorchGeo/smp conventions), after
+  clipping to ``[low, high]`` when those are given (nnU-Net's CT normalisation);
 - ``window``: clip to ``[low, high]`` then scale to 0..1 (a fixed CT window, e.g. -1000..1000 HU);
 - ``minmax``: scale ``[low, high]`` to 0..1 without clipping (e.g. 0..255 or 0..10000 reflectance);
 - ``zscore``: the scene's own mean and standard deviation over its valid pixels, per band (or pooled over
@@ -48,8 +49,11 @@ class Normalisation(BaseModel):
             raise ValueError(f"normalisation {self.kind} needs {pair[0]} and {pair[1]}, one value per band each")
         if self.kind == "meanstd" and min(b) <= 0:
             raise ValueError("normalisation std values must be > 0")
-        if self.kind != "meanstd" and any(h <= lo for lo, h in zip(a, b, strict=True)):
-            raise ValueError(f"normalisation {self.kind}: every high must be above its low")
+        if (self.low is None) != (self.high is None):
+            raise ValueError(f"normalisation {self.kind}: low and high go together")
+        if self.low is not None and (len(self.low) != len(a) or any(
+                h <= lo for lo, h in zip(self.low, self.high, strict=True))):
+            raise ValueError(f"normalisation {self.kind}: one low and high per band, every high above its low")
         return self
 
     def affine(self) -> tuple[list[float], list[float], list[list[float]] | None]:
@@ -58,8 +62,9 @@ class Normalisation(BaseModel):
         Empty for ``zscore``: its values come from the scene (:func:`segpipe.segment.normalisation`)."""
         if self.kind == "zscore":
             return [], [], None
-        if self.kind == "meanstd":
-            return list(self.mean), list(self.std), None
+        if self.kind == "meanstd":  # low/high, when given, clip first (nnU-Net's CT normalisation)
+            clip = [[lo, h] for lo, h in zip(self.low, self.high, strict=True)] if self.low is not None else None
+            return list(self.mean), list(self.std), clip
         scale = [h - lo for lo, h in zip(self.low, self.high, strict=True)]
         clip = [[lo, h] for lo, h in zip(self.low, self.high, strict=True)] if self.kind == "window" else None
         return list(self.low), scale, clip
@@ -75,7 +80,7 @@ def zscore_of(norm: Normalisation) -> str | None:
 class ModelCard(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    format: Literal["torchscript", "onnx", "monai-bundle"]
+    format: Literal["torchscript", "onnx", "monai-bundle", "nnunet"]
     in_channels: int = Field(ge=1)
     n_classes: int = Field(ge=1, description="output channels; 1 with output: sigmoid (a binary model)")
     dims: Literal[2, 3] = 2

@@ -3,7 +3,8 @@
 - a segpipe checkpoint (``torch.save`` of plain values and tensors, read with ``weights_only=True``);
 - a TorchScript file (``torch.jit.save``) or an ONNX file (run by onnxruntime), each with its model card
   beside it (:mod:`segpipe.models.card`);
-- a MONAI bundle folder (:mod:`segpipe.models.bundle`).
+- a MONAI bundle folder (:mod:`segpipe.models.bundle`);
+- an nnU-Net v2 trained-model folder (:mod:`segpipe.models.nnunet`).
 
 None runs pickled Python: weights-only unpickling accepts tensors and plain containers only,
 TorchScript's loader builds TorchScript code and types, never arbitrary Python objects, and ONNX is a
@@ -22,6 +23,7 @@ from segpipe.errors import InputError
 from segpipe.models.bundle import is_bundle, load_bundle
 from segpipe.models.card import card_path, read_card, zscore_of
 from segpipe.models.checkpoint import ModelSpec, load_model
+from segpipe.models.nnunet import is_nnunet, load_nnunet
 
 
 def is_torchscript(path: str | Path) -> bool:
@@ -84,6 +86,8 @@ def load_any(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Mo
     """
     if is_bundle(path):
         return load_bundle(path, device)
+    if is_nnunet(path):
+        return load_nnunet(path, device)
     torchscript = is_torchscript(path)
     if not torchscript and not card_path(path).is_file() and Path(path).suffix.lower() != ".onnx":
         return load_model(path, device)
@@ -106,9 +110,11 @@ def load_any(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Mo
 def model_digest(path: str | Path) -> str:
     """SHA-256 of the model file and of its card, if it has one (of a bundle: its configs and weights), any
     of which changes every pixel's logits."""
-    if is_bundle(path):
+    if is_bundle(path) or is_nnunet(path):
+        globs = ("configs/**/*", "models/**/*") if is_bundle(path) else \
+            ("plans.json", "dataset.json", "fold_*/checkpoint_final.pth")
         h = hashlib.sha256()
-        for part in sorted(p for sub in ("configs", "models") for p in (Path(path) / sub).rglob("*") if p.is_file()):
+        for part in sorted({p for g in globs for p in Path(path).glob(g) if p.is_file()}):
             h.update(part.relative_to(path).as_posix().encode() + b"\0" + part.read_bytes())
         return h.hexdigest()
     h = hashlib.sha256(Path(path).read_bytes())
