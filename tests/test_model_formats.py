@@ -81,7 +81,7 @@ def test_window_normalisation_and_a_sigmoid_output_from_the_card(tmp_path, clien
     ({"format": "torchscript", "in_channels": 3, "n_classes": 2,
       "normalisation": {"kind": "meanstd", "mean": [0, 0, 0], "std": [1, 1, 1]}}, "expects 3 band(s)"),
     ({"format": "torchscript", "in_channels": 1, "n_classes": 2,
-      "normalisation": {"kind": "window", "low": [5], "high": [1]}}, "high must be above its low"),
+      "normalisation": {"kind": "window", "low": [5], "high": [1]}}, "every high above its low"),
 ])
 def test_a_missing_or_wrong_card_is_refused_before_anything_is_written(tmp_path, card, message):
     model, done = export(tmp_path)
