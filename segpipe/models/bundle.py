@@ -156,8 +156,9 @@ def _weights(folder: Path, cls: type, kwargs: dict[str, Any], device: str) -> to
     if pt.is_file():
         try:
             net = cls(**kwargs)
-        except TypeError as exc:
-            raise InputError(f"MONAI bundle {folder}: network_def does not build: {exc}") from None
+        except (TypeError, ValueError, ImportError) as exc:  # ImportError: an optional package MONAI needs here
+            raise InputError(f"MONAI bundle {folder}: network_def does not build: "
+                             f"{str(exc).strip().splitlines()[0][:200]}") from None
         try:
             state = torch.load(pt, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is a bad input
