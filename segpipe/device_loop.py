@@ -88,7 +88,6 @@ class BatchForward:
                 except torch.OutOfMemoryError:
                     if self.micro == 1:
                         raise
-                    parts = None
                     torch.cuda.empty_cache()
                     self.micro = max(1, self.micro // 2)
             y = parts[0] if len(parts) == 1 else torch.cat(parts)

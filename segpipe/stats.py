@@ -47,8 +47,8 @@ class SceneStats:
 def _row_bands(scene: Scene, multiple: int, budget: int = 2**20) -> list[Box]:
     """Slabs along the first axis (rows; z for volumes), about ``budget`` values each.
 
-    Few tasks, bounded memory per task: each running task holds its slab as float32 plus the valid values
-    (about 10 bytes per value with :func:`_moments`), so the peak follows the slab, not the scene.
+    Few tasks, bounded memory per task: each running task holds its slab (in its own type for integer
+    images, else float32) and pieces of it (:func:`_moments`), so the peak follows the slab, not the scene.
     Slab thickness is a multiple of ``multiple`` (the chunk edge
     for aligned reads, or a sampling stride so that a strided sample stays on one scene-wide lattice).
     """

@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from segpipe.errors import InputError
-from segpipe.models.card import ModelCard, Normalisation, zscore_of
+from segpipe.models.card import ModelCard, Normalisation
 from segpipe.models.checkpoint import ModelSpec
 
 _SKIP = {"_target_", "_requires_", "_disabled_", "_desc_", "_mode_"}
@@ -143,12 +143,7 @@ def load_bundle(folder: str | Path, device: str = "cpu") -> tuple[torch.nn.Modul
                      isinstance(patch[0], int) else None,
                      resolution=_resolution(transforms, dims))
     net = _weights(folder, cls, kwargs, device)
-    offset, scale, clip = card.normalisation.affine()
-    spec = ModelSpec(in_channels=channels, n_classes=classes, mean=offset, std=scale, clip=clip,
-                     scene_zscore=zscore_of(card.normalisation),
-                     class_names=list(names or []), dims=dims, arch=f"monai-bundle.{target}",
-                     info={"card": card.model_dump(mode="json", exclude_none=True)})
-    return net, spec
+    return net, card.spec(f"monai-bundle.{target}")
 
 
 def _weights(folder: Path, cls: type, kwargs: dict[str, Any], device: str) -> torch.nn.Module:

@@ -25,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from segpipe.errors import InputError
+from segpipe.models.checkpoint import ModelSpec
 
 CARD_SUFFIX = ".card.yaml"
 
@@ -70,13 +71,6 @@ class Normalisation(BaseModel):
         return list(self.low), scale, clip
 
 
-def zscore_of(norm: Normalisation) -> str | None:
-    """"band" or "pooled" for a scene z-score, None for fixed values."""
-    if norm.kind != "zscore":
-        return None
-    return "band" if norm.channel_wise else "pooled"
-
-
 class ModelCard(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -95,9 +89,9 @@ class ModelCard(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:
-        if self.normalisation.kind != "zscore" and len(self.normalisation.affine()[0]) != self.in_channels:
-            raise ValueError(f"normalisation gives {len(self.normalisation.affine()[0])} band(s) for "
-                             f"in_channels {self.in_channels}")
+        bands = len(self.normalisation.affine()[0])
+        if self.normalisation.kind != "zscore" and bands != self.in_channels:
+            raise ValueError(f"normalisation gives {bands} band(s) for in_channels {self.in_channels}")
         if self.output == "sigmoid" and self.n_classes != 1:
             raise ValueError("output sigmoid takes a model with a single output channel (n_classes: 1)")
         if self.class_names is not None and len(self.class_names) != self.classes:
@@ -108,6 +102,15 @@ class ModelCard(BaseModel):
     def classes(self) -> int:
         """Classes of the class map: a sigmoid model's one logit gives two (below and above 0)."""
         return 2 if self.output == "sigmoid" else self.n_classes
+
+    def spec(self, arch: str) -> ModelSpec:
+        """What inference needs from this card, as the spec every loader returns (the card itself in ``info``)."""
+        norm = self.normalisation
+        offset, scale, clip = norm.affine()
+        zscore = None if norm.kind != "zscore" else "band" if norm.channel_wise else "pooled"
+        return ModelSpec(in_channels=self.in_channels, n_classes=self.classes, mean=offset, std=scale, clip=clip,
+                         scene_zscore=zscore, class_names=list(self.class_names or []), dims=self.dims, arch=arch,
+                         info={"card": self.model_dump(mode="json", exclude_none=True)})
 
 
 def card_path(model: str | Path) -> Path:

@@ -21,7 +21,7 @@ import torch
 
 from segpipe.errors import InputError
 from segpipe.models.bundle import is_bundle, load_bundle
-from segpipe.models.card import card_path, read_card, zscore_of
+from segpipe.models.card import card_path, read_card
 from segpipe.models.checkpoint import ModelSpec, load_model
 from segpipe.models.nnunet import is_nnunet, load_nnunet
 
@@ -99,20 +99,15 @@ def load_any(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Mo
                             else OnnxNet(path, device)).eval()
     if card.output == "sigmoid":
         net = SigmoidAsClasses(net).eval()
-    offset, scale, clip = card.normalisation.affine()
-    spec = ModelSpec(in_channels=card.in_channels, n_classes=card.classes, mean=offset, std=scale, clip=clip,
-                     scene_zscore=zscore_of(card.normalisation),
-                     class_names=list(card.class_names or []), dims=card.dims, arch=card.format,
-                     info={"card": card.model_dump(mode="json", exclude_none=True)})
-    return net, spec
+    return net, card.spec(card.format)
 
 
 def model_digest(path: str | Path) -> str:
     """SHA-256 of the model file and of its card, if it has one (of a bundle: its configs and weights), any
     of which changes every pixel's logits."""
-    if is_bundle(path) or is_nnunet(path):
-        globs = ("configs/**/*", "models/**/*") if is_bundle(path) else \
-            ("plans.json", "dataset.json", "fold_*/checkpoint_final.pth")
+    globs = (("configs/**/*", "models/**/*") if is_bundle(path) else
+             ("plans.json", "dataset.json", "fold_*/checkpoint_final.pth") if is_nnunet(path) else None)
+    if globs:
         h = hashlib.sha256()
         for part in sorted({p for g in globs for p in Path(path).glob(g) if p.is_file()}):
             h.update(part.relative_to(path).as_posix().encode() + b"\0" + part.read_bytes())

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from segpipe.errors import InputError
-from segpipe.models.card import ModelCard, Normalisation, zscore_of
+from segpipe.models.card import ModelCard, Normalisation
 from segpipe.models.checkpoint import ModelSpec
 
 # What nnU-Net's checkpoints hold besides tensors and plain containers, all inert data.
@@ -179,8 +179,4 @@ def load_nnunet(folder: str | Path, device: str = "cpu") -> tuple[torch.nn.Modul
                      normalisation=_normalisation(config, plans, channels),
                      patch_size=int(patch[0]) if patch[0] else None,
                      resolution=[float(v) for v in spacing] if spacing else None)
-    offset, scale, clip = card.normalisation.affine()
-    spec = ModelSpec(in_channels=channels, n_classes=len(classes), mean=offset, std=scale, clip=clip,
-                     scene_zscore=zscore_of(card.normalisation), class_names=classes, dims=dims,
-                     arch=f"nnunet.{name}", info={"card": card.model_dump(mode="json", exclude_none=True)})
-    return FoldEnsemble(nets).to(device).eval(), spec
+    return FoldEnsemble(nets).to(device).eval(), card.spec(f"nnunet.{name}")
