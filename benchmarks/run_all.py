@@ -158,6 +158,22 @@ def formats() -> list[str]:
     ]
 
 
+def resample() -> list[str]:
+    import bench_resample
+
+    r = bench_resample.run()
+    return [
+        f"### A model at its own resolution: 0.5 m demo U-Net on a {r['size']}² scene at 0.5 m and the same area at "
+        f"1.0 m ({r['size'] // 2}², resampled to the model's {r['size']}² grid and back; load {r['load']})\n",
+        "| scene | model-grid Mpx/s | peak RSS MiB |", "|---|---|---|",
+        f"| 0.5 m (the model's own pixel size) | {fmt(r['model_mpx_s']['native'], 3)} | "
+        f"{fmt(r['peak_rss_mib']['native'], 0)} |",
+        f"| 1.0 m (model grid) | {fmt(r['model_mpx_s']['coarser'], 3)} | {fmt(r['peak_rss_mib']['coarser'], 0)} |",
+        "", f"- model grid ÷ native, same model pixels = **{fmt(r['coarser_over_native'])}** (the price of "
+        "resampling in, the model-grid blend and the way back)\n",
+    ]
+
+
 def scale() -> list[str]:
     import bench_scale
 
@@ -176,9 +192,9 @@ def scale() -> list[str]:
 
 
 BENCHES = {"throughput": throughput, "cheap": cheap, "ingest": ingest, "export": export, "flow": flow,
-           "memory": memory, "volume": volume, "formats": formats, "scale": scale}
+           "memory": memory, "volume": volume, "formats": formats, "resample": resample, "scale": scale}
 # What a plain `make bench` runs (within 30 minutes here); `run_all.py scale` adds minutes per repetition.
-DEFAULT = ["throughput", "cheap", "ingest", "export", "flow", "memory", "volume", "formats"]
+DEFAULT = ["throughput", "cheap", "ingest", "export", "flow", "memory", "volume", "formats", "resample"]
 
 
 def main(names: list[str]) -> None:

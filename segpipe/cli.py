@@ -56,7 +56,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from segpipe.train import TrainSpec, train_from_files
 
     spec = TrainSpec(epochs=args.epochs, patch_size=args.patch_size, batch_size=args.batch_size,
-                     base=args.base, lr=args.lr, seed=args.seed, train_cols=args.train_cols)
+                     base=args.base, lr=args.lr, seed=args.seed, train_cols=args.train_cols,
+                     resolution_jitter=args.resolution_jitter)
     result = train_from_files(args.image, args.labels, args.out, spec, bands=args.bands,
                               class_names=args.class_names.split(","))
     print(f"model: {args.out} ({result['parameters']} parameters, final loss {result['final_loss']:.4f})")
@@ -95,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--train-cols", type=int, default=None,
                    help="train only on columns < this (the rest is held out for evaluation)")
+    t.add_argument("--resolution-jitter", type=float, default=1.0,
+                   help="show half the patches as up to this many times coarser, resampled back (robust to "
+                        "scenes coarser than the training pixel size; 1 = off)")
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("export-model", help="write a segpipe checkpoint as TorchScript or ONNX with its model card")
     e.add_argument("checkpoint", help="segpipe checkpoint (.pt)")

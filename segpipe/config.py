@@ -115,6 +115,8 @@ class JobSpec(_Strict):
     pixels: Literal["auto", "copy"] = Field(
         "auto", description="auto: a tiled GeoTIFF/COG whose internal tiles nest with the chunks is read in place; "
                             "other inputs, or any input with 'copy', are copied into scene.zarr")
+    level: int | None = Field(None, ge=0, description="slides: the pyramid level to read; default the coarsest "
+                              "level at least as fine as the model's resolution (level 0 without one)")
     keep_work: bool = Field(False, description="keep the model's logits work store after a successful run "
                                                "(removed by default: it is scratch, several bytes per pixel)")
 

@@ -30,6 +30,7 @@ from segpipe.io.store import Marks
 from segpipe.models.checkpoint import ModelSpec
 from segpipe.models.load import load_any
 from segpipe.models.unet import UNet
+from segpipe.resample import ResampledScene, open_scene
 from segpipe.scene import Scene
 
 INFER_STAGE = "infer"
@@ -60,7 +61,8 @@ def worker_model(path: str) -> tuple[UNet, ModelSpec, str]:
     return model, spec, device
 
 
-def read_patches(scene: Scene, grid: PatchGrid, group: list[Index], norm: dict[str, Any]) -> np.ndarray:
+def read_patches(scene: Scene | ResampledScene, grid: PatchGrid, group: list[Index],
+                 norm: dict[str, Any]) -> np.ndarray:
     """Normalised patches (N, bands, *patch); invalid pixels become 0 (the band mean).
 
     ``norm``: per band ``mean`` and ``std``, and ``clip`` ([low, high] per band, or None) applied first, as
@@ -97,15 +99,16 @@ def batch_key(batch_size: int, k: int) -> str:
 
 def infer_batches(scene_path: str, work_path: str, model_path: str, patch: int | Index, overlap: float,
                   batch_size: int, batches: list[tuple[int, list[Index]]], norm: dict[str, Any],
-                  mirror: bool = False) -> tuple[int, int]:
+                  mirror: bool = False, scale: tuple[float, ...] | None = None) -> tuple[int, int]:
     """Compute, store and mark the logits of each ``(k, patches)`` batch.
 
     Returns the patches computed and the largest sub-batch that fitted on the device (``batch_size`` unless
     the device ran out of memory). Readers stay :data:`READERS` batches ahead of the device; on a GPU the
-    writes go to a writer thread, and a batch's mark is left only after its logits are written.
+    writes go to a writer thread, and a batch's mark is left only after its logits are written. With
+    ``scale`` the patches are read from the scene resampled to the model grid (:mod:`segpipe.resample`).
     """
     model, _, device = worker_model(model_path)
-    scene = Scene(scene_path)
+    scene = open_scene(scene_path, scale)
     grid = PatchGrid(scene.shape, patch, overlap)
     logits = zarr.open_array(work_path, path="logits", mode="r+")
     marks = Marks(work_path, INFER_STAGE)

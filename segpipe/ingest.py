@@ -58,7 +58,7 @@ def fingerprint(job: JobSpec, info: RasterInfo) -> dict:
         stamp = source_fingerprint(info.path)
     return {"source": info.path, **stamp, "shape": [info.count, *info.shape],
             "bands": selected_bands(job, info), "nodata": job.nodata, "chunk": job.chunk_for(len(info.shape)),
-            "pixels": "source" if in_place(job, info) else "copy"}
+            "pixels": "source" if in_place(job, info) else "copy", **({"level": info.level} if info.level else {})}
 
 
 def in_place(job: JobSpec, info: RasterInfo) -> bool:
@@ -66,17 +66,18 @@ def in_place(job: JobSpec, info: RasterInfo) -> bool:
     return job.pixels == "auto" and info.kind == "raster" and suits_in_place(info.block, job.chunk_for(2))
 
 
-def source_info(path: str) -> RasterInfo:
-    """Inspect the input: GeoTIFF/COG (rasterio), whole-slide image (OpenSlide) or volume (nibabel/pydicom)."""
+def source_info(path: str, level: int = 0) -> RasterInfo:
+    """Inspect the input: GeoTIFF/COG (rasterio), whole-slide image (OpenSlide; at pyramid ``level``) or volume
+    (nibabel/pydicom)."""
     if not is_remote(path) and is_volume(path):
         v = volume_info(path)
         return RasterInfo(v.path, v.shape[1], v.shape[2], v.count, v.dtype, None, rasterio.Affine.identity(), None,
                           (None,) * v.count, kind="volume", depth=v.shape[0], geometry=v.attrs())
     if not is_slide(path):
         return raster_info(path)
-    s = slide_info(path)
+    s = slide_info(path, level)
     return RasterInfo(s.path, s.height, s.width, 3, "uint8", None, s.transform, None, ("red", "green", "blue"),
-                      kind="slide", mpp=(s.mpp_x, s.mpp_y))
+                      kind="slide", mpp=(s.mpp_x, s.mpp_y), level=s.level)
 
 
 def _read_raster(ds: rasterio.DatasetReader, w: Box, bands: list[int],
@@ -92,9 +93,9 @@ def _read_raster(ds: rasterio.DatasetReader, w: Box, bands: list[int],
     return data, ok
 
 
-def _read_slide(src: str, w: Box, bands: list[int],
-                tissue: tuple[np.ndarray, float]) -> tuple[np.ndarray, np.ndarray]:
-    rgb, scanned = read_window(src, w)
+def _read_slide(src: str, w: Box, bands: list[int], tissue: tuple[np.ndarray, float],
+                level: int) -> tuple[np.ndarray, np.ndarray]:
+    rgb, scanned = read_window(src, w, level)
     return rgb[[b - 1 for b in bands]], scanned & upsample_mask(*tissue, w)
 
 
@@ -115,7 +116,7 @@ def _not_nodata(data: np.ndarray, nodata: float) -> np.ndarray:
 
 
 def _ingest_row(src: str, store: str, row: int, chunk: int, bands: list[int], nodata: float | None,
-                tissue: tuple[np.ndarray, float] | None = None) -> int:
+                tissue: tuple[np.ndarray, float] | None = None, level: int = 0) -> int:
     """Copy one row of chunk windows (a z slab for volumes) from ``src`` into the store; returns the row.
 
     A store without an ``image`` array reads the pixels in place: only validity is written.
@@ -138,7 +139,7 @@ def _ingest_row(src: str, store: str, row: int, chunk: int, bands: list[int], no
             return row
         dtype = image.dtype if image is not None else np.dtype(ds.dtypes[0])  # in place: rasters only
         for w in _row_spans(grid, row, dtype.itemsize * len(bands)):
-            data, ok = _read_slide(src, w, bands, tissue) if ds is None else _read_raster(ds, w, bands, nodata)
+            data, ok = _read_slide(src, w, bands, tissue, level) if ds is None else _read_raster(ds, w, bands, nodata)
             if image is not None:
                 image[:, w.row0:w.row1, w.col0:w.col1] = data
             _write_valid(valid, w.slices, ok)
@@ -191,9 +192,9 @@ def ingest(job: JobSpec, info: RasterInfo, client: Client) -> Scene:
     marks = Marks(store, STAGE)
     done = marks.keys()
     rows = [r for r in range(TileGrid(info.shape, c).counts[0]) if str(r) not in done]
-    tissue = tissue_mask(info.path) if info.kind == "slide" and rows else None
+    tissue = tissue_mask(info.path, level=info.level) if info.kind == "slide" and rows else None
     futures = client.map(_ingest_row, [info.path] * len(rows), [store] * len(rows), rows,
-                         chunk=c, bands=bands, nodata=job.nodata, tissue=tissue, pure=False)
+                         chunk=c, bands=bands, nodata=job.nodata, tissue=tissue, level=info.level, pure=False)
     client.gather(futures)
     valid = group["valid"]
     # No validity chunk written (fill value 1) means every pixel is valid: readers then skip the array.

@@ -9,10 +9,11 @@ from __future__ import annotations
 import itertools
 
 from segpipe.grid import Box, Index, PatchGrid
+from segpipe.resample import ResampledScene, open_scene
 from segpipe.scene import Scene
 
 
-def with_valid_pixels(scene: Scene, grid: PatchGrid, patches: list[Index]) -> list[Index]:
+def with_valid_pixels(scene: Scene | ResampledScene, grid: PatchGrid, patches: list[Index]) -> list[Index]:
     """The patches that hold at least one valid pixel, from one read of their union's validity."""
     if not patches:
         return []
@@ -24,9 +25,13 @@ def with_valid_pixels(scene: Scene, grid: PatchGrid, patches: list[Index]) -> li
     return [idx for idx, w in zip(patches, wins, strict=True) if valid[w.relative_to(span)].any()]
 
 
-def valid_patches_in_rows(scene_path: str, patch: int | Index, overlap: float, rows: list[int]) -> list[Index]:
-    """Patches of the given first-axis indices (patch rows; z for volumes) that hold a valid pixel, in order."""
-    scene = Scene(scene_path)
+def valid_patches_in_rows(scene_path: str, patch: int | Index, overlap: float, rows: list[int],
+                          scale: tuple[float, ...] | None = None) -> list[Index]:
+    """Patches of the given first-axis indices (patch rows; z for volumes) that hold a valid pixel, in order.
+
+    With ``scale``, of the patch grid on the model grid (:mod:`segpipe.resample`).
+    """
+    scene = open_scene(scene_path, scale)
     grid = PatchGrid(scene.shape, patch, overlap)
     rest = [range(c) for c in grid.counts[1:]]
     return [idx for i in rows for idx in with_valid_pixels(scene, grid, list(itertools.product([i], *rest)))]

@@ -21,6 +21,7 @@ from segpipe.errors import InputError
 from segpipe.grid import TileGrid
 from segpipe.ingest import fingerprint, ingest, selected_bands, source_info
 from segpipe.io.raster import RasterInfo
+from segpipe.io.slide import level_for
 from segpipe.io.store import open_or_create, remove_store, store_in
 from segpipe.placement import cpu_stage
 from segpipe.scene import Scene, work_path
@@ -88,17 +89,32 @@ class Checked:
         return len(self.info.shape) if spec is None or spec.connectivity == "full" else 1
 
 
+def _pixel_size(info: RasterInfo) -> tuple[float, ...] | None:
+    """The scene's pixel size for a model's resolution; None for a raster without a CRS (pixel units)."""
+    return None if info.kind == "raster" and info.crs is None else info.pixel_size
+
+
 def check(job: JobSpec) -> Checked:
     """Validate input image or volume, bands, method/model, tiling, exports and ground truth; writes nothing."""
-    info = source_info(job.input)
+    info = source_info(job.input, job.level or 0)
+    if job.level is not None and info.kind != "slide":
+        raise InputError(f"level applies to whole-slide images; this input is a {info.kind}")
     bands = selected_bands(job, info)
-    if job.tile_size > max(info.shape):
-        raise InputError(f"tile_size {job.tile_size} is larger than the scene ({info.describe()})")
     wrong = {"volume": {"cog"}}.get(info.kind, {"nifti"}) & set(job.exports or [])
     if wrong:
         raise InputError(f"export {sorted(wrong)[0]!r} does not apply to a {info.kind} input "
                          f"(volumes: nifti, ome-zarr; images and slides: cog, ome-zarr)")
-    plan = plan_method(job, len(bands), len(info.shape), info.pixel_size)
+    plan = plan_method(job, len(bands), len(info.shape), _pixel_size(info))
+    if info.kind == "slide" and job.level is None and plan.model is not None and plan.model.resolution:
+        # The pyramid level nearest the model's resolution (from finer) is read, then resampled to it.
+        level = level_for(info.path, min(plan.model.resolution))
+        if level:
+            from segpipe.models.load import model_scale
+
+            info = source_info(job.input, level)
+            plan.scale = model_scale(plan.model, str(job.method.model), _pixel_size(info))
+    if job.tile_size > max(info.shape):
+        raise InputError(f"tile_size {job.tile_size} is larger than the scene ({info.describe()})")
     if job.probabilities and plan.model is None:
         raise InputError(f"probabilities come from a model; method {job.method.name!r} gives classes only")
     truth = check_truth(job.truth, info) if job.truth else None

@@ -25,9 +25,17 @@ from segpipe.io.store import Marks, open_or_create
 from segpipe.models.classical import ClassicalMethod, FitContext, make_classical
 from segpipe.patches import valid_patches_in_rows
 from segpipe.regions import check_params, grow_regions
+from segpipe.resample import ResampledScene
 from segpipe.scene import Scene, result_path, work_path
 from segpipe.stats import sample_pixels, sample_windows, scene_stats
-from segpipe.stitch import create_logits_store, stitch_tiles
+from segpipe.stitch import (
+    GRID_STAGE,
+    create_grid_logits,
+    create_logits_store,
+    model_tiles_for,
+    stitch_back_tiles,
+    stitch_tiles,
+)
 from segpipe.units import guided_units, run_units, worker_slots
 
 log = logging.getLogger("segpipe")
@@ -46,6 +54,7 @@ class MethodPlan:
     model: ModelSpec | None = None
     classical: ClassicalMethod | None = None
     model_sha256: str | None = None
+    scale: tuple[float, ...] | None = None  # the model's pixel size over the scene's, when they differ
 
 
 def plan_method(job: JobSpec, n_bands: int, ndim: int = 2, pixel_size: tuple[float, ...] | None = None) -> MethodPlan:
@@ -55,7 +64,7 @@ def plan_method(job: JobSpec, n_bands: int, ndim: int = 2, pixel_size: tuple[flo
     """
     m = job.method
     if m.name in MODEL_METHODS:
-        from segpipe.models.load import check_patch, check_resolution, load_any, model_digest
+        from segpipe.models.load import check_patch, load_any, model_digest, model_scale
 
         model, spec = load_any(m.model)
         if spec.dims != ndim:
@@ -63,10 +72,11 @@ def plan_method(job: JobSpec, n_bands: int, ndim: int = 2, pixel_size: tuple[flo
         if spec.in_channels != n_bands:
             raise InputError(f"model {m.model.name} expects {spec.in_channels} band(s), "
                              f"the scene provides {n_bands}; select bands with 'bands:'")
-        check_resolution(spec, m.model.name, pixel_size)
+        scale = model_scale(spec, m.model.name, pixel_size)
         check_patch(model, m.model.name, m.patch_size, spec)
         names = job.class_names or spec.class_names or [f"class{i}" for i in range(spec.n_classes)]
-        plan = MethodPlan(m.name, spec.n_classes, names, model=spec, model_sha256=model_digest(m.model))
+        plan = MethodPlan(m.name, spec.n_classes, names, model=spec, model_sha256=model_digest(m.model),
+                          scale=scale)
     elif m.name == "region_growing":
         if ndim != 2:
             raise InputError("method 'region_growing' works on 2-D images only")
@@ -106,11 +116,7 @@ def segment(job: JobSpec, scene: Scene, plan: MethodPlan, scene_fp: dict, client
         return result  # finished earlier; its work store may be gone already
     work = work_path(job.store_root)
     if plan.model is not None:
-        group = open_or_create(work, fp, "work store")
-        create_logits_store(group, PatchGrid(scene.shape, m.patch_size, m.overlap), plan.n_classes)
-        infer_and_stitch(client, scene, work, result, str(m.model), m.batch_size, use_gpu(job.cluster),
-                         m.patch_size, m.overlap, job.tile_size, pending, keep=job.keep_work,
-                         norm=normalisation(plan.model, scene, client), mirror=m.tta == "mirror")
+        run_model(job, scene, plan, fp, client, pending)
     elif m.name == "region_growing":
         grow_regions(scene, open_or_create(work, fp, "work store"), work, result, job.tile_size, m.params, client)
     else:
@@ -120,14 +126,45 @@ def segment(job: JobSpec, scene: Scene, plan: MethodPlan, scene_fp: dict, client
     return result
 
 
-def patch_batches(client: Client, scene: Scene, patch: int, overlap: float, batch_size: int) -> list[list[Index]]:
+def run_model(job: JobSpec, scene: Scene, plan: MethodPlan, fp: dict[str, Any], client: Client,
+              pending: list[Index]) -> None:
+    """Model logits for the ``pending`` tiles, stitched into the result.
+
+    A model trained at another pixel size runs on the model grid (:mod:`segpipe.resample`): the model-grid
+    tiles that the pending scene tiles need are inferred and blended into the work store, then each scene
+    tile is resampled back from them.
+    """
+    m = job.method
+    work = work_path(job.store_root)
+    result = result_path(job.store_root)
+    group = open_or_create(work, fp, "work store")
+    view = scene if plan.scale is None else ResampledScene(scene, plan.scale)
+    create_logits_store(group, PatchGrid(view.shape, m.patch_size, m.overlap), plan.n_classes)
+    tiles = pending
+    if plan.scale is not None:
+        create_grid_logits(group, view.shape, plan.n_classes, job.tile_size)
+        done = Marks(work, GRID_STAGE).keys()
+        mgrid = TileGrid(view.shape, job.tile_size)
+        tiles = [t for t in model_tiles_for(view, job.tile_size, pending, job.tile_size)
+                 if mgrid.tile(t).key not in done]
+    infer_and_stitch(client, view, work, result, str(m.model), m.batch_size, use_gpu(job.cluster),
+                     m.patch_size, m.overlap, job.tile_size, tiles, keep=job.keep_work,
+                     norm=normalisation(plan.model, scene, client), mirror=m.tta == "mirror", scale=plan.scale)
+    if plan.scale is not None:
+        run_units(client, stitch_back_tiles, pending, scene_path=scene.path, work_path=work, result_path=result,
+                  scale=plan.scale, tile_size=job.tile_size)
+
+
+def patch_batches(client: Client, scene: Scene | ResampledScene, patch: int, overlap: float, batch_size: int,
+                  scale: tuple[float, ...] | None = None) -> list[list[Index]]:
     """The scene's fixed batches: patches holding a valid pixel, in global row-major order, ``batch_size`` each.
 
-    Validity is read on the workers, one unit of patch rows (z for volumes) per task.
+    Validity is read on the workers, one unit of patch rows (z for volumes) per task; with ``scale``, of
+    the patch grid on the model grid.
     """
     rows = list(range(PatchGrid(scene.shape, patch, overlap).counts[0]))
     units = guided_units(rows, worker_slots(client))
-    found = client.gather([client.submit(valid_patches_in_rows, scene.path, patch, overlap, u, pure=False)
+    found = client.gather([client.submit(valid_patches_in_rows, scene.path, patch, overlap, u, scale, pure=False)
                            for u in units])
     patches = [idx for part in found for idx in part]
     return [patches[k:k + batch_size] for k in range(0, len(patches), batch_size)]
@@ -141,25 +178,33 @@ UNIT_PATCHES = {"cpu": 32, "gpu": 1024}
 
 
 def normalisation(spec: ModelSpec, scene: Scene, client: Client) -> dict[str, Any]:
-    """How every patch is normalised: the model's fixed values, or the scene's own z-score.
+    """How every patch is normalised: the model's fixed values, or the scene's own z-score or min-max.
 
     A z-score is taken once over the whole scene's valid pixels (population standard deviation, a zero one
-    replaced by 1, as MONAI's NormalizeIntensity does), never per tile: tiles must not change the answer.
+    replaced by 1, as MONAI's NormalizeIntensity does), a min-max likewise, never per tile: tiles must not
+    change the answer.
     """
-    if spec.scene_zscore is None:
+    if spec.scene_norm is None:
         return {"mean": list(spec.mean), "std": list(spec.std), "clip": spec.clip}
     stats = scene_stats(scene, client)
+    pooled = spec.scene_norm.endswith("-pooled")
+    if spec.scene_norm.startswith("minmax"):  # (x - min) / (max - min), a flat band divided by 1 (nnU-Net: 1e-8)
+        low, high = np.asarray(stats.minimum, np.float64), np.asarray(stats.maximum, np.float64)
+        if pooled:
+            low, high = np.full_like(low, low.min()), np.full_like(high, high.max())
+        return {"mean": low.tolist(), "std": np.where(high > low, high - low, 1.0).tolist(), "clip": None}
     mean, std = np.asarray(stats.mean, np.float64), np.asarray(stats.std, np.float64)
-    if spec.scene_zscore == "pooled":  # every band counts the same valid pixels: pool their moments
-        pooled = mean.mean()
-        std = np.full_like(std, np.sqrt(max(float(np.mean(std**2 + mean**2)) - pooled**2, 0.0)))
-        mean = np.full_like(mean, pooled)
+    if pooled:  # every band counts the same valid pixels: pool their moments
+        both = mean.mean()
+        std = np.full_like(std, np.sqrt(max(float(np.mean(std**2 + mean**2)) - both**2, 0.0)))
+        mean = np.full_like(mean, both)
     return {"mean": mean.tolist(), "std": np.where(std > 0, std, 1.0).tolist(), "clip": None}
 
 
-def infer_and_stitch(client: Client, scene: Scene, work: str, result: str, model: str, batch_size: int, gpu: bool,
-                     patch: int | Index, overlap: float, tile_size: int, tiles: list[Index], keep: bool,
-                     norm: dict[str, Any], mirror: bool = False) -> None:
+def infer_and_stitch(client: Client, scene: Scene | ResampledScene, work: str, result: str, model: str,
+                     batch_size: int, gpu: bool, patch: int | Index, overlap: float, tile_size: int,
+                     tiles: list[Index], keep: bool, norm: dict[str, Any], mirror: bool = False,
+                     scale: tuple[float, ...] | None = None) -> None:
     """Logits of the batches the ``tiles`` still need, each tile stitched as soon as its patches are done.
 
     Batches not yet marked done and holding a patch over one of ``tiles`` run in guided units of whole
@@ -167,7 +212,8 @@ def infer_and_stitch(client: Client, scene: Scene, work: str, result: str, model
     neighbourhood). Each tile's stitch task is submitted right after the last inference unit it waits
     for, so Dask, which prefers earlier submissions, interleaves stitching with inference in scene order;
     unless ``keep``, a stitched patch whose every tile is final is deleted from the work store, so scratch
-    follows the band of work in flight rather than the scene.
+    follows the band of work in flight rather than the scene. With ``scale``, ``scene`` is the model grid
+    and ``tiles`` are its tiles, blended into the work store (see :func:`segpipe.stitch.stitch_tiles`).
     """
     from segpipe.infer import INFER_STAGE, batch_key, infer_batches
 
@@ -176,7 +222,7 @@ def infer_and_stitch(client: Client, scene: Scene, work: str, result: str, model
     covering = {t: grid.covering(tgrid.tile(t).core) for t in tiles}
     needed = {i for c in covering.values() for i in c}
     done = Marks(work, INFER_STAGE).keys()
-    batches = patch_batches(client, scene, patch, overlap, batch_size)
+    batches = patch_batches(client, scene, patch, overlap, batch_size, scale)
     pending = [(k, b) for k, b in enumerate(batches) if batch_key(batch_size, k) not in done and needed.intersection(b)]
     resources = {"GPU": 1} if gpu else None
     cpu_slots = worker_slots(client)
@@ -187,7 +233,7 @@ def infer_and_stitch(client: Client, scene: Scene, work: str, result: str, model
     ready_after: dict[int, list[Index]] = {}
     for t in tiles:
         ready_after.setdefault(waits[t][-1] if waits[t] else -1, []).append(t)
-    common = {"scene_path": scene.path, "work_path": work, "patch": patch, "overlap": overlap}
+    common = {"scene_path": scene.path, "work_path": work, "patch": patch, "overlap": overlap, "scale": scale}
     inferred: list = []
     stitched: list = []
 

@@ -21,12 +21,15 @@ from segpipe.classical_tiles import SEGMENT_STAGE
 from segpipe.grid import Box, Index, PatchGrid, TileGrid, gaussian_importance
 from segpipe.io.result import NODATA
 from segpipe.io.store import Marks, ensure_array
+from segpipe.resample import ResampledScene, open_scene, resample, span_box
 from segpipe.scene import Scene
 
 # Relative float16 logits are smooth: with the bytes of each value shuffled apart, Blosc's zstd at level 1
 # stores them in ~70 % of the space at ~400 MB/s (measured on the demo U-Net's logits of the SpaceNet mosaic;
 # plain zstd or lz4 saved nothing). Encoding all logits of a 6144² scene costs well under a second.
 LOGITS_CODEC = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
+GRID_LOGITS = "grid_logits"  # a model run at its own resolution: blended logits on the model grid
+GRID_STAGE = "grid"  # completion marks of the model grid's tiles (in the work store)
 
 
 def create_logits_store(group: zarr.Group, grid: PatchGrid, n_classes: int) -> zarr.Array:
@@ -69,35 +72,96 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def stitch_tiles(scene_path: str, work_path: str, result_path: str, patch: int | Index, overlap: float,
-                 tile_size: int, tiles: list[Index], free: bool = False, after: list | None = None) -> int:
+                 tile_size: int, tiles: list[Index], free: bool = False, after: list | None = None,
+                 scale: tuple[float, ...] | None = None) -> int:
     """Blend, take the arg-max class and write each tile's core; invalid pixels get nodata.
 
     With ``free``, a patch is deleted from the work store once every tile it overlaps is marked final
     (each task marks its tile before looking at its neighbours', so of two neighbours finishing together
     at least one sees both marks). A tile already marked is skipped. ``after`` only makes Dask wait for
-    the inference units this needs.
+    the inference units this needs. With ``scale`` the patches lie on the model grid
+    (:mod:`segpipe.resample`): the tiles are the model grid's and their blended logits go to the work
+    store's ``grid_logits``, from which :func:`stitch_back_tiles` makes the scene's classes.
     """
-    scene = Scene(scene_path)
+    scene = open_scene(scene_path, scale)
     grid = PatchGrid(scene.shape, patch, overlap)
     tgrid = TileGrid(scene.shape, tile_size)
     logits = zarr.open_array(work_path, path="logits", mode="r+" if free else "r")
-    group = zarr.open_group(result_path, mode="r+")
-    out = group["class"]
-    prob = group["probability"] if "probability" in group else None
-    marks = Marks(result_path, SEGMENT_STAGE)
+    if scale is None:
+        group = zarr.open_group(result_path, mode="r+")
+        out = group["class"]
+        prob = group["probability"] if "probability" in group else None
+        marks = Marks(result_path, SEGMENT_STAGE)
+    else:
+        out, prob = zarr.open_array(work_path, path=GRID_LOGITS, mode="r+"), None
+        marks = Marks(work_path, GRID_STAGE)
     for index in tiles:
         tile = tgrid.tile(index)
         if marks.done(tile.key):  # final already: a task Dask reruns after a lost worker must not redo it,
             continue  # since with ``free`` the patches it was made from may be gone
         blended = blend_window(logits, grid, tile.core)
-        cls = np.argmax(blended, axis=0).astype(np.uint8)
-        valid = scene.valid_in(tile.core.slices)
-        out[tile.core.slices] = np.where(valid, cls, NODATA).astype(np.uint8)
-        if prob is not None:
-            prob[(slice(None), *tile.core.slices)] = np.where(valid, softmax(blended), np.nan).astype(np.float16)
+        if scale is None:
+            write_classes(out, prob, tile.core.slices, blended, scene.valid_in(tile.core.slices))
+        else:
+            out[(slice(None), *tile.core.slices)] = blended[1:].astype(np.float16)
         marks.mark(tile.key)
         if free:
             for idx in grid.covering(tile.core):
                 if all(marks.done(t.key) for t in tgrid.overlapping(grid.window(idx))):
                     logits[idx] = 0  # a chunk equal to the fill value is deleted by Zarr
+    return len(tiles)
+
+
+def write_classes(out: zarr.Array, prob: zarr.Array | None, where: tuple[slice, ...], logits: np.ndarray,
+                  valid: np.ndarray) -> None:
+    """The arg-max class (nodata where invalid) and, when asked, the softmax of a window's logits."""
+    cls = np.argmax(logits, axis=0).astype(np.uint8)
+    out[where] = np.where(valid, cls, NODATA).astype(np.uint8)
+    if prob is not None:
+        prob[(slice(None), *where)] = np.where(valid, softmax(logits), np.nan).astype(np.float16)
+
+
+def create_grid_logits(group: zarr.Group, shape: tuple[int, ...], n_classes: int, tile_size: int) -> zarr.Array:
+    """The work store's blended logits on the model grid (classes 1..C-1 minus class 0), one chunk per tile."""
+    nd = len(shape)
+    return ensure_array(group, GRID_LOGITS, (n_classes - 1, *shape), (n_classes - 1, *(tile_size,) * nd),
+                        "float16", 0, ("class", *"zyx"[-nd:]), compressors=LOGITS_CODEC)
+
+
+def model_tiles_for(view: ResampledScene, tile_size: int, scene_tiles: list[Index], scene_tile_size: int
+                    ) -> list[Index]:
+    """The model-grid tiles whose logits the given scene tiles are resampled from."""
+    back = view.back_axes()
+    mgrid = TileGrid(view.shape, tile_size)
+    needed: set[Index] = set()
+    for index in scene_tiles:
+        core = TileGrid(view.scene.shape, scene_tile_size).tile(index).core
+        needed.update(t.index for t in mgrid.overlapping(span_box(back, core)))
+    return sorted(needed)
+
+
+def stitch_back_tiles(scene_path: str, work_path: str, result_path: str, scale: tuple[float, ...],
+                      tile_size: int, tiles: list[Index]) -> int:
+    """Resample the model grid's blended logits onto each scene tile's core, then classes as :func:`stitch_tiles`.
+
+    Logits of invalid model-grid pixels have no weight; every valid scene pixel has a valid model pixel
+    among its taps (see :mod:`segpipe.resample`). A tile already marked is skipped.
+    """
+    view = ResampledScene(Scene(scene_path), tuple(scale))
+    back = view.back_axes()
+    tgrid = TileGrid(view.scene.shape, tile_size)
+    grid_logits = zarr.open_array(work_path, path=GRID_LOGITS, mode="r")
+    group = zarr.open_group(result_path, mode="r+")
+    prob = group["probability"] if "probability" in group else None
+    marks = Marks(result_path, SEGMENT_STAGE)
+    for index in tiles:
+        tile = tgrid.tile(index)
+        if marks.done(tile.key):
+            continue
+        src = span_box(back, tile.core)
+        rel = np.asarray(grid_logits[(slice(None), *src.slices)], np.float32)
+        values, _ = resample(rel, view.valid_in(src.slices), back, tile.core, src)
+        logits = np.concatenate([np.zeros((1, *tile.core.shape), np.float32), values])
+        write_classes(group["class"], prob, tile.core.slices, logits, view.scene.valid_in(tile.core.slices))
+        marks.mark(tile.key)
     return len(tiles)

@@ -176,8 +176,8 @@ def test_a_monai_bundle_runs_as_the_same_network_saved_as_a_checkpoint(tmp_path,
 
 @pytest.mark.parametrize("transforms,network,message", [
     ([{"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": 0, "a_max": 2000, "b_min": 0, "b_max": 1,
-       "clip": True}, {"_target_": "Spacingd", "keys": "image", "pixdim": [0.3, 0.3]}], None,
-     "trained at 0.3 x 0.3 per pixel, this scene has 0.5 x 0.5"),
+       "clip": True}, {"_target_": "Spacingd", "keys": "image", "pixdim": [500, 500]}], None,
+     "trained at 500 x 500 per pixel, this scene has 0.5 x 0.5: more than 16x apart"),
     ([{"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True}], None, "over nonzero voxels only"),
     ([], {"_target_": "$monai.networks.nets.UNet(2, 1, 2, (8, 16), (2,))"}, "not a monai.networks.nets class"),
     ([], {"_target_": "UNet", "spatial_dims": 2, "in_channels": 1, "out_channels": 2, "channels": "@chans",
@@ -212,6 +212,33 @@ def test_a_scene_zscore_uses_the_whole_scenes_statistics_for_every_tile(tmp_path
                         method={"name": "model", "model": str(ckpt), "patch_size": 128}))
     np.testing.assert_array_equal(maps[0], maps[1])
     assert (maps[0] == ref).mean() > 0.999 and 0 < ref.mean() < 1
+
+
+def test_a_scene_minmax_scales_by_the_whole_scenes_range_for_every_tile(tmp_path, client):
+    """nnU-Net's RescaleTo01Normalization as a card's scene_minmax: the same classes as a fixed min-max card with
+    the scene's valid range recounted here from the file, for any tile size."""
+    with rasterio.open(SCENE) as ds:
+        x = ds.read(1)
+        valid = x[x != ds.nodata]
+    cards = {"scene": {"kind": "scene_minmax"},
+             "fixed": {"kind": "minmax", "low": [float(valid.min())], "high": [float(valid.max())]}}
+    paths = {}
+    for name, norm in cards.items():
+        paths[name] = tmp_path / f"{name}.ts"
+        net = _Pointwise().eval()
+        with torch.no_grad():
+            net.conv.bias.fill_(-0.4)  # class 1 above a tenth of the range (15 % of this scene's pixels)
+        torch.jit.save(torch.jit.script(net), str(paths[name]))
+        card_path(paths[name]).write_text(yaml.safe_dump({"format": "torchscript", "in_channels": 1, "n_classes": 1,
+                                                           "output": "sigmoid", "normalisation": norm}))
+    maps = [class_map(run(client, tmp_path / f"s{tile}", input=str(SCENE), tile_size=tile,
+                          method={"name": "model", "model": str(paths["scene"]), "patch_size": 128}))
+            for tile in (256, 512)]
+    ref = class_map(run(client, tmp_path / "fixed", input=str(SCENE), tile_size=256,
+                        method={"name": "model", "model": str(paths["fixed"]), "patch_size": 128}))
+    np.testing.assert_array_equal(maps[0], maps[1])
+    np.testing.assert_array_equal(maps[0], ref)
+    assert 0.01 < (ref == 1).mean() < 0.99
 
 
 def test_mirroring_averages_every_flip_and_keeps_tiling_invariance(tmp_path, client, tiny_model):

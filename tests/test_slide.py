@@ -108,6 +108,19 @@ def test_unreadable_slide_is_a_one_line_error(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("which,level,words", [("svs", 7, ["level 7 is not a level of this slide (0..0)"]),
+                                               ("scene", 1, ["level applies to whole-slide images", "raster"])])
+def test_a_level_the_input_does_not_have_is_a_one_line_error(tmp_path, svs, which, level, words):
+    from conftest import SCENE
+    from helpers import assert_one_line_error, cli
+
+    out = tmp_path / "o"
+    proc = cli(tmp_path, {"input": str(svs if which == "svs" else SCENE), "output": str(out), "tile_size": 512,
+                          "level": level, "method": {"name": "otsu"}})
+    assert_one_line_error(proc, *words)
+    assert not out.exists()
+
+
 def test_slide_ome_zarr_image_with_labels_opens_with_ome_zarr_readers(otsu_slide):
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Reader
@@ -137,21 +150,27 @@ def test_slide_ome_zarr_image_with_labels_opens_with_ome_zarr_readers(otsu_slide
     np.testing.assert_array_equal(np.asarray(label_nodes[0].data[1]), cls[::2, ::2])
 
 
-def test_pyramidal_tiff_slide_is_read_like_the_svs(tmp_path, client, svs, otsu_slide):
-    """Derived: the SVS's level 0 written as a generic tiled, pyramidal TIFF (zlib) with resolution tags."""
+@pytest.fixture(scope="module")
+def pyramid_tif(tmp_path_factory, svs) -> Path:
+    """Derived: the SVS's level 0 written as a generic tiled, pyramidal TIFF (zlib) with resolution tags,
+    levels 1 and 2 halving each time."""
     import openslide
 
     with openslide.OpenSlide(str(svs)) as s:
         rgb = np.asarray(s.read_region((0, 0), 0, s.dimensions).convert("RGB"))
-    mpp = 0.499
-    path = tmp_path / "slide.tif"
+    path = tmp_path_factory.mktemp("pyramid") / "slide.tif"
     with tifffile.TiffWriter(path) as tw:
         level = rgb
         for k in range(3):
-            res = 1e4 / (mpp * 2**k)  # pixels per centimetre
+            res = 1e4 / (0.499 * 2**k)  # pixels per centimetre
             tw.write(level, tile=(256, 256), photometric="rgb", compression="zlib", resolution=(res, res),
                      resolutionunit="CENTIMETER", subfiletype=0 if k == 0 else 1)
             level = level[::2, ::2]
+    return path
+
+
+def test_pyramidal_tiff_slide_is_read_like_the_svs(tmp_path, client, pyramid_tif, otsu_slide):
+    path, mpp = pyramid_tif, 0.499
     o = run(client, tmp_path / "o", input=str(path), tile_size=512, method={"name": "otsu"})
     g = zarr.open_group(str(tmp_path / "o" / "scene.zarr"), mode="r")
     assert g.attrs["kind"] == "slide" and g.attrs["mpp"] == pytest.approx([mpp, mpp])
@@ -160,3 +179,62 @@ def test_pyramidal_tiff_slide_is_read_like_the_svs(tmp_path, client, svs, otsu_s
     with tifffile.TiffFile(o.cog) as tif:
         page = tif.pages.first
         assert page.tags["XResolution"].value[0] / page.tags["XResolution"].value[1] == pytest.approx(1e4 / mpp)
+
+
+class _Bright(torch.nn.Module):
+    """One sigmoid logit per pixel: the mean of the three 0..1 bands minus 0.7 (a known whole-image answer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 1, 1)
+        with torch.no_grad():
+            self.conv.weight.fill_(1 / 3)
+            self.conv.bias.fill_(-0.7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def _bright_model(folder: Path, mpp: float) -> Path:
+    import yaml
+
+    from segpipe.models.card import card_path
+
+    path = folder / f"bright_{mpp}.ts"
+    torch.jit.save(torch.jit.script(_Bright().eval()), str(path))
+    card_path(path).write_text(yaml.safe_dump({
+        "format": "torchscript", "in_channels": 3, "n_classes": 1, "output": "sigmoid", "resolution": [mpp],
+        "normalisation": {"kind": "minmax", "low": [0, 0, 0], "high": [255, 255, 255]}}))
+    return path
+
+
+def test_a_slide_model_reads_the_pyramid_level_nearest_its_resolution(tmp_path, client, pyramid_tif):
+    """A model trained at 1.0 µm/px reads level 1 (0.998 µm/px, within 1 %: no resampling); the result is on that
+    level's grid, tile-size invariant, and equals the model applied to the level's own pixels (read here with
+    tifffile) where OpenSlide reads them at their exact phase: it interpolates regions of this level (its
+    downsample is 1.9997) whose corner is not 0, so the exact match holds in the first 512-pixel lattice
+    block and for most pixels elsewhere. At 1.5 µm/px it reads level 1 and resamples; ``level: 0`` keeps
+    level 0."""
+    exact = tifffile.imread(pyramid_tif, key=1).astype(np.float32)  # level 1 as written
+    expect = (exact.mean(axis=2) / 255 > 0.7).astype(np.uint8)
+    h1, w1 = expect.shape
+    job = {"input": str(pyramid_tif), "exports": ["cog"]}
+    model = {"name": "model", "model": str(_bright_model(tmp_path, 1.0)), "patch_size": 128}
+    at1 = run(client, tmp_path / "at1", **job, tile_size=512, method=model)
+    got = class_map(at1)
+    assert got.shape == (h1, w1)
+    np.testing.assert_array_equal(class_map(run(client, tmp_path / "at1-256", **job, tile_size=256, method=model)), got)
+    tissue = got != 255
+    assert 0.2 < tissue.mean() < 1 and 0.01 < expect[tissue].mean() < 0.99
+    first = tissue[:512, :512]
+    assert first.sum() > 10_000 and (got[:512, :512][first] == expect[:512, :512][first]).mean() > 0.999
+    assert (got[tissue] == expect[tissue]).mean() > 0.97
+    with tifffile.TiffFile(at1.cog) as tif:
+        x_res = tif.pages.first.tags["XResolution"].value
+        assert x_res[0] / x_res[1] == pytest.approx(1e4 / 0.998, rel=1e-3)
+
+    at15 = class_map(run(client, tmp_path / "at15", **job, tile_size=512,
+                         method={**model, "model": str(_bright_model(tmp_path, 1.5))}))
+    assert at15.shape == (h1, w1) and (at15[tissue] == expect[tissue]).mean() > 0.9
+    level0 = class_map(run(client, tmp_path / "l0", **job, tile_size=512, level=0, method=model))
+    assert level0.shape == (2967, 2220)

@@ -28,6 +28,7 @@ class RasterInfo:
     descriptions: tuple[str | None, ...]
     kind: str = "raster"  # "slide": no CRS, transform in micrometres; "volume": (z, y, x) in millimetres
     mpp: tuple[float, float] | None = None
+    level: int = 0  # slides: the pyramid level read
     depth: int | None = None  # volumes only
     geometry: dict | None = None  # volumes: store attributes for the affine, spacing, origin, direction
     block: tuple[int, int] | None = None  # a GeoTIFF's internal tile (None: strips, or bands of mixed types)

@@ -48,7 +48,7 @@ def is_pyramidal_plain_tiff(path: Path) -> bool:
 
 @dataclass(frozen=True)
 class SlideInfo:
-    """Level-0 geometry and pixel size of a slide."""
+    """Geometry and pixel size of one pyramid level of a slide (level 0 unless chosen otherwise)."""
 
     path: str
     height: int
@@ -56,6 +56,8 @@ class SlideInfo:
     mpp_x: float
     mpp_y: float
     vendor: str
+    level: int = 0
+    downsample: float = 1.0  # level-0 pixels per pixel of this level
 
     @property
     def transform(self) -> Affine:
@@ -74,27 +76,66 @@ def _open(path: str | Path):
         raise InputError(f"input slide is not readable by OpenSlide ({exc}): {p}") from None
 
 
-def slide_info(path: str | Path) -> SlideInfo:
-    """Inspect a slide; refuse one without a pixel size, because results could not be measured."""
+def slide_info(path: str | Path, level: int = 0) -> SlideInfo:
+    """Inspect a slide at pyramid ``level``; refuse one without a pixel size, because results could not be
+    measured. A level's pixel size is level 0's scaled by the level's extent (what OpenSlide reports)."""
     with _open(path) as s:
         props = s.properties
         try:
             mpp_x, mpp_y = float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"])
         except (KeyError, ValueError):
             raise InputError(f"input slide has no microns-per-pixel metadata: {path}") from None
-        w, h = s.dimensions
-        return SlideInfo(str(Path(path).resolve()), h, w, mpp_x, mpp_y, props.get("openslide.vendor", ""))
+        if not 0 <= level < s.level_count:
+            raise InputError(f"level {level} is not a level of this slide (0..{s.level_count - 1}): {path}")
+        (w0, h0), (w, h) = s.dimensions, s.level_dimensions[level]
+        if level:
+            mpp_x, mpp_y = mpp_x * w0 / w, mpp_y * h0 / h
+        return SlideInfo(str(Path(path).resolve()), h, w, mpp_x, mpp_y, props.get("openslide.vendor", ""), level,
+                         float(s.level_downsamples[level]))
 
 
-def read_window(path: str, window: Box) -> tuple[np.ndarray, np.ndarray]:
-    """RGB (3, h, w) uint8 and scanned-area mask (alpha > 0) of a level-0 window."""
+def level_for(path: str | Path, mpp: float) -> int:
+    """The coarsest pyramid level still at least as fine as ``mpp`` µm/px (1 % tolerance): the fewest pixels
+    to read for a model trained at ``mpp``, which is then reached by resampling down, never up."""
     with _open(path) as s:
-        rgba = np.asarray(s.read_region((window.col0, window.row0), 0, (window.width, window.height)))
+        base = float(s.properties["openslide.mpp-x"])
+        w0 = s.dimensions[0]
+        fine = [k for k, (w, _) in enumerate(s.level_dimensions) if base * w0 / w <= mpp * 1.01]
+    return max(fine, default=0)
+
+
+# Regions of a level above 0 are read from corners on this lattice (level pixels), see :func:`read_window`.
+LEVEL_LATTICE = 512
+
+
+def read_window(path: str, window: Box, level: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """RGB (3, h, w) uint8 and scanned-area mask (alpha > 0) of a window of pyramid ``level``.
+
+    OpenSlide places a region by its level-0 corner; where a level's downsample is not a whole number (a
+    level 0 of odd size: 2967 rows over 1484), that corner falls between the level's pixels and OpenSlide
+    interpolates. So a level above 0 is read in blocks whose corners lie on a fixed lattice of
+    :data:`LEVEL_LATTICE` level pixels: every pixel is then read at one phase whatever window asks for it,
+    and the scene, hence the result, stays the same for any tile or chunk size.
+    """
+    with _open(path) as s:
+        if level == 0:
+            rgba = np.asarray(s.read_region((window.col0, window.row0), 0, (window.width, window.height)))
+        else:
+            down = s.level_downsamples[level]
+            rgba = np.zeros((window.height, window.width, 4), np.uint8)
+            lat = LEVEL_LATTICE
+            for r0 in range(window.row0 // lat * lat, window.row1, lat):
+                for c0 in range(window.col0 // lat * lat, window.col1, lat):
+                    r1, c1 = min(r0 + lat, window.row1), min(c0 + lat, window.col1)
+                    block = np.asarray(s.read_region((round(c0 * down), round(r0 * down)), level, (c1 - c0, r1 - r0)))
+                    top, left = max(r0, window.row0), max(c0, window.col0)
+                    rgba[top - window.row0:r1 - window.row0, left - window.col0:c1 - window.col0] = \
+                        block[top - r0:, left - c0:]
     return np.moveaxis(rgba[..., :3], -1, 0).copy(), rgba[..., 3] > 0
 
 
-def tissue_mask(path: str, min_fraction: float = 0.002) -> tuple[np.ndarray, int]:
-    """Low-resolution tissue mask and its downsample factor.
+def tissue_mask(path: str, min_fraction: float = 0.002, level: int = 0) -> tuple[np.ndarray, float]:
+    """Low-resolution tissue mask and its downsample factor relative to pyramid ``level``.
 
     Tissue is saturated, background glass is not: Otsu on the thumbnail's saturation, then a
     closing and removal of specks smaller than ``min_fraction`` of the thumbnail.
@@ -105,16 +146,16 @@ def tissue_mask(path: str, min_fraction: float = 0.002) -> tuple[np.ndarray, int
         w, h = s.dimensions
         size = (max(1, w // THUMB_DOWNSAMPLE), max(1, h // THUMB_DOWNSAMPLE))
         thumb = np.asarray(s.get_thumbnail(size).convert("RGB"))
+        level_w = s.level_dimensions[level][0]
     sat = color.rgb2hsv(thumb)[..., 1]
     t = filters.threshold_otsu(sat) if np.ptp(sat) > 0 else 1.0
     mask = morphology.closing(sat > t, morphology.disk(2))
     mask = morphology.remove_small_objects(mask, max_size=max(1, int(min_fraction * mask.size)))
-    factor = w / mask.shape[1]
-    return mask, factor
+    return mask, level_w / mask.shape[1]
 
 
 def upsample_mask(mask: np.ndarray, factor: float, window: Box) -> np.ndarray:
-    """The level-0 pixels of ``window`` looked up in the low-resolution mask (nearest)."""
+    """The pixels of ``window`` (of the level the factor is relative to) looked up in the low-resolution mask."""
     rows = np.minimum((np.arange(window.row0, window.row1) / factor).astype(int), mask.shape[0] - 1)
     cols = np.minimum((np.arange(window.col0, window.col1) / factor).astype(int), mask.shape[1] - 1)
     return mask[np.ix_(rows, cols)]

@@ -13,7 +13,9 @@ Normalisations, each a per-band ``(x - offset) / scale``, optionally clipped fir
 - ``minmax``: scale ``[low, high]`` to 0..1 without clipping (e.g. 0..255 or 0..10000 reflectance);
 - ``zscore``: the scene's own mean and standard deviation over its valid pixels, per band (or pooled over
   the bands with ``channel_wise: false``), computed once for the whole scene so every tile is normalised
-  alike (nnU-Net's ZScoreNormalization, MONAI's NormalizeIntensity without fixed values).
+  alike (nnU-Net's ZScoreNormalization, MONAI's NormalizeIntensity without fixed values);
+- ``scene_minmax``: the scene's own minimum and maximum over its valid pixels scaled to 0..1, per band (or
+  pooled), once for the whole scene (nnU-Net's RescaleTo01Normalization, a scene being nnU-Net's image).
 """
 
 from __future__ import annotations
@@ -33,16 +35,22 @@ CARD_SUFFIX = ".card.yaml"
 class Normalisation(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["meanstd", "window", "minmax", "zscore"] = "meanstd"
+    kind: Literal["meanstd", "window", "minmax", "zscore", "scene_minmax"] = "meanstd"
     mean: list[float] | None = None
     std: list[float] | None = Field(None, description="per band; every value > 0")
     low: list[float] | None = None
     high: list[float] | None = None
-    channel_wise: bool = Field(True, description="zscore: each band by its own statistics (else all bands pooled)")
+    channel_wise: bool = Field(True, description="zscore, scene_minmax: each band by its own statistics (else all "
+                                                  "bands pooled)")
+
+    @property
+    def from_scene(self) -> bool:
+        """Whether the values come from the scene's own statistics rather than the card."""
+        return self.kind in ("zscore", "scene_minmax")
 
     @model_validator(mode="after")
     def _complete(self) -> Normalisation:
-        if self.kind == "zscore":
+        if self.from_scene:
             return self
         pair = ("mean", "std") if self.kind == "meanstd" else ("low", "high")
         a, b = (getattr(self, k) for k in pair)
@@ -60,8 +68,9 @@ class Normalisation(BaseModel):
     def affine(self) -> tuple[list[float], list[float], list[list[float]] | None]:
         """Per band (offset, scale) and the clip range or None: pixels become ``(clip(x) - offset) / scale``.
 
-        Empty for ``zscore``: its values come from the scene (:func:`segpipe.segment.normalisation`)."""
-        if self.kind == "zscore":
+        Empty for ``zscore`` and ``scene_minmax``: their values come from the scene
+        (:func:`segpipe.segment.normalisation`)."""
+        if self.from_scene:
             return [], [], None
         if self.kind == "meanstd":  # low/high, when given, clip first (nnU-Net's CT normalisation)
             clip = [[lo, h] for lo, h in zip(self.low, self.high, strict=True)] if self.low is not None else None
@@ -90,7 +99,7 @@ class ModelCard(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:
         bands = len(self.normalisation.affine()[0])
-        if self.normalisation.kind != "zscore" and bands != self.in_channels:
+        if not self.normalisation.from_scene and bands != self.in_channels:
             raise ValueError(f"normalisation gives {bands} band(s) for in_channels {self.in_channels}")
         if self.output == "sigmoid" and self.n_classes != 1:
             raise ValueError("output sigmoid takes a model with a single output channel (n_classes: 1)")
@@ -107,9 +116,11 @@ class ModelCard(BaseModel):
         """What inference needs from this card, as the spec every loader returns (the card itself in ``info``)."""
         norm = self.normalisation
         offset, scale, clip = norm.affine()
-        zscore = None if norm.kind != "zscore" else "band" if norm.channel_wise else "pooled"
+        scene_norm = None
+        if norm.from_scene:
+            scene_norm = ("zscore" if norm.kind == "zscore" else "minmax") + ("" if norm.channel_wise else "-pooled")
         return ModelSpec(in_channels=self.in_channels, n_classes=self.classes, mean=offset, std=scale, clip=clip,
-                         scene_zscore=zscore, class_names=list(self.class_names or []), dims=self.dims, arch=arch,
+                         scene_norm=scene_norm, class_names=list(self.class_names or []), dims=self.dims, arch=arch,
                          info={"card": self.model_dump(mode="json", exclude_none=True)})
 
 

@@ -36,7 +36,14 @@ class ModelSpec:
     arch: str = "segpipe.UNet"
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     clip: list[list[float]] | None = None  # per band [low, high] applied before (x - mean) / std (a CT window)
-    scene_zscore: str | None = None  # "band" / "pooled": mean and std are the scene's own (model card zscore)
+    # The scene's own statistics normalise it (model card zscore / scene_minmax): "zscore" or "minmax", per band,
+    # or "zscore-pooled" / "minmax-pooled" over all bands together; None: mean and std above are fixed.
+    scene_norm: str | None = None
+
+    @property
+    def resolution(self) -> list[float] | None:
+        """The pixel size the model was trained at (one value, or one per axis), from its card or checkpoint."""
+        return self.info.get("card", {}).get("resolution") or self.info.get("resolution")
 
     def build(self) -> torch.nn.Module:
         """The network, untrained: segpipe's U-Net, or a MONAI network named ``monai.<Class>``."""

@@ -45,6 +45,7 @@ def export_model(checkpoint: str | Path, output: str | Path, fmt: str = "torchsc
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)  # the export computes what the model does
         card = ModelCard(format=fmt, in_channels=spec.in_channels, n_classes=spec.n_classes, dims=spec.dims,
                          class_names=list(spec.class_names) or None, patch_size=patch_size,
+                         resolution=spec.resolution,
                          normalisation=Normalisation(kind="meanstd", mean=list(spec.mean), std=list(spec.std)))
         write_card(out, card)
         os.replace(tmp, out)

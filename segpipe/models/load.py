@@ -24,6 +24,7 @@ from segpipe.models.bundle import is_bundle, load_bundle
 from segpipe.models.card import card_path, read_card
 from segpipe.models.checkpoint import ModelSpec, load_model
 from segpipe.models.nnunet import is_nnunet, load_nnunet
+from segpipe.resample import scale_for
 
 
 def is_torchscript(path: str | Path) -> bool:
@@ -137,19 +138,14 @@ def check_patch(model: torch.nn.Module, name: str, patch: int, spec: ModelSpec) 
     return x, y
 
 
-def check_resolution(spec: ModelSpec, name: str, pixel_size: tuple[float, ...] | None) -> None:
-    """A model whose card names the pixel size it was trained at runs only on scenes of that pixel size (1 %).
+def model_scale(spec: ModelSpec, name: str, pixel_size: tuple[float, ...] | None) -> tuple[float, ...] | None:
+    """Per axis, the model's training pixel size over the scene's, or None to run at the scene's own pixels.
 
-    Running it at another scale would quietly give wrong classes; resampling the scene to the model's
-    resolution is not built yet.
+    A model applied at another scale than it was trained at quietly gives wrong classes, so a scene whose
+    pixel size differs by more than 1 % is resampled to the model's (:mod:`segpipe.resample`). Sizes too far
+    apart to be a real difference of scale (other units) are refused in one line.
     """
-    wanted = spec.info.get("card", {}).get("resolution")
-    if not wanted or pixel_size is None:
-        return
-    wanted = list(wanted) * len(pixel_size) if len(wanted) == 1 else list(wanted)
-    if len(wanted) != len(pixel_size):
-        raise InputError(f"model {name} gives a resolution for {len(wanted)} axes; the scene has {len(pixel_size)}")
-    if any(abs(a - b) > 0.01 * b for a, b in zip(pixel_size, wanted, strict=True)):
-        have = " x ".join(f"{v:g}" for v in pixel_size)
-        raise InputError(f"model {name} was trained at {' x '.join(f'{v:g}' for v in wanted)} per pixel, this scene "
-                         f"has {have}: resampling a scene to a model's resolution is not supported yet")
+    try:
+        return scale_for(spec.resolution, pixel_size, name)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None

@@ -101,6 +101,8 @@ def _normalisation(config: dict[str, Any], plans: dict[str, Any], channels: int)
         return Normalisation(kind="zscore", channel_wise=True)
     if scheme == "RGBTo01Normalization":
         return Normalisation(kind="minmax", low=[0.0] * channels, high=[255.0] * channels)
+    if scheme == "RescaleTo01Normalization":  # per image: the scene's own minimum and maximum, per channel
+        return Normalisation(kind="scene_minmax", channel_wise=True)
     if scheme == "NoNormalization":
         return Normalisation(kind="meanstd", mean=[0.0] * channels, std=[1.0] * channels)
     raise InputError(f"nnU-Net plans: normalisation {scheme!r} is not read (per-image rescaling)")
