@@ -48,8 +48,14 @@ class TruthSpec(_Strict):
     """Ground truth: a raster on the scene grid, or a vector file rasterised onto it."""
 
     path: Path
-    attribute: str | None = None
+    layer: str | int | None = Field(None, description="vector truth: the layer (name or index) of a file with several")
+    attribute: str | None = Field(None, description="vector truth: the attribute holding each feature's class, as "
+                                                    "an id or a name (see classes)")
     value: int = 1
+    classes: dict[str, int] | None = Field(None, description="class names of the attribute as class ids, e.g. "
+                                                             "{water: 1, crop: 2}; default: the job's class_names")
+    ignore: list[int] = Field(default_factory=list, description="truth class ids outside the method's classes to "
+                                                                "leave out of the metrics (others are an error)")
     all_touched: bool = False
     remap: dict[int, int] = Field(default_factory=dict)
     binarize: bool = Field(False, description="every label > 0 becomes class 1 (masks stored as intensities, "

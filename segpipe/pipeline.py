@@ -117,7 +117,7 @@ def check(job: JobSpec) -> Checked:
         raise InputError(f"tile_size {job.tile_size} is larger than the scene ({info.describe()})")
     if job.probabilities and plan.model is None:
         raise InputError(f"probabilities come from a model; method {job.method.name!r} gives classes only")
-    truth = check_truth(job.truth, info) if job.truth else None
+    truth = check_truth(job.truth, info, plan.class_names, plan.n_classes) if job.truth else None
     if job.instances and job.instances.classes:
         bad = [k for k in job.instances.classes if not 0 <= k < plan.n_classes]
         if bad:

@@ -1,13 +1,14 @@
 """Ground truth onto the scene grid: a raster or volume on the same grid, or vectors rasterised per tile.
 
 Rasters must already be on the scene's CRS and grid: silently resampling labels would change
-what is being measured, so a mismatch is an input error. Vector labels are reprojected into the
-scene CRS (as Raster Vision does) and burned in tile by tile, so memory stays bounded.
+what is being measured, so a mismatch is an input error. Vector labels (any OGR format, GeoParquet:
+:mod:`segpipe.io.vector`) are reprojected into the scene CRS (as Raster Vision does) and burned in tile
+by tile, so memory stays bounded. Class attributes may hold ids or names. A truth class the method does
+not have is an error naming it (it would silently drop out of the counts), unless ``truth.ignore`` lists it.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,12 @@ from segpipe.config import TruthSpec
 from segpipe.errors import InputError
 from segpipe.grid import Box
 from segpipe.io.raster import RasterInfo, raster_info
+from segpipe.io.vector import is_vector, read_features
 from segpipe.io.volume import is_volume, read_volume, volume_info
 
-VECTOR_SUFFIXES = {".geojson", ".json"}
 IGNORE = 255
+# Raster labels are scanned for their values in windows of about this many pixels (bounded memory).
+SCAN_PIXELS = 2**22
 
 
 @dataclass
@@ -41,6 +44,7 @@ class Truth:
     remap: dict[int, int] = field(default_factory=dict)
     binarize: bool = False
     instances: bool = False
+    ignore: list[int] = field(default_factory=list)  # truth ids left out of the metrics
 
     def _read_raw(self, window: Box) -> np.ndarray:
         if self.kind == "volume":
@@ -82,6 +86,8 @@ class Truth:
                     mapped[a == src] = dst
                 a = mapped
             ignore |= (a < 0) | (a >= IGNORE)
+            if self.ignore:
+                ignore |= np.isin(a, self.ignore)
             return np.where(ignore, IGNORE, a).astype(np.uint8)
         return self._burn(self.shapes, window, transform, "uint8")
 
@@ -120,41 +126,44 @@ def _check_raster(spec: TruthSpec, scene: RasterInfo) -> Truth:
                      instances=spec.instances)
 
 
-def _vector_crs(doc: dict[str, Any]) -> CRS:
-    name = (doc.get("crs") or {}).get("properties", {}).get("name")
-    if not name:
-        return CRS.from_epsg(4326)  # RFC 7946
-    try:
-        return CRS.from_user_input(name)
-    except Exception:  # noqa: BLE001
-        raise InputError(f"ground-truth vector has an unknown CRS {name!r}") from None
+def _class_id(value: object, spec: TruthSpec, class_names: list[str] | None, where: str) -> int:
+    """A feature's class from its attribute: an id (an integer, or a string of one), or a name looked up in
+    ``truth.classes``, else in the job's class names."""
+    if isinstance(value, bool) or value is None:
+        raise InputError(f"ground-truth feature has no class in attribute {spec.attribute!r}: {where}")
+    if isinstance(value, int | np.integer) or (isinstance(value, float) and value.is_integer()):
+        return int(value)
+    text = str(value).strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    names = spec.classes if spec.classes is not None else {n: k for k, n in enumerate(class_names or [])}
+    if text not in names:
+        source = "truth.classes" if spec.classes is not None else "class_names"
+        raise InputError(f"ground-truth class {text!r} (attribute {spec.attribute!r}) is not in {source} "
+                         f"{sorted(names)}: map it with truth.classes: {where}")
+    return int(names[text])
 
 
-def _check_vector(spec: TruthSpec, scene: RasterInfo) -> Truth:
+def _check_vector(spec: TruthSpec, scene: RasterInfo, class_names: list[str] | None) -> Truth:
     p = Path(spec.path)
     if scene.crs is None:
         raise InputError(f"vector ground truth needs a georeferenced scene; give slides and volumes label "
                          f"images: {p}")
-    try:
-        doc = json.loads(p.read_text())
-        features = doc["features"] if doc.get("type") == "FeatureCollection" else [doc]
-    except (ValueError, KeyError, AttributeError):
-        raise InputError(f"ground-truth vector is not valid GeoJSON: {p}") from None
-    src_crs = _vector_crs(doc)
+    features = read_features(p, spec.layer)
+    src_crs = features.crs or CRS.from_epsg(4326)  # GeoJSON without a crs member: RFC 7946
     shapes = []
-    for f in features:
-        geom = f.get("geometry")
+    for geom, props in zip(features.geometries, features.attributes, strict=True):
         if not geom:
             continue
         if src_crs != scene.crs:
             geom = transform_geom(src_crs, scene.crs, geom)
         if spec.attribute is not None:
-            if spec.attribute not in (f.get("properties") or {}):
+            if spec.attribute not in props:
                 raise InputError(f"ground-truth feature lacks attribute {spec.attribute!r}: {p}")
-            value = int(f["properties"][spec.attribute])
+            value = _class_id(props[spec.attribute], spec, class_names, str(p))
         else:
             value = spec.value
-        shapes.append((geom, value))
+        shapes.append((geom, IGNORE if value in spec.ignore else value))
     if shapes:
         scene_box = box(*scene.bounds)
         if not any(shape(g).intersects(scene_box) for g, _ in shapes):
@@ -162,13 +171,46 @@ def _check_vector(spec: TruthSpec, scene: RasterInfo) -> Truth:
     return Truth("vector", str(p.resolve()), shapes=shapes, all_touched=spec.all_touched)
 
 
-def check_truth(spec: TruthSpec, scene: RasterInfo) -> Truth:
-    """Validate ground truth against the scene, before anything is written."""
+def _label_values(truth: Truth, scene: RasterInfo) -> set[int]:
+    """Every label a raster or volume truth holds after remapping (its nodata excluded), read in slabs."""
+    shape_ = scene.shape
+    per_row = int(np.prod(shape_[1:]))
+    rows = max(1, SCAN_PIXELS // max(1, per_row))
+    found: set[int] = set()
+    for r in range(0, shape_[0], rows):
+        window = Box((r, *(0,) * (len(shape_) - 1)), (min(shape_[0], r + rows), *shape_[1:]))
+        found.update(int(v) for v in np.unique(truth.read(window, scene.transform)))
+    return found - {IGNORE}
+
+
+def _check_classes(truth: Truth, spec: TruthSpec, scene: RasterInfo, n_classes: int) -> None:
+    """Truth class ids the method does not have would silently drop out of the counts: name them."""
+    if truth.kind == "vector":
+        found = {v for _, v in truth.shapes} - {IGNORE}
+    elif spec.binarize or spec.instances:
+        return
+    else:
+        found = _label_values(truth, scene)
+    bad = sorted(v for v in found if not 0 <= v < n_classes)
+    if bad:
+        raise InputError(f"ground truth holds class id(s) {bad} beyond the method's classes 0..{n_classes - 1}; "
+                         f"list them in truth.ignore to leave them out of the metrics: {spec.path}")
+
+
+def check_truth(spec: TruthSpec, scene: RasterInfo, class_names: list[str] | None = None,
+                n_classes: int | None = None) -> Truth:
+    """Validate ground truth against the scene (and, given ``n_classes``, the method's classes) before anything
+    is written; ``class_names`` resolve class attributes that hold names."""
     p = Path(spec.path)
     if not p.exists():
         raise InputError(f"ground truth not found: {p}")
-    if p.suffix.lower() in VECTOR_SUFFIXES:
-        return _check_vector(spec, scene)
-    if is_volume(p):
-        return _check_volume(spec, scene)
-    return _check_raster(spec, scene)
+    if is_vector(p):
+        truth = _check_vector(spec, scene, class_names)
+    elif is_volume(p):
+        truth = _check_volume(spec, scene)
+    else:
+        truth = _check_raster(spec, scene)
+    truth.ignore = list(spec.ignore)
+    if n_classes is not None:
+        _check_classes(truth, spec, scene, n_classes)
+    return truth
