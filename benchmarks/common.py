@@ -103,11 +103,13 @@ def run_sampled(command: list[str], watch: Path | None = None, env: dict | None 
                 lines: bool = False) -> dict:
     """Run ``command`` in a child; wall seconds, peak RSS of its whole process tree, peak size of ``watch``.
 
-    With ``lines``, also when each line of its stdout appeared: ``lines`` is [(seconds since start, text)].
+    With ``lines``, also when each line of its output appeared (stdout and stderr together: segpipe's stage
+    lines are on stderr): ``lines`` is [(seconds since start, text)].
     """
     t0 = time.perf_counter()
     child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE if lines else subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+                             stderr=subprocess.STDOUT if lines else subprocess.PIPE, text=True,
+                             env={**os.environ, **(env or {})})
     seen: list[tuple[float, str]] = []
     reader = None
     if lines:
@@ -129,10 +131,11 @@ def run_sampled(command: list[str], watch: Path | None = None, env: dict | None 
     seconds = time.perf_counter() - t0
     if reader is not None:
         reader.join()
+    errors = "\n".join(text for _, text in seen) if lines else child.stderr.read()
     if child.returncode:
-        raise RuntimeError(f"{command} failed ({child.returncode}): {child.stderr.read()[-2000:]}")
+        raise RuntimeError(f"{command} failed ({child.returncode}): {errors[-2000:]}")
     return {"seconds": seconds, "peak_rss_mib": peak_rss / 2**20, "peak_watch_bytes": peak_dir,
-            "stderr": child.stderr.read(), "lines": seen}
+            "stderr": errors, "lines": seen}
 
 
 def segpipe_cli(job: dict, path: Path) -> list[str]:

@@ -1,6 +1,7 @@
-"""Command line: ``segpipe run JOB.yaml`` and ``segpipe train ...``.
+"""Command line: ``segpipe run|validate JOB.yaml``, ``segpipe train ...``, ``segpipe export-model ...``.
 
-Input problems end with one line on stderr and exit code 2, never a traceback.
+Input problems end with one line on stderr and exit code 2, never a traceback. Results go to stdout,
+stage lines to stderr.
 """
 
 from __future__ import annotations
@@ -18,16 +19,39 @@ def _overrides(args: argparse.Namespace) -> dict:
     o: dict = {}
     if getattr(args, "output", None):
         o["output"] = str(Path(args.output).resolve())
-    if getattr(args, "tile_size", None):
+    if getattr(args, "tile_size", None) is not None:  # 0 is a value to refuse, not "unset"
         o["tile_size"] = args.tile_size
     cluster = {}
-    if getattr(args, "scheduler", None):
+    if getattr(args, "scheduler", None) is not None:
         cluster["scheduler"] = args.scheduler
-    if getattr(args, "workers", None):
+    if getattr(args, "workers", None) is not None:
         cluster["n_workers"] = args.workers
     if cluster:
         o["cluster"] = cluster
     return o
+
+
+def _stage_log(args: argparse.Namespace):  # noqa: ANN202 - a callable taking one line
+    """Stage lines go to stderr (results alone on stdout); ``-q`` silences them."""
+    if args.quiet:
+        return lambda _line: None
+    return lambda line: print(f"segpipe: {line}", file=sys.stderr, flush=True)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Check a job as ``run`` would, write nothing, and say what would run."""
+    from segpipe.config import load_job
+    from segpipe.pipeline import check
+
+    c = check(load_job(args.job, _overrides(args)))
+    m = c.plan
+    print(f"input:    {c.info.path} ({c.info.kind}, {c.info.describe()}, {c.info.count} band(s))")
+    print(f"method:   {m.name} ({m.n_classes} classes: {', '.join(m.class_names)})"
+          + (f"; model grid at {' x '.join(f'{s:g}' for s in m.scale)} x the scene's pixel size" if m.scale else ""))
+    print(f"tiles:    {c.job.tile_size} px, output {c.job.output}")
+    print(f"truth:    {c.job.truth.path if c.job.truth else 'none'}")
+    print("valid: nothing written")
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -38,7 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     job = load_job(args.job, _overrides(args))
     checked = check(job)
     with connect(job.cluster, in_process=in_process(checked)) as client:
-        outcome = run_job(checked, client, log=lambda line: print(f"segpipe: {line}", flush=True))
+        outcome = run_job(checked, client, log=_stage_log(args))
     for path in outcome.exports:
         print(f"export:       {path}")
     print(f"zarr result:  {outcome.result}")
@@ -73,15 +97,21 @@ def cmd_export_model(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from segpipe import __version__
+
     p = argparse.ArgumentParser(prog="segpipe", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"segpipe {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run a segmentation job")
-    r.add_argument("job", help="job YAML")
-    r.add_argument("--output", help="override the output folder")
-    r.add_argument("--scheduler", help="Dask scheduler address, e.g. tcp://10.0.0.5:8786")
-    r.add_argument("--workers", type=int, help="workers of the LocalCluster")
-    r.add_argument("--tile-size", type=int, help="override tile_size")
-    r.set_defaults(func=cmd_run)
+    for name, func, text in [("run", cmd_run, "run a segmentation job"),
+                             ("validate", cmd_validate, "check a job as run would, and write nothing")]:
+        r = sub.add_parser(name, help=text)
+        r.add_argument("job", help="job YAML")
+        r.add_argument("--output", help="override the output folder")
+        r.add_argument("--scheduler", help="Dask scheduler address, e.g. tcp://10.0.0.5:8786")
+        r.add_argument("--workers", type=int, help="workers of the LocalCluster")
+        r.add_argument("--tile-size", type=int, help="override tile_size")
+        r.add_argument("-q", "--quiet", action="store_true", help="no stage lines on stderr (results still print)")
+        r.set_defaults(func=func)
     t = sub.add_parser("train", help="train the built-in U-Net on an image and labels")
     t.add_argument("--image", required=True, help="GeoTIFF to train on")
     t.add_argument("--labels", required=True, help="label raster on the same grid, or GeoJSON")

@@ -94,6 +94,35 @@ class ClusterSpec(_Strict):
                             "classical job on a scene of at most 32 Mpx, where starting and stopping worker "
                             "processes costs more than the threads lose to Python's GIL")
 
+    @field_validator("scheduler")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        """A scheduler address Dask can dial (``tcp://host:port``, ``host:port``, ``tls://...``), checked before
+        any work: a bad one would otherwise surface as a traceback from deep inside the client."""
+        if v is None:
+            return v
+        from distributed.comm.addressing import parse_address, parse_host_port
+
+        try:
+            scheme, where = parse_address(v, strict=False)
+            if scheme in ("tcp", "tls", "ucx", "ws", "wss"):
+                parse_host_port(where)
+        except ValueError:
+            raise ValueError(f"{v!r} is not a Dask scheduler address (e.g. tcp://10.0.0.5:8786)") from None
+        return v
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _bytes(cls, v: str) -> str:
+        from dask.utils import parse_bytes
+
+        if v != "auto":
+            try:
+                parse_bytes(v)
+            except ValueError:
+                raise ValueError(f"{v!r} is not an amount of memory (e.g. 4GiB, 8GB, auto)") from None
+        return v
+
 
 class JobSpec(_Strict):
     """A whole segmentation job."""

@@ -1,0 +1,64 @@
+"""The command line as a person meets it: results on stdout, stage lines on stderr, validate, bad options."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import BUILDINGS, SCENE
+from helpers import assert_one_line_error
+
+
+def segpipe(tmp_path, *args: str, job: dict | None = None) -> subprocess.CompletedProcess:
+    extra = []
+    if job is not None:
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+        extra = [str(tmp_path / "job.yaml")]
+    return subprocess.run([sys.executable, "-m", "segpipe.cli", *args, *extra], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def job(tmp_path, **extra) -> dict:
+    return {"input": str(SCENE), "output": str(tmp_path / "out"), "tile_size": 256, "method": {"name": "otsu"},
+            "truth": {"path": str(BUILDINGS)}, **extra}
+
+
+def test_version():
+    proc = subprocess.run([sys.executable, "-m", "segpipe.cli", "--version"], capture_output=True, text=True)
+    from segpipe import __version__
+
+    assert proc.returncode == 0 and proc.stdout.strip() == f"segpipe {__version__}"
+
+
+def test_results_on_stdout_stage_lines_on_stderr_and_quiet_silences_them(tmp_path):
+    proc = segpipe(tmp_path, "run", job=job(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "segpipe: segment with otsu" in proc.stderr and "segpipe: segment" not in proc.stdout
+    assert "global IoU" in proc.stdout and proc.stdout.startswith("export:")
+    quiet = segpipe(tmp_path, "run", "-q", "--output", str(tmp_path / "quiet"), job=job(tmp_path))
+    assert quiet.returncode == 0 and "segpipe:" not in quiet.stderr and "global IoU" in quiet.stdout
+
+
+def test_validate_checks_everything_and_writes_nothing(tmp_path):
+    proc = segpipe(tmp_path, "validate", job=job(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "otsu (2 classes" in proc.stdout and "nothing written" in proc.stdout
+    assert not (tmp_path / "out").exists()
+    bad = segpipe(tmp_path, "validate", job=job(tmp_path, bands=[2]))
+    assert_one_line_error(bad, "band")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args,extra,words", [
+    (["--workers", "0"], {}, ["n_workers"]),
+    (["--tile-size", "0"], {}, ["tile_size"]),
+    (["--scheduler", "not-an-address"], {}, ["'not-an-address' is not a Dask scheduler address"]),
+    ([], {"cluster": {"memory_limit": "lots"}}, ["'lots' is not an amount of memory"]),
+])
+def test_bad_options_are_one_line_before_anything_is_written(tmp_path, args, extra, words):
+    proc = segpipe(tmp_path, "run", *args, job=job(tmp_path, **extra))
+    assert_one_line_error(proc, *words)
+    assert not (tmp_path / "out").exists()
