@@ -43,7 +43,7 @@ from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning
 
 from segpipe.io.result import NODATA
-from segpipe.io.store import read_geo
+from segpipe.io.store import read_geo, remove_leftovers
 
 PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
            (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60)]
@@ -122,7 +122,7 @@ def export_cog(result_path: str, dest: str | Path, block: int = 512, *, compress
     if level is not None:
         options["level"] = level
     try:
-        shutil.rmtree(staging, ignore_errors=True)  # left by a killed run of a process with the same id
+        remove_leftovers(dest)
         staging.mkdir()
         # rasterio hands GDAL_CACHEMAX to GDALSetCacheMax64: bytes, applied at once, restored on exit.
         with rasterio.Env(GDAL_CACHEMAX=cache_mb * 2**20, GDAL_NUM_THREADS=str(num_threads)):

@@ -19,6 +19,8 @@ import nibabel as nib
 import numpy as np
 import zarr
 
+from segpipe.io.store import remove_leftovers
+
 HEADER_BYTES = 352  # 348-byte NIfTI-1 header + 4-byte extension flag (no extensions)
 
 
@@ -43,6 +45,7 @@ def export_nifti(result_path: str, dest: str | Path, slab: int | None = None) ->
     hdr["cal_min"], hdr["cal_max"] = 0, max(0, len(names) - 1)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(dest)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     step = slab or int(arr.chunks[0])
     try:

@@ -21,6 +21,7 @@ from distributed import Client
 
 from segpipe.georef import PALETTE
 from segpipe.io.result import NODATA
+from segpipe.io.store import remove_leftovers
 from segpipe.scene import Scene
 
 VERSION = "0.5"
@@ -73,9 +74,8 @@ def export_ome_zarr(scene_path: str, result_path: str, dest: str | Path, client:
     """Write ``dest`` (an ``.ome.zarr`` folder) from the scene store and the result store."""
     scene = Scene(scene_path)
     dest = Path(dest)
+    remove_leftovers(dest)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     unit, size = _units(scene)
     nd = len(scene.shape)
     spatial = ("z", "y", "x")[-nd:]

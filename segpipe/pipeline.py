@@ -113,7 +113,9 @@ def check(job: JobSpec) -> Checked:
 
             info = source_info(job.input, level)
             plan.scale = model_scale(plan.model, str(job.method.model), _pixel_size(info))
-    if job.tile_size > max(info.shape):
+    if job.tile_size > max(info.shape) and "tile_size" in job.model_fields_set:
+        # Asked for explicitly, a tile larger than the scene is probably a mistake; the default (512) is
+        # simply one tile on a small scene.
         raise InputError(f"tile_size {job.tile_size} is larger than the scene ({info.describe()})")
     if job.probabilities and plan.model is None:
         raise InputError(f"probabilities come from a model; method {job.method.name!r} gives classes only")
@@ -125,6 +127,9 @@ def check(job: JobSpec) -> Checked:
     out = Path(job.output)
     if out.exists() and not out.is_dir():
         raise InputError(f"output path exists and is not a folder: {out}")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise InputError(f"output path {out} lies under {blocking}, which is a file, not a folder")
     return Checked(job, info, plan, truth)
 
 

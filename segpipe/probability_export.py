@@ -21,7 +21,7 @@ from rasterio.errors import NotGeoreferencedWarning
 
 from segpipe.georef import CACHE_MB, COG_TILE, DEFLATE_LEVEL
 from segpipe.io.result import NODATA
-from segpipe.io.store import read_geo
+from segpipe.io.store import read_geo, remove_leftovers
 
 SCALE = 254
 
@@ -41,6 +41,7 @@ def export_probabilities(result_path: str, dest: str | Path) -> Path:
     crs, transform = read_geo(dict(group.attrs))
     n, h, w = (int(v) for v in prob.shape)
     dest = Path(dest)
+    remove_leftovers(dest)
     staging = dest.with_name(f".{dest.name}.{os.getpid()}.staging.tif")
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     rows = int(np.lcm(int(prob.chunks[1]), COG_TILE))

@@ -108,6 +108,20 @@ def test_unknown_method_parameter_and_invalid_yaml(tmp_path, existing_output):
     assert_one_line_error(proc, "method.name")
 
 
+@pytest.mark.parametrize("method,words", [
+    ({"name": "otsu", "params": {"classes": "three"}}, ["parameter classes", "valid integer", "'three'"]),
+    ({"name": "adaptive", "params": {"block_size": 50}}, ["parameter block_size", "must be odd"]),
+    ({"name": "edges", "params": {"operator": "prewitt"}}, ["parameter operator", "'prewitt'"]),
+    ({"name": "hsv", "params": {"hue": [0.1]}}, ["parameter hue"]),
+    ({"name": "kmeans", "params": {"k": 1}}, ["parameter k", "greater than or equal to 2"]),
+])
+def test_method_parameters_are_typed_and_checked_before_anything_is_written(tmp_path, existing_output, method,
+                                                                            words):
+    before = snapshot(existing_output)
+    assert_one_line_error(cli(tmp_path, base_job(existing_output, method=method)), *words)
+    assert snapshot(existing_output) == before
+
+
 def test_output_from_another_job_is_not_overwritten(tmp_path, client):
     from helpers import run
 
@@ -120,3 +134,23 @@ def test_output_from_another_job_is_not_overwritten(tmp_path, client):
     proc = cli(tmp_path, base_job(out, input=str(other)))
     assert_one_line_error(proc, "different input")
     assert snapshot(out) == before
+
+
+def test_a_rotated_geotransform_is_refused_rather_than_misplaced(tmp_path, existing_output):
+    import rasterio
+    from affine import Affine
+    from conftest import write_tif
+
+    with rasterio.open(SCENE) as ds:
+        data, t = ds.read(), ds.transform
+    rotated = write_tif(tmp_path / "rotated.tif", data, transform=t * Affine.rotation(10))
+    before = snapshot(existing_output)
+    assert_one_line_error(cli(tmp_path, base_job(existing_output, input=str(rotated))), "rotated or sheared")
+    assert snapshot(existing_output) == before
+
+
+def test_an_output_path_under_a_file_is_one_line(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert_one_line_error(cli(tmp_path, base_job(blocker / "sub" / "out")), "which is a file")
+    assert blocker.read_text() == "not a folder"

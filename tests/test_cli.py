@@ -62,3 +62,31 @@ def test_bad_options_are_one_line_before_anything_is_written(tmp_path, args, ext
     proc = segpipe(tmp_path, "run", *args, job=job(tmp_path, **extra))
     assert_one_line_error(proc, *words)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_scene_smaller_than_the_default_tile_runs_as_one_tile(tmp_path):
+    import rasterio
+    from conftest import write_tif
+
+    with rasterio.open(SCENE) as ds:
+        small = write_tif(tmp_path / "small.tif", ds.read(window=((0, 300), (0, 200))),
+                          transform=ds.transform)
+    out = tmp_path / "out"
+    proc = segpipe(tmp_path, "run", job={"input": str(small), "output": str(out), "method": {"name": "otsu"}})
+    assert proc.returncode == 0, proc.stderr
+    assert "1 tile(s)" in proc.stderr and (out / "segmentation.tif").is_file()
+    explicit = segpipe(tmp_path, "run", job={"input": str(small), "output": str(tmp_path / "o2"), "tile_size": 512,
+                                             "method": {"name": "otsu"}})
+    assert_one_line_error(explicit, "tile_size 512 is larger than the scene")
+
+
+def test_a_rerun_removes_what_a_killed_export_left_behind(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = 2**22 + 12345  # above this machine's pid_max: no such process
+    (out / f".segmentation.tif.{dead}.staging").mkdir()
+    (out / f".segmentation.tif.{dead}.staging" / "base.tif").write_bytes(b"half")
+    (out / f".segmentation.tif.{dead}.tmp").write_bytes(b"half a COG")
+    proc = segpipe(tmp_path, "run", job=job(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".segmentation")) == []

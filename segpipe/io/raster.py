@@ -89,6 +89,9 @@ def raster_info(path: str | Path, what: str = "input raster", require_crs: bool 
             raise InputError(f"{what} has no CRS, so results could not be georeferenced: {path}")
         if ds.transform == Affine.identity() and ds.crs is not None and not ds.gcps[0]:
             raise InputError(f"{what} has a CRS but no geotransform: {path}")
+        if ds.transform.b or ds.transform.d:  # result.zarr's x/y coordinates and every tile assume north-up
+            raise InputError(f"{what} has a rotated or sheared geotransform; warp it to a north-up grid first "
+                             f"(gdalwarp): {path}")
         try:
             # Decode one block so that a truncated or corrupt file fails here, before any output exists.
             ds.read(1, window=((0, min(ds.height, 1)), (0, min(ds.width, 1))))

@@ -135,6 +135,20 @@ def remove_store(path: str | Path) -> None:
     shutil.rmtree(local.parent / MARKS_DIR / local.name, ignore_errors=True)
 
 
+def remove_leftovers(dest: Path) -> None:
+    """Remove the scratch a killed writer of ``dest`` left beside it (``.NAME.PID.staging``, ``.NAME.PID.tmp``,
+    ...), unless that process still runs: an export rerun after a kill leaves the folder clean."""
+    import psutil
+
+    for p in Path(dest).parent.glob(f".{Path(dest).name}.*"):
+        pid = p.name[len(Path(dest).name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and (int(pid) == os.getpid() or not psutil.pid_exists(int(pid))):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a hidden temporary file beside ``path`` and rename it into place.
 

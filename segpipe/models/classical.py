@@ -12,9 +12,10 @@ wherever basins/edge chains fit inside it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from scipy import ndimage as ndi
 from scipy.cluster.vq import kmeans2
 from skimage import color, feature, filters, segmentation
@@ -45,21 +46,31 @@ def _grey_range(stats: SceneStats) -> State:
     return {"grey_lo": stats.grey_quantile(0.01), "grey_hi": stats.grey_quantile(0.99)}
 
 
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
 @dataclass
 class ClassicalMethod:
     """Base: parameters come from the job's ``method.params``."""
 
     params: dict[str, Any] = field(default_factory=dict)
     name: ClassVar[str] = ""
-    defaults: ClassVar[dict[str, Any]] = {}
+    Params: ClassVar[type[BaseModel]]  # the method's parameters, typed: checked before anything is written
     volumes: ClassVar[bool] = False  # True where predict is N-D (works on (band, z, y, x) volumes)
 
     def __post_init__(self) -> None:
-        unknown = set(self.params) - set(self.defaults)
+        known = sorted(self.Params.model_fields)
+        unknown = set(self.params) - set(known)
         if unknown:
-            raise InputError(f"method {self.name!r} has no parameter(s) {sorted(unknown)}; "
-                             f"known: {sorted(self.defaults)}")
-        self.p = {**self.defaults, **self.params}
+            raise InputError(f"method {self.name!r} has no parameter(s) {sorted(unknown)}; known: {known}")
+        try:
+            self.p = self.Params.model_validate(self.params).model_dump()
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(x) for x in first["loc"])
+            raise InputError(f"method {self.name!r} parameter {where}: {first['msg']} "
+                             f"(got {first.get('input')!r})") from None
 
     @property
     def n_classes(self) -> int:
@@ -104,7 +115,9 @@ class Otsu(ClassicalMethod):
 
     name = "otsu"
     volumes = True
-    defaults = {"classes": 2}
+
+    class Params(_Params):
+        classes: int = Field(2, ge=2, le=254, description="classes from (multi-)Otsu thresholds")
 
     @property
     def n_classes(self) -> int:
@@ -122,7 +135,18 @@ class Adaptive(ClassicalMethod):
 
     name = "adaptive"
     volumes = True
-    defaults = {"block_size": 51, "method": "gaussian", "offset": 0.0}
+
+    class Params(_Params):
+        block_size: int = Field(51, ge=3, description="odd window edge of the local threshold")
+        method: Literal["gaussian", "mean", "median"] = "gaussian"
+        offset: float = 0.0
+
+        @field_validator("block_size")
+        @classmethod
+        def _odd(cls, v: int) -> int:
+            if v % 2 == 0:
+                raise ValueError("must be odd")
+            return v
 
     @property
     def halo(self) -> int:
@@ -132,8 +156,6 @@ class Adaptive(ClassicalMethod):
         return b // 2 + 1
 
     def fit(self, ctx):
-        if int(self.p["block_size"]) % 2 == 0:
-            raise InputError("adaptive threshold block_size must be odd")
         return _grey_range(ctx.stats)
 
     def predict(self, img, valid, state):
@@ -148,7 +170,10 @@ class KMeans(ClassicalMethod):
 
     name = "kmeans"
     volumes = True
-    defaults = {"k": 3, "seed": 0}
+
+    class Params(_Params):
+        k: int = Field(3, ge=2, le=254)
+        seed: int = 0
 
     @property
     def n_classes(self) -> int:
@@ -186,7 +211,11 @@ class Watershed(ClassicalMethod):
 
     name = "watershed"
     volumes = True
-    defaults = {"margin": 0.5, "smooth": 1.0, "halo": 64}
+
+    class Params(_Params):
+        margin: float = Field(0.5, ge=0.0)
+        smooth: float = Field(1.0, ge=0.0)
+        halo: int = Field(64, ge=0)
 
     @property
     def halo(self) -> int:
@@ -212,7 +241,14 @@ class Edges(ClassicalMethod):
     """Canny or Sobel edges on grey scaled by scene-wide percentiles (absolute thresholds)."""
 
     name = "edges"
-    defaults = {"operator": "canny", "sigma": 2.0, "low": 0.05, "high": 0.15, "threshold": 0.1, "halo": 32}
+
+    class Params(_Params):
+        operator: Literal["canny", "sobel"] = "canny"
+        sigma: float = Field(2.0, gt=0.0)
+        low: float = Field(0.05, ge=0.0)
+        high: float = Field(0.15, ge=0.0)
+        threshold: float = 0.1
+        halo: int = Field(32, ge=0)
 
     @property
     def halo(self) -> int:
@@ -221,8 +257,6 @@ class Edges(ClassicalMethod):
         return max(int(self.p["halo"]), int(4 * float(self.p["sigma"]) + 0.5) + 2)
 
     def fit(self, ctx):
-        if self.p["operator"] not in ("canny", "sobel"):
-            raise InputError(f"edges operator must be 'canny' or 'sobel', not {self.p['operator']!r}")
         return _grey_range(ctx.stats)
 
     def predict(self, img, valid, state):
@@ -237,7 +271,12 @@ class HSVRange(ClassicalMethod):
     """Pixels whose hue/saturation/value fall in ranges; hue ranges may wrap (e.g. red)."""
 
     name = "hsv"
-    defaults = {"hue": [0.0, 1.0], "saturation": [0.0, 1.0], "value": [0.0, 1.0], "scale": None}
+
+    class Params(_Params):
+        hue: tuple[float, float] = (0.0, 1.0)
+        saturation: tuple[float, float] = (0.0, 1.0)
+        value: tuple[float, float] = (0.0, 1.0)
+        scale: float | None = Field(None, gt=0.0)
 
     def check_bands(self, n_bands):
         if n_bands < 3:
@@ -263,7 +302,13 @@ class GaborTexture(ClassicalMethod):
     """Gabor filter-bank energy, smoothed, clustered by k-means fitted on fixed scene windows."""
 
     name = "gabor"
-    defaults = {"frequencies": [0.1, 0.25], "orientations": 4, "k": 2, "smooth": 4.0, "seed": 0}
+
+    class Params(_Params):
+        frequencies: list[float] = Field([0.1, 0.25], min_length=1)
+        orientations: int = Field(4, ge=1)
+        k: int = Field(2, ge=2, le=254)
+        smooth: float = Field(4.0, ge=0.0)
+        seed: int = 0
 
     @property
     def n_classes(self) -> int:
