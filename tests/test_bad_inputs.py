@@ -153,4 +153,5 @@ def test_an_output_path_under_a_file_is_one_line(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     assert_one_line_error(cli(tmp_path, base_job(blocker / "sub" / "out")), "which is a file")
+    assert_one_line_error(cli(tmp_path, base_job(blocker)), "exists and is not a folder")
     assert blocker.read_text() == "not a folder"
