@@ -17,15 +17,16 @@ from prefect.artifacts import create_table_artifact
 from segpipe.archive import Item, begin, discover, is_done, item_job, mark_done, read_summary
 from segpipe.cluster import connect
 from segpipe.config import load_job
-from segpipe.pipeline import check, run_job
+from segpipe.pipeline import check, check_output_stores, run_job
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 @task(name="segment-item", task_run_name="segment-{item.name}")
 def segment_item(item: Item, job: str, scheduler: str) -> dict[str, Any] | None:
-    checked = check(item_job(job, item))
+    checked = check(item_job(job, item), stores=False)  # the stores of an earlier input version move away first
     moved = begin(item)
+    checked = check_output_stores(checked)
     if moved is not None:
         get_run_logger().info(f"{item.name}: results of an earlier input version moved to {moved}")
     with Client(scheduler) as client:

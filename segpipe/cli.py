@@ -28,6 +28,8 @@ def _overrides(args: argparse.Namespace) -> dict:
         cluster["n_workers"] = args.workers
     if cluster:
         o["cluster"] = cluster
+    if getattr(args, "overwrite", False):
+        o["overwrite"] = True
     return o
 
 
@@ -111,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--workers", type=int, help="workers of the LocalCluster")
         r.add_argument("--tile-size", type=int, help="override tile_size")
         r.add_argument("-q", "--quiet", action="store_true", help="no stage lines on stderr (results still print)")
+        r.add_argument("--overwrite", action="store_true",
+                       help="replace results in the output made from other input or settings")
         r.set_defaults(func=func)
     t = sub.add_parser("train", help="train the built-in U-Net on an image and labels")
     t.add_argument("--image", required=True, help="GeoTIFF to train on")

@@ -152,6 +152,8 @@ class JobSpec(_Strict):
                             "other inputs, or any input with 'copy', are copied into scene.zarr")
     level: int | None = Field(None, ge=0, description="slides: the pyramid level to read; default the coarsest "
                               "level at least as fine as the model's resolution (level 0 without one)")
+    overwrite: bool = Field(False, description="replace stores made from other input or settings in the output "
+                                               "(else the run is refused, naming what differs)")
     keep_work: bool = Field(False, description="keep the model's logits work store after a successful run "
                                                "(removed by default: it is scratch, several bytes per pixel)")
 

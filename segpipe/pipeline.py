@@ -22,10 +22,10 @@ from segpipe.grid import TileGrid
 from segpipe.ingest import fingerprint, ingest, selected_bands, source_info
 from segpipe.io.raster import RasterInfo
 from segpipe.io.slide import level_for
-from segpipe.io.store import open_or_create, remove_store, store_in
+from segpipe.io.store import fingerprint_changes, open_or_create, remove_store, store_in, stored_fingerprint
 from segpipe.placement import cpu_stage
 from segpipe.scene import Scene, work_path
-from segpipe.segment import MethodPlan, plan_method, segment
+from segpipe.segment import MethodPlan, plan_method, result_fingerprint, segment
 from segpipe.truth import Truth, check_truth
 
 if TYPE_CHECKING:  # the later stages are imported where they run: start-up pays only for what a job uses
@@ -42,6 +42,7 @@ class Checked:
     info: RasterInfo
     plan: MethodPlan
     truth: Truth | None
+    replace: bool = False  # the output holds stores from other settings, and the job says overwrite
 
     @property
     def cog_path(self) -> Path:
@@ -89,13 +90,44 @@ class Checked:
         return len(self.info.shape) if spec is None or spec.connectivity == "full" else 1
 
 
+# Every store a job keeps in its output, derived from one another: replaced together.
+STORES = ("scene.zarr", "result.zarr", "work.zarr", "instances_work.zarr")
+
+
+def check_output_stores(c: Checked) -> Checked:
+    """Stores in the output made from other input or settings are an error naming what differs, before the
+    cluster starts, unless the job says ``overwrite``: then they are replaced when the run starts."""
+    job, info, plan = c.job, c.info, c.plan
+    scene_fp = fingerprint(job, info)
+    result_fp = result_fingerprint(job, plan, scene_fp)
+    wanted = [("scene store", "scene.zarr", scene_fp), ("result store", "result.zarr", result_fp)]
+    if job.instances is not None:
+        wanted.append(("instance work store", "instances_work.zarr",
+                       {"result": result_fp, "instances": job.instances.model_dump(mode="json")}))
+    for what, name, fp in wanted:
+        path = store_in(job.store_root, name)
+        found = stored_fingerprint(path, what)
+        changed = [] if found is None else fingerprint_changes(found, fp)
+        if changed and not job.overwrite:
+            raise InputError(f"{what} at {path} was made from different input or settings "
+                             f"({'; '.join(changed[:4])}); rerun with --overwrite to replace it, or use another "
+                             "output folder")
+        if changed:
+            c.replace = True
+            break
+    return c
+
+
 def _pixel_size(info: RasterInfo) -> tuple[float, ...] | None:
     """The scene's pixel size for a model's resolution; None for a raster without a CRS (pixel units)."""
     return None if info.kind == "raster" and info.crs is None else info.pixel_size
 
 
-def check(job: JobSpec) -> Checked:
-    """Validate input image or volume, bands, method/model, tiling, exports and ground truth; writes nothing."""
+def check(job: JobSpec, stores: bool = True) -> Checked:
+    """Validate input image or volume, bands, method/model, tiling, exports and ground truth; writes nothing.
+
+    With ``stores``, also the stores already in the output (:func:`check_output_stores`).
+    """
     info = source_info(job.input, job.level or 0)
     if job.level is not None and info.kind != "slide":
         raise InputError(f"level applies to whole-slide images; this input is a {info.kind}")
@@ -130,7 +162,8 @@ def check(job: JobSpec) -> Checked:
     blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise InputError(f"output path {out} lies under {blocking}, which is a file, not a folder")
-    return Checked(job, info, plan, truth)
+    checked = Checked(job, info, plan, truth)
+    return check_output_stores(checked) if stores else checked
 
 
 # Scenes up to this many pixels (voxels) run a classical method in threads of the client's process when the
@@ -280,6 +313,10 @@ class Outcome:
 
 def run_job(c: Checked, client: Client, log: Callable[[str], None] = lambda _: None) -> Outcome:
     """Run every stage of a checked job on ``client``; ``log`` hears one line per stage."""
+    if c.replace:
+        log("replacing the results of other settings in the output (overwrite)")
+        for name in STORES:
+            remove_store(store_in(c.job.store_root, name))
     n_workers = len(client.scheduler_info()["workers"])
     log(f"ingest {c.info.path} ({c.info.describe()}, {c.info.count} band(s)) on {n_workers} worker(s)")
     scene = run_ingest(c, client)

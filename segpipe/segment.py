@@ -99,14 +99,19 @@ def _pending(marks: Marks, grid: TileGrid) -> list[Index]:
     return [t.index for t in grid if t.key not in done]
 
 
-def segment(job: JobSpec, scene: Scene, plan: MethodPlan, scene_fp: dict, client: Client) -> str:
-    """Segment the scene into ``<output>/result.zarr`` and return its path."""
-    m = job.method
-    # What the result depends on; batch size does not change a single pixel, so it may differ on resume.
-    fp = {"scene": scene_fp, "method": m.model_dump(mode="json", exclude={"model", "batch_size"}),
+def result_fingerprint(job: JobSpec, plan: MethodPlan, scene_fp: dict[str, Any]) -> dict[str, Any]:
+    """What the result depends on; batch size does not change a single pixel, so it may differ on resume."""
+    fp = {"scene": scene_fp, "method": job.method.model_dump(mode="json", exclude={"model", "batch_size"}),
           "model_sha256": plan.model_sha256, "tile_size": job.tile_size}
     if job.probabilities:  # tiles finished without them would lack them: another result
         fp["probabilities"] = True
+    return fp
+
+
+def segment(job: JobSpec, scene: Scene, plan: MethodPlan, scene_fp: dict, client: Client) -> str:
+    """Segment the scene into ``<output>/result.zarr`` and return its path."""
+    m = job.method
+    fp = result_fingerprint(job, plan, scene_fp)
     result = result_path(job.store_root)
     create_result(result, fp, scene, plan.class_names)
     if job.probabilities:

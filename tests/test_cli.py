@@ -90,3 +90,21 @@ def test_a_rerun_removes_what_a_killed_export_left_behind(tmp_path):
     proc = segpipe(tmp_path, "run", job=job(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".segmentation")) == []
+
+
+def test_changed_settings_are_named_before_any_work_and_overwrite_replaces_them(tmp_path):
+    import zarr
+
+    first = segpipe(tmp_path, "run", job=job(tmp_path))
+    assert first.returncode == 0, first.stderr
+    out = tmp_path / "out"
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    changed = job(tmp_path, method={"name": "otsu", "params": {"classes": 3}}, class_names=["a", "b", "c"])
+    proc = segpipe(tmp_path, "run", job=changed)
+    assert_one_line_error(proc, "different input or settings", "method.params.classes: null -> 3", "--overwrite")
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # refused before the cluster or ingest ran
+    again = segpipe(tmp_path, "run", "--overwrite", job=changed)
+    assert again.returncode == 0, again.stderr
+    assert "replacing the results of other settings" in again.stderr
+    classes = zarr.open_array(str(out / "result.zarr"), path="class", mode="r")[:]
+    assert set(int(v) for v in classes.ravel()[::97]) <= {0, 1, 2} and classes.max() == 2

@@ -60,24 +60,49 @@ def open_or_create(path: str | Path, fingerprint: dict[str, Any], what: str) -> 
     """Open the group at ``path`` for resuming, or create it; refuse one made from other input.
 
     The fingerprint records what the store was made from. A store whose fingerprint differs was
-    made by another job: overwriting it would destroy results, so this is an input error.
+    made by another job: overwriting it would destroy results, so this is an input error naming what
+    differs (the job's check refuses it earlier, before any work, unless ``--overwrite`` replaces it).
     """
     p = str(path)
-    if _exists(p):
-        try:
-            group = zarr.open_group(p, mode="r+")
-        except Exception:  # noqa: BLE001 - any failure to open means it's not ours
-            raise InputError(f"{what} exists but is not a segpipe Zarr store: {p}") from None
-        found = group.attrs.get("segpipe_fingerprint")
-        if found != _jsonable(fingerprint):
-            raise InputError(
-                f"{what} at {p} was made from different input or settings; "
-                "use another output folder or delete it"
-            )
-        return group
+    found = stored_fingerprint(p, what)
+    if found is not None:
+        changed = fingerprint_changes(found, fingerprint)
+        if changed:
+            raise InputError(f"{what} at {p} was made from different input or settings ({'; '.join(changed[:4])}); "
+                             "rerun with --overwrite to replace it, or use another output folder")
+        return zarr.open_group(p, mode="r+")
     group = zarr.open_group(p, mode="w-")
     group.attrs["segpipe_fingerprint"] = _jsonable(fingerprint)
     return group
+
+
+def stored_fingerprint(path: str, what: str) -> dict[str, Any] | None:
+    """What the store at ``path`` was made from, or None where there is none; a foreign store is an error."""
+    if not _exists(path):
+        return None
+    try:
+        group = zarr.open_group(path, mode="r")
+    except Exception:  # noqa: BLE001 - any failure to open means it's not ours
+        raise InputError(f"{what} exists but is not a segpipe Zarr store: {path}") from None
+    return group.attrs.get("segpipe_fingerprint") or {}
+
+
+def fingerprint_changes(found: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """What differs between a stored fingerprint and the one a job would write (empty: the same)."""
+    return differences(found, _jsonable(wanted))
+
+
+def differences(found: Any, wanted: Any, prefix: str = "") -> list[str]:
+    """``key.path: old -> new`` for every setting that differs between two fingerprints."""
+    if isinstance(found, dict) and isinstance(wanted, dict):
+        return [d for k in sorted(set(found) | set(wanted), key=str)
+                for d in differences(found.get(k), wanted.get(k), f"{prefix}{k}.")]
+    if found == wanted:
+        return []
+    def short(v: Any) -> str:
+        text = json.dumps(v, default=str)
+        return text if len(text) <= 60 else text[:57] + "..."
+    return [f"{prefix.rstrip('.')}: {short(found)} -> {short(wanted)}"]
 
 
 def _exists(path: str) -> bool:
