@@ -18,6 +18,7 @@ from segpipe.archive import Item, begin, discover, is_done, item_job, mark_done,
 from segpipe.cluster import connect
 from segpipe.config import load_job
 from segpipe.pipeline import check, check_output_stores, run_job
+from segpipe.progress import Reporter, reporting
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -29,7 +30,7 @@ def segment_item(item: Item, job: str, scheduler: str) -> dict[str, Any] | None:
     checked = check_output_stores(checked)
     if moved is not None:
         get_run_logger().info(f"{item.name}: results of an earlier input version moved to {moved}")
-    with Client(scheduler) as client:
+    with Client(scheduler) as client, reporting(Reporter(write=get_run_logger().info)):
         outcome = run_job(checked, client)
     summary = outcome.report.summary if outcome.report else None
     mark_done(item, summary)

@@ -31,6 +31,7 @@ from segpipe.pipeline import (
     run_objects,
     run_segment,
 )
+from segpipe.progress import Reporter, reporting
 from segpipe.scene import Scene
 
 if TYPE_CHECKING:  # instances (scipy) and report (pandas) load only when a run uses them, as in the CLI
@@ -44,17 +45,18 @@ def dask_client(address: str) -> Iterator[Client]:
     """The flow's own Dask client when a task runs in the flow's process, else a client of its own.
 
     Tasks run in threads of the flow's process by default: one client serves the whole flow instead of a
-    connection handshake per stage.
+    connection handshake per stage. Progress within the stage goes to the task's Prefect log.
     """
     try:
         client = default_client()
     except ValueError:
         client = None
-    if client is not None and client.scheduler.address == address:
-        yield client
-        return
-    with Client(address) as own:
-        yield own
+    with reporting(Reporter(write=get_run_logger().info)):
+        if client is not None and client.scheduler.address == address:
+            yield client
+            return
+        with Client(address) as own:
+            yield own
 
 
 @task(name="check-inputs")

@@ -60,10 +60,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from segpipe.cluster import connect
     from segpipe.config import load_job
     from segpipe.pipeline import check, in_process, run_job
+    from segpipe.progress import Reporter, reporting
 
     job = load_job(args.job, _overrides(args))
     checked = check(job)
-    with connect(job.cluster, in_process=in_process(checked)) as client:
+    with connect(job.cluster, in_process=in_process(checked)) as client, \
+            reporting(None if args.quiet else Reporter(sys.stderr)):
         outcome = run_job(checked, client, log=_stage_log(args))
     for path in outcome.exports:
         print(f"export:       {path}")
@@ -113,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--workers", type=int, help="workers of the LocalCluster")
         r.add_argument("--tile-size", type=int, help="override tile_size")
         r.add_argument("-q", "--quiet", action="store_true", help="no stage lines on stderr (results still print)")
+        r.add_argument("-v", "--verbose", action="store_true", help="also Dask's own warnings and log lines")
         r.add_argument("--overwrite", action="store_true",
                        help="replace results in the output made from other input or settings")
         r.set_defaults(func=func)
@@ -145,8 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    logging.getLogger("distributed").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
+    # Dask's warnings on a normal run (a nanny killing a worker that is closing anyway, ...) are noise to a
+    # person reading the run; -v shows them, and Dask's info lines too.
+    logging.getLogger("distributed").setLevel(logging.INFO if getattr(args, "verbose", False) else logging.ERROR)
     try:
         return args.func(args)
     except InputError as exc:

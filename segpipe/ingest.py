@@ -25,6 +25,7 @@ from distributed import Client
 from rasterio.enums import MaskFlags
 from zarr.codecs import BloscCodec
 
+from segpipe import progress
 from segpipe.config import JobSpec
 from segpipe.errors import InputError
 from segpipe.grid import Box, TileGrid
@@ -191,11 +192,13 @@ def ingest(job: JobSpec, info: RasterInfo, client: Client) -> Scene:
                         "band_names": [info.descriptions[b - 1] or f"band{b}" for b in bands]})
     marks = Marks(store, STAGE)
     done = marks.keys()
-    rows = [r for r in range(TileGrid(info.shape, c).counts[0]) if str(r) not in done]
+    total = TileGrid(info.shape, c).counts[0]
+    rows = [r for r in range(total) if str(r) not in done]
     tissue = tissue_mask(info.path, level=info.level) if info.kind == "slide" and rows else None
     futures = client.map(_ingest_row, [info.path] * len(rows), [store] * len(rows), rows,
                          chunk=c, bands=bands, nodata=job.nodata, tissue=tissue, level=info.level, pure=False)
-    client.gather(futures)
+    with progress.stage("ingest", total, "row" if nd == 2 else "slab", done=total - len(rows)) as advance:
+        progress.gather(client, futures, advance)
     valid = group["valid"]
     # No validity chunk written (fill value 1) means every pixel is valid: readers then skip the array.
     group.attrs["all_valid"] = bool(valid.fill_value == 1 and valid.nchunks_initialized == 0)

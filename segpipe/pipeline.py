@@ -7,22 +7,33 @@ never leaves a partial output behind.
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import zarr
 from distributed import Client
 
+from segpipe import progress
 from segpipe.config import JobSpec
 from segpipe.errors import InputError
 from segpipe.grid import TileGrid
 from segpipe.ingest import fingerprint, ingest, selected_bands, source_info
 from segpipe.io.raster import RasterInfo
 from segpipe.io.slide import level_for
-from segpipe.io.store import fingerprint_changes, open_or_create, remove_store, store_in, stored_fingerprint
+from segpipe.io.store import (
+    fingerprint_changes,
+    open_or_create,
+    remove_store,
+    store_in,
+    stored_fingerprint,
+    write_atomic,
+)
 from segpipe.placement import cpu_stage
 from segpipe.scene import Scene, work_path
 from segpipe.segment import MethodPlan, plan_method, result_fingerprint, segment
@@ -273,7 +284,8 @@ def run_metrics(c: Checked, scene: Scene, result: str, client: Client,
     grid = TileGrid(scene.shape, c.job.tile_size)
     futures = [client.submit(tile_confusions, scene.path, result, c.truth, c.plan.n_classes,
                              c.job.tile_size, [t.index], pure=False) for t in grid]
-    confusions = {key: cm for part in client.gather(futures) for key, cm in part}
+    with progress.stage("metrics", len(futures), "block" if len(scene.shape) == 3 else "tile") as advance:
+        confusions = {key: cm for part in progress.gather(client, futures, advance) for key, cm in part}
     report = build_report(confusions, grid, scene.crs, scene.transform, c.plan.class_names,
                           scene.group.attrs.get("affine"))
     if objects is not None:
@@ -301,6 +313,7 @@ class Outcome:
     exports: list[Path]
     report: MetricsReport | None
     objects: ObjectReport | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage
 
     @property
     def cog(self) -> Path | None:
@@ -312,28 +325,60 @@ class Outcome:
 
 
 def run_job(c: Checked, client: Client, log: Callable[[str], None] = lambda _: None) -> Outcome:
-    """Run every stage of a checked job on ``client``; ``log`` hears one line per stage."""
+    """Run every stage of a checked job on ``client``; ``log`` hears one line per stage (progress within a
+    stage goes to the reporter installed with :func:`segpipe.progress.reporting`, if any).
+
+    Each stage's wall time is kept in the outcome and, with ground truth, in ``metrics/summary.json``.
+    """
+    seconds: dict[str, float] = {}
+
+    @contextmanager
+    def timed(name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
+
     if c.replace:
         log("replacing the results of other settings in the output (overwrite)")
         for name in STORES:
             remove_store(store_in(c.job.store_root, name))
     n_workers = len(client.scheduler_info()["workers"])
     log(f"ingest {c.info.path} ({c.info.describe()}, {c.info.count} band(s)) on {n_workers} worker(s)")
-    scene = run_ingest(c, client)
+    dashboard = _dashboard(client)
+    if dashboard:
+        log(f"dashboard {dashboard}")
+    with timed("ingest"):
+        scene = run_ingest(c, client)
     unit = "block" if c.info.kind == "volume" else "tile"
     log(f"segment with {c.plan.name}, {len(TileGrid(scene.shape, c.job.tile_size))} {unit}(s)")
-    result = run_segment(c, scene, client)
+    with timed("segment"):
+        result = run_segment(c, scene, client)
     instances = None
     if c.job.instances is not None:
         log(f"instances of class(es) {c.instance_classes} across {unit}s")
-        instances = run_instances(c, result, client)
+        with timed("instances"):
+            instances = run_instances(c, result, client)
     log(f"export {', '.join(c.exports)}")
-    exports = run_export(c, scene, result, client)
-    objects = run_objects(c, scene, result, instances, client)
+    with timed("export"):
+        exports = run_export(c, scene, result, client)
+    with timed("objects"):
+        objects = run_objects(c, scene, result, instances, client)
     if objects is not None and len(scene.shape) == 2:
         exports.append(c.polygons_path)
     if c.truth is not None:
         log(f"per-{unit} metrics")
-    report = run_metrics(c, scene, result, client, objects)
+    with timed("metrics"):
+        report = run_metrics(c, scene, result, client, objects)
     remove_scratch(c)
-    return Outcome(scene.path, result, exports, report, objects)
+    if report is not None:  # the per-stage wall times beside the scores
+        path = c.metrics_dir / "summary.json"
+        write_atomic(path, json.dumps({**json.loads(path.read_text()), "stage_seconds": seconds}, indent=2))
+    return Outcome(scene.path, result, exports, report, objects, seconds)
+
+
+def _dashboard(client: Client) -> str | None:
+    """The Dask dashboard's address, when the cluster serves one."""
+    try:
+        return client.dashboard_link if client.scheduler_info().get("services", {}).get("dashboard") else None
+    except Exception:  # noqa: BLE001 - no dashboard is not an error
+        return None

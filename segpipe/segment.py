@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from distributed import Client
 
+from segpipe import progress
 from segpipe.classical_tiles import SEGMENT_STAGE, segment_classical_tiles
 from segpipe.cluster import use_gpu
 from segpipe.config import MODEL_METHODS, JobSpec
@@ -116,23 +117,31 @@ def segment(job: JobSpec, scene: Scene, plan: MethodPlan, scene_fp: dict, client
     create_result(result, fp, scene, plan.class_names)
     if job.probabilities:
         add_probability_array(result, plan.class_names, scene.shape, scene.chunk)
+    total = len(TileGrid(scene.shape, job.tile_size))
     pending = _pending(Marks(result, SEGMENT_STAGE), TileGrid(scene.shape, job.tile_size))
+    unit = "block" if len(scene.shape) == 3 else "tile"
     if not pending:
+        progress.say(f"segment: all {total} {unit}s already done")
         return result  # finished earlier; its work store may be gone already
+    if len(pending) < total:
+        progress.say(f"resuming: {total - len(pending)} of {total} {unit}s already done")
     work = work_path(job.store_root)
-    if plan.model is not None:
-        run_model(job, scene, plan, fp, client, pending)
-    elif m.name == "region_growing":
-        grow_regions(scene, open_or_create(work, fp, "work store"), work, result, job.tile_size, m.params, client)
-    else:
-        state = fit_classical(plan.classical, scene, client)
-        run_units(client, segment_classical_tiles, pending, scene_path=scene.path, tile_size=job.tile_size,
-                  result_path=result, method=m.name, params=m.params, state=state)
+    with progress.stage("segment", total, unit, done=total - len(pending)) as advance:
+        if plan.model is not None:
+            run_model(job, scene, plan, fp, client, pending, advance)
+        elif m.name == "region_growing":
+            grow_regions(scene, open_or_create(work, fp, "work store"), work, result, job.tile_size, m.params,
+                         client)
+            advance(len(pending))
+        else:
+            state = fit_classical(plan.classical, scene, client)
+            run_units(client, segment_classical_tiles, pending, advance, scene_path=scene.path,
+                      tile_size=job.tile_size, result_path=result, method=m.name, params=m.params, state=state)
     return result
 
 
 def run_model(job: JobSpec, scene: Scene, plan: MethodPlan, fp: dict[str, Any], client: Client,
-              pending: list[Index]) -> None:
+              pending: list[Index], advance: progress.Advance) -> None:
     """Model logits for the ``pending`` tiles, stitched into the result.
 
     A model trained at another pixel size runs on the model grid (:mod:`segpipe.resample`): the model-grid
@@ -154,10 +163,11 @@ def run_model(job: JobSpec, scene: Scene, plan: MethodPlan, fp: dict[str, Any], 
                  if mgrid.tile(t).key not in done]
     infer_and_stitch(client, view, work, result, str(m.model), m.batch_size, use_gpu(job.cluster),
                      m.patch_size, m.overlap, job.tile_size, tiles, keep=job.keep_work,
-                     norm=normalisation(plan.model, scene, client), mirror=m.tta == "mirror", scale=plan.scale)
-    if plan.scale is not None:
-        run_units(client, stitch_back_tiles, pending, scene_path=scene.path, work_path=work, result_path=result,
-                  scale=plan.scale, tile_size=job.tile_size)
+                     norm=normalisation(plan.model, scene, client), mirror=m.tta == "mirror", scale=plan.scale,
+                     advance=advance if plan.scale is None else None)
+    if plan.scale is not None:  # the scene's tiles are done here, after the model grid's
+        run_units(client, stitch_back_tiles, pending, advance, scene_path=scene.path, work_path=work,
+                  result_path=result, scale=plan.scale, tile_size=job.tile_size)
 
 
 def patch_batches(client: Client, scene: Scene | ResampledScene, patch: int, overlap: float, batch_size: int,
@@ -209,7 +219,7 @@ def normalisation(spec: ModelSpec, scene: Scene, client: Client) -> dict[str, An
 def infer_and_stitch(client: Client, scene: Scene | ResampledScene, work: str, result: str, model: str,
                      batch_size: int, gpu: bool, patch: int | Index, overlap: float, tile_size: int,
                      tiles: list[Index], keep: bool, norm: dict[str, Any], mirror: bool = False,
-                     scale: tuple[float, ...] | None = None) -> None:
+                     scale: tuple[float, ...] | None = None, advance: progress.Advance | None = None) -> None:
     """Logits of the batches the ``tiles`` still need, each tile stitched as soon as its patches are done.
 
     Batches not yet marked done and holding a patch over one of ``tiles`` run in guided units of whole
@@ -241,20 +251,22 @@ def infer_and_stitch(client: Client, scene: Scene | ResampledScene, work: str, r
     common = {"scene_path": scene.path, "work_path": work, "patch": patch, "overlap": overlap, "scale": scale}
     inferred: list = []
     stitched: list = []
+    stitched_sizes: list[int] = []
 
     def stitch(ready: list[Index]) -> None:
         for group in guided_units(ready, cpu_slots):
             after = [inferred[u] for u in sorted({u for t in group for u in waits[t]})]
             stitched.append(client.submit(stitch_tiles, result_path=result, tile_size=tile_size, tiles=group,
                                           free=not keep, after=after, pure=False, **common))
+            stitched_sizes.append(len(group))
 
     stitch(ready_after.get(-1, []))
     for u, unit in enumerate(units):
         inferred.append(client.submit(infer_batches, model_path=model, batch_size=batch_size, batches=unit,
                                       norm=norm, mirror=mirror, resources=resources, pure=False, **common))
         stitch(ready_after.get(u, []))
+    progress.gather(client, stitched, advance or (lambda _n: None), stitched_sizes)
     results = client.gather(inferred)
-    client.gather(stitched)
     fitted = min((micro for _, micro in results), default=batch_size)
     if fitted < batch_size:  # said once per run, on the client: the run went on with smaller sub-batches
         log.warning("segpipe: the GPU ran out of memory on batches of %d patches; went on with sub-batches "

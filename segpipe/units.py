@@ -17,6 +17,7 @@ from typing import TypeVar
 from distributed import Client
 
 from segpipe.placement import is_mixed, worker_infos
+from segpipe.progress import Advance, gather
 
 T = TypeVar("T")
 
@@ -48,7 +49,9 @@ def worker_slots(client: Client, resources: dict[str, float] | None = None) -> i
     return max(1, sum(int(w.get("nthreads", 1)) for w in workers))
 
 
-def run_units(client: Client, fn, tiles: Sequence, **kw) -> list:
-    """Submit ``fn(**kw, tiles=unit)`` for every guided unit of ``tiles`` and gather the results."""
-    futures = [client.submit(fn, tiles=unit, pure=False, **kw) for unit in guided_units(tiles, worker_slots(client))]
-    return client.gather(futures)
+def run_units(client: Client, fn, tiles: Sequence, advance: Advance | None = None, **kw) -> list:
+    """Submit ``fn(**kw, tiles=unit)`` for every guided unit of ``tiles`` and gather the results; ``advance``
+    hears how many tiles each finished unit held (:mod:`segpipe.progress`)."""
+    units = guided_units(tiles, worker_slots(client))
+    futures = [client.submit(fn, tiles=unit, pure=False, **kw) for unit in units]
+    return gather(client, futures, advance or (lambda _n: None), [len(u) for u in units])

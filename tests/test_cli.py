@@ -108,3 +108,51 @@ def test_changed_settings_are_named_before_any_work_and_overwrite_replaces_them(
     assert "replacing the results of other settings" in again.stderr
     classes = zarr.open_array(str(out / "result.zarr"), path="class", mode="r")[:]
     assert set(int(v) for v in classes.ravel()[::97]) <= {0, 1, 2} and classes.max() == 2
+
+
+def test_progress_counts_every_stage_and_a_rerun_says_it_resumes(tmp_path):
+    """Not a terminal here: a plain line per tenth of each stage, the last one at the total; stage wall times
+    in summary.json; after losing two tiles, the rerun says how many were already done."""
+    import json
+
+    import zarr
+
+    from segpipe.io.store import Marks
+
+    first = segpipe(tmp_path, "run", job=job(tmp_path, tile_size=128))
+    assert first.returncode == 0, first.stderr
+    lines = first.stderr.splitlines()
+    for stage, unit, total in [("ingest", "rows", 8), ("segment", "tiles", 64), ("metrics", "tiles", 64)]:
+        mine = [ln for ln in lines if ln.startswith(f"segpipe: {stage} ") and f" {unit} (" in ln]
+        assert len(mine) >= 2 and mine[-1].startswith(f"segpipe: {stage} {total}/{total} {unit} (100%)"), lines
+    assert any(ln.startswith("segpipe: dashboard http") for ln in lines)
+    summary = json.loads((tmp_path / "out" / "metrics" / "summary.json").read_text())
+    assert set(summary["stage_seconds"]) >= {"ingest", "segment", "export", "metrics"}
+    result = tmp_path / "out" / "result.zarr"
+    marks = Marks(result, "segment")
+    for key in ("0_0", "3_5"):
+        (marks.dir / key).unlink()
+    arr = zarr.open_array(str(result), path="class", mode="r+")
+    arr[0:128, 0:128] = 0
+    again = segpipe(tmp_path, "run", job=job(tmp_path, tile_size=128))
+    assert again.returncode == 0, again.stderr
+    assert "segpipe: resuming: 62 of 64 tiles already done" in again.stderr
+    assert "segpipe: segment 64/64 tiles (100%)" in again.stderr
+
+
+def test_on_a_terminal_the_reporter_draws_a_bar():
+    import io
+
+    from segpipe.progress import Reporter
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    reporter = Reporter(screen)
+    assert reporter.bars
+    with reporter.stage("segment", 10, "tile", done=4) as advance:
+        for _ in range(6):
+            advance(1)
+    assert "segpipe: segment: 100%" in screen.getvalue() and "10/10" in screen.getvalue()
