@@ -53,6 +53,7 @@ def test_validate_checks_everything_and_writes_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("args,extra,words", [
+    ([], {"input": "https://127.0.0.1:9/nothing.tif"}, ["not a readable raster", "127.0.0.1:9"]),
     (["--workers", "0"], {}, ["n_workers"]),
     (["--tile-size", "0"], {}, ["tile_size"]),
     (["--scheduler", "not-an-address"], {}, ["'not-an-address' is not a Dask scheduler address"]),

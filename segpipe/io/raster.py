@@ -79,7 +79,7 @@ def open_checked(path: str | Path, what: str = "input raster") -> rasterio.Datas
         return rasterio.open(path)
     except RasterioIOError as exc:
         reason = str(exc).splitlines()[0] if str(exc) else "unreadable"
-        raise InputError(f"{what} is not a readable raster ({reason}): {p}") from None
+        raise InputError(f"{what} is not a readable raster ({reason}): {path}") from None
 
 
 def raster_info(path: str | Path, what: str = "input raster", require_crs: bool = True) -> RasterInfo:
