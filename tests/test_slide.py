@@ -236,5 +236,9 @@ def test_a_slide_model_reads_the_pyramid_level_nearest_its_resolution(tmp_path, 
     at15 = class_map(run(client, tmp_path / "at15", **job, tile_size=512,
                          method={**model, "model": str(_bright_model(tmp_path, 1.5))}))
     assert at15.shape == (h1, w1) and (at15[tissue] == expect[tissue]).mean() > 0.9
-    level0 = class_map(run(client, tmp_path / "l0", **job, tile_size=512, level=0, method=model))
-    assert level0.shape == (2967, 2220)
+    from segpipe.config import job_from_dict
+    from segpipe.pipeline import check
+
+    level0 = check(job_from_dict({**job, "output": str(tmp_path / "l0"), "tile_size": 512, "level": 0,
+                                  "method": model}, tmp_path))
+    assert level0.info.shape == (2967, 2220) and level0.plan.scale is not None  # 0.499 µm/px resampled to 1.0
