@@ -33,13 +33,6 @@ def _overrides(args: argparse.Namespace) -> dict:
     return o
 
 
-def _stage_log(args: argparse.Namespace):  # noqa: ANN202 - a callable taking one line
-    """Stage lines go to stderr (results alone on stdout); ``-q`` silences them."""
-    if args.quiet:
-        return lambda _line: None
-    return lambda line: print(f"segpipe: {line}", file=sys.stderr, flush=True)
-
-
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check a job as ``run`` would, write nothing, and say what would run."""
     from segpipe.config import load_job
@@ -64,9 +57,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     job = load_job(args.job, _overrides(args))
     checked = check(job)
-    with connect(job.cluster, in_process=in_process(checked)) as client, \
-            reporting(None if args.quiet else Reporter(sys.stderr)):
-        outcome = run_job(checked, client, log=_stage_log(args))
+    reporter = None if args.quiet else Reporter(sys.stderr)  # stage lines and progress on stderr; -q: none
+    with connect(job.cluster, in_process=in_process(checked)) as client, reporting(reporter):
+        outcome = run_job(checked, client, log=reporter.say if reporter else lambda _line: None)
     for path in outcome.exports:
         print(f"export:       {path}")
     print(f"zarr result:  {outcome.result}")

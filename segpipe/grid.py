@@ -20,6 +20,11 @@ from affine import Affine
 Index = tuple[int, ...]
 
 
+def tile_word(ndim: int) -> str:
+    """What a tile is called in messages: a block of a volume, a tile of an image."""
+    return "block" if ndim == 3 else "tile"
+
+
 def patch_starts(length: int, patch: int, stride: int) -> list[int]:
     """Patch origins along one axis: a regular stride, the last patch flush with the end.
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import zarr
 from distributed import Client
@@ -22,16 +22,16 @@ from distributed import Client
 from segpipe import progress
 from segpipe.config import JobSpec
 from segpipe.errors import InputError
-from segpipe.grid import TileGrid
+from segpipe.grid import TileGrid, tile_word
 from segpipe.ingest import fingerprint, ingest, selected_bands, source_info
 from segpipe.io.raster import RasterInfo
 from segpipe.io.slide import level_for
 from segpipe.io.store import (
-    fingerprint_changes,
+    changed_store_error,
     open_or_create,
     remove_store,
+    store_changes,
     store_in,
-    stored_fingerprint,
     write_atomic,
 )
 from segpipe.placement import cpu_stage
@@ -101,8 +101,14 @@ class Checked:
         return len(self.info.shape) if spec is None or spec.connectivity == "full" else 1
 
 
+INSTANCES_WORK = "instances_work.zarr"
 # Every store a job keeps in its output, derived from one another: replaced together.
-STORES = ("scene.zarr", "result.zarr", "work.zarr", "instances_work.zarr")
+STORES = ("scene.zarr", "result.zarr", "work.zarr", INSTANCES_WORK)
+
+
+def instances_fingerprint(result_fp: dict[str, Any], job: JobSpec) -> dict[str, Any]:
+    """What the instance work store depends on: the result and the instance settings."""
+    return {"result": result_fp, "instances": job.instances.model_dump(mode="json")}
 
 
 def check_output_stores(c: Checked) -> Checked:
@@ -113,16 +119,12 @@ def check_output_stores(c: Checked) -> Checked:
     result_fp = result_fingerprint(job, plan, scene_fp)
     wanted = [("scene store", "scene.zarr", scene_fp), ("result store", "result.zarr", result_fp)]
     if job.instances is not None:
-        wanted.append(("instance work store", "instances_work.zarr",
-                       {"result": result_fp, "instances": job.instances.model_dump(mode="json")}))
+        wanted.append(("instance work store", INSTANCES_WORK, instances_fingerprint(result_fp, job)))
     for what, name, fp in wanted:
         path = store_in(job.store_root, name)
-        found = stored_fingerprint(path, what)
-        changed = [] if found is None else fingerprint_changes(found, fp)
+        changed = store_changes(path, fp, what)
         if changed and not job.overwrite:
-            raise InputError(f"{what} at {path} was made from different input or settings "
-                             f"({'; '.join(changed[:4])}); rerun with --overwrite to replace it, or use another "
-                             "output folder")
+            raise changed_store_error(what, path, changed)
         if changed:
             c.replace = True
             break
@@ -237,9 +239,8 @@ def run_instances(c: Checked, result: str, client: Client) -> InstanceSummary | 
 
     if c.job.instances is None:
         return None
-    fp = {"result": zarr.open_group(result, mode="r").attrs["segpipe_fingerprint"],
-          "instances": c.job.instances.model_dump(mode="json")}
-    work = store_in(c.job.store_root, "instances_work.zarr")
+    fp = instances_fingerprint(zarr.open_group(result, mode="r").attrs["segpipe_fingerprint"], c.job)
+    work = store_in(c.job.store_root, INSTANCES_WORK)
     group = open_or_create(work, fp, "instance work store")
     spec = c.job.instances
     if spec.split == "watershed":
@@ -284,7 +285,7 @@ def run_metrics(c: Checked, scene: Scene, result: str, client: Client,
     grid = TileGrid(scene.shape, c.job.tile_size)
     futures = [client.submit(tile_confusions, scene.path, result, c.truth, c.plan.n_classes,
                              c.job.tile_size, [t.index], pure=False) for t in grid]
-    with progress.stage("metrics", len(futures), "block" if len(scene.shape) == 3 else "tile") as advance:
+    with progress.stage("metrics", len(futures), tile_word(len(scene.shape))) as advance:
         confusions = {key: cm for part in progress.gather(client, futures, advance) for key, cm in part}
     report = build_report(confusions, grid, scene.crs, scene.transform, c.plan.class_names,
                           scene.group.attrs.get("affine"))
@@ -349,7 +350,7 @@ def run_job(c: Checked, client: Client, log: Callable[[str], None] = lambda _: N
         log(f"dashboard {dashboard}")
     with timed("ingest"):
         scene = run_ingest(c, client)
-    unit = "block" if c.info.kind == "volume" else "tile"
+    unit = tile_word(len(c.info.shape))
     log(f"segment with {c.plan.name}, {len(TileGrid(scene.shape, c.job.tile_size))} {unit}(s)")
     with timed("segment"):
         result = run_segment(c, scene, client)

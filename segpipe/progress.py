@@ -101,12 +101,12 @@ def stage(name: str, total: int, unit: str, done: int = 0) -> Iterator[Advance]:
         yield advance
 
 
-def gather(client: Client, futures: Sequence[Any], advance: Advance, weights: Sequence[int] | None = None) -> list:
+def gather(client: Client, futures: Sequence[Any], advance: Advance | None,
+           weights: Sequence[int] | None = None) -> list:
     """``client.gather(futures)`` in order, advancing by each future's weight (default 1) as it finishes."""
-    if not futures:
-        return []
-    weight = {f.key: (1 if weights is None else w) for f, w in zip(futures, weights or [1] * len(futures),
-                                                                    strict=True)}
+    if not futures or advance is None:
+        return client.gather(list(futures))
+    weight = dict(zip((f.key for f in futures), weights or [1] * len(futures), strict=True))
     for f in as_completed(list(futures)):
         if f.status == "error":
             break  # gather below raises the task's own error

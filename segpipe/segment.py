@@ -20,7 +20,7 @@ from segpipe.classical_tiles import SEGMENT_STAGE, segment_classical_tiles
 from segpipe.cluster import use_gpu
 from segpipe.config import MODEL_METHODS, JobSpec
 from segpipe.errors import InputError
-from segpipe.grid import Index, PatchGrid, TileGrid
+from segpipe.grid import Index, PatchGrid, TileGrid, tile_word
 from segpipe.io.result import add_probability_array, create_result
 from segpipe.io.store import Marks, open_or_create
 from segpipe.models.classical import ClassicalMethod, FitContext, make_classical
@@ -117,9 +117,10 @@ def segment(job: JobSpec, scene: Scene, plan: MethodPlan, scene_fp: dict, client
     create_result(result, fp, scene, plan.class_names)
     if job.probabilities:
         add_probability_array(result, plan.class_names, scene.shape, scene.chunk)
-    total = len(TileGrid(scene.shape, job.tile_size))
-    pending = _pending(Marks(result, SEGMENT_STAGE), TileGrid(scene.shape, job.tile_size))
-    unit = "block" if len(scene.shape) == 3 else "tile"
+    grid = TileGrid(scene.shape, job.tile_size)
+    total = len(grid)
+    pending = _pending(Marks(result, SEGMENT_STAGE), grid)
+    unit = tile_word(len(scene.shape))
     if not pending:
         progress.say(f"segment: all {total} {unit}s already done")
         return result  # finished earlier; its work store may be gone already
@@ -159,8 +160,7 @@ def run_model(job: JobSpec, scene: Scene, plan: MethodPlan, fp: dict[str, Any], 
         create_grid_logits(group, view.shape, plan.n_classes, job.tile_size)
         done = Marks(work, GRID_STAGE).keys()
         mgrid = TileGrid(view.shape, job.tile_size)
-        tiles = [t for t in model_tiles_for(view, job.tile_size, pending, job.tile_size)
-                 if mgrid.tile(t).key not in done]
+        tiles = [t for t in model_tiles_for(view, job.tile_size, pending) if mgrid.tile(t).key not in done]
     infer_and_stitch(client, view, work, result, str(m.model), m.batch_size, use_gpu(job.cluster),
                      m.patch_size, m.overlap, job.tile_size, tiles, keep=job.keep_work,
                      norm=normalisation(plan.model, scene, client), mirror=m.tta == "mirror", scale=plan.scale,
@@ -265,7 +265,7 @@ def infer_and_stitch(client: Client, scene: Scene | ResampledScene, work: str, r
         inferred.append(client.submit(infer_batches, model_path=model, batch_size=batch_size, batches=unit,
                                       norm=norm, mirror=mirror, resources=resources, pure=False, **common))
         stitch(ready_after.get(u, []))
-    progress.gather(client, stitched, advance or (lambda _n: None), stitched_sizes)
+    progress.gather(client, stitched, advance, stitched_sizes)
     results = client.gather(inferred)
     fitted = min((micro for _, micro in results), default=batch_size)
     if fitted < batch_size:  # said once per run, on the client: the run went on with smaller sub-batches

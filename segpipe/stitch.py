@@ -88,9 +88,7 @@ def stitch_tiles(scene_path: str, work_path: str, result_path: str, patch: int |
     tgrid = TileGrid(scene.shape, tile_size)
     logits = zarr.open_array(work_path, path="logits", mode="r+" if free else "r")
     if scale is None:
-        group = zarr.open_group(result_path, mode="r+")
-        out = group["class"]
-        prob = group["probability"] if "probability" in group else None
+        out, prob = class_outputs(result_path)
         marks = Marks(result_path, SEGMENT_STAGE)
     else:
         out, prob = zarr.open_array(work_path, path=GRID_LOGITS, mode="r+"), None
@@ -112,6 +110,12 @@ def stitch_tiles(scene_path: str, work_path: str, result_path: str, patch: int |
     return len(tiles)
 
 
+def class_outputs(result_path: str) -> tuple[zarr.Array, zarr.Array | None]:
+    """The result's ``class`` array and its ``probability`` array when the job asked for one, opened once."""
+    group = zarr.open_group(result_path, mode="r+")
+    return group["class"], group["probability"] if "probability" in group else None
+
+
 def write_classes(out: zarr.Array, prob: zarr.Array | None, where: tuple[slice, ...], logits: np.ndarray,
                   valid: np.ndarray) -> None:
     """The arg-max class (nodata where invalid) and, when asked, the softmax of a window's logits."""
@@ -128,15 +132,11 @@ def create_grid_logits(group: zarr.Group, shape: tuple[int, ...], n_classes: int
                         "float16", 0, ("class", *"zyx"[-nd:]), compressors=LOGITS_CODEC)
 
 
-def model_tiles_for(view: ResampledScene, tile_size: int, scene_tiles: list[Index], scene_tile_size: int
-                    ) -> list[Index]:
-    """The model-grid tiles whose logits the given scene tiles are resampled from."""
+def model_tiles_for(view: ResampledScene, tile_size: int, scene_tiles: list[Index]) -> list[Index]:
+    """The model-grid tiles whose logits the given scene tiles are resampled from (both grids in ``tile_size``)."""
     back = view.back_axes()
-    mgrid = TileGrid(view.shape, tile_size)
-    needed: set[Index] = set()
-    for index in scene_tiles:
-        core = TileGrid(view.scene.shape, scene_tile_size).tile(index).core
-        needed.update(t.index for t in mgrid.overlapping(span_box(back, core)))
+    mgrid, sgrid = TileGrid(view.shape, tile_size), TileGrid(view.scene.shape, tile_size)
+    needed = {t.index for index in scene_tiles for t in mgrid.overlapping(span_box(back, sgrid.tile(index).core))}
     return sorted(needed)
 
 
@@ -151,8 +151,7 @@ def stitch_back_tiles(scene_path: str, work_path: str, result_path: str, scale: 
     back = view.back_axes()
     tgrid = TileGrid(view.scene.shape, tile_size)
     grid_logits = zarr.open_array(work_path, path=GRID_LOGITS, mode="r")
-    group = zarr.open_group(result_path, mode="r+")
-    prob = group["probability"] if "probability" in group else None
+    out, prob = class_outputs(result_path)
     marks = Marks(result_path, SEGMENT_STAGE)
     for index in tiles:
         tile = tgrid.tile(index)
@@ -162,6 +161,6 @@ def stitch_back_tiles(scene_path: str, work_path: str, result_path: str, scale: 
         rel = np.asarray(grid_logits[(slice(None), *src.slices)], np.float32)
         values, _ = resample(rel, view.valid_in(src.slices), back, tile.core, src)
         logits = np.concatenate([np.zeros((1, *tile.core.shape), np.float32), values])
-        write_classes(group["class"], prob, tile.core.slices, logits, view.scene.valid_in(tile.core.slices))
+        write_classes(out, prob, tile.core.slices, logits, view.scene.valid_in(tile.core.slices))
         marks.mark(tile.key)
     return len(tiles)

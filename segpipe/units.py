@@ -54,4 +54,4 @@ def run_units(client: Client, fn, tiles: Sequence, advance: Advance | None = Non
     hears how many tiles each finished unit held (:mod:`segpipe.progress`)."""
     units = guided_units(tiles, worker_slots(client))
     futures = [client.submit(fn, tiles=unit, pure=False, **kw) for unit in units]
-    return gather(client, futures, advance or (lambda _n: None), [len(u) for u in units])
+    return gather(client, futures, advance, [len(u) for u in units])

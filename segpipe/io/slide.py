@@ -57,7 +57,6 @@ class SlideInfo:
     mpp_y: float
     vendor: str
     level: int = 0
-    downsample: float = 1.0  # level-0 pixels per pixel of this level
 
     @property
     def transform(self) -> Affine:
@@ -80,27 +79,30 @@ def slide_info(path: str | Path, level: int = 0) -> SlideInfo:
     """Inspect a slide at pyramid ``level``; refuse one without a pixel size, because results could not be
     measured. A level's pixel size is level 0's scaled by the level's extent (what OpenSlide reports)."""
     with _open(path) as s:
-        props = s.properties
-        try:
-            mpp_x, mpp_y = float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"])
-        except (KeyError, ValueError):
-            raise InputError(f"input slide has no microns-per-pixel metadata: {path}") from None
         if not 0 <= level < s.level_count:
             raise InputError(f"level {level} is not a level of this slide (0..{s.level_count - 1}): {path}")
-        (w0, h0), (w, h) = s.dimensions, s.level_dimensions[level]
-        if level:
-            mpp_x, mpp_y = mpp_x * w0 / w, mpp_y * h0 / h
-        return SlideInfo(str(Path(path).resolve()), h, w, mpp_x, mpp_y, props.get("openslide.vendor", ""), level,
-                         float(s.level_downsamples[level]))
+        mpp_x, mpp_y = _level_mpp(s, path)[level]
+        w, h = s.level_dimensions[level]
+        return SlideInfo(str(Path(path).resolve()), h, w, mpp_x, mpp_y, s.properties.get("openslide.vendor", ""),
+                         level)
+
+
+def _level_mpp(s, path: str | Path) -> list[tuple[float, float]]:  # noqa: ANN001 - an OpenSlide handle
+    """µm per pixel (x, y) of every pyramid level: level 0's scaled by each level's extent (level 0 as given)."""
+    try:
+        mpp_x, mpp_y = float(s.properties["openslide.mpp-x"]), float(s.properties["openslide.mpp-y"])
+    except (KeyError, ValueError):
+        raise InputError(f"input slide has no microns-per-pixel metadata: {path}") from None
+    (w0, h0) = s.dimensions
+    return [(mpp_x, mpp_y) if k == 0 else (mpp_x * w0 / w, mpp_y * h0 / h)
+            for k, (w, h) in enumerate(s.level_dimensions)]
 
 
 def level_for(path: str | Path, mpp: float) -> int:
     """The coarsest pyramid level still at least as fine as ``mpp`` µm/px (1 % tolerance): the fewest pixels
     to read for a model trained at ``mpp``, which is then reached by resampling down, never up."""
     with _open(path) as s:
-        base = float(s.properties["openslide.mpp-x"])
-        w0 = s.dimensions[0]
-        fine = [k for k, (w, _) in enumerate(s.level_dimensions) if base * w0 / w <= mpp * 1.01]
+        fine = [k for k, (mpp_x, _) in enumerate(_level_mpp(s, path)) if mpp_x <= mpp * 1.01]
     return max(fine, default=0)
 
 

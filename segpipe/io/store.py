@@ -64,32 +64,32 @@ def open_or_create(path: str | Path, fingerprint: dict[str, Any], what: str) -> 
     differs (the job's check refuses it earlier, before any work, unless ``--overwrite`` replaces it).
     """
     p = str(path)
-    found = stored_fingerprint(p, what)
-    if found is not None:
-        changed = fingerprint_changes(found, fingerprint)
-        if changed:
-            raise InputError(f"{what} at {p} was made from different input or settings ({'; '.join(changed[:4])}); "
-                             "rerun with --overwrite to replace it, or use another output folder")
+    changed = store_changes(p, fingerprint, what)
+    if changed:
+        raise changed_store_error(what, p, changed)
+    if changed is not None:
         return zarr.open_group(p, mode="r+")
     group = zarr.open_group(p, mode="w-")
     group.attrs["segpipe_fingerprint"] = _jsonable(fingerprint)
     return group
 
 
-def stored_fingerprint(path: str, what: str) -> dict[str, Any] | None:
-    """What the store at ``path`` was made from, or None where there is none; a foreign store is an error."""
+def store_changes(path: str, fingerprint: dict[str, Any], what: str) -> list[str] | None:
+    """What differs between the store at ``path`` and ``fingerprint`` (empty: the same store); None where
+    there is no store. A store segpipe did not make is an error."""
     if not _exists(path):
         return None
     try:
         group = zarr.open_group(path, mode="r")
     except Exception:  # noqa: BLE001 - any failure to open means it's not ours
         raise InputError(f"{what} exists but is not a segpipe Zarr store: {path}") from None
-    return group.attrs.get("segpipe_fingerprint") or {}
+    return differences(group.attrs.get("segpipe_fingerprint") or {}, _jsonable(fingerprint))
 
 
-def fingerprint_changes(found: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    """What differs between a stored fingerprint and the one a job would write (empty: the same)."""
-    return differences(found, _jsonable(wanted))
+def changed_store_error(what: str, path: str, changed: list[str]) -> InputError:
+    """The refusal to reuse a store made from other input or settings, naming (up to four of) the changes."""
+    return InputError(f"{what} at {path} was made from different input or settings ({'; '.join(changed[:4])}); "
+                      "rerun with --overwrite to replace it, or use another output folder")
 
 
 def differences(found: Any, wanted: Any, prefix: str = "") -> list[str]:
