@@ -11,8 +11,12 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from segpipe.errors import InputError
+
+if TYPE_CHECKING:
+    from segpipe.config import ClusterSpec
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -58,6 +62,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     job = load_job(args.job, _overrides(args))
     checked = check(job)
     reporter = None if args.quiet else Reporter(sys.stderr)  # stage lines and progress on stderr; -q: none
+    if reporter is not None:  # the first word before the seconds a cluster takes to start
+        reporter.say(_cluster_line(job.cluster, in_process(checked)))
     with connect(job.cluster, in_process=in_process(checked)) as client, reporting(reporter):
         outcome = run_job(checked, client, log=reporter.say if reporter else lambda _line: None)
     for path in outcome.exports:
@@ -71,6 +77,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     elif outcome.objects is not None:
         print(f"objects:      {outcome.objects.summary['objects']} (metrics/objects.csv)")
     return 0
+
+
+def _cluster_line(spec: ClusterSpec, threads: bool) -> str:
+    """What the run is about to start or reach, said before it takes the seconds it takes."""
+    if spec.scheduler:
+        return f"job checked; connecting to the Dask scheduler at {spec.scheduler}"
+    if threads:
+        return f"job checked; starting {spec.n_workers * spec.threads_per_worker} worker thread(s) in this process"
+    return f"job checked; starting a local Dask cluster of {spec.n_workers} worker process(es)"
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ zstd and read no slower, at 0.69 instead of 0.59 of the raw size.
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +30,10 @@ from segpipe.config import JobSpec
 from segpipe.errors import InputError
 from segpipe.grid import Box, TileGrid
 from segpipe.io.fingerprint import source_fingerprint
-from segpipe.io.raster import RasterInfo, is_remote, raster_info
+from segpipe.io.raster import RasterInfo, is_remote, open_raster, raster_info
 from segpipe.io.slide import is_slide, read_window, slide_info, tissue_mask, upsample_mask
 from segpipe.io.source_pixels import SourcePixels, suits_in_place
-from segpipe.io.store import Marks, ensure_array, geo_attrs, open_or_create
+from segpipe.io.store import Marks, ensure_array, geo_attrs, open_or_create, remove_store
 from segpipe.io.volume import is_volume, read_volume, volume_info
 from segpipe.scene import Scene, scene_path
 
@@ -53,7 +53,7 @@ def selected_bands(job: JobSpec, info: RasterInfo) -> list[int]:
 def fingerprint(job: JobSpec, info: RasterInfo) -> dict:
     """What the scene store depends on: change any of it and the store must not be reused."""
     if is_remote(info.path):
-        with rasterio.open(info.path) as ds:  # objects change under the same URL: identify by content metadata
+        with open_raster(info.path) as ds:  # objects change under the same URL: identify by content metadata
             stamp = {"size": None, "mtime_ns": ds.tags().get("TIFFTAG_DATETIME")}
     else:
         stamp = source_fingerprint(info.path)
@@ -134,7 +134,7 @@ def _ingest_row(src: str, store: str, row: int, chunk: int, bands: list[int], no
         Marks(store, STAGE).mark(str(row))
         return row
     with ExitStack() as stack:
-        ds = None if tissue is not None else stack.enter_context(rasterio.open(src))
+        ds = None if tissue is not None else stack.enter_context(open_raster(src))
         if image is None and ds is not None and nodata is None and _valid_everywhere(ds):
             Marks(store, STAGE).mark(str(row))  # nothing to copy and nothing to learn: no pixel is read
             return row
@@ -173,6 +173,7 @@ def _row_spans(grid: TileGrid, row: int, bytes_per_pixel: int, budget: int = 64 
 def ingest(job: JobSpec, info: RasterInfo, client: Client) -> Scene:
     """Ingest the job's input into ``<output>/scene.zarr``; resumes a partial ingest."""
     store = scene_path(job.store_root)
+    created = _missing_folders(Path(job.output))
     Path(job.output).mkdir(parents=True, exist_ok=True)
     bands = selected_bands(job, info)
     group = open_or_create(store, fingerprint(job, info), "scene store")
@@ -202,4 +203,33 @@ def ingest(job: JobSpec, info: RasterInfo, client: Client) -> Scene:
     valid = group["valid"]
     # No validity chunk written (fill value 1) means every pixel is valid: readers then skip the array.
     group.attrs["all_valid"] = bool(valid.fill_value == 1 and valid.nchunks_initialized == 0)
+    if not group.attrs["all_valid"] and not _any_valid(valid):
+        # Only the pixels can tell, so this is found here rather than in the up-front checks: take back
+        # what this run wrote so the output is as it was, and say so in one line.
+        remove_store(store)
+        for folder in created:
+            with suppress(OSError):  # a folder something else wrote into stays
+                folder.rmdir()
+        raise InputError(f"input has no valid pixel (every pixel is nodata or masked): {info.path}")
     return Scene(store)
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first: what ``mkdir(parents=True)`` makes."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _any_valid(valid: zarr.Array) -> bool:
+    """Whether any pixel of the validity array is valid, reading as little as it takes.
+
+    An unwritten chunk reads as its fill value, so with fill 1 a missing chunk is a valid one; otherwise
+    the array is read a slab of chunks at a time and the scan stops at the first valid pixel.
+    """
+    if valid.fill_value == 1 and valid.nchunks_initialized < valid.nchunks:
+        return True
+    step = valid.chunks[0]
+    return any(np.any(valid[r:r + step]) for r in range(0, valid.shape[0], step))

@@ -343,8 +343,10 @@ def run_job(c: Checked, client: Client, log: Callable[[str], None] = lambda _: N
         log("replacing the results of other settings in the output (overwrite)")
         for name in STORES:
             remove_store(store_in(c.job.store_root, name))
-    n_workers = len(client.scheduler_info()["workers"])
-    log(f"ingest {c.info.path} ({c.info.describe()}, {c.info.count} band(s)) on {n_workers} worker(s)")
+    workers = client.scheduler_info()["workers"].values()
+    threads = sum(w.get("nthreads", 1) for w in workers)
+    log(f"ingest {c.info.path} ({c.info.describe()}, {c.info.count} band(s)) on {len(workers)} worker(s), "
+        f"{threads} thread(s)")
     dashboard = _dashboard(client)
     if dashboard:
         log(f"dashboard {dashboard}")

@@ -9,7 +9,7 @@ says how far it got. Results are counted on the client as Dask futures finish.
 
 from __future__ import annotations
 
-import shutil
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -44,9 +44,9 @@ class Reporter:
         if self.bars:
             from tqdm import tqdm
 
-            width = shutil.get_terminal_size((100, 20)).columns  # a terminal reporting no width gets 100
+            columns, lines = _terminal_size(self.stream)
             with tqdm(total=total, initial=done, desc=f"segpipe: {name}", unit=f" {unit}", file=self.stream,
-                      ncols=width, leave=True) as bar:
+                      ncols=columns, nrows=lines, leave=True) as bar:
                 yield bar.update
             return
         t0, state = time.perf_counter(), {"done": done, "tenth": 10 * done // max(total, 1)}
@@ -59,6 +59,16 @@ class Reporter:
                 self.say(_line(name, state["done"] - done, state["done"], total, unit, time.perf_counter() - t0))
 
         yield advance
+
+
+def _terminal_size(stream: TextIO) -> tuple[int, int]:
+    """The size of the terminal ``stream`` writes to; 100 x 20 where it reports none (a fresh pty, some CI
+    consoles): tqdm takes zero rows to mean no room for its bar and would draw nothing at all."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return 100, 20
+    return size.columns or 100, size.lines or 20
 
 
 def _line(name: str, new: int, done: int, total: int, unit: str, seconds: float) -> str:

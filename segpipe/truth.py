@@ -23,7 +23,7 @@ from shapely.geometry import box, shape
 from segpipe.config import TruthSpec
 from segpipe.errors import InputError
 from segpipe.grid import Box
-from segpipe.io.raster import RasterInfo, raster_info
+from segpipe.io.raster import RasterInfo, open_raster, raster_info
 from segpipe.io.vector import is_vector, read_features
 from segpipe.io.volume import is_volume, read_volume, volume_info
 
@@ -49,7 +49,7 @@ class Truth:
     def _read_raw(self, window: Box) -> np.ndarray:
         if self.kind == "volume":
             return read_volume(self.path, window)[0]
-        with rasterio.open(self.path) as ds:
+        with open_raster(self.path) as ds:
             return ds.read(1, window=((window.row0, window.row1), (window.col0, window.col1)))
 
     def has_ids(self) -> bool:

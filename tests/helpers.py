@@ -25,10 +25,10 @@ def class_map(outcome: Outcome) -> np.ndarray:
     return np.asarray(zarr.open_array(outcome.result, path="class", mode="r")[:])
 
 
-def cli(tmp_path: Path, job: dict) -> subprocess.CompletedProcess:
+def cli(tmp_path: Path, job: dict, *args: str) -> subprocess.CompletedProcess:
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
-    return subprocess.run([sys.executable, "-m", "segpipe.cli", "run", str(path)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "segpipe.cli", "run", *args, str(path)], capture_output=True,
                           text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 

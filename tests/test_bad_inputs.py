@@ -155,3 +155,15 @@ def test_an_output_path_under_a_file_is_one_line(tmp_path):
     assert_one_line_error(cli(tmp_path, base_job(blocker / "sub" / "out")), "which is a file")
     assert_one_line_error(cli(tmp_path, base_job(blocker)), "exists and is not a folder")
     assert blocker.read_text() == "not a folder"
+
+
+def test_an_all_nodata_scene_is_one_line_and_leaves_the_output_as_it_was(tmp_path, existing_output):
+    """Only the pixels tell: found at ingest, whose store is taken back; a new output folder is not left."""
+    empty = write_tif(tmp_path / "empty.tif", np.zeros((3, 300, 400), np.uint8), nodata=0)
+    before = snapshot(existing_output)
+    proc = cli(tmp_path, base_job(existing_output, input=str(empty)), "-q")
+    assert_one_line_error(proc, "no valid pixel", "empty.tif")
+    assert snapshot(existing_output) == before and sorted(existing_output.iterdir()) == list(before)
+    fresh = tmp_path / "new" / "out"
+    assert_one_line_error(cli(tmp_path, base_job(fresh, input=str(empty)), "-q"), "no valid pixel")
+    assert not (tmp_path / "new").exists()

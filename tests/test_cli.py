@@ -37,6 +37,8 @@ def test_results_on_stdout_stage_lines_on_stderr_and_quiet_silences_them(tmp_pat
     proc = segpipe(tmp_path, "run", job=job(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert "segpipe: segment with otsu" in proc.stderr and "segpipe: segment" not in proc.stdout
+    # The first line comes once the job is checked, before the seconds a cluster takes to start.
+    assert proc.stderr.startswith("segpipe: job checked; starting "), proc.stderr
     assert "global IoU" in proc.stdout and proc.stdout.startswith("export:")
     quiet = segpipe(tmp_path, "run", "-q", "--output", str(tmp_path / "quiet"), job=job(tmp_path))
     assert quiet.returncode == 0 and "segpipe:" not in quiet.stderr and "global IoU" in quiet.stdout
@@ -141,19 +143,44 @@ def test_progress_counts_every_stage_and_a_rerun_says_it_resumes(tmp_path):
     assert "segpipe: segment 64/64 tiles (100%)" in again.stderr
 
 
-def test_on_a_terminal_the_reporter_draws_a_bar():
-    import io
+@pytest.mark.parametrize("rows", [0, 24])  # 0: a pty that reports no size, as a fresh one or a CI console
+def test_on_a_real_terminal_each_stage_draws_a_bar(tmp_path, rows):
+    """stderr on a pseudo-terminal, as a person at a shell has it: a tqdm bar per stage with rate and total;
+    results still on stdout (a pipe) without bar characters."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
 
-    from segpipe.progress import Reporter
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, 80 if rows else 0, 0, 0))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job(tmp_path)))
+    proc = subprocess.Popen([sys.executable, "-m", "segpipe.cli", "run", str(tmp_path / "job.yaml")],
+                            stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL, text=True)
+    os.close(slave)
+    screen = b""
+    while True:  # read the terminal until the process has closed it (EIO on Linux), then collect stdout
+        ready, _, _ = select.select([master], [], [], 1.0)
+        if not ready:
+            if proc.poll() is not None:
+                break
+            continue
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(master)
+    stdout = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, screen.decode(errors="replace")
+    import re
 
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    screen = Terminal()
-    reporter = Reporter(screen)
-    assert reporter.bars
-    with reporter.stage("segment", 10, "tile", done=4) as advance:
-        for _ in range(6):
-            advance(1)
-    assert "segpipe: segment: 100%" in screen.getvalue() and "10/10" in screen.getvalue()
+    drawn = re.split(r"[\r\n]+", screen.decode())  # every state of every bar, as drawn in place
+    for stage, unit, total in [("ingest", "row", 4), ("segment", "tile", 16), ("metrics", "tile", 16)]:
+        # units done/total, then [elapsed<left, rate]
+        done = [ln for ln in drawn if ln.startswith(f"segpipe: {stage}: 100%|") and f"| {total}/{total} [" in ln]
+        assert done and done[-1].endswith(f" {unit}/s]"), drawn
+    assert "global IoU" in stdout and "|" not in stdout

@@ -88,6 +88,22 @@ def test_slide_metrics_from_a_label_raster_on_the_pixel_grid(tmp_path, client, s
     gj = json.loads((tmp_path / "o" / "metrics" / "tiles.geojson").read_text())
     xs = [x for f in gj["features"] for x, _ in f["geometry"]["coordinates"][0]]
     assert max(xs) == pytest.approx(2220 * 0.499)  # footprints in micrometres
+    # The same job from the command line, warnings not silenced: a label raster in pixel units is normal
+    # input for a slide, so rasterio's NotGeoreferencedWarning must not reach the person running it.
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"input": str(svs), "output": str(tmp_path / "cli"), "tile_size": 512,
+                                   "method": {"name": "otsu"}, "truth": {"path": str(gt)},
+                                   "class_names": ["background", "dark"]}))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    proc = subprocess.run([sys.executable, "-m", "segpipe.cli", "run", str(job)], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "Warning" not in proc.stderr and "global IoU" in proc.stdout, proc.stderr
 
 
 def test_unreadable_slide_is_a_one_line_error(tmp_path):

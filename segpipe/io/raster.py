@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import rasterio
 from affine import Affine
 from rasterio.crs import CRS
-from rasterio.errors import RasterioIOError
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
 from segpipe.errors import InputError
 
@@ -67,6 +68,17 @@ def local_or_remote(path: str | Path, base: Path | None = None) -> str:
     return str((p if p.is_absolute() or base is None else base / p).resolve())
 
 
+def open_raster(path: str | Path) -> rasterio.DatasetReader:
+    """Open ``path`` for reading without rasterio's NotGeoreferencedWarning.
+
+    Rasters in pixel units (slides, microscopy labels, plain images) are legitimate input here, and the
+    checks that need a CRS raise their own one-line errors; the warning would only be noise on a normal run.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        return rasterio.open(path)
+
+
 def open_checked(path: str | Path, what: str = "input raster") -> rasterio.DatasetReader:
     """Open ``path`` with rasterio or raise :class:`InputError` naming the file and the reason."""
     if not is_remote(path):
@@ -76,7 +88,7 @@ def open_checked(path: str | Path, what: str = "input raster") -> rasterio.Datas
         if p.is_dir():
             raise InputError(f"{what} is a directory, not a raster file: {p}")
     try:
-        return rasterio.open(path)
+        return open_raster(path)
     except RasterioIOError as exc:
         reason = str(exc).splitlines()[0] if str(exc) else "unreadable"
         raise InputError(f"{what} is not a readable raster ({reason}): {path}") from None

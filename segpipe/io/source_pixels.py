@@ -18,6 +18,8 @@ import numpy as np
 import rasterio
 from rasterio.env import get_gdal_config, set_gdal_config
 
+from segpipe.io.raster import open_raster
+
 _handles = threading.local()  # GDAL dataset handles must not be shared between threads
 
 # Bytes per read when a strided key (a quick-look) is served: bounds memory on any scene size.
@@ -64,7 +66,7 @@ def _dataset(path: str) -> rasterio.DatasetReader:
         open_ = _handles.open = {}
     ds = open_.get(path)
     if ds is None or ds.closed:
-        ds = open_[path] = rasterio.open(path)
+        ds = open_[path] = open_raster(path)
         _bound_gdal_cache(_cache_need(ds))
     return ds
 

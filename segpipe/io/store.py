@@ -11,6 +11,7 @@ fingerprint) or refused with an :class:`InputError`, so nothing written is lost.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -158,6 +159,8 @@ def remove_store(path: str | Path) -> None:
     local = Path(p)
     shutil.rmtree(local, ignore_errors=True)
     shutil.rmtree(local.parent / MARKS_DIR / local.name, ignore_errors=True)
+    with contextlib.suppress(OSError):  # the marks folder goes with the last store it served
+        (local.parent / MARKS_DIR).rmdir()
 
 
 def remove_leftovers(dest: Path) -> None:
