@@ -64,10 +64,10 @@ def old_export_cog(result_path: str, dest: str | Path, block: int = 512) -> Path
     import rasterio.shutil
     import zarr
 
-    from segpipe.georef import PALETTE
-    from segpipe.grid import TileGrid
+    from segpipe.io.cog import PALETTE
     from segpipe.io.result import NODATA
     from segpipe.io.store import read_geo
+    from segpipe.tiling.grid import TileGrid
 
     group = zarr.open_group(result_path, mode="r")
     arr = group["class"]
@@ -120,7 +120,7 @@ def _child(name: str, result: str, dest: str, kwargs: dict[str, Any]) -> dict[st
     """Run one contender in this (fresh) process; its own time and peak RSS."""
     import rasterio  # noqa: F401 - imported before the baseline RSS, as in the pipeline's client
 
-    from segpipe.georef import export_cog
+    from segpipe.io.cog import export_cog
 
     before = _peak_rss_mib()
     fn = old_export_cog if name == "old" else export_cog

@@ -2,7 +2,7 @@
 
 A scheduled deployment talks to a Prefect server that is already running, so one server is started
 here first (on loopback) and the flow runs point at it; each contender is a whole child process
-(``python -m flows.segment_scene JOB`` and ``segpipe run JOB``), alternated and repeated, with a third
+(``python -m segpipe_flows.segment_scene JOB`` and ``segpipe run JOB``), alternated and repeated, with a third
 contender that only times ``import prefect`` after segpipe's own imports: the floor of flow / CLI.
 """
 
@@ -21,7 +21,7 @@ from common import ROOT, alternate, load_average, mosaic_scene, run_sampled, seg
 
 # A flow process cannot avoid importing Prefect; the CLI never does. (CLI + this import) / CLI is thus the
 # least flow / CLI any flow can reach on this job, before a single task is run.
-PREFECT_IMPORT = ("import time; import segpipe.pipeline, segpipe.cluster; t = time.perf_counter(); "
+PREFECT_IMPORT = ("import time; import segpipe.pipeline, segpipe.runtime.cluster; t = time.perf_counter(); "
                   "import prefect; from prefect import flow, task; print(time.perf_counter() - t)")
 
 
@@ -65,7 +65,8 @@ def run(size: int = 4096, tile: int = 128, reps: int = 3) -> dict:
             def flow() -> dict:
                 spec = {"input": str(scene), "output": str(job("flow")), "tile_size": tile, "method": {"name": "otsu"},
                         "cluster": {"n_workers": 2, "threads_per_worker": 1}}
-                command = segpipe_cli(spec, tmp / "flow.yaml")[:2] + ["flows.segment_scene", str(tmp / "flow.yaml")]
+                flow_job = str(tmp / "flow.yaml")
+                command = segpipe_cli(spec, tmp / "flow.yaml")[:2] + ["segpipe_flows.segment_scene", flow_job]
                 return run_sampled(command, env=env)
 
             def prefect_import() -> float:

@@ -20,9 +20,9 @@ from pathlib import Path
 import rasterio
 from common import alternate, load_average, median_spread, mosaic_scene
 
-from segpipe.cluster import connect
 from segpipe.config import ClusterSpec, job_from_dict
-from segpipe.ingest import ingest, source_info
+from segpipe.runtime.cluster import connect
+from segpipe.tiling.ingest import ingest, source_info
 
 CHUNK = 512
 

@@ -21,17 +21,17 @@ import rasterio
 import torch
 from common import MODEL, alternate, load_average, median_spread, mosaic_scene, run_sampled, segpipe_cli
 
-from segpipe.cluster import connect
 from segpipe.config import ClusterSpec
-from segpipe.grid import PatchGrid
+from segpipe.runtime.cluster import connect
+from segpipe.tiling.grid import PatchGrid
 
 PATCH, OVERLAP, BATCH, TILE = 256, 0.25, 8, 512
 
 
 def _worker_forward(model_path: str, seconds: float) -> tuple[int, float]:
     """Run on a worker: full batches through this worker's cached model for ``seconds``."""
-    from segpipe.device_loop import BatchForward
-    from segpipe.infer import worker_model
+    from segpipe.methods.device_loop import BatchForward
+    from segpipe.methods.infer import worker_model
 
     model, spec, device = worker_model(model_path)
     x = np.random.default_rng(0).standard_normal((BATCH, spec.in_channels, PATCH, PATCH)).astype(np.float32)

@@ -18,10 +18,10 @@ import torch
 from common import ROOT
 from monai.inferers import sliding_window_inference
 
-from segpipe.cluster import connect
 from segpipe.config import ClusterSpec, job_from_dict
 from segpipe.models.checkpoint import ModelSpec, save_checkpoint
 from segpipe.pipeline import check, run_job
+from segpipe.runtime.cluster import connect
 
 sys.path.insert(0, str(ROOT / "tests"))
 from medical import ct_affine, load_ct, write_nifti  # noqa: E402

@@ -106,7 +106,7 @@ def flow() -> list[str]:
         f"### Prefect flow vs CLI (otsu, {f['size']}², tile {f['tile']}, running Prefect server; load {f['load']})\n",
         "| contender | seconds |", "|---|---|",
         f"| segpipe run | {fmt(f['cli_s'])} |",
-        f"| python -m flows.segment_scene | {fmt(f['flow_s'])} |",
+        f"| python -m segpipe_flows.segment_scene | {fmt(f['flow_s'])} |",
         f"| `import prefect` alone, after segpipe's imports | {fmt(f['prefect_import_s'])} |",
         "",
         f"- flow ÷ CLI = **{fmt(f['flow_over_cli'])}** (goal ≤ 1.10); the floor set by importing Prefect, "

@@ -1,7 +1,31 @@
 """segpipe: segment very large imagery tile by tile on Dask, stitched so that tiling never changes the answer.
 
-The library is Prefect-free: every stage is a plain function over store paths, usable from a
-plain Dask client. ``flows/`` wires the same stages into Prefect flows.
+From Python: ``segpipe.segment(source, method, ...)`` returns an ``xarray.Dataset`` and
+``segpipe.open_result(path)`` reopens one (see :mod:`segpipe.api`). The library is Prefect-free: every
+stage is a plain function over store paths, usable from a plain Dask client; ``segpipe_flows`` wires
+the same calls into Prefect flows.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+__all__ = ["InputError", "check_job", "job_spec", "open_result", "segment"]
+
+if TYPE_CHECKING:
+    from segpipe.api import check_job, job_spec, open_result, segment
+    from segpipe.errors import InputError
+
+
+def __getattr__(name: str) -> Any:
+    """The API on first use: ``import segpipe`` (and the CLI's start-up) stays free of xarray and Dask."""
+    if name == "InputError":
+        from segpipe.errors import InputError
+
+        return InputError
+    if name in __all__:
+        from segpipe import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'segpipe' has no attribute {name!r}")

@@ -11,12 +11,8 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from segpipe.errors import InputError
-
-if TYPE_CHECKING:
-    from segpipe.config import ClusterSpec
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -39,10 +35,9 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check a job as ``run`` would, write nothing, and say what would run."""
-    from segpipe.config import load_job
-    from segpipe.pipeline import check
+    from segpipe.api import check_job
 
-    c = check(load_job(args.job, _overrides(args)))
+    c = check_job(args.job, _overrides(args))
     m = c.plan
     print(f"input:    {c.info.path} ({c.info.kind}, {c.info.describe()}, {c.info.count} band(s))")
     print(f"method:   {m.name} ({m.n_classes} classes: {', '.join(m.class_names)})"
@@ -54,23 +49,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from segpipe.cluster import connect
-    from segpipe.config import load_job
-    from segpipe.pipeline import check, in_process, run_job
-    from segpipe.progress import Reporter, reporting
+    """Check the job, run it (a thin caller of :mod:`segpipe.api`), print where the results are."""
+    from segpipe.api import check_job, execute
+    from segpipe.progress import Reporter
 
-    job = load_job(args.job, _overrides(args))
-    checked = check(job)
+    checked = check_job(args.job, _overrides(args))
     reporter = None if args.quiet else Reporter(sys.stderr)  # stage lines and progress on stderr; -q: none
-    if reporter is not None:  # the first word before the seconds a cluster takes to start
-        reporter.say(_cluster_line(job.cluster, in_process(checked)))
-    with connect(job.cluster, in_process=in_process(checked)) as client, reporting(reporter):
-        outcome = run_job(checked, client, log=reporter.say if reporter else lambda _line: None)
+    outcome = execute(checked, reporter=reporter)
     for path in outcome.exports:
         print(f"export:       {path}")
     print(f"zarr result:  {outcome.result}")
     if outcome.report is not None:
-        from segpipe.report import format_summary  # pandas: over 0.3 s of start-up a job without truth skips
+        from segpipe.report.tables import format_summary  # pandas: over 0.3 s of start-up a job without truth skips
 
         print(f"metrics:      {checked.metrics_dir}")
         print(format_summary(outcome.report))
@@ -79,17 +69,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cluster_line(spec: ClusterSpec, threads: bool) -> str:
-    """What the run is about to start or reach, said before it takes the seconds it takes."""
-    if spec.scheduler:
-        return f"job checked; connecting to the Dask scheduler at {spec.scheduler}"
-    if threads:
-        return f"job checked; starting {spec.n_workers * spec.threads_per_worker} worker thread(s) in this process"
-    return f"job checked; starting a local Dask cluster of {spec.n_workers} worker process(es)"
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from segpipe.train import TrainSpec, train_from_files
+    from segpipe.methods.train import TrainSpec, train_from_files
 
     spec = TrainSpec(epochs=args.epochs, patch_size=args.patch_size, batch_size=args.batch_size,
                      base=args.base, lr=args.lr, seed=args.seed, train_cols=args.train_cols,

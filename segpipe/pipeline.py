@@ -22,27 +22,30 @@ from distributed import Client
 from segpipe import progress
 from segpipe.config import JobSpec
 from segpipe.errors import InputError
-from segpipe.grid import TileGrid, tile_word
-from segpipe.ingest import fingerprint, ingest, selected_bands, source_info
 from segpipe.io.raster import RasterInfo
 from segpipe.io.slide import level_for
 from segpipe.io.store import (
     changed_store_error,
+    consolidate,
+    drop_consolidated,
     open_or_create,
     remove_store,
     store_changes,
     store_in,
     write_atomic,
 )
-from segpipe.placement import cpu_stage
-from segpipe.scene import Scene, work_path
-from segpipe.segment import MethodPlan, plan_method, result_fingerprint, segment
-from segpipe.truth import Truth, check_truth
+from segpipe.methods.segment import MethodPlan, plan_method, result_fingerprint, segment
+from segpipe.report.truth import Truth, check_truth
+from segpipe.runtime.placement import cpu_stage
+from segpipe.tiling.geometry import SceneGeometry
+from segpipe.tiling.grid import TileGrid
+from segpipe.tiling.ingest import fingerprint, ingest, selected_bands, source_info
+from segpipe.tiling.scene import Scene, work_path
 
 if TYPE_CHECKING:  # the later stages are imported where they run: start-up pays only for what a job uses
-    from segpipe.instances import InstanceSummary
-    from segpipe.objects import ObjectReport
-    from segpipe.report import MetricsReport
+    from segpipe.objects.instances import InstanceSummary
+    from segpipe.objects.measure import ObjectReport
+    from segpipe.report.tables import MetricsReport
 
 
 @dataclass
@@ -72,10 +75,12 @@ class Checked:
         return Path(self.job.output) / "image.ome.zarr"
 
     @property
+    def geometry(self) -> SceneGeometry:
+        return SceneGeometry.of_info(self.info)
+
+    @property
     def exports(self) -> list[str]:
-        if self.job.exports is not None:
-            return list(self.job.exports)
-        return {"slide": ["cog", "ome-zarr"], "volume": ["nifti"]}.get(self.info.kind, ["cog"])
+        return list(self.job.exports) if self.job.exports is not None else self.geometry.default_exports
 
     @property
     def metrics_dir(self) -> Path:
@@ -133,7 +138,7 @@ def check_output_stores(c: Checked) -> Checked:
 
 def _pixel_size(info: RasterInfo) -> tuple[float, ...] | None:
     """The scene's pixel size for a model's resolution; None for a raster without a CRS (pixel units)."""
-    return None if info.kind == "raster" and info.crs is None else info.pixel_size
+    return None if SceneGeometry.of_info(info).units == "px" else info.pixel_size
 
 
 def check(job: JobSpec, stores: bool = True) -> Checked:
@@ -145,7 +150,7 @@ def check(job: JobSpec, stores: bool = True) -> Checked:
     if job.level is not None and info.kind != "slide":
         raise InputError(f"level applies to whole-slide images; this input is a {info.kind}")
     bands = selected_bands(job, info)
-    wrong = {"volume": {"cog"}}.get(info.kind, {"nifti"}) & set(job.exports or [])
+    wrong = SceneGeometry.of_info(info).foreign_exports & set(job.exports or [])
     if wrong:
         raise InputError(f"export {sorted(wrong)[0]!r} does not apply to a {info.kind} input "
                          f"(volumes: nifti, ome-zarr; images and slides: cog, ome-zarr)")
@@ -213,19 +218,19 @@ def run_export(c: Checked, scene: Scene, result: str, client: Client) -> list[Pa
     """
     out = []
     if "cog" in c.exports:
-        from segpipe.georef import export_cog
+        from segpipe.io.cog import export_cog
 
         out.append(export_cog(result, c.cog_path))
         if c.job.probabilities:
-            from segpipe.probability_export import export_probabilities
+            from segpipe.io.probabilities import export_probabilities
 
             out.append(export_probabilities(result, c.probabilities_path))
     if "nifti" in c.exports:
-        from segpipe.nifti import export_nifti
+        from segpipe.io.nifti import export_nifti
 
         out.append(export_nifti(result, c.nifti_path))
     if "ome-zarr" in c.exports:
-        from segpipe.omezarr import export_ome_zarr
+        from segpipe.io.omezarr import export_ome_zarr
 
         out.append(export_ome_zarr(scene.path, result, c.ome_path, client, c.plan.class_names))
     return out
@@ -234,8 +239,8 @@ def run_export(c: Checked, scene: Scene, result: str, client: Client) -> list[Pa
 @cpu_stage
 def run_instances(c: Checked, result: str, client: Client) -> InstanceSummary | None:
     """Connected components of the instance classes with global IDs into ``result.zarr/instances``."""
-    from segpipe.instances import label_instances
-    from segpipe.split import split_instances
+    from segpipe.objects.instances import label_instances
+    from segpipe.objects.split import split_instances
 
     if c.job.instances is None:
         return None
@@ -255,15 +260,15 @@ def run_objects(c: Checked, scene: Scene, result: str, inst: InstanceSummary | N
     """Object statistics and matches (metrics/objects.*) and, for 2-D scenes, polygons (objects.gpkg)."""
     if inst is None:
         return None
-    from segpipe.objects import object_report, tile_objects, tile_polygons, write_polygons
-    from segpipe.report import write_object_report
+    from segpipe.objects.measure import object_report, tile_objects, tile_polygons, write_polygons
+    from segpipe.report.tables import write_object_report
 
     grid = TileGrid(scene.shape, c.job.tile_size)
     parts = client.gather([client.submit(tile_objects, scene.path, result, c.truth, c.job.tile_size, t.index,
                                          pure=False) for t in grid])
     report = object_report(parts, grid, inst.classes, c.job.instances.match_iou, c.plan.class_names)
-    write_object_report(report, c.metrics_dir, scene.transform, scene.group.attrs.get("affine"))
-    if len(scene.shape) == 2:
+    write_object_report(report, c.metrics_dir, scene.geometry)
+    if scene.geometry.has_polygons:
         pieces = client.gather([client.submit(tile_polygons, result, c.job.tile_size, t.index, scene.transform,
                                               c.connectivity, pure=False) for t in grid])
         write_polygons([p for part in pieces for p in part], report.objects, scene.crs, c.polygons_path)
@@ -276,19 +281,18 @@ def run_metrics(c: Checked, scene: Scene, result: str, client: Client,
     """Per-tile (per-block) confusion matrices on the cluster, report files written atomically."""
     if c.truth is None:
         return None
-    from segpipe.html_report import write_html_report
     from segpipe.io.result import add_truth_array
-    from segpipe.metrics import tile_confusions
-    from segpipe.report import add_object_columns, build_report, write_report
+    from segpipe.report.html import write_html_report
+    from segpipe.report.metrics import tile_confusions
+    from segpipe.report.tables import add_object_columns, build_report, write_report
 
     add_truth_array(result, scene.shape, scene.chunk)
     grid = TileGrid(scene.shape, c.job.tile_size)
     futures = [client.submit(tile_confusions, scene.path, result, c.truth, c.plan.n_classes,
                              c.job.tile_size, [t.index], pure=False) for t in grid]
-    with progress.stage("metrics", len(futures), tile_word(len(scene.shape))) as advance:
+    with progress.stage("metrics", len(futures), scene.geometry.tile_word) as advance:
         confusions = {key: cm for part in progress.gather(client, futures, advance) for key, cm in part}
-    report = build_report(confusions, grid, scene.crs, scene.transform, c.plan.class_names,
-                          scene.group.attrs.get("affine"))
+    report = build_report(confusions, grid, scene.geometry, c.plan.class_names)
     if objects is not None:
         add_object_columns(report, objects)
     write_report(report, c.metrics_dir)
@@ -296,13 +300,24 @@ def run_metrics(c: Checked, scene: Scene, result: str, client: Client,
     return report
 
 
-def remove_scratch(c: Checked) -> None:
-    """After a successful run: drop the logits/region work store unless the job keeps it (``keep_work``).
+def start(c: Checked) -> None:
+    """Before the first stage: replace stores made from other settings (``overwrite``), and take the result
+    store's consolidated metadata away while this run may add arrays to it (:func:`finish` writes it anew)."""
+    if c.replace:
+        for name in STORES:
+            remove_store(store_in(c.job.store_root, name))
+    drop_consolidated(store_in(c.job.store_root, "result.zarr"))
 
-    The result store's completion marks say every tile is final, so a rerun never needs it again.
+
+def finish(c: Checked) -> None:
+    """After a successful run: drop the logits/region work store unless the job keeps it (``keep_work``), and
+    consolidate the result store's metadata so that plain ``xr.open_zarr`` opens it quietly in one read.
+
+    The result store's completion marks say every tile is final, so a rerun never needs the work store again.
     """
     if not c.job.keep_work:
         remove_store(work_path(c.job.store_root))
+    consolidate(store_in(c.job.store_root, "result.zarr"))
 
 
 @dataclass
@@ -341,8 +356,7 @@ def run_job(c: Checked, client: Client, log: Callable[[str], None] = lambda _: N
 
     if c.replace:
         log("replacing the results of other settings in the output (overwrite)")
-        for name in STORES:
-            remove_store(store_in(c.job.store_root, name))
+    start(c)
     workers = client.scheduler_info()["workers"].values()
     threads = sum(w.get("nthreads", 1) for w in workers)
     log(f"ingest {c.info.path} ({c.info.describe()}, {c.info.count} band(s)) on {len(workers)} worker(s), "
@@ -352,7 +366,7 @@ def run_job(c: Checked, client: Client, log: Callable[[str], None] = lambda _: N
         log(f"dashboard {dashboard}")
     with timed("ingest"):
         scene = run_ingest(c, client)
-    unit = tile_word(len(c.info.shape))
+    unit = c.geometry.tile_word
     log(f"segment with {c.plan.name}, {len(TileGrid(scene.shape, c.job.tile_size))} {unit}(s)")
     with timed("segment"):
         result = run_segment(c, scene, client)
@@ -366,13 +380,13 @@ def run_job(c: Checked, client: Client, log: Callable[[str], None] = lambda _: N
         exports = run_export(c, scene, result, client)
     with timed("objects"):
         objects = run_objects(c, scene, result, instances, client)
-    if objects is not None and len(scene.shape) == 2:
+    if objects is not None and c.geometry.has_polygons:
         exports.append(c.polygons_path)
     if c.truth is not None:
         log(f"per-{unit} metrics")
     with timed("metrics"):
         report = run_metrics(c, scene, result, client, objects)
-    remove_scratch(c)
+    finish(c)
     if report is not None:  # the per-stage wall times beside the scores
         path = c.metrics_dir / "summary.json"
         write_atomic(path, json.dumps({**json.loads(path.read_text()), "stage_seconds": seconds}, indent=2))

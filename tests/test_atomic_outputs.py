@@ -12,8 +12,8 @@ import rasterio
 from conftest import BUILDINGS, SCENE
 from helpers import run
 
-import segpipe.georef
-import segpipe.omezarr
+import segpipe.io.cog
+import segpipe.io.omezarr
 
 JOB = {"input": str(SCENE), "tile_size": 256, "method": {"name": "otsu"}, "truth": {"path": str(BUILDINGS)},
        "instances": {}, "exports": ["cog", "ome-zarr"]}
@@ -51,7 +51,7 @@ def half_then_fail(real):
 def test_a_failing_export_keeps_the_previous_good_output(client, good_output, monkeypatch, stage):
     out, before = good_output
     if stage == "cog":  # GDAL has written the COG's temporary file when the failure hits
-        monkeypatch.setattr(segpipe.georef.rasterio.shutil, "copy", half_then_fail(segpipe.georef.rasterio.shutil.copy))
+        monkeypatch.setattr(segpipe.io.cog.rasterio.shutil, "copy", half_then_fail(segpipe.io.cog.rasterio.shutil.copy))
     elif stage == "report":  # half of the text reaches the disk, then the write fails
         real_write = Path.write_text
 
@@ -63,7 +63,7 @@ def test_a_failing_export_keeps_the_previous_good_output(client, good_output, mo
         import pyogrio.raw
         monkeypatch.setattr(pyogrio.raw, "write", half_then_fail(pyogrio.raw.write))
     else:
-        real = segpipe.omezarr._pyramid
+        real = segpipe.io.omezarr._pyramid
         calls = []
 
         def pyramid(*a, **k):
@@ -71,7 +71,7 @@ def test_a_failing_export_keeps_the_previous_good_output(client, good_output, mo
             real(*a, **k)
             if len(calls) == 2:  # image written, labels written: die before the rename
                 raise Boom("killed")
-        monkeypatch.setattr(segpipe.omezarr, "_pyramid", pyramid)
+        monkeypatch.setattr(segpipe.io.omezarr, "_pyramid", pyramid)
     # Other class names (same segmentation, so the run resumes) change every file: a partial overwrite would show.
     with pytest.raises(Boom):
         run(client, out, **{**JOB, "class_names": ["ground", "roof"]})

@@ -15,9 +15,10 @@ from affine import Affine
 from conftest import SCENE
 from rio_cogeo.cogeo import cog_validate
 
-import segpipe.georef
-from segpipe.georef import PALETTE, export_cog
+import segpipe.io.cog
+from segpipe.io.cog import PALETTE, export_cog
 from segpipe.io.result import NODATA, create_result
+from segpipe.tiling.geometry import SceneGeometry
 
 # Slides and the plain GDAL reference carry no georeferencing, which is the point, not a problem.
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
@@ -46,8 +47,9 @@ def result_store(path: Path, classes: np.ndarray, chunk: int, crs: bool = True,
     if not crs:  # a slide: micrometre transform, pixel size in ``mpp``
         scene_crs, transform = None, Affine(mpp[0], 0, 0, 0, mpp[1], 0)
     h, w = classes.shape
+    geometry = SceneGeometry("raster" if crs else "slide", (h, w), transform, scene_crs)
     scene = SimpleNamespace(shape=(h, w), crs=scene_crs, transform=transform, height=h, width=w, chunk=chunk,
-                            group=SimpleNamespace(attrs={} if crs else {"mpp": list(mpp)}))
+                            geometry=geometry, group=SimpleNamespace(attrs={} if crs else {"mpp": list(mpp)}))
     group = create_result(str(path), {"test": path.name}, scene, NAMES)
     group["class"][:] = classes
     return str(path)
@@ -145,13 +147,13 @@ def test_a_failed_copy_keeps_the_old_cog_and_leaves_no_files(tmp_path, classes, 
     out = tmp_path / "out"
     out.mkdir()
     (out / "segmentation.tif").write_bytes(b"the previous good export")
-    real = segpipe.georef.rasterio.shutil.copy
+    real = segpipe.io.cog.rasterio.shutil.copy
 
     def copy_then_fail(*args, **kwargs):
         real(*args, **kwargs)  # GDAL has written the whole temporary COG
         raise OSError("disk full")
 
-    monkeypatch.setattr(segpipe.georef.rasterio.shutil, "copy", copy_then_fail)
+    monkeypatch.setattr(segpipe.io.cog.rasterio.shutil, "copy", copy_then_fail)
     with pytest.raises(OSError, match="disk full"):
         export_cog(result, out / "segmentation.tif")
     assert [p.name for p in out.iterdir()] == ["segmentation.tif"]  # no staging folder, no temporary COG

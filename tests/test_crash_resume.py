@@ -33,7 +33,7 @@ def expected_batches(out, patch: int = 128, batch: int = 4) -> int:
     """Batches of the job, counted here from the ingested validity: patches holding a valid pixel / batch size."""
     import zarr
 
-    from segpipe.grid import PatchGrid
+    from segpipe.tiling.grid import PatchGrid
     valid = zarr.open_array(str(out / "scene.zarr"), path="valid", mode="r")[:] > 0
     grid = PatchGrid(valid.shape, patch, 0.25)
     rows, cols = grid.counts
@@ -62,7 +62,7 @@ def test_sigkill_of_the_run_then_rerun_redoes_only_unfinished_batches(tmp_path, 
     path.write_text(yaml.safe_dump({**job, "output": str(out), "cluster": {"n_workers": 2}}))
     infer_marks = Marks(out / "work.zarr", "infer")
     command = [sys.executable, "-m", "segpipe.cli", "run", str(path)] if runner == "cli" else \
-        [sys.executable, "-m", "flows.segment_scene", str(path)]
+        [sys.executable, "-m", "segpipe_flows.segment_scene", str(path)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

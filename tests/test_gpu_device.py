@@ -12,10 +12,10 @@ import torch
 from conftest import DEMO_MODEL, SCENE
 from helpers import class_map
 
-from segpipe.cluster import connect
 from segpipe.config import job_from_dict
-from segpipe.device_loop import BatchForward
+from segpipe.methods.device_loop import BatchForward
 from segpipe.pipeline import check, run_job
+from segpipe.runtime.cluster import connect
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

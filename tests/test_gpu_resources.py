@@ -16,10 +16,10 @@ from conftest import SCENE
 from distributed import get_task_stream
 from helpers import class_map
 
-from segpipe.cluster import WORKER_MALLOC_ENV, connect, cuda_visible_devices, use_gpu, worker_layout
 from segpipe.config import ClusterSpec, job_from_dict
-from segpipe.device_loop import BatchForward
+from segpipe.methods.device_loop import BatchForward
 from segpipe.pipeline import check, run_job
+from segpipe.runtime.cluster import WORKER_MALLOC_ENV, connect, cuda_visible_devices, use_gpu, worker_layout
 
 
 def test_gpu_auto_follows_cuda_and_yes_forces_resources():

@@ -12,7 +12,7 @@ from conftest import BUILDINGS, DEMO_MODEL, SCENE
 from helpers import run
 from PIL import Image
 
-from segpipe.html_report import colour
+from segpipe.report.html import colour
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -46,7 +46,7 @@ def test_compose_file_matches_the_compose_spec_and_wires_services():
             / services["cpu-worker"]["build"]["dockerfile"]).is_file()
     assert set(doc["volumes"]) >= {"data", "prefect"}
     runner = services["flow-runner"]["command"]
-    assert runner[:3] == ["python", "-m", "flows.deploy"] and (ROOT / "flows" / "deploy.py").is_file()
+    assert runner[:3] == ["python", "-m", "segpipe_flows.deploy"] and (ROOT / "segpipe_flows" / "deploy.py").is_file()
 
 
 def _crd_schema(kind: str) -> dict:

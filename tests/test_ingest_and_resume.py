@@ -9,7 +9,7 @@ from helpers import class_map, run
 
 from segpipe.errors import InputError
 from segpipe.io.store import Marks, read_geo
-from segpipe.scene import Scene
+from segpipe.tiling.scene import Scene
 
 
 def test_multiband_ingest_keeps_pixels_nodata_and_georeferencing(tmp_path, client):
@@ -70,7 +70,7 @@ def test_a_scene_valid_everywhere_is_marked_so_and_reads_as_valid(tmp_path, clie
 def test_validity_of_a_store_from_an_older_version_is_written_in_full(tmp_path, client):
     """A scene store made with fill value 0 (before unwritten meant valid) must get every window written."""
     from segpipe.config import job_from_dict
-    from segpipe.ingest import ingest, source_info
+    from segpipe.tiling.ingest import ingest, source_info
 
     out = tmp_path / "out"
     job = job_from_dict({"input": str(SCENE), "output": str(out), "chunk_size": 128, "method": {"name": "otsu"}},
@@ -112,7 +112,7 @@ def test_rerun_skips_finished_tiles_and_redoes_only_missing_ones(tmp_path, clien
     second = class_map(run(client, out, **{**job, "keep_work": True}))
     np.testing.assert_array_equal(first, second)
     assert {k for k in marks.keys() if (marks.dir / k).stat().st_mtime_ns != stamps.get(k)} == {"1_2", "3_0"}
-    from segpipe.grid import Box, PatchGrid
+    from segpipe.tiling.grid import Box, PatchGrid
     grid = PatchGrid((900, 900), 128, 0.25)
     lost = [Box.rc(256, 512, 512, 768), Box.rc(768, 0, 900, 256)]
     near = {(i, j) for i in range(grid.counts[0]) for j in range(grid.counts[1])
@@ -146,7 +146,7 @@ def test_gdal_virtual_path_input(tmp_path, client):
 
 
 def test_patches_without_valid_pixels_are_never_computed(tmp_path, client, tiny_model, sample_pixels):
-    from segpipe.grid import PatchGrid
+    from segpipe.tiling.grid import PatchGrid
 
     data = sample_pixels.copy()
     data[:, 200:700, 100:800] = 0  # a large nodata block (the sample's nodata value is 0)

@@ -19,9 +19,9 @@ from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 
 from segpipe.config import TruthSpec
-from segpipe.instances import label_instances, structure
 from segpipe.io.raster import raster_info
-from segpipe.truth import check_truth
+from segpipe.objects.instances import label_instances, structure
+from segpipe.report.truth import check_truth
 
 STARDIST = Path(importlib.util.find_spec("stardist").origin).parent / "data" / "images"
 
@@ -170,7 +170,7 @@ def test_3d_nuclei_instances_through_the_pipeline(client, tmp_path):
     # ...and equals whole-volume watershed (distances in mm: spacing z 1.0, y/x 0.5) up to renumbering
     from skimage.segmentation import watershed
 
-    from segpipe.split import _priority
+    from segpipe.objects.split import _priority
 
     fg = cls == 1
     dist = ndi.distance_transform_edt(fg, sampling=(1.0, 0.5, 0.5))
@@ -195,7 +195,7 @@ def test_watershed_split_of_touching_nuclei_is_tile_exact_and_finds_more_nuclei(
     """The human nuclei mask as a class map: touching nuclei merge into one component; watershed splits them."""
     from skimage.segmentation import watershed
 
-    from segpipe.split import _priority, split_instances
+    from segpipe.objects.split import _priority, split_instances
 
     human = tifffile.imread(STARDIST / "mask2d.tif")
     cls = (human > 0).astype(np.uint8)

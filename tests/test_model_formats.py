@@ -242,7 +242,7 @@ def test_a_scene_minmax_scales_by_the_whole_scenes_range_for_every_tile(tmp_path
 
 
 def test_mirroring_averages_every_flip_and_keeps_tiling_invariance(tmp_path, client, tiny_model):
-    from segpipe.device_loop import BatchForward
+    from segpipe.methods.device_loop import BatchForward
 
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(1, 3, 5, padding=2).eval()  # asymmetric kernels: flips change its output

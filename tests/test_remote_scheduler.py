@@ -22,7 +22,7 @@ def test_run_on_an_existing_scheduler_loads_the_model_once_per_worker(tmp_path, 
     assert (tmp_path / "out" / "segmentation.tif").is_file()
 
     def loads():
-        from segpipe.infer import _cached
+        from segpipe.methods.infer import _cached
         info = _cached.cache_info()
         return info.misses, info.hits
 

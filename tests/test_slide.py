@@ -12,8 +12,8 @@ import zarr
 from conftest import write_tif
 from helpers import class_map, run
 
-from segpipe.grid import PatchGrid
 from segpipe.models.checkpoint import ModelSpec, save_checkpoint
+from segpipe.tiling.grid import PatchGrid
 
 
 @pytest.fixture(scope="module")

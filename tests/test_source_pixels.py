@@ -8,7 +8,7 @@ from conftest import SCENE, write_tif
 from helpers import class_map, run
 
 from segpipe.io.source_pixels import SourcePixels
-from segpipe.scene import Scene
+from segpipe.tiling.scene import Scene
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ def test_classical_job_never_imports_torch(tmp_path):
     script = textwrap.dedent(f"""
         import sys
         from pathlib import Path
-        from segpipe.cluster import connect
+        from segpipe.runtime.cluster import connect
         from segpipe.config import job_from_dict
         from segpipe.pipeline import check, run_job
 
@@ -37,7 +37,7 @@ def test_a_small_classical_job_runs_in_threads_of_its_own_process(tmp_path):
     script = textwrap.dedent(f"""
         import os
         from pathlib import Path
-        from segpipe.cluster import connect
+        from segpipe.runtime.cluster import connect
         from segpipe.config import job_from_dict
         from segpipe.pipeline import check, in_process, run_job
 

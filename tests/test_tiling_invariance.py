@@ -5,9 +5,9 @@ import pytest
 from distributed import Client, LocalCluster
 from helpers import class_map, run
 
-from segpipe.grid import Box
-from segpipe.models.classical import make_classical
-from segpipe.scene import Scene
+from segpipe.methods.classical import make_classical
+from segpipe.tiling.grid import Box
+from segpipe.tiling.scene import Scene
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_nodata_pixels_stay_nodata(unet_maps, big_scene):
 ])
 def test_bounded_classical_methods_match_whole_image_processing(tmp_path, big_scene, client, name, params):
     """Tiled output equals the method applied to the whole scene at once (same fitted state)."""
-    from segpipe.segment import fit_classical
+    from segpipe.methods.segment import fit_classical
     maps = [class_map(run(client, tmp_path / str(t), input=str(big_scene), tile_size=t, chunk_size=512,
                           method={"name": name, "params": params})) for t in (512, 1024)]
     np.testing.assert_array_equal(maps[0], maps[1])

@@ -4,8 +4,8 @@ import numpy as np
 from conftest import BUILDINGS, SCENE
 from helpers import class_map, run
 
+from segpipe.methods.train import TrainSpec, train_from_files
 from segpipe.models.checkpoint import load_model
-from segpipe.train import TrainSpec, train_from_files
 
 
 def test_training_reduces_loss_and_checkpoint_runs_in_the_pipeline(tmp_path, client):

@@ -5,12 +5,12 @@ import pytest
 import torch
 import zarr
 
-from segpipe.grid import PatchGrid, TileGrid
 from segpipe.io.store import ensure_array
+from segpipe.methods.segment import infer_and_stitch
 from segpipe.models.checkpoint import ModelSpec, save_checkpoint
-from segpipe.scene import Scene
-from segpipe.segment import infer_and_stitch
-from segpipe.stitch import create_logits_store
+from segpipe.tiling.grid import PatchGrid, TileGrid
+from segpipe.tiling.scene import Scene
+from segpipe.tiling.stitch import create_logits_store
 
 SHAPE = (40, 150, 140)  # z, y, x
 PATCH = (16, 64, 64)

@@ -14,7 +14,7 @@ from conftest import SCENE
 from helpers import assert_one_line_error, class_map, cli, run
 from medical import AAL, CH2, CH2BET, ct_affine, dice, load_ct, write_dicom_series, write_nifti
 
-from segpipe.ingest import source_info
+from segpipe.tiling.ingest import source_info
 
 MRI_JOB = {"input": str(CH2), "method": {"name": "otsu"}, "class_names": ["background", "foreground"],
            "truth": {"path": str(CH2BET), "binarize": True}}

@@ -14,7 +14,7 @@ import sys
 from dask_jobqueue import SLURMCluster
 from distributed import Client
 
-# Dask's default (65536) halves torch's CPU speed; see segpipe/cluster.py.
+# Dask's default (65536) halves torch's CPU speed; see segpipe/runtime/cluster.py.
 WORKER_ENV = ["export MALLOC_TRIM_THRESHOLD_=-1", "export OMP_NUM_THREADS=1"]
 
 

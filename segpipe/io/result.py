@@ -1,6 +1,7 @@
 """The result store: a Zarr v3 group laid out so xarray + rioxarray open it georeferenced.
 
-Layout (CF/rioxarray conventions plus GeoZarr attributes): ``class`` (y, x) uint8 with
+Layout (CF/rioxarray conventions plus GeoZarr attributes): ``class`` (y, x) uint8 (no data: the ``nodata``
+attribute, 255, so plain ``xr.open_zarr`` keeps the dtype and rioxarray reads it) with
 ``grid_mapping = spatial_ref``, 1-D pixel-centre coordinates ``x`` and ``y``, and a scalar
 ``spatial_ref`` carrying ``crs_wkt`` and the GDAL ``GeoTransform``. ``truth`` (y, x) is added
 when ground truth is given. Volumes have ``class`` (z, y, x) and carry the scene's voxel
@@ -17,16 +18,19 @@ from affine import Affine
 from rasterio.crs import CRS
 
 from segpipe.io.store import ensure_array, geo_attrs, open_or_create
-from segpipe.scene import Scene
+from segpipe.tiling.scene import Scene
 
 NODATA = 255
+# How the class and truth arrays say which value is no data: rioxarray reads ``nodata``, xarray leaves it alone.
+# A ``_FillValue`` would make xarray decode the uint8 map to float32 with NaN.
+NODATA_ATTRS = {"nodata": NODATA}
 VOLUME_ATTRS = ("affine", "affine_space", "spacing", "origin", "direction", "nifti_xform_code", "spatial:dimensions",
                 "spatial:units")
 
 
 def create_result(path: str, fingerprint: dict[str, Any], scene: Scene, class_names: list[str]) -> zarr.Group:
     """Create (or reopen for resume) the result group for ``scene`` and its coordinate variables."""
-    if len(scene.shape) == 3:
+    if scene.geometry.is_volume:
         group = open_or_create(path, fingerprint, "result store")
         attrs = dict(scene.group.attrs)
         group.attrs.update({"crs_wkt": None, "transform": attrs["transform"], "kind": "volume",
@@ -40,7 +44,7 @@ def create_result(path: str, fingerprint: dict[str, Any], scene: Scene, class_na
 
 
 def _class_attrs(class_names: list[str]) -> dict[str, Any]:
-    return {"_FillValue": NODATA, "flag_values": list(range(len(class_names))),
+    return {**NODATA_ATTRS, "flag_values": list(range(len(class_names))),
             "flag_meanings": " ".join(n.replace(" ", "_") for n in class_names)}
 
 
@@ -82,4 +86,4 @@ def add_truth_array(path: str, shape: tuple[int, ...], chunk: int) -> zarr.Array
     group = zarr.open_group(path, mode="r+")
     grid_mapping = {"grid_mapping": "spatial_ref", "coordinates": "spatial_ref"} if "spatial_ref" in group else {}
     return ensure_array(group, "truth", shape, (chunk,) * len(shape), "uint8", NODATA, ("z", "y", "x")[-len(shape):],
-                        {**grid_mapping, "_FillValue": NODATA})
+                        {**grid_mapping, **NODATA_ATTRS})

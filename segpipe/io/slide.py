@@ -16,7 +16,8 @@ import numpy as np
 from affine import Affine
 
 from segpipe.errors import InputError
-from segpipe.grid import Box
+from segpipe.io.extras import require
+from segpipe.tiling.grid import Box
 
 SLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"}
 THUMB_DOWNSAMPLE = 16
@@ -64,8 +65,7 @@ class SlideInfo:
 
 
 def _open(path: str | Path):
-    import openslide
-
+    openslide = require("openslide", "slides", "reading whole-slide images")
     p = Path(path)
     if not p.exists():
         raise InputError(f"input slide not found: {p}")

@@ -177,6 +177,32 @@ def remove_leftovers(dest: Path) -> None:
                 p.unlink(missing_ok=True)
 
 
+def consolidate(path: str) -> None:
+    """Consolidate a finished store's metadata so plain ``xr.open_zarr`` reads it in one request, silently.
+
+    Zarr 3 warns that consolidated metadata is not yet part of its v3 spec; xarray and zarr-python read it,
+    and other readers ignore it and list the store instead.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(path)
+
+
+def drop_consolidated(path: str) -> None:
+    """Remove a store's consolidated metadata before it is written again.
+
+    Zarr resolves a group's members from consolidated metadata when it has some, so an array added by this
+    run would be invisible to the workers opening the group; :func:`consolidate` writes it anew at the end.
+    """
+    try:
+        group = zarr.open_group(path, mode="r+", use_consolidated=False)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return
+    group.attrs.put(dict(group.attrs))  # rewrites zarr.json from metadata read without the consolidated part
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a hidden temporary file beside ``path`` and rename it into place.
 

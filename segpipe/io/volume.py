@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from segpipe.errors import InputError
-from segpipe.grid import Box
+from segpipe.io.extras import require
 from segpipe.io.fingerprint import source_fingerprint
+from segpipe.tiling.grid import Box
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -160,8 +161,7 @@ class _Series:
 @lru_cache(maxsize=8)
 def _series(folder: str, stamp: str) -> _Series:
     """Sort one series' slices along their normal and derive its RAS+ affine (cached per folder state)."""
-    import pydicom
-
+    pydicom = require("pydicom", "medical", "reading DICOM series")
     files = _dicom_files(Path(folder))
     headers = []
     for f in files:
@@ -217,8 +217,7 @@ def _dicom_info(path: str) -> VolumeInfo:
 
 
 def _read_dicom(path: str, box: Box) -> np.ndarray:
-    import pydicom
-
+    pydicom = require("pydicom", "medical", "reading DICOM series")
     s = _series_of(path)
     (z0, y0, x0), (z1, y1, x1) = box.start, box.stop
     out = np.empty((1, z1 - z0, y1 - y0, x1 - x0), np.dtype(s.dtype))

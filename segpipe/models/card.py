@@ -69,7 +69,7 @@ class Normalisation(BaseModel):
         """Per band (offset, scale) and the clip range or None: pixels become ``(clip(x) - offset) / scale``.
 
         Empty for ``zscore`` and ``scene_minmax``: their values come from the scene
-        (:func:`segpipe.segment.normalisation`)."""
+        (:func:`segpipe.methods.segment.normalisation`)."""
         if self.from_scene:
             return [], [], None
         if self.kind == "meanstd":  # low/high, when given, clip first (nnU-Net's CT normalisation)

@@ -24,7 +24,7 @@ from segpipe.models.bundle import is_bundle, load_bundle
 from segpipe.models.card import card_path, read_card
 from segpipe.models.checkpoint import ModelSpec, load_model
 from segpipe.models.nnunet import is_nnunet, load_nnunet
-from segpipe.resample import scale_for
+from segpipe.tiling.resample import scale_for
 
 
 def is_torchscript(path: str | Path) -> bool:
@@ -142,7 +142,7 @@ def model_scale(spec: ModelSpec, name: str, pixel_size: tuple[float, ...] | None
     """Per axis, the model's training pixel size over the scene's, or None to run at the scene's own pixels.
 
     A model applied at another scale than it was trained at quietly gives wrong classes, so a scene whose
-    pixel size differs by more than 1 % is resampled to the model's (:mod:`segpipe.resample`). Sizes too far
+    pixel size differs by more than 1 % is resampled to the model's (:mod:`segpipe.tiling.resample`). Sizes too far
     apart to be a real difference of scale (other units) are refused in one line.
     """
     try:

@@ -1,0 +1,233 @@
+"""segpipe as a library: segment a file, URL or array from Python and get an ``xarray.Dataset`` back.
+
+The CLI and the Prefect flows are thin callers of this module, so a notebook gets exactly what a scheduled
+run gets: the same checks before anything is written, the same tiles, the same stores, the same resume.
+
+    >>> import segpipe
+    >>> ds = segpipe.segment("scene.tif", "otsu", truth="buildings.geojson", output="out")
+    >>> ds["class"]                     # (y, x) uint8, lazy on out/result.zarr; ds.rio.crs is the scene's CRS
+    >>> ds.segpipe.tiles                # per-tile IoU/Dice as a DataFrame; ds.attrs["mean_iou"], ...
+    >>> segpipe.open_result("out")      # the same Dataset later, from another process
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from segpipe.errors import InputError
+from segpipe.io.raster import is_remote
+from segpipe.io.store import store_in
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import xarray as xr
+    from distributed import Client
+
+    from segpipe.config import JobSpec
+    from segpipe.pipeline import Checked, Outcome
+    from segpipe.progress import Reporter
+
+
+def job_spec(source: str | Path, method: str | Mapping[str, Any], *, output: str | Path,
+             tile_size: int | None = None, truth: str | Path | Mapping[str, Any] | None = None,
+             **options: Any) -> JobSpec:
+    """A job as the job file would give it, from Python values; validated, nothing read or written.
+
+    ``method`` is a method name (``"otsu"``) or a mapping shaped like the job file's ``method:``
+    (``{"name": "unet", "model": "model.pt", "patch_size": 256}``); ``truth`` a path or a mapping like
+    ``truth:``. Other job settings (``bands``, ``class_names``, ``exports``, ``instances``, ``probabilities``,
+    ``cluster``, ``store``, ``level``, ``overwrite``, ...) pass through ``options`` under their job-file names.
+    """
+    from segpipe.config import job_from_dict
+
+    data: dict[str, Any] = {"input": str(source), "output": str(output),
+                            "method": {"name": method} if isinstance(method, str) else dict(method), **options}
+    if tile_size is not None:
+        data["tile_size"] = tile_size
+    if truth is not None:
+        data["truth"] = {"path": str(truth)} if isinstance(truth, str | Path) else dict(truth)
+    return job_from_dict(data, Path.cwd())
+
+
+def check_job(job: JobSpec | str | Path, overrides: Mapping[str, Any] | None = None) -> Checked:
+    """Check a job (a :class:`JobSpec`, or a job YAML with ``overrides``) as a run would; writes nothing.
+
+    Raises :class:`segpipe.errors.InputError` with one line naming the problem.
+    """
+    from segpipe.config import JobSpec, load_job
+    from segpipe.pipeline import check
+
+    return check(job if isinstance(job, JobSpec) else load_job(job, dict(overrides or {})))
+
+
+def cluster_line(c: Checked) -> str:
+    """What a run is about to start or reach, said before the seconds that takes."""
+    from segpipe.pipeline import in_process
+
+    spec = c.job.cluster
+    if spec.scheduler:
+        return f"job checked; connecting to the Dask scheduler at {spec.scheduler}"
+    if in_process(c):
+        return f"job checked; starting {spec.n_workers * spec.threads_per_worker} worker thread(s) in this process"
+    return f"job checked; starting a local Dask cluster of {spec.n_workers} worker process(es)"
+
+
+def execute(c: Checked, client: Client | None = None, reporter: Reporter | None = None) -> Outcome:
+    """Run a checked job: on ``client``, or on the cluster its settings describe (started and closed here).
+
+    ``reporter`` hears the stage lines and per-stage progress (bars on a terminal, lines elsewhere).
+    """
+    from segpipe.pipeline import in_process, run_job
+    from segpipe.progress import reporting
+    from segpipe.runtime.cluster import connect
+
+    say = reporter.say if reporter is not None else (lambda _line: None)
+    with reporting(reporter):
+        if client is not None:
+            return run_job(c, client, log=say)
+        say(cluster_line(c))
+        with connect(c.job.cluster, in_process=in_process(c)) as own:
+            return run_job(c, own, log=say)
+
+
+def segment(source: Any, method: str | Mapping[str, Any], *, output: str | Path | None = None,
+            tile_size: int | None = None, truth: str | Path | Mapping[str, Any] | None = None,
+            client: Client | None = None, crs: Any = None, transform: Any = None, nodata: float | None = None,
+            progress: bool = True, **options: Any) -> xr.Dataset:
+    """Segment ``source`` tile by tile and return the result as a lazy ``xarray.Dataset``.
+
+    ``source``: a path or URL (GeoTIFF/COG, whole-slide image, NIfTI, DICOM folder), an ``xr.DataArray``
+    with a CRS (rioxarray or odc-geo conventions), or a numpy/dask array with ``transform`` (an affine and
+    ``crs`` for an image, a 4x4 NIfTI affine for a (z, y, x) volume). An array is written once as
+    ``<output>/source.tif`` (``source.nii.gz``) so that checks, resume and provenance work as for a file.
+
+    ``output``: the folder for result.zarr, exports and metrics; a new temporary folder when omitted
+    (``ds.attrs["output"]`` says which; it is not removed, the Dataset reads from it). Rerunning into the same
+    folder resumes; other settings are refused naming what differs, unless ``overwrite=True``.
+
+    ``client``: run on this Dask client; otherwise a cluster is started from ``cluster=`` settings and closed.
+    ``progress``: stage lines and progress on stderr. Other keyword arguments are job settings
+    (see :func:`job_spec`). Bad input raises :class:`segpipe.errors.InputError` before anything is written.
+    """
+    from segpipe.io.arrays import array_source, is_array, remove_array_source, write_array_source
+    from segpipe.progress import Reporter
+
+    out = Path(output) if output is not None else Path(tempfile.mkdtemp(prefix="segpipe-"))
+    written: Path | None = None
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output path exists and is not a folder: {out}")
+    if is_array(source):
+        src = array_source(source, crs=crs, transform=transform, nodata=nodata)
+        if src.is_volume and src.nodata is not None:
+            options.setdefault("nodata", src.nodata)
+        job_spec(out / src.file_name, method, output=out, tile_size=tile_size, truth=truth, **options)
+        path, wrote = write_array_source(src, out.resolve())
+        written, source = (path if wrote else None), path
+    elif crs is not None or transform is not None:
+        raise InputError("crs= and transform= place array sources; a file or URL brings its own georeferencing")
+    elif nodata is not None:
+        options.setdefault("nodata", nodata)
+    try:
+        c = check_job(job_spec(source, method, output=out, tile_size=tile_size, truth=truth, **options))
+    except InputError:
+        if written is not None:  # the job is refused: the output stays as it was
+            remove_array_source(written)
+        raise
+    outcome = execute(c, client=client, reporter=Reporter(sys.stderr) if progress else None)
+    return open_result(outcome.result, metrics=c.metrics_dir)
+
+
+def open_result(path: str | Path, metrics: str | Path | None = None) -> xr.Dataset:
+    """A finished run's result as a lazy ``xarray.Dataset``: ``class`` (and ``truth``, ``instances``,
+    ``probability`` when the run made them) in their own dtypes, CRS and transform readable by rioxarray
+    (``ds.rio.crs``, ``ds.rio.transform()``) for images, the voxel geometry as attributes for volumes.
+
+    ``path``: the run's output folder, or its ``result.zarr`` (a local path or an fsspec URL such as
+    ``s3://bucket/prefix/result.zarr``). ``metrics``: the metrics folder when it is not beside the store.
+    Global scores land in ``ds.attrs`` (``accuracy``, ``mean_iou``, ``iou_<class>``, ``dice_<class>``);
+    the per-tile table is ``ds.segpipe.tiles``, the whole summary ``ds.segpipe.summary``.
+    """
+    import xarray as xr
+
+    _register_accessor(xr)
+    root = str(path)
+    result = root if root.rstrip("/").endswith(".zarr") else store_in(root, "result.zarr")
+    if not is_remote(result) and not (Path(result) / "zarr.json").is_file():
+        raise InputError(f"no segpipe result at {path} (expected a result.zarr from a finished run)")
+    with warnings.catch_warnings():  # a store from a killed run has no consolidated metadata: listed instead
+        warnings.filterwarnings("ignore", message=".*consolidated metadata.*", category=RuntimeWarning)
+        ds = xr.open_zarr(result)
+    folder = Path(metrics) if metrics is not None else (None if is_remote(result) else Path(result).parent / "metrics")
+    ds.attrs["result"] = result
+    if folder is not None:
+        ds.attrs["metrics"] = str(folder)
+        summary = _summary(folder)
+        if summary:
+            ds.attrs.update(_global_scores(summary["summary"]))
+    return ds
+
+
+def _summary(folder: Path) -> dict[str, Any] | None:
+    path = folder / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _global_scores(s: Mapping[str, Any]) -> dict[str, float]:
+    """The summary's global figures as flat attributes (numbers only: they survive ``to_netcdf``/``to_zarr``)."""
+    flat: dict[str, float] = {}
+    if "global_accuracy" in s:
+        flat["accuracy"] = s["global_accuracy"]
+    if "global_mean_iou" in s:
+        flat["mean_iou"] = s["global_mean_iou"]
+    for key in ("iou", "dice"):
+        for name, value in (s.get(f"global_{key}") or {}).items():
+            if value is not None:
+                flat[f"{key}_{name}"] = value
+    return flat
+
+
+class SegpipeAccessor:
+    """``ds.segpipe``: the run's metrics beside the arrays (``summary``, ``tiles``, ``objects``)."""
+
+    def __init__(self, ds: xr.Dataset) -> None:
+        self._ds = ds
+
+    @property
+    def _folder(self) -> Path:
+        folder = self._ds.attrs.get("metrics")
+        if folder is None:
+            raise InputError("this Dataset does not come from segpipe.segment or open_result with a metrics folder")
+        return Path(folder)
+
+    @property
+    def summary(self) -> dict[str, Any] | None:
+        """``metrics/summary.json`` (global scores, confusion matrix, per-stage wall times); None without truth."""
+        return _summary(self._folder)
+
+    @property
+    def tiles(self) -> pd.DataFrame | None:
+        """One row per tile (block): position, pixels, accuracy, IoU/Dice per class; None without truth."""
+        return _table(self._folder / "tiles.csv")
+
+    @property
+    def objects(self) -> pd.DataFrame | None:
+        """One row per object (instances runs): class, area, centroid, matched truth and IoU."""
+        return _table(self._folder / "objects.csv")
+
+
+def _register_accessor(xr: Any) -> None:
+    """``ds.segpipe`` on first use of the API: the CLI never loads xarray."""
+    if not hasattr(xr.Dataset, "segpipe"):
+        xr.register_dataset_accessor("segpipe")(SegpipeAccessor)
+
+
+def _table(path: Path) -> pd.DataFrame | None:
+    import pandas as pd
+
+    return pd.read_csv(path) if path.is_file() else None

@@ -1,0 +1,187 @@
+"""Source formats in one registry: how each is recognised, inspected, and read window by window.
+
+Why a registry: ingest asked "a volume? a slide? else a raster?" in several places (inspecting the input,
+preparing the ingest on the client, reading each row's windows). Everything that differs between formats now
+stands together, one :class:`Format` each, and ingest looks the format up once: by detection for an input
+path (:func:`detect`), by the ``kind`` it recorded after that (:func:`format_of`).
+
+Detection order is fixed and matters: a local volume (NIfTI file or DICOM folder) first, then a slide (vendor
+suffix, or a pyramidal TIFF without GeoTIFF tags), and everything else is a raster for GDAL. The raster is the
+fallback, so a file nobody recognises gets the raster reader's one-line error.
+
+The modules behind the formats import their heavy optional libraries (openslide, tifffile, nibabel, pydicom,
+scikit-image) inside the functions that need them, so a raster job never loads them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from affine import Affine
+from rasterio.enums import MaskFlags
+
+from segpipe.io.raster import RasterInfo, is_remote, open_raster, raster_info
+from segpipe.io.slide import is_slide, read_window, slide_info, tissue_mask, upsample_mask
+from segpipe.io.volume import is_volume, read_volume, volume_info
+from segpipe.tiling.grid import Box
+
+
+def not_nodata(data: np.ndarray, nodata: float) -> np.ndarray:
+    """Pixels where no band holds the nodata value (NaN compared as NaN)."""
+    return ~np.any(np.isnan(data) if np.isnan(nodata) else data == nodata, axis=0)
+
+
+class WindowReader:
+    """Reads windows of one source, each with its validity, for one ingest task; a context manager.
+
+    Opened once per task (a row of chunks, or a slab of a volume), so a format that keeps a file open (GDAL)
+    opens it once for all of the task's windows. Every reader takes the same arguments; each uses those its
+    format needs: ``prepared`` is what :attr:`Format.prepare` computed once on the client.
+    """
+
+    dtype: np.dtype | None = None  # the source's pixel type where known without reading (rasters)
+
+    def __init__(self, path: str, bands: list[int], nodata: float | None, level: int, prepared: Any) -> None:
+        self.path, self.bands, self.nodata, self.level, self.prepared = path, bands, nodata, level, prepared
+
+    def read(self, window: Box) -> tuple[np.ndarray, np.ndarray]:
+        """Pixels ``(band, *window.shape)`` of the selected 1-based ``bands`` and validity ``window.shape``."""
+        raise NotImplementedError
+
+    def valid_everywhere(self) -> bool:
+        """Whether every pixel is known valid without reading any (only a raster's masks can say so)."""
+        return False
+
+    def close(self) -> None:
+        """Release what the reader holds open."""
+
+    def __enter__(self) -> WindowReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RasterReader(WindowReader):
+    """GeoTIFF/COG and anything else GDAL reads; validity from GDAL's dataset mask unless the job names nodata.
+
+    The dataset mask honours nodata values, alpha bands and internal masks alike.
+    """
+
+    def __init__(self, path: str, bands: list[int], nodata: float | None, level: int, prepared: Any) -> None:
+        super().__init__(path, bands, nodata, level, prepared)
+        self.ds = open_raster(path)
+        self.dtype = np.dtype(self.ds.dtypes[0])
+
+    def read(self, window: Box) -> tuple[np.ndarray, np.ndarray]:
+        rwin = ((window.row0, window.row1), (window.col0, window.col1))
+        data = self.ds.read(self.bands, window=rwin)
+        if self.nodata is not None:
+            ok = not_nodata(data, self.nodata)
+        else:
+            ok = self.ds.dataset_mask(window=rwin) > 0
+            if np.issubdtype(data.dtype, np.floating):
+                ok &= np.all(np.isfinite(data), axis=0)
+        return data, ok
+
+    def valid_everywhere(self) -> bool:
+        """An integer raster without nodata, mask or alpha in any band: GDAL's dataset mask is valid everywhere."""
+        ds = self.ds
+        return (np.issubdtype(np.dtype(ds.dtypes[0]), np.integer)
+                and all(ds.mask_flag_enums[b - 1] == [MaskFlags.all_valid] for b in range(1, ds.count + 1)))
+
+    def close(self) -> None:
+        self.ds.close()
+
+
+class SlideReader(WindowReader):
+    """Whole-slide images through OpenSlide: valid where scanned and where the tissue mask (``prepared``) says
+    tissue; background glass is thus never computed. The job's ``nodata`` is not consulted for slides."""
+
+    def read(self, window: Box) -> tuple[np.ndarray, np.ndarray]:
+        rgb, scanned = read_window(self.path, window, self.level)
+        return rgb[[b - 1 for b in self.bands]], scanned & upsample_mask(*self.prepared, window)
+
+
+class VolumeReader(WindowReader):
+    """NIfTI files and DICOM series: every voxel is valid unless the job names a ``nodata`` value."""
+
+    def read(self, window: Box) -> tuple[np.ndarray, np.ndarray]:
+        data = read_volume(self.path, window)[[b - 1 for b in self.bands]]
+        return data, np.ones(window.shape, bool) if self.nodata is None else not_nodata(data, self.nodata)
+
+
+def _raster_source(path: str, level: int = 0) -> RasterInfo:  # noqa: ARG001 - rasters have no pyramid level
+    return raster_info(path)
+
+
+def _slide_source(path: str, level: int = 0) -> RasterInfo:
+    s = slide_info(path, level)
+    return RasterInfo(s.path, s.height, s.width, 3, "uint8", None, s.transform, None, ("red", "green", "blue"),
+                      kind="slide", mpp=(s.mpp_x, s.mpp_y), level=s.level)
+
+
+def _volume_source(path: str, level: int = 0) -> RasterInfo:  # noqa: ARG001 - volumes have no pyramid level
+    v = volume_info(path)
+    return RasterInfo(v.path, v.shape[1], v.shape[2], v.count, v.dtype, None, Affine.identity(), None,
+                      (None,) * v.count, kind="volume", depth=v.shape[0], geometry=v.attrs())
+
+
+def _is_local_volume(path: str) -> bool:
+    return not is_remote(path) and is_volume(path)
+
+
+def _any_path(path: str) -> bool:  # noqa: ARG001 - the fallback format takes whatever is left
+    return True
+
+
+def _nothing(path: str, level: int) -> None:  # noqa: ARG001 - formats whose readers need nothing prepared
+    return None
+
+
+def _tissue(path: str, level: int) -> tuple[np.ndarray, float]:
+    return tissue_mask(path, level=level)
+
+
+@dataclass(frozen=True)
+class Format:
+    """One source format: its ``kind`` (as :class:`RasterInfo` and the scene store record it), how a path is
+    recognised, how the input is inspected (``inspect(path, level)``), which reader reads its windows, what is
+    computed once per ingest on the client for every task's reader (``prepare(path, level)``), and whether its
+    pixels may be read in place instead of copied (:mod:`segpipe.io.source_pixels` reads GeoTIFFs only)."""
+
+    kind: str
+    recognises: Callable[[str], bool]
+    inspect: Callable[[str, int], RasterInfo]
+    reader: type[WindowReader]
+    prepare: Callable[[str, int], Any] = _nothing
+    in_place: bool = False
+
+
+FORMATS: tuple[Format, ...] = (  # in detection order: the first that recognises a path reads it
+    Format("volume", _is_local_volume, _volume_source, VolumeReader),
+    Format("slide", is_slide, _slide_source, SlideReader, prepare=_tissue),
+    Format("raster", _any_path, _raster_source, RasterReader, in_place=True),
+)
+
+
+def detect(path: str) -> Format:
+    """The format of an input path (see the module's note on detection order)."""
+    return next(f for f in FORMATS if f.recognises(path))
+
+
+def format_of(kind: str) -> Format:
+    """The format of a ``kind`` recorded at inspection (``RasterInfo.kind``)."""
+    for f in FORMATS:
+        if f.kind == kind:
+            return f
+    raise ValueError(f"no reader for source kind {kind!r}; known: {[f.kind for f in FORMATS]}")
+
+
+def open_reader(kind: str, path: str, bands: list[int], nodata: float | None, level: int = 0,
+                prepared: Any = None) -> WindowReader:
+    """A window reader for a source of ``kind`` (use it as a context manager)."""
+    return format_of(kind).reader(path, bands, nodata, level, prepared)

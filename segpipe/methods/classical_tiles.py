@@ -1,0 +1,78 @@
+"""Classical methods on one worker: each tile read with its halo, its core's class map written directly.
+
+Kept apart from the model code so that workers of a classical job never import torch (start-up and
+memory of every worker process).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import zarr
+
+from segpipe.io.result import NODATA
+from segpipe.io.store import Marks
+from segpipe.methods.classical import make_classical
+from segpipe.tiling.grid import Box, Index, TileGrid
+from segpipe.tiling.scene import Scene
+
+SEGMENT_STAGE = "segment"
+
+
+# Pixels (tile cores) read and written at once: enough to amortise a read and a Zarr write over many small
+# tiles, little enough that a run's float32 bands stay in tens of MB on any tile size.
+RUN_PIXELS = 2**20
+
+
+def tile_runs(tgrid: TileGrid, tiles: list[Index], max_pixels: int = RUN_PIXELS) -> list[list[Index]]:
+    """Consecutive tiles of one tile row (columns adjacent) in runs of at most ``max_pixels`` of core."""
+    runs: list[list[Index]] = []
+    area = 0
+    for index in tiles:
+        last = runs[-1][-1] if runs else None
+        size = tgrid.tile(index).core.shape
+        pixels = int(np.prod(size))
+        joins = (last is not None and last[:-1] == index[:-1] and last[-1] + 1 == index[-1]
+                 and area + pixels <= max_pixels)
+        if joins:
+            runs[-1].append(index)
+            area += pixels
+        else:
+            runs.append([index])
+            area = pixels
+    return runs
+
+
+def segment_classical_tiles(scene_path: str, result_path: str, method: str, params: dict[str, Any],
+                            state: dict[str, Any], tile_size: int, tiles: list[Index]) -> int:
+    """Classical method on each tile (read with its halo), core written to the result store.
+
+    Adjacent tiles of a row are read, and their cores written, in one call per run (:func:`tile_runs`):
+    on small tiles the per-call cost of a read and a Zarr write was more than the method's own. Each tile
+    still gets exactly the pixels of its own halo window, as a contiguous array, so its classes are
+    those of a tile read alone.
+    """
+    m = make_classical(method, params)
+    scene = Scene(scene_path)
+    tgrid = TileGrid(scene.shape, tile_size)
+    out = zarr.open_array(result_path, path="class", mode="r+")
+    marks = Marks(result_path, SEGMENT_STAGE)
+    for run in tile_runs(tgrid, tiles):
+        first, last = tgrid.tile(run[0]).core, tgrid.tile(run[-1]).core
+        core = Box(first.start, last.stop)
+        span = core.grow(m.halo, scene.shape)
+        img, valid = scene.read(span, dtype=None)  # as stored; each tile is made float32 on its own
+        cls_run = np.empty(core.shape, np.uint8)
+        for index in run:
+            tile = tgrid.tile(index)
+            outer = tile.core.grow(m.halo, scene.shape)
+            part = outer.relative_to(span)
+            t_img = np.ascontiguousarray(img[(slice(None), *part)], dtype=np.float32)
+            t_valid = np.ascontiguousarray(valid[part])
+            inner = tile.core.relative_to(outer)
+            cls = m.predict(t_img, t_valid, state)[inner]
+            cls_run[tile.core.relative_to(core)] = np.where(t_valid[inner], cls, NODATA)
+        out[core.slices] = cls_run
+        marks.mark_all([tgrid.tile(index).key for index in run])
+    return len(tiles)

@@ -1,0 +1,289 @@
+"""Fan segmentation out over the Dask cluster, skipping work already marked done.
+
+Patch models run in two passes: logits of fixed batches of the global patch grid (units of whole
+batches, see :mod:`segpipe.methods.infer`), then overlap-add stitching per tile. Classical methods are fitted
+once on scene-wide statistics on the client, then applied per tile with their halo. Tiles and batches
+go to the workers in guided units (:mod:`segpipe.runtime.units`). Torch is imported only for model jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from distributed import Client
+
+from segpipe import progress
+from segpipe.config import MODEL_METHODS, JobSpec
+from segpipe.errors import InputError
+from segpipe.io.result import add_probability_array, create_result
+from segpipe.io.store import Marks, open_or_create
+from segpipe.methods.classical import ClassicalMethod, FitContext, make_classical
+from segpipe.methods.classical_tiles import SEGMENT_STAGE, segment_classical_tiles
+from segpipe.methods.regions import check_params, grow_regions
+from segpipe.runtime.cluster import use_gpu
+from segpipe.runtime.units import guided_units, run_units, worker_slots
+from segpipe.tiling.grid import Index, PatchGrid, TileGrid
+from segpipe.tiling.patches import valid_patches_in_rows
+from segpipe.tiling.resample import ResampledScene
+from segpipe.tiling.scene import Scene, result_path, work_path
+from segpipe.tiling.stats import sample_pixels, sample_windows, scene_stats
+from segpipe.tiling.stitch import (
+    GRID_STAGE,
+    create_grid_logits,
+    create_logits_store,
+    model_tiles_for,
+    stitch_back_tiles,
+    stitch_tiles,
+)
+
+log = logging.getLogger("segpipe")
+
+if TYPE_CHECKING:
+    from segpipe.models.checkpoint import ModelSpec
+
+
+@dataclass
+class MethodPlan:
+    """The checked method: a model spec or a classical method, and its class names."""
+
+    name: str
+    n_classes: int
+    class_names: list[str]
+    model: ModelSpec | None = None
+    classical: ClassicalMethod | None = None
+    model_sha256: str | None = None
+    scale: tuple[float, ...] | None = None  # the model's pixel size over the scene's, when they differ
+
+
+def plan_method(job: JobSpec, n_bands: int, ndim: int = 2, pixel_size: tuple[float, ...] | None = None) -> MethodPlan:
+    """Check that the method can run on a scene with ``n_bands`` bands, ``ndim`` spatial axes and ``pixel_size``.
+
+    Runs before anything is written.
+    """
+    m = job.method
+    if m.name in MODEL_METHODS:
+        from segpipe.models.load import check_patch, load_any, model_digest, model_scale
+
+        model, spec = load_any(m.model)
+        if spec.dims != ndim:
+            raise InputError(f"model {m.model.name} is a {spec.dims}-D network; this scene is {ndim}-D")
+        if spec.in_channels != n_bands:
+            raise InputError(f"model {m.model.name} expects {spec.in_channels} band(s), "
+                             f"the scene provides {n_bands}; select bands with 'bands:'")
+        scale = model_scale(spec, m.model.name, pixel_size)
+        check_patch(model, m.model.name, m.patch_size, spec)
+        names = job.class_names or spec.class_names or [f"class{i}" for i in range(spec.n_classes)]
+        plan = MethodPlan(m.name, spec.n_classes, names, model=spec, model_sha256=model_digest(m.model),
+                          scale=scale)
+    elif m.name == "region_growing":
+        if ndim != 2:
+            raise InputError("method 'region_growing' works on 2-D images only")
+        check_params(m.params)
+        names = job.class_names or ["outside", "region"]
+        plan = MethodPlan(m.name, 2, names)
+    else:
+        method = make_classical(m.name, m.params)
+        method.check_bands(n_bands)
+        method.check_dims(ndim)
+        names = job.class_names or [f"class{i}" for i in range(method.n_classes)]
+        plan = MethodPlan(m.name, method.n_classes, names, classical=method)
+    if len(plan.class_names) != plan.n_classes:
+        raise InputError(f"class_names lists {len(plan.class_names)} names for {plan.n_classes} classes")
+    return plan
+
+
+def _pending(marks: Marks, grid: TileGrid) -> list[Index]:
+    done = marks.keys()
+    return [t.index for t in grid if t.key not in done]
+
+
+def result_fingerprint(job: JobSpec, plan: MethodPlan, scene_fp: dict[str, Any]) -> dict[str, Any]:
+    """What the result depends on; batch size does not change a single pixel, so it may differ on resume."""
+    fp = {"scene": scene_fp, "method": job.method.model_dump(mode="json", exclude={"model", "batch_size"}),
+          "model_sha256": plan.model_sha256, "tile_size": job.tile_size}
+    if job.probabilities:  # tiles finished without them would lack them: another result
+        fp["probabilities"] = True
+    return fp
+
+
+def segment(job: JobSpec, scene: Scene, plan: MethodPlan, scene_fp: dict, client: Client) -> str:
+    """Segment the scene into ``<output>/result.zarr`` and return its path."""
+    m = job.method
+    fp = result_fingerprint(job, plan, scene_fp)
+    result = result_path(job.store_root)
+    create_result(result, fp, scene, plan.class_names)
+    if job.probabilities:
+        add_probability_array(result, plan.class_names, scene.shape, scene.chunk)
+    grid = TileGrid(scene.shape, job.tile_size)
+    total = len(grid)
+    pending = _pending(Marks(result, SEGMENT_STAGE), grid)
+    unit = scene.geometry.tile_word
+    if not pending:
+        progress.say(f"segment: all {total} {unit}s already done")
+        return result  # finished earlier; its work store may be gone already
+    if len(pending) < total:
+        progress.say(f"resuming: {total - len(pending)} of {total} {unit}s already done")
+    work = work_path(job.store_root)
+    with progress.stage("segment", total, unit, done=total - len(pending)) as advance:
+        if plan.model is not None:
+            run_model(job, scene, plan, fp, client, pending, advance)
+        elif m.name == "region_growing":
+            grow_regions(scene, open_or_create(work, fp, "work store"), work, result, job.tile_size, m.params,
+                         client)
+            advance(len(pending))
+        else:
+            state = fit_classical(plan.classical, scene, client)
+            run_units(client, segment_classical_tiles, pending, advance, scene_path=scene.path,
+                      tile_size=job.tile_size, result_path=result, method=m.name, params=m.params, state=state)
+    return result
+
+
+def run_model(job: JobSpec, scene: Scene, plan: MethodPlan, fp: dict[str, Any], client: Client,
+              pending: list[Index], advance: progress.Advance) -> None:
+    """Model logits for the ``pending`` tiles, stitched into the result.
+
+    A model trained at another pixel size runs on the model grid (:mod:`segpipe.tiling.resample`): the model-grid
+    tiles that the pending scene tiles need are inferred and blended into the work store, then each scene
+    tile is resampled back from them.
+    """
+    m = job.method
+    work = work_path(job.store_root)
+    result = result_path(job.store_root)
+    group = open_or_create(work, fp, "work store")
+    view = scene if plan.scale is None else ResampledScene(scene, plan.scale)
+    create_logits_store(group, PatchGrid(view.shape, m.patch_size, m.overlap), plan.n_classes)
+    tiles = pending
+    if plan.scale is not None:
+        create_grid_logits(group, view.shape, plan.n_classes, job.tile_size)
+        done = Marks(work, GRID_STAGE).keys()
+        mgrid = TileGrid(view.shape, job.tile_size)
+        tiles = [t for t in model_tiles_for(view, job.tile_size, pending) if mgrid.tile(t).key not in done]
+    infer_and_stitch(client, view, work, result, str(m.model), m.batch_size, use_gpu(job.cluster),
+                     m.patch_size, m.overlap, job.tile_size, tiles, keep=job.keep_work,
+                     norm=normalisation(plan.model, scene, client), mirror=m.tta == "mirror", scale=plan.scale,
+                     advance=advance if plan.scale is None else None)
+    if plan.scale is not None:  # the scene's tiles are done here, after the model grid's
+        run_units(client, stitch_back_tiles, pending, advance, scene_path=scene.path, work_path=work,
+                  result_path=result, scale=plan.scale, tile_size=job.tile_size)
+
+
+def patch_batches(client: Client, scene: Scene | ResampledScene, patch: int, overlap: float, batch_size: int,
+                  scale: tuple[float, ...] | None = None) -> list[list[Index]]:
+    """The scene's fixed batches: patches holding a valid pixel, in global row-major order, ``batch_size`` each.
+
+    Validity is read on the workers, one unit of patch rows (z for volumes) per task; with ``scale``, of
+    the patch grid on the model grid.
+    """
+    rows = list(range(PatchGrid(scene.shape, patch, overlap).counts[0]))
+    units = guided_units(rows, worker_slots(client))
+    found = client.gather([client.submit(valid_patches_in_rows, scene.path, patch, overlap, u, scale, pure=False)
+                           for u in units])
+    patches = [idx for part in found for idx in part]
+    return [patches[k:k + batch_size] for k in range(0, len(patches), batch_size)]
+
+
+# At most this many patches per inference task. Units in flight hold the scratch that stitching has not yet
+# freed, so they are kept small: on a CPU worker 32 patches of 256² are seconds of work (the Dask task
+# overhead is milliseconds); a GPU forwards them ~50x faster and gets longer units. Measured on a 6144²
+# scene (all C logits stored then): 256-patch units kept 4.4 B/px at the peak, 64-patch units 2.0.
+UNIT_PATCHES = {"cpu": 32, "gpu": 1024}
+
+
+def normalisation(spec: ModelSpec, scene: Scene, client: Client) -> dict[str, Any]:
+    """How every patch is normalised: the model's fixed values, or the scene's own z-score or min-max.
+
+    A z-score is taken once over the whole scene's valid pixels (population standard deviation, a zero one
+    replaced by 1, as MONAI's NormalizeIntensity does), a min-max likewise, never per tile: tiles must not
+    change the answer.
+    """
+    if spec.scene_norm is None:
+        return {"mean": list(spec.mean), "std": list(spec.std), "clip": spec.clip}
+    stats = scene_stats(scene, client)
+    pooled = spec.scene_norm.endswith("-pooled")
+    if spec.scene_norm.startswith("minmax"):  # (x - min) / (max - min), a flat band divided by 1 (nnU-Net: 1e-8)
+        low, high = np.asarray(stats.minimum, np.float64), np.asarray(stats.maximum, np.float64)
+        if pooled:
+            low, high = np.full_like(low, low.min()), np.full_like(high, high.max())
+        return {"mean": low.tolist(), "std": np.where(high > low, high - low, 1.0).tolist(), "clip": None}
+    mean, std = np.asarray(stats.mean, np.float64), np.asarray(stats.std, np.float64)
+    if pooled:  # every band counts the same valid pixels: pool their moments
+        both = mean.mean()
+        std = np.full_like(std, np.sqrt(max(float(np.mean(std**2 + mean**2)) - both**2, 0.0)))
+        mean = np.full_like(mean, both)
+    return {"mean": mean.tolist(), "std": np.where(std > 0, std, 1.0).tolist(), "clip": None}
+
+
+def infer_and_stitch(client: Client, scene: Scene | ResampledScene, work: str, result: str, model: str,
+                     batch_size: int, gpu: bool, patch: int | Index, overlap: float, tile_size: int,
+                     tiles: list[Index], keep: bool, norm: dict[str, Any], mirror: bool = False,
+                     scale: tuple[float, ...] | None = None, advance: progress.Advance | None = None) -> None:
+    """Logits of the batches the ``tiles`` still need, each tile stitched as soon as its patches are done.
+
+    Batches not yet marked done and holding a patch over one of ``tiles`` run in guided units of whole
+    batches (a rerun that lost a few tiles after its work store was removed recomputes just their
+    neighbourhood). Each tile's stitch task is submitted right after the last inference unit it waits
+    for, so Dask, which prefers earlier submissions, interleaves stitching with inference in scene order;
+    unless ``keep``, a stitched patch whose every tile is final is deleted from the work store, so scratch
+    follows the band of work in flight rather than the scene. With ``scale``, ``scene`` is the model grid
+    and ``tiles`` are its tiles, blended into the work store (see :func:`segpipe.tiling.stitch.stitch_tiles`).
+    """
+    from segpipe.methods.infer import INFER_STAGE, batch_key, infer_batches
+
+    grid = PatchGrid(scene.shape, patch, overlap)
+    tgrid = TileGrid(scene.shape, tile_size)
+    covering = {t: grid.covering(tgrid.tile(t).core) for t in tiles}
+    needed = {i for c in covering.values() for i in c}
+    done = Marks(work, INFER_STAGE).keys()
+    batches = patch_batches(client, scene, patch, overlap, batch_size, scale)
+    pending = [(k, b) for k, b in enumerate(batches) if batch_key(batch_size, k) not in done and needed.intersection(b)]
+    resources = {"GPU": 1} if gpu else None
+    cpu_slots = worker_slots(client)
+    slots = worker_slots(client, resources) if gpu else cpu_slots
+    units = guided_units(pending, slots, largest=max(1, UNIT_PATCHES["gpu" if gpu else "cpu"] // batch_size))
+    unit_of = {i: u for u, unit in enumerate(units) for _, b in unit for i in b}
+    waits = {t: sorted({unit_of[i] for i in covering[t] if i in unit_of}) for t in tiles}
+    ready_after: dict[int, list[Index]] = {}
+    for t in tiles:
+        ready_after.setdefault(waits[t][-1] if waits[t] else -1, []).append(t)
+    common = {"scene_path": scene.path, "work_path": work, "patch": patch, "overlap": overlap, "scale": scale}
+    inferred: list = []
+    stitched: list = []
+    stitched_sizes: list[int] = []
+
+    def stitch(ready: list[Index]) -> None:
+        for group in guided_units(ready, cpu_slots):
+            after = [inferred[u] for u in sorted({u for t in group for u in waits[t]})]
+            stitched.append(client.submit(stitch_tiles, result_path=result, tile_size=tile_size, tiles=group,
+                                          free=not keep, after=after, pure=False, **common))
+            stitched_sizes.append(len(group))
+
+    stitch(ready_after.get(-1, []))
+    for u, unit in enumerate(units):
+        inferred.append(client.submit(infer_batches, model_path=model, batch_size=batch_size, batches=unit,
+                                      norm=norm, mirror=mirror, resources=resources, pure=False, **common))
+        stitch(ready_after.get(u, []))
+    progress.gather(client, stitched, advance, stitched_sizes)
+    results = client.gather(inferred)
+    fitted = min((micro for _, micro in results), default=batch_size)
+    if fitted < batch_size:  # said once per run, on the client: the run went on with smaller sub-batches
+        log.warning("segpipe: the GPU ran out of memory on batches of %d patches; went on with sub-batches "
+                    "of %d (set a smaller batch_size to avoid the retries)", batch_size, fitted)
+
+
+def fit_classical(method: ClassicalMethod, scene: Scene, client: Client) -> dict[str, Any]:
+    """Fit a classical method's scene-wide state (thresholds, centres) on the client."""
+    def windows(halo: int) -> list[tuple[np.ndarray, np.ndarray, tuple[slice, slice]]]:
+        out = []
+        for w in sample_windows(scene):
+            outer = w.grow(halo, scene.shape)
+            img, valid = scene.read(outer)
+            out.append((img, valid, w.relative_to(outer)))
+        return out
+
+    ctx = FitContext(stats=scene_stats(scene, client), n_bands=scene.count,
+                     sample_pixels=lambda: sample_pixels(scene, client), sample_windows=windows)
+    return method.fit(ctx)
+

@@ -1,0 +1,182 @@
+"""Object-level results: per-object statistics, matching against true objects, per-tile counts, polygons.
+
+Objects cross tiles, so nothing is decided per tile: each tile reports partial sums (pixel counts,
+coordinate sums, intersection counts with true objects) for the objects it holds, and the client
+adds them up. A predicted and a true object match when their IoU, from the summed counts, exceeds
+``match_iou`` (above 0.5 a match is unique, so no assignment problem arises). Each object is
+counted in the tile holding its centroid, so per-tile counts add up to the global count.
+Polygons are traced per tile in the scene CRS and dissolved per object ID on the client.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import zarr
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.features import shapes
+
+from segpipe.objects.instances import INSTANCES
+from segpipe.report.truth import Truth
+from segpipe.tiling.grid import Index, TileGrid
+from segpipe.tiling.scene import Scene
+
+
+def _sums(ids: np.ndarray, origin: tuple[int, ...]) -> pd.DataFrame:
+    """Pixel count and coordinate sums per nonzero ID of one tile (coordinates in scene pixels)."""
+    ok = ids > 0
+    if not ok.any():
+        return pd.DataFrame(columns=["id", "pixels", *[f"s{d}" for d in range(ids.ndim)]])
+    coords = np.nonzero(ok)
+    df = pd.DataFrame({"id": ids[ok].astype(np.int64), "pixels": 1})
+    for d, c in enumerate(coords):
+        df[f"s{d}"] = c.astype(np.float64) + origin[d]
+    return df.groupby("id", as_index=False).sum()
+
+
+@dataclass
+class TileObjects:
+    """Partial sums of one tile."""
+
+    pred: pd.DataFrame
+    truth: pd.DataFrame | None
+    overlap: pd.DataFrame | None
+
+
+def tile_objects(scene_path: str, result_path: str, truth: Truth | None, tile_size: int,
+                 index: Index) -> TileObjects:
+    scene = Scene(scene_path)
+    core = TileGrid(scene.shape, tile_size).tile(index).core
+    pred = np.asarray(zarr.open_array(result_path, path=INSTANCES, mode="r")[core.slices])
+    p = _sums(pred, core.start)
+    if truth is None or not truth.has_ids():
+        return TileObjects(p, None, None)
+    valid = scene.valid_in(core.slices)
+    t_ids = np.where(valid, truth.read_ids(core, scene.transform), 0)
+    both = (pred > 0) & (t_ids > 0)
+    overlap = pd.DataFrame({"id": pred[both].astype(np.int64), "truth_id": t_ids[both].astype(np.int64),
+                            "pixels": 1}).groupby(["id", "truth_id"], as_index=False).sum()
+    return TileObjects(p, _sums(t_ids, core.start), overlap)
+
+
+def _table(parts: list[pd.DataFrame], nd: int) -> pd.DataFrame:
+    df = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else None
+    if df is None:
+        return pd.DataFrame(columns=["id", "pixels", *[f"c{d}" for d in range(nd)]]).set_index("id")
+    df = df.groupby("id").sum()
+    for d in range(nd):
+        df[f"c{d}"] = df[f"s{d}"] / df["pixels"]  # centroid in scene pixel coordinates
+    return df.drop(columns=[f"s{d}" for d in range(nd)])
+
+
+@dataclass
+class ObjectReport:
+    """Objects, their matches, and per-tile counts."""
+
+    objects: pd.DataFrame  # index id: pixels, centroid c0.., tile, class, truth_id, iou
+    truth: pd.DataFrame | None
+    summary: dict[str, Any]
+    per_tile: dict[str, dict[str, Any]]
+
+
+def _tile_key(df: pd.DataFrame, grid: TileGrid) -> pd.Series:
+    cols = [np.clip((df[f"c{d}"].to_numpy() // n).astype(int), 0, k - 1)
+            for d, (n, k) in enumerate(zip(grid.size, grid.counts, strict=True))]
+    return pd.Series(["_".join(map(str, t)) for t in zip(*cols, strict=True)], index=df.index, dtype=object)
+
+
+def object_report(parts: list[TileObjects], grid: TileGrid, instance_classes: np.ndarray, match_iou: float,
+                  class_names: list[str]) -> ObjectReport:
+    nd = len(grid.shape)
+    objects = _table([p.pred for p in parts], nd)
+    objects["class"] = [class_names[int(instance_classes[i])] for i in objects.index]
+    objects["tile"] = _tile_key(objects, grid) if len(objects) else pd.Series(dtype=object)
+    objects["truth_id"] = 0
+    objects["iou"] = np.nan
+    truth = None
+    summary: dict[str, Any] = {"objects": int(len(objects))}
+    if parts and parts[0].truth is not None:
+        truth = _table([p.truth for p in parts], nd)
+        truth["tile"] = _tile_key(truth, grid) if len(truth) else pd.Series(dtype=object)
+        truth["id"] = 0
+        truth["iou"] = np.nan
+        ov = pd.concat([p.overlap for p in parts if len(p.overlap)], ignore_index=True) \
+            if any(len(p.overlap) for p in parts) else pd.DataFrame(columns=["id", "truth_id", "pixels"])
+        if len(ov):
+            ov = ov.groupby(["id", "truth_id"], as_index=False).sum()
+            ov["iou"] = ov["pixels"] / (objects.loc[ov["id"], "pixels"].to_numpy()
+                                        + truth.loc[ov["truth_id"], "pixels"].to_numpy() - ov["pixels"])
+            m = ov[ov["iou"] > match_iou]
+            objects.loc[m["id"], "truth_id"] = m["truth_id"].to_numpy()
+            objects.loc[m["id"], "iou"] = m["iou"].to_numpy()
+            truth.loc[m["truth_id"], "id"] = m["id"].to_numpy()
+            truth.loc[m["truth_id"], "iou"] = m["iou"].to_numpy()
+        tp = int((objects["truth_id"] > 0).sum())
+        fp, fn = len(objects) - tp, len(truth) - tp
+        # Summed exactly (fsum): the table's order follows the tiles, and a float sum in another order may
+        # differ in the last bit, so the scores would depend on the tile size.
+        matched = math.fsum(objects.loc[objects["truth_id"] > 0, "iou"])
+        summary.update({
+            "truth_objects": int(len(truth)), "matched": tp, "false_positives": fp, "false_negatives": fn,
+            "precision": tp / len(objects) if len(objects) else None,
+            "recall": tp / len(truth) if len(truth) else None,
+            "f1": 2 * tp / (len(objects) + len(truth)) if len(objects) + len(truth) else None,
+            "mean_matched_iou": matched / tp if tp else None,
+            # panoptic quality (Kirillov et al.): matched IoU sum over TP + FP/2 + FN/2
+            "panoptic_quality": matched / (tp + fp / 2 + fn / 2) if tp + fp + fn else None,
+            "match_iou": match_iou,
+        })
+    per_tile: dict[str, dict[str, Any]] = {}
+    for t in grid:
+        row: dict[str, Any] = {"objects": int((objects["tile"] == t.key).sum())}
+        if truth is not None:
+            mine = objects[(objects["tile"] == t.key) & (objects["truth_id"] > 0)]
+            row.update({"truth_objects": int((truth["tile"] == t.key).sum()), "matched_objects": int(len(mine)),
+                        "mean_matched_iou": math.fsum(mine["iou"]) / len(mine) if len(mine) else None})
+        per_tile[t.key] = row
+    return ObjectReport(objects, truth, summary, per_tile)
+
+
+def tile_polygons(result_path: str, tile_size: int, index: Index, transform: Affine,
+                  connectivity: int) -> list[tuple[int, dict]]:
+    """GeoJSON-like polygons of the objects in one tile core (pixel edges, in scene coordinates)."""
+    arr = zarr.open_array(result_path, path=INSTANCES, mode="r")
+    tile = TileGrid(tuple(arr.shape), tile_size).tile(index)
+    ids = np.asarray(arr[tile.core.slices]).astype(np.int32)
+    return [(int(v), geom) for geom, v in shapes(ids, mask=ids > 0, connectivity=8 if connectivity == 2 else 4,
+                                                 transform=tile.transform(transform))]
+
+
+def write_polygons(pieces: list[tuple[int, dict]], objects: pd.DataFrame, crs: CRS | None, dest: Path) -> Path:
+    """Dissolve pieces per object ID and write a GeoPackage layer ``objects`` (atomically)."""
+    import shapely
+    from pyogrio.raw import write
+
+    by_id: dict[int, list] = {}
+    for i, g in pieces:
+        by_id.setdefault(i, []).append(shapely.geometry.shape(g))
+    ids = sorted(by_id)
+    geoms = [shapely.multipolygons(shapely.get_parts(shapely.union_all(by_id[i]))) for i in ids]
+    obj = objects.loc[ids] if ids else objects
+    fields = [np.asarray(ids, np.int64), obj["class"].astype(str).to_numpy(dtype=object),
+              obj["pixels"].to_numpy(np.int64), np.asarray([g.area for g in geoms], np.float64),
+              obj["truth_id"].to_numpy(np.int64), obj["iou"].to_numpy(np.float64)]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp.gpkg")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        write(str(tmp), np.array([shapely.to_wkb(g) for g in geoms], dtype=object), fields,
+              ["id", "class", "pixels", "area", "truth_id", "iou"], geometry_type="MultiPolygon",
+              crs=crs.to_wkt() if crs is not None else None, driver="GPKG", layer="objects")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest

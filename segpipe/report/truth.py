@@ -1,0 +1,217 @@
+"""Ground truth onto the scene grid: a raster or volume on the same grid, or vectors rasterised per tile.
+
+Rasters must already be on the scene's CRS and grid: silently resampling labels would change
+what is being measured, so a mismatch is an input error. Vector labels (any OGR format, GeoParquet:
+:mod:`segpipe.io.vector`) are reprojected into the scene CRS (as Raster Vision does) and burned in tile
+by tile, so memory stays bounded. Class attributes may hold ids or names. A truth class the method does
+not have is an error naming it (it would silently drop out of the counts), unless ``truth.ignore`` lists it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from rasterio.crs import CRS
+from rasterio.features import rasterize
+from rasterio.warp import transform_geom
+from shapely.geometry import box, shape
+
+from segpipe.config import TruthSpec
+from segpipe.errors import InputError
+from segpipe.io.raster import RasterInfo, open_raster, raster_info
+from segpipe.io.result import NODATA
+from segpipe.io.vector import is_vector, read_features
+from segpipe.io.volume import is_volume, read_volume, volume_info
+from segpipe.tiling.geometry import SceneGeometry
+from segpipe.tiling.grid import Box
+
+# Raster labels are scanned for their values in windows of about this many pixels (bounded memory).
+SCAN_PIXELS = 2**22
+
+
+@dataclass
+class Truth:
+    """Checked ground truth, cheap to send to workers (vector shapes are in scene CRS)."""
+
+    kind: str  # "raster" | "vector" | "volume"
+    path: str
+    shapes: list[tuple[dict[str, Any], int]] = field(default_factory=list)
+    nodata: float | None = None
+    all_touched: bool = False
+    remap: dict[int, int] = field(default_factory=dict)
+    binarize: bool = False
+    instances: bool = False
+    ignore: list[int] = field(default_factory=list)  # truth ids left out of the metrics
+
+    def _read_raw(self, window: Box) -> np.ndarray:
+        if self.kind == "volume":
+            return read_volume(self.path, window)[0]
+        with open_raster(self.path) as ds:
+            return ds.read(1, window=((window.row0, window.row1), (window.col0, window.col1)))
+
+    def has_ids(self) -> bool:
+        """Whether true objects can be told apart: vector features, or a raster of instance IDs."""
+        return self.kind == "vector" or self.instances
+
+    def read_ids(self, window: Box, transform: rasterio.Affine) -> np.ndarray:
+        """True object IDs (uint32, 0 = none) for ``window``: feature number + 1, or the raster's own IDs."""
+        if self.kind != "vector":
+            a = self._read_raw(window)
+            ok = (a > 0) if self.nodata is None else (a > 0) & (a != self.nodata)
+            return np.where(ok, a, 0).astype(np.uint32)
+        return self._burn([(g, k + 1) for k, (g, _) in enumerate(self.shapes)], window, transform, "uint32")
+
+    def _burn(self, shapes: list[tuple[dict[str, Any], int]], window: Box, transform: rasterio.Affine,
+              dtype: str) -> np.ndarray:
+        """Rasterise ``shapes`` (scene CRS) onto ``window`` of the scene grid."""
+        if not shapes:
+            return np.zeros(window.shape, dtype)
+        t = transform @ rasterio.Affine.translation(window.col0, window.row0)
+        return rasterize(shapes, out_shape=window.shape, transform=t, fill=0, all_touched=self.all_touched,
+                         dtype=dtype)
+
+    def read(self, window: Box, transform: rasterio.Affine) -> np.ndarray:
+        """Labels (uint8, 255 = ignore) for ``window`` of the scene."""
+        if self.kind in ("raster", "volume"):
+            a = self._read_raw(window)
+            ignore = np.zeros(a.shape, bool) if self.nodata is None else (a == self.nodata)
+            if self.binarize or self.instances:
+                a = (a > 0).astype(np.int64)
+            if self.remap:
+                mapped = a.astype(np.int64)
+                for src, dst in self.remap.items():
+                    mapped[a == src] = dst
+                a = mapped
+            ignore |= (a < 0) | (a >= NODATA)
+            if self.ignore:
+                ignore |= np.isin(a, self.ignore)
+            return np.where(ignore, NODATA, a).astype(np.uint8)
+        return self._burn(self.shapes, window, transform, "uint8")
+
+
+def _check_volume(spec: TruthSpec, scene: RasterInfo) -> Truth:
+    """Label volumes must share the scene's voxel grid: same shape and the same affine (to 1e-4 mm)."""
+    if not SceneGeometry.of_info(scene).is_volume:
+        raise InputError(f"ground truth is a volume but the input is a 2-D image: {spec.path}")
+    v = volume_info(spec.path)
+    scene_affine = np.asarray(scene.geometry["affine"])
+    if v.shape != scene.shape or not np.allclose(np.asarray(v.affine), scene_affine, atol=1e-4):
+        raise InputError(f"ground-truth volume is on another voxel grid ({'x'.join(map(str, v.shape[::-1]))}) "
+                         f"than the input ({scene.describe()}), or has another affine: {spec.path}")
+    return Truth("volume", v.path, remap=dict(spec.remap), binarize=spec.binarize, instances=spec.instances)
+
+
+def _check_raster(spec: TruthSpec, scene: RasterInfo) -> Truth:
+    if SceneGeometry.of_info(scene).is_volume:
+        raise InputError(f"ground truth for a volume must be a NIfTI file or DICOM series: {spec.path}")
+    info = raster_info(spec.path, "ground-truth raster", require_crs=scene.crs is not None)
+    if scene.crs is None:  # a slide: labels must be on its pixel grid
+        if (info.height, info.width) != (scene.height, scene.width):
+            raise InputError(f"ground-truth raster is on another grid ({info.width}x{info.height}) than the "
+                             f"slide ({scene.width}x{scene.height}): {spec.path}")
+    else:
+        if info.crs != scene.crs:
+            raise InputError(f"ground-truth raster is on another CRS ({info.crs.to_string()}) than the scene "
+                             f"({scene.crs.to_string()}): {spec.path}")
+        same_grid = (info.height, info.width) == (scene.height, scene.width) and \
+            info.transform.almost_equals(scene.transform, precision=1e-9 * max(1.0, abs(scene.transform.a)))
+        if not same_grid:
+            raise InputError(f"ground-truth raster is on another grid ({info.width}x{info.height}, "
+                             f"{tuple(info.transform)[:6]}) than the scene ({scene.width}x{scene.height}, "
+                             f"{tuple(scene.transform)[:6]}): {spec.path}")
+    return Truth("raster", info.path, nodata=info.nodata, remap=dict(spec.remap), binarize=spec.binarize,
+                     instances=spec.instances)
+
+
+def _class_id(value: object, spec: TruthSpec, class_names: list[str] | None, where: str) -> int:
+    """A feature's class from its attribute: an id (an integer, or a string of one), or a name looked up in
+    ``truth.classes``, else in the job's class names."""
+    if isinstance(value, bool) or value is None:
+        raise InputError(f"ground-truth feature has no class in attribute {spec.attribute!r}: {where}")
+    if isinstance(value, int | np.integer) or (isinstance(value, float) and value.is_integer()):
+        return int(value)
+    text = str(value).strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    names = spec.classes if spec.classes is not None else {n: k for k, n in enumerate(class_names or [])}
+    if text not in names:
+        source = "truth.classes" if spec.classes is not None else "class_names"
+        raise InputError(f"ground-truth class {text!r} (attribute {spec.attribute!r}) is not in {source} "
+                         f"{sorted(names)}: map it with truth.classes: {where}")
+    return int(names[text])
+
+
+def _check_vector(spec: TruthSpec, scene: RasterInfo, class_names: list[str] | None) -> Truth:
+    p = Path(spec.path)
+    if scene.crs is None:
+        raise InputError(f"vector ground truth needs a georeferenced scene; give slides and volumes label "
+                         f"images: {p}")
+    features = read_features(p, spec.layer)
+    src_crs = features.crs or CRS.from_epsg(4326)  # GeoJSON without a crs member: RFC 7946
+    shapes = []
+    for geom, props in zip(features.geometries, features.attributes, strict=True):
+        if not geom:
+            continue
+        if src_crs != scene.crs:
+            geom = transform_geom(src_crs, scene.crs, geom)
+        if spec.attribute is not None:
+            if spec.attribute not in props:
+                raise InputError(f"ground-truth feature lacks attribute {spec.attribute!r}: {p}")
+            value = _class_id(props[spec.attribute], spec, class_names, str(p))
+        else:
+            value = spec.value
+        shapes.append((geom, NODATA if value in spec.ignore else value))
+    if shapes:
+        scene_box = box(*scene.bounds)
+        if not any(shape(g).intersects(scene_box) for g, _ in shapes):
+            raise InputError(f"ground-truth vector does not overlap the scene: {p}")
+    return Truth("vector", str(p.resolve()), shapes=shapes, all_touched=spec.all_touched)
+
+
+def _label_values(truth: Truth, scene: RasterInfo) -> set[int]:
+    """Every label a raster or volume truth holds after remapping (its nodata excluded), read in slabs."""
+    shape_ = scene.shape
+    per_row = int(np.prod(shape_[1:]))
+    rows = max(1, SCAN_PIXELS // max(1, per_row))
+    found: set[int] = set()
+    for r in range(0, shape_[0], rows):
+        window = Box((r, *(0,) * (len(shape_) - 1)), (min(shape_[0], r + rows), *shape_[1:]))
+        found.update(int(v) for v in np.unique(truth.read(window, scene.transform)))
+    return found - {NODATA}
+
+
+def _check_classes(truth: Truth, spec: TruthSpec, scene: RasterInfo, n_classes: int) -> None:
+    """Truth class ids the method does not have would silently drop out of the counts: name them."""
+    if truth.kind == "vector":
+        found = {v for _, v in truth.shapes} - {NODATA}
+    elif spec.binarize or spec.instances:
+        return
+    else:
+        found = _label_values(truth, scene)
+    bad = sorted(v for v in found if not 0 <= v < n_classes)
+    if bad:
+        raise InputError(f"ground truth holds class id(s) {bad} beyond the method's classes 0..{n_classes - 1}; "
+                         f"list them in truth.ignore to leave them out of the metrics: {spec.path}")
+
+
+def check_truth(spec: TruthSpec, scene: RasterInfo, class_names: list[str] | None = None,
+                n_classes: int | None = None) -> Truth:
+    """Validate ground truth against the scene (and, given ``n_classes``, the method's classes) before anything
+    is written; ``class_names`` resolve class attributes that hold names."""
+    p = Path(spec.path)
+    if not p.exists():
+        raise InputError(f"ground truth not found: {p}")
+    if is_vector(p):
+        truth = _check_vector(spec, scene, class_names)
+    elif is_volume(p):
+        truth = _check_volume(spec, scene)
+    else:
+        truth = _check_raster(spec, scene)
+    truth.ignore = list(spec.ignore)
+    if n_classes is not None:
+        _check_classes(truth, spec, scene, n_classes)
+    return truth

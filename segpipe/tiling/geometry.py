@@ -1,0 +1,123 @@
+"""One description of where a scene's pixels lie, in the spirit of odc-geo's GeoBox.
+
+Why: "is this a volume, an image or a slide?" decides the tile word, the pixel unit, the default exports,
+which exports apply, whether objects get polygons, and how tile footprints and centroids are placed. Asked
+in each stage from array ranks and attribute names, the answers drift apart; asked of one object built
+from the input's metadata (or a store's attributes), they cannot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from affine import Affine
+from rasterio.crs import CRS
+
+if TYPE_CHECKING:
+    from segpipe.io.raster import RasterInfo
+
+KINDS = ("raster", "slide", "volume")
+EXPORTS = ("cog", "ome-zarr", "nifti")
+
+
+@dataclass(frozen=True)
+class SceneGeometry:
+    """Shape, placement and units of a scene grid.
+
+    ``transform`` places (row, col) of an image: CRS units for a raster, micrometres for a slide (no CRS).
+    Volumes are ``(z, y, x)`` and placed by ``affine``, NIfTI's 4x4 from voxel ``(i, j, k) = (x, y, z)`` to
+    RAS+ millimetres (``transform`` then holds their in-plane part, for code that only needs a 2-D one).
+    """
+
+    kind: str
+    shape: tuple[int, ...]
+    transform: Affine
+    crs: CRS | None = None
+    affine: np.ndarray | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, not {self.kind!r}")
+        if (self.kind == "volume") != (len(self.shape) == 3) or (self.kind == "volume") != (self.affine is not None):
+            raise ValueError(f"a {self.kind} needs {'3' if self.kind == 'volume' else '2'} axes"
+                             f"{' and an affine' if self.kind == 'volume' else ''}: shape {self.shape}")
+
+    @classmethod
+    def of_info(cls, info: RasterInfo) -> SceneGeometry:
+        """From an input's metadata, before anything is read or written."""
+        affine = (info.geometry or {}).get("affine")
+        return cls(info.kind, tuple(info.shape), info.transform, info.crs,
+                   None if affine is None else np.asarray(affine, dtype=float))
+
+    @classmethod
+    def of_attrs(cls, shape: tuple[int, ...], attrs: dict[str, Any]) -> SceneGeometry:
+        """From a scene or result store's attributes (the inverse of how ingest records them)."""
+        from segpipe.io.store import read_geo
+
+        crs, transform = read_geo(attrs)
+        affine = attrs.get("affine")
+        return cls(str(attrs.get("kind", "raster")), tuple(shape), transform, crs,
+                   None if affine is None else np.asarray(affine, dtype=float))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def is_volume(self) -> bool:
+        return self.kind == "volume"
+
+    @property
+    def units(self) -> str:
+        """Unit of the pixel size and of world coordinates: mm (volumes), µm (slides), the CRS's linear unit,
+        or px for an image placed in pixels only."""
+        if self.is_volume:
+            return "mm"
+        if self.kind == "slide":
+            return "µm"
+        if self.crs is None:
+            return "px"
+        return self.crs.linear_units or "unknown"
+
+    @property
+    def tile_word(self) -> str:
+        """What a tile is called in messages and reports: a block of a volume, a tile of an image."""
+        return "block" if self.is_volume else "tile"
+
+    @property
+    def pixel_word(self) -> str:
+        """What the counted elements are called: voxels of a volume, pixels of an image."""
+        return "voxels" if self.is_volume else "pixels"
+
+    @property
+    def score(self) -> str:
+        """The per-class overlap score the terminal shows per tile: Dice for volumes (as medical imaging
+        reports), IoU for images; both are always written."""
+        return "dice" if self.is_volume else "iou"
+
+    @property
+    def default_exports(self) -> list[str]:
+        return {"raster": ["cog"], "slide": ["cog", "ome-zarr"], "volume": ["nifti"]}[self.kind]
+
+    @property
+    def foreign_exports(self) -> set[str]:
+        """Exports that do not apply to this kind of scene."""
+        return {"cog"} if self.is_volume else {"nifti"}
+
+    @property
+    def has_polygons(self) -> bool:
+        """Whether objects can be written as polygons (objects.gpkg): images only."""
+        return not self.is_volume
+
+    def world(self, index: np.ndarray) -> np.ndarray:
+        """Pixel (row, col) or voxel (z, y, x) index coordinates, shape (ndim, n), to world coordinates
+        (x, y) in CRS units / µm, or (x, y, z) RAS+ mm; an index is a pixel centre at +0.5 of its corner."""
+        index = np.asarray(index, dtype=float)
+        if self.is_volume:
+            ijk = np.vstack([index[2], index[1], index[0], np.ones(index.shape[1])])
+            return (self.affine @ ijk)[:3]
+        t = self.transform
+        row, col = index[0] + 0.5, index[1] + 0.5
+        return np.vstack([t.c + t.a * col + t.b * row, t.f + t.d * col + t.e * row])

@@ -1,0 +1,188 @@
+"""Source (GeoTIFF/COG, whole-slide image, NIfTI or DICOM series) -> chunked Zarr v3 scene store.
+
+Memory is bounded by one row of chunks per task whatever the scene size: each task reads one row
+of chunk windows (for volumes, one slab of chunk thickness along z) from the source and writes
+them straight into whole Zarr chunks, so no two tasks write the same chunk and no lock is needed.
+For rasters, validity comes from GDAL's dataset mask, so nodata values, alpha bands and internal
+masks are all honoured; for slides it is the scanned area intersected with the tissue mask; every
+voxel of a volume is valid unless the job names a ``nodata`` value.
+
+The validity array's fill value is 1 (valid) and an all-valid span is never written: most scenes are
+valid almost everywhere, so validity costs neither encoding nor storage there. The pixels are stored with
+Blosc's LZ4 over shuffled bytes: measured on a uint16 GeoTIFF it wrote 1.4x faster than Zarr's default
+zstd and read no slower, at 0.69 instead of 0.59 of the raw size.
+"""
+
+from __future__ import annotations
+
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from distributed import Client
+from zarr.codecs import BloscCodec
+
+from segpipe import progress
+from segpipe.config import JobSpec
+from segpipe.errors import InputError
+from segpipe.io.fingerprint import source_fingerprint
+from segpipe.io.raster import RasterInfo, is_remote, open_raster
+from segpipe.io.readers import detect, format_of, open_reader
+from segpipe.io.source_pixels import SourcePixels, suits_in_place
+from segpipe.io.store import Marks, ensure_array, geo_attrs, open_or_create, remove_store
+from segpipe.tiling.grid import Box, TileGrid
+from segpipe.tiling.scene import Scene, scene_path
+
+STAGE = "ingest"
+IMAGE_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+
+
+def selected_bands(job: JobSpec, info: RasterInfo) -> list[int]:
+    """The 1-based bands to ingest; refuse band numbers the file does not have."""
+    bands = job.bands or list(range(1, info.count + 1))
+    missing = [b for b in bands if b > info.count]
+    if missing:
+        raise InputError(f"band(s) {missing} requested but {info.path} has {info.count} band(s)")
+    return bands
+
+
+def fingerprint(job: JobSpec, info: RasterInfo) -> dict:
+    """What the scene store depends on: change any of it and the store must not be reused."""
+    if is_remote(info.path):
+        with open_raster(info.path) as ds:  # objects change under the same URL: identify by content metadata
+            stamp = {"size": None, "mtime_ns": ds.tags().get("TIFFTAG_DATETIME")}
+    else:
+        stamp = source_fingerprint(info.path)
+    return {"source": info.path, **stamp, "shape": [info.count, *info.shape],
+            "bands": selected_bands(job, info), "nodata": job.nodata, "chunk": job.chunk_for(len(info.shape)),
+            "pixels": "source" if in_place(job, info) else "copy", **({"level": info.level} if info.level else {})}
+
+
+def in_place(job: JobSpec, info: RasterInfo) -> bool:
+    """Whether the job reads the source's pixels in place instead of copying them (see ``pixels``)."""
+    return job.pixels == "auto" and format_of(info.kind).in_place and suits_in_place(info.block, job.chunk_for(2))
+
+
+def source_info(path: str, level: int = 0) -> RasterInfo:
+    """Inspect the input: GeoTIFF/COG (rasterio), whole-slide image (OpenSlide; at pyramid ``level``) or volume
+    (nibabel/pydicom), whichever :func:`segpipe.io.readers.detect` finds it to be."""
+    return detect(path).inspect(path, level)
+
+
+def _ingest_row(src: str, store: str, row: int, *, kind: str, chunk: int, bands: list[int], nodata: float | None,
+                prepared: Any = None, level: int = 0) -> int:
+    """Copy one row of chunk windows (a z slab for volumes) from ``src`` into the store; returns the row.
+
+    ``kind`` names the source's format (:mod:`segpipe.io.readers`); ``prepared`` is what the format computed
+    once on the client (a slide's tissue mask). A store without an ``image`` array reads the pixels in place:
+    only validity is written.
+    """
+    group = zarr.open_group(store, mode="r+")
+    valid = group["valid"]
+    image = group["image"] if "image" in group else None
+    grid = TileGrid(tuple(valid.shape), chunk)
+    with open_reader(kind, src, bands, nodata, level, prepared) as reader:
+        if image is None and nodata is None and reader.valid_everywhere():
+            Marks(store, STAGE).mark(str(row))  # nothing to copy and nothing to learn: no pixel is read
+            return row
+        dtype = image.dtype if image is not None else reader.dtype  # in place: rasters only, which know it
+        for w in _row_spans(grid, row, dtype.itemsize * len(bands)):
+            data, ok = reader.read(w)
+            if image is not None:
+                image[(slice(None), *w.slices)] = data
+            _write_valid(valid, w.slices, ok)
+    Marks(store, STAGE).mark(str(row))
+    return row
+
+
+def _write_valid(valid: zarr.Array, where: tuple[slice, ...], ok: np.ndarray) -> None:
+    """Store a window's validity; nothing to write where all is valid and the array reads as valid when unwritten.
+
+    A store ingested by an older version has fill value 0 and gets every window written.
+    """
+    if valid.fill_value == 1 and ok.all():
+        return
+    valid[where] = ok.astype(np.uint8)
+
+
+def _row_spans(grid: TileGrid, row: int, bytes_per_pixel: int, budget: int = 64 * 2**20) -> list[Box]:
+    """Row ``row`` of chunk windows in as few reads as fit ``budget`` bytes, each a whole number of chunks.
+
+    One read and one Zarr write per span instead of per chunk: GDAL decodes the span's blocks in one call
+    and Zarr writes its chunks in one (concurrent) call, which is where per-chunk overhead went. A volume's
+    row is one slab of chunk thickness along z, read at once: volume formats are read slice-wise anyway.
+    """
+    if len(grid.shape) == 3:
+        slab = grid.tile((row, 0, 0)).core
+        return [Box((slab.start[0], 0, 0), (slab.stop[0], *grid.shape[1:]))]
+    core = grid.tile((row, 0)).core
+    width, n = grid.size[-1], grid.counts[-1]
+    step = max(1, budget // max(1, core.height * width * bytes_per_pixel))
+    return [Box.rc(core.row0, c * width, core.row1, min(grid.shape[-1], (c + step) * width)) for c in range(0, n, step)]
+
+
+def ingest(job: JobSpec, info: RasterInfo, client: Client) -> Scene:
+    """Ingest the job's input into ``<output>/scene.zarr``; resumes a partial ingest."""
+    store = scene_path(job.store_root)
+    created = _missing_folders(Path(job.output))
+    Path(job.output).mkdir(parents=True, exist_ok=True)
+    bands = selected_bands(job, info)
+    group = open_or_create(store, fingerprint(job, info), "scene store")
+    nd = len(info.shape)
+    c = job.chunk_for(nd)
+    dims = ("z", "y", "x")[-nd:]
+    pixels = {}
+    if in_place(job, info):
+        pixels = SourcePixels(info.path, bands, info.shape, info.dtype, c).attrs()
+    else:
+        ensure_array(group, "image", (len(bands), *info.shape), (len(bands), *(c,) * nd), info.dtype,
+                     0, ("band", *dims), compressors=IMAGE_CODEC)
+    ensure_array(group, "valid", info.shape, (c,) * nd, "uint8", 1, dims)
+    geometry = info.geometry if info.geometry is not None else geo_attrs(info.crs, info.transform, info.mpp)
+    group.attrs.update({**geometry, **pixels, "source": info.path, "kind": info.kind, "all_valid": False,
+                        "bands": bands, "nodata": job.nodata if job.nodata is not None else info.nodata,
+                        "band_names": [info.descriptions[b - 1] or f"band{b}" for b in bands]})
+    marks = Marks(store, STAGE)
+    done = marks.keys()
+    total = TileGrid(info.shape, c).counts[0]
+    rows = [r for r in range(total) if str(r) not in done]
+    prepared = format_of(info.kind).prepare(info.path, info.level) if rows else None
+    futures = client.map(_ingest_row, [info.path] * len(rows), [store] * len(rows), rows, kind=info.kind,
+                         chunk=c, bands=bands, nodata=job.nodata, prepared=prepared, level=info.level, pure=False)
+    with progress.stage("ingest", total, "row" if nd == 2 else "slab", done=total - len(rows)) as advance:
+        progress.gather(client, futures, advance)
+    valid = group["valid"]
+    # No validity chunk written (fill value 1) means every pixel is valid: readers then skip the array.
+    group.attrs["all_valid"] = bool(valid.fill_value == 1 and valid.nchunks_initialized == 0)
+    if not group.attrs["all_valid"] and not _any_valid(valid):
+        # Only the pixels can tell, so this is found here rather than in the up-front checks: take back
+        # what this run wrote so the output is as it was, and say so in one line.
+        remove_store(store)
+        for folder in created:
+            with suppress(OSError):  # a folder something else wrote into stays
+                folder.rmdir()
+        raise InputError(f"input has no valid pixel (every pixel is nodata or masked): {info.path}")
+    return Scene(store)
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first: what ``mkdir(parents=True)`` makes."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _any_valid(valid: zarr.Array) -> bool:
+    """Whether any pixel of the validity array is valid, reading as little as it takes.
+
+    An unwritten chunk reads as its fill value, so with fill 1 a missing chunk is a valid one; otherwise
+    the array is read a slab of chunks at a time and the scan stops at the first valid pixel.
+    """
+    if valid.fill_value == 1 and valid.nchunks_initialized < valid.nchunks:
+        return True
+    step = valid.chunks[0]
+    return any(np.any(valid[r:r + step]) for r in range(0, valid.shape[0], step))

@@ -1,0 +1,37 @@
+"""Which patches of the global patch grid hold a valid pixel: the list model batches are cut from.
+
+Torch-free, so listing runs on any worker without loading a model. A patch with no valid pixel only
+covers pixels that end as nodata, so it is never computed.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from segpipe.tiling.grid import Box, Index, PatchGrid
+from segpipe.tiling.resample import ResampledScene, open_scene
+from segpipe.tiling.scene import Scene
+
+
+def with_valid_pixels(scene: Scene | ResampledScene, grid: PatchGrid, patches: list[Index]) -> list[Index]:
+    """The patches that hold at least one valid pixel, from one read of their union's validity."""
+    if not patches:
+        return []
+    whole = Box.of(scene.shape)
+    wins = [grid.window(idx).intersect(whole) for idx in patches]
+    span = Box(tuple(min(c) for c in zip(*(w.start for w in wins), strict=True)),
+               tuple(max(c) for c in zip(*(w.stop for w in wins), strict=True)))
+    valid = scene.valid_in(span.slices)
+    return [idx for idx, w in zip(patches, wins, strict=True) if valid[w.relative_to(span)].any()]
+
+
+def valid_patches_in_rows(scene_path: str, patch: int | Index, overlap: float, rows: list[int],
+                          scale: tuple[float, ...] | None = None) -> list[Index]:
+    """Patches of the given first-axis indices (patch rows; z for volumes) that hold a valid pixel, in order.
+
+    With ``scale``, of the patch grid on the model grid (:mod:`segpipe.tiling.resample`).
+    """
+    scene = open_scene(scene_path, scale)
+    grid = PatchGrid(scene.shape, patch, overlap)
+    rest = [range(c) for c in grid.counts[1:]]
+    return [idx for i in rows for idx in with_valid_pixels(scene, grid, list(itertools.product([i], *rest)))]
