@@ -38,7 +38,7 @@ from segpipe.methods.segment import MethodPlan, plan_method, result_fingerprint,
 from segpipe.report.truth import Truth, check_truth
 from segpipe.runtime.placement import cpu_stage
 from segpipe.tiling.geometry import SceneGeometry
-from segpipe.tiling.grid import TileGrid
+from segpipe.tiling.grid import TileGrid, TileTask
 from segpipe.tiling.ingest import fingerprint, ingest, selected_bands, source_info
 from segpipe.tiling.scene import Scene, work_path
 
@@ -264,13 +264,13 @@ def run_objects(c: Checked, scene: Scene, result: str, inst: InstanceSummary | N
     from segpipe.report.tables import write_object_report
 
     grid = TileGrid(scene.shape, c.job.tile_size)
-    parts = client.gather([client.submit(tile_objects, scene.path, result, c.truth, c.job.tile_size, t.index,
-                                         pure=False) for t in grid])
+    tasks = TileTask.each(scene.shape, c.job.tile_size, scene=scene.path, result=result)
+    parts = client.gather([client.submit(tile_objects, t, truth=c.truth, pure=False) for t in tasks])
     report = object_report(parts, grid, inst.classes, c.job.instances.match_iou, c.plan.class_names)
     write_object_report(report, c.metrics_dir, scene.geometry)
     if scene.geometry.has_polygons:
-        pieces = client.gather([client.submit(tile_polygons, result, c.job.tile_size, t.index, scene.transform,
-                                              c.connectivity, pure=False) for t in grid])
+        pieces = client.gather([client.submit(tile_polygons, t, transform=scene.transform,
+                                              connectivity=c.connectivity, pure=False) for t in tasks])
         write_polygons([p for part in pieces for p in part], report.objects, scene.crs, c.polygons_path)
     return report
 

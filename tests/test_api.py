@@ -56,6 +56,15 @@ def test_a_dataarray_and_a_numpy_array_give_the_class_map_of_the_file(tmp_path, 
     by_np = segpipe.segment(da.values[0], method, tile_size=512, crs=da.rio.crs, transform=da.rio.transform(),
                             output=tmp_path / "np", client=client, progress=False)
     np.testing.assert_array_equal(by_np["class"].values, by_file["class"].values)  # any tile size, same map
+    # odc-geo's convention, built by hand: pixel-centre x/y coordinates and a ``spatial_ref`` coordinate whose
+    # ``crs_wkt`` gives the CRS (no rioxarray involved in making it).
+    t = da.rio.transform()
+    h, w = da.shape[1:]
+    odc = xr.DataArray(da.values[0], dims=("y", "x"), coords={
+        "y": t.f + (np.arange(h) + 0.5) * t.e, "x": t.c + (np.arange(w) + 0.5) * t.a,
+        "spatial_ref": xr.DataArray(0, attrs={"crs_wkt": da.rio.crs.to_wkt()})})
+    by_odc = segpipe.segment(odc, method, tile_size=256, output=tmp_path / "odc", client=client, progress=False)
+    np.testing.assert_array_equal(by_odc["class"].values, by_file["class"].values)
     # The same array again resumes: the source file is kept, not rewritten.
     src = tmp_path / "np" / "source.tif"
     stamp = src.stat().st_mtime_ns

@@ -25,7 +25,7 @@ from rasterio.features import shapes
 
 from segpipe.objects.instances import INSTANCES
 from segpipe.report.truth import Truth
-from segpipe.tiling.grid import Index, TileGrid
+from segpipe.tiling.grid import TileGrid, TileTask
 from segpipe.tiling.scene import Scene
 
 
@@ -50,11 +50,11 @@ class TileObjects:
     overlap: pd.DataFrame | None
 
 
-def tile_objects(scene_path: str, result_path: str, truth: Truth | None, tile_size: int,
-                 index: Index) -> TileObjects:
-    scene = Scene(scene_path)
-    core = TileGrid(scene.shape, tile_size).tile(index).core
-    pred = np.asarray(zarr.open_array(result_path, path=INSTANCES, mode="r")[core.slices])
+def tile_objects(task: TileTask, *, truth: Truth | None) -> TileObjects:
+    """Per-object sums of one tile core (pixels, centroid sums, class) and, with true objects, the overlaps."""
+    scene = Scene(task.scene)
+    core = task.core
+    pred = np.asarray(zarr.open_array(task.result, path=INSTANCES, mode="r")[core.slices])
     p = _sums(pred, core.start)
     if truth is None or not truth.has_ids():
         return TileObjects(p, None, None)
@@ -144,12 +144,10 @@ def object_report(parts: list[TileObjects], grid: TileGrid, instance_classes: np
     return ObjectReport(objects, truth, summary, per_tile)
 
 
-def tile_polygons(result_path: str, tile_size: int, index: Index, transform: Affine,
-                  connectivity: int) -> list[tuple[int, dict]]:
+def tile_polygons(task: TileTask, *, transform: Affine, connectivity: int) -> list[tuple[int, dict]]:
     """GeoJSON-like polygons of the objects in one tile core (pixel edges, in scene coordinates)."""
-    arr = zarr.open_array(result_path, path=INSTANCES, mode="r")
-    tile = TileGrid(tuple(arr.shape), tile_size).tile(index)
-    ids = np.asarray(arr[tile.core.slices]).astype(np.int32)
+    tile = task.tile
+    ids = np.asarray(zarr.open_array(task.result, path=INSTANCES, mode="r")[tile.core.slices]).astype(np.int32)
     return [(int(v), geom) for geom, v in shapes(ids, mask=ids > 0, connectivity=8 if connectivity == 2 else 4,
                                                  transform=tile.transform(transform))]
 
