@@ -15,3 +15,19 @@ def test_importing_every_segpipe_module_does_not_import_prefect():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_flows_install_under_segpipe_flows_not_a_generic_top_level_name():
+    """A wheel holds only ``segpipe`` and ``segpipe_flows``: a top-level ``flows`` would clash with other projects'."""
+    import tomllib
+    from pathlib import Path
+
+    from setuptools import find_packages
+
+    root = Path(__file__).resolve().parents[1]
+    include = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert {p.split(".")[0] for p in find_packages(str(root), include=include)} == {"segpipe", "segpipe_flows"}
+    assert not (root / "flows").exists()
+    import segpipe_flows
+
+    assert Path(segpipe_flows.__file__).resolve().parent == root / "segpipe_flows"
