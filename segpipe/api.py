@@ -34,11 +34,14 @@ if TYPE_CHECKING:
     from segpipe.progress import Reporter
 
 
-def job_spec(source: str | Path, method: str | Mapping[str, Any], *, output: str | Path,
+def job_spec(source: str | Path | Mapping[str, Any] | list[str | Path], method: str | Mapping[str, Any], *,
+             output: str | Path,
              tile_size: int | None = None, truth: str | Path | Mapping[str, Any] | None = None,
              **options: Any) -> JobSpec:
     """A job as the job file would give it, from Python values; validated, nothing read or written.
 
+    ``source`` is a path or URL, a mapping shaped like the job file's mosaic ``input:`` (``{"stac": url,
+    "assets": [...], "bbox": [...], "datetime": "2024-06"}``), or a list of rasters to mosaic.
     ``method`` is a method name (``"otsu"``) or a mapping shaped like the job file's ``method:``
     (``{"name": "unet", "model": "model.pt", "patch_size": 256}``); ``truth`` a path or a mapping like
     ``truth:``. Other job settings (``bands``, ``class_names``, ``exports``, ``instances``, ``probabilities``,
@@ -46,13 +49,22 @@ def job_spec(source: str | Path, method: str | Mapping[str, Any], *, output: str
     """
     from segpipe.config import job_from_dict
 
-    data: dict[str, Any] = {"input": str(source), "output": str(output),
+    data: dict[str, Any] = {"input": _input(source), "output": str(output),
                             "method": {"name": method} if isinstance(method, str) else dict(method), **options}
     if tile_size is not None:
         data["tile_size"] = tile_size
     if truth is not None:
         data["truth"] = {"path": str(truth)} if isinstance(truth, str | Path) else dict(truth)
     return job_from_dict(data, Path.cwd())
+
+
+def _input(source: str | Path | Mapping[str, Any] | list[str | Path]) -> str | dict[str, Any]:
+    """The job file's ``input:`` for a source given from Python."""
+    if isinstance(source, Mapping):
+        return dict(source)
+    if isinstance(source, list | tuple):
+        return {"rasters": [str(s) for s in source]}
+    return str(source)
 
 
 def check_job(job: JobSpec | str | Path, overrides: Mapping[str, Any] | None = None) -> Checked:
@@ -102,7 +114,8 @@ def segment(source: Any, method: str | Mapping[str, Any], *, output: str | Path 
             progress: bool = True, **options: Any) -> xr.Dataset:
     """Segment ``source`` tile by tile and return the result as a lazy ``xarray.Dataset``.
 
-    ``source``: a path or URL (GeoTIFF/COG, whole-slide image, NIfTI, DICOM folder), an ``xr.DataArray``
+    ``source``: a path or URL (GeoTIFF/COG, whole-slide image, NIfTI, DICOM folder), a mosaic (a mapping like
+    the job file's mosaic ``input:``, e.g. a STAC search, or a list of rasters), an ``xr.DataArray``
     with a CRS (rioxarray or odc-geo conventions), or a numpy/dask array with ``transform`` (an affine and
     ``crs`` for an image, a 4x4 NIfTI affine for a (z, y, x) volume). An array is written once as
     ``<output>/source.tif`` (``source.nii.gz``) so that checks, resume and provenance work as for a file.

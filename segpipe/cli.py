@@ -11,8 +11,13 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from segpipe.errors import InputError
+
+if TYPE_CHECKING:
+    from segpipe.periods import PlannedPeriod
+    from segpipe.progress import Reporter
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -33,13 +38,33 @@ def _overrides(args: argparse.Namespace) -> dict:
     return o
 
 
+def _plan_period(args: argparse.Namespace) -> PlannedPeriod:
+    from segpipe.config import load_job
+    from segpipe.periods import plan_period
+
+    return plan_period(load_job(args.job, _overrides(args)), args.period)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check a job as ``run`` would, write nothing, and say what would run."""
     from segpipe.api import check_job
 
-    c = check_job(args.job, _overrides(args))
+    if args.period:
+        plan = _plan_period(args)
+        print(f"period:   {plan.label} -> {plan.folder} ({plan.status}{'; recompute' if plan.recompute else ''})")
+        if plan.checked is None:
+            print("valid: nothing written")
+            return 0
+        c = plan.checked
+    else:
+        c = check_job(args.job, _overrides(args))
     m = c.plan
     print(f"input:    {c.info.path} ({c.info.kind}, {c.info.describe()}, {c.info.count} band(s))")
+    if c.info.mosaic is not None:
+        mosaic = c.info.mosaic
+        print(f"mosaic:   {len(mosaic.items)} item(s), {mosaic.composite} composite, {c.info.crs.to_string()} at "
+              f"{abs(c.info.transform.a):g}; {len(mosaic.skipped)} left out"
+              + "".join(f"\n          left out {k}: {why}" for k, why in mosaic.skipped))
     print(f"method:   {m.name} ({m.n_classes} classes: {', '.join(m.class_names)})"
           + (f"; model grid at {' x '.join(f'{s:g}' for s in m.scale)} x the scene's pixel size" if m.scale else ""))
     print(f"tiles:    {c.job.tile_size} px, output {c.job.output}")
@@ -53,8 +78,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from segpipe.api import check_job, execute
     from segpipe.progress import Reporter
 
-    checked = check_job(args.job, _overrides(args))
     reporter = None if args.quiet else Reporter(sys.stderr)  # stage lines and progress on stderr; -q: none
+    if args.period:
+        return _run_period(args, reporter)
+    checked = check_job(args.job, _overrides(args))
     outcome = execute(checked, reporter=reporter)
     for path in outcome.exports:
         print(f"export:       {path}")
@@ -66,6 +93,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(format_summary(outcome.report))
     elif outcome.objects is not None:
         print(f"objects:      {outcome.objects.summary['objects']} (metrics/objects.csv)")
+    return 0
+
+
+def _run_period(args: argparse.Namespace, reporter: Reporter | None) -> int:
+    """One month of a land-cover series, and its change against the month before (see segpipe.periods)."""
+    from segpipe.periods import run_period
+
+    done = run_period(_plan_period(args), reporter=reporter)
+    print(f"period:       {done.label} ({done.status}, {done.items} item(s)) {done.folder}")
+    if done.outcome is not None:
+        for path in done.outcome.exports:
+            print(f"export:       {path}")
+        if done.outcome.report is not None:
+            print(f"mean IoU:     {done.outcome.report.summary['global_mean_iou']}")
+    if done.change is not None:
+        print(f"change:       {done.previous} -> {done.label}: {done.change.describe()}")
+        for path in done.change.files.values():
+            print(f"change:       {path}")
     return 0
 
 
@@ -107,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("-v", "--verbose", action="store_true", help="also Dask's own warnings and log lines")
         r.add_argument("--overwrite", action="store_true",
                        help="replace results in the output made from other input or settings")
+        r.add_argument("--period", help="a month of a land-cover series, YYYY-MM or 'last' (the month that ended): "
+                                        "the mosaic's items of that month into OUTPUT/period=YYYY-MM/, with the "
+                                        "change against the period before")
         r.set_defaults(func=func)
     t = sub.add_parser("train", help="train the built-in U-Net on an image and labels")
     t.add_argument("--image", required=True, help="GeoTIFF to train on")

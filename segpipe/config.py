@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from segpipe.errors import InputError
-from segpipe.io.raster import local_or_remote
+from segpipe.io.raster import is_remote, local_or_remote
 
 MODEL_METHODS = ("model", "unet")  # "unet" is the older name of "model", kept for existing job files
 METHODS = ("model", "unet", "otsu", "adaptive", "kmeans", "watershed", "edges", "region_growing", "hsv", "gabor")
@@ -124,11 +124,77 @@ class ClusterSpec(_Strict):
         return v
 
 
+class QualitySpec(_Strict):
+    """A per-item quality band of a mosaic: masks pixels out (clouds, shadows) and ranks items for ``best``."""
+
+    asset: str = Field(description="the quality asset of each item (e.g. a cloud mask, Sentinel-2's SCL, a cloud "
+                                   "probability); an item without it is used as if every pixel were clear")
+    invalid: list[float] = Field(default_factory=list, description="quality values that make a pixel unusable "
+                                 "(e.g. [1] for a 0/1 cloud mask, [3, 8, 9, 10] for SCL shadow and clouds)")
+    prefer: Literal["low", "high"] | None = Field(None, description="composite best: per pixel, the item whose "
+                                                  "quality value is lowest (cloud probability) or highest")
+
+
+class MosaicSpec(_Strict):
+    """Many scenes onto one output grid: a STAC search or a list/glob of rasters, composited per pixel."""
+
+    stac: str | None = Field(None, description="a STAC API root URL, or a static catalog/collection JSON (path or "
+                             "URL) whose items are filtered here")
+    rasters: list[str] | str | None = Field(None, description="rasters (paths/URLs) or one glob, instead of STAC")
+    collections: list[str] | None = None
+    bbox: tuple[float, float, float, float] | None = Field(None, description="west, south, east, north in degrees "
+                                                           "(EPSG:4326): the search area, and the output bounds "
+                                                           "without an aoi")
+    aoi: Path | None = Field(None, description="polygon(s) in any OGR format and CRS: output bounds, and pixels "
+                                               "outside are nodata")
+    datetime: str | None = Field(None, description="RFC 3339 instant or range: 2024-06, 2024-06-01/2024-06-30, "
+                                 "2024-06-01/.. (a period run sets it to its month)")
+    max_cloud: float | None = Field(None, ge=0, le=100, description="items with eo:cloud_cover above this are left out")
+    assets: list[str] | None = Field(None, description="one asset per band, in band order (e.g. [B04, B03, B02, "
+                                     "B08]); rasters: default every band of the first raster")
+    crs: str | None = Field(None, description="output CRS; default the first item's")
+    resolution: float | None = Field(None, gt=0, description="output pixel size in CRS units; default the first "
+                                                             "item's")
+    composite: Literal["first", "median", "best"] = Field(
+        "first", description="where items overlap: first = the first valid pixel in item order; median = per band "
+                             "median of the valid pixels (rounded for integers); best = the valid pixel with the best "
+                             "quality value (quality.prefer)")
+    order: Literal["newest", "oldest", "least-cloud"] = Field("newest", description="item order for first (and ties)")
+    quality: QualitySpec | None = None
+    resampling: Literal["nearest", "bilinear", "cubic", "average", "mode"] = Field(
+        "nearest", description="resampling of the bands onto the output grid (the quality band: always nearest)")
+    max_items: int = Field(500, ge=1, description="refuse a search that finds more items than this")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> MosaicSpec:
+        if (self.stac is None) == (self.rasters is None):
+            raise ValueError("a mosaic input needs exactly one of 'stac' (a STAC API or catalog) and 'rasters'")
+        if self.stac is not None and not self.assets:
+            raise ValueError("a STAC input needs 'assets': the item asset of each band, in band order")
+        if self.composite == "best" and (self.quality is None or self.quality.prefer is None):
+            raise ValueError("composite 'best' needs quality.asset and quality.prefer (low or high)")
+        return self
+
+    def resolved(self, base: Path) -> MosaicSpec:
+        """A copy whose local paths are absolute (relative ones anchored at ``base``)."""
+        data = self.model_copy(deep=True)
+        if data.stac is not None:
+            data.stac = local_or_remote(data.stac, base)
+        if isinstance(data.rasters, str):
+            data.rasters = data.rasters if is_remote(data.rasters) else str(base / data.rasters)
+        elif data.rasters is not None:
+            data.rasters = [local_or_remote(r, base) for r in data.rasters]
+        if data.aoi is not None and not data.aoi.is_absolute():
+            data.aoi = (base / data.aoi).resolve()
+        return data
+
+
 class JobSpec(_Strict):
     """A whole segmentation job."""
 
-    input: str = Field(description="GeoTIFF/COG (local path, URL or GDAL /vsi path), whole-slide image, "
-                                   "NIfTI file or DICOM series folder")
+    input: str | MosaicSpec = Field(description="GeoTIFF/COG (local path, URL or GDAL /vsi path), whole-slide "
+                                    "image, NIfTI file or DICOM series folder; or a mosaic: a STAC search or "
+                                    "several rasters onto one grid (see MosaicSpec)")
     output: Path
     store: str | None = Field(None, description="where the Zarr stores (and their completion marks) live: a folder "
                                                 "or an fsspec URL such as s3://bucket/prefix; default: output")
@@ -189,7 +255,8 @@ class JobSpec(_Strict):
         def fix(p: Path | None) -> Path | None:
             return None if p is None else (p if p.is_absolute() else (base / p)).resolve()
         data = self.model_copy(deep=True)
-        data.input = local_or_remote(data.input, base)
+        data.input = data.input.resolved(base) if isinstance(data.input, MosaicSpec) else \
+            local_or_remote(data.input, base)
         data.output = fix(data.output)
         if data.store is not None:
             data.store = local_or_remote(data.store, base)

@@ -39,7 +39,7 @@ from segpipe.report.truth import Truth, check_truth
 from segpipe.runtime.placement import cpu_stage
 from segpipe.tiling.geometry import SceneGeometry
 from segpipe.tiling.grid import TileGrid, TileTask
-from segpipe.tiling.ingest import fingerprint, ingest, selected_bands, source_info
+from segpipe.tiling.ingest import fingerprint, ingest, job_source, selected_bands, source_info
 from segpipe.tiling.scene import Scene, work_path
 
 if TYPE_CHECKING:  # the later stages are imported where they run: start-up pays only for what a job uses
@@ -146,7 +146,7 @@ def check(job: JobSpec, stores: bool = True) -> Checked:
 
     With ``stores``, also the stores already in the output (:func:`check_output_stores`).
     """
-    info = source_info(job.input, job.level or 0)
+    info = job_source(job, job.level or 0)
     if job.level is not None and info.kind != "slide":
         raise InputError(f"level applies to whole-slide images; this input is a {info.kind}")
     bands = selected_bands(job, info)
@@ -359,6 +359,11 @@ def run_job(c: Checked, client: Client, log: Callable[[str], None] = lambda _: N
     start(c)
     workers = client.scheduler_info()["workers"].values()
     threads = sum(w.get("nthreads", 1) for w in workers)
+    mosaic = c.info.mosaic
+    if mosaic is not None:
+        log(f"mosaic of {len(mosaic.items)} item(s), {mosaic.composite} composite")
+        for item_id, why in mosaic.skipped:  # reported, and the run goes on with the others
+            log(f"item {item_id} left out: {why}")
     log(f"ingest {c.info.path} ({c.info.describe()}, {c.info.count} band(s)) on {len(workers)} worker(s), "
         f"{threads} thread(s)")
     dashboard = _dashboard(client)
@@ -387,9 +392,13 @@ def run_job(c: Checked, client: Client, log: Callable[[str], None] = lambda _: N
     with timed("metrics"):
         report = run_metrics(c, scene, result, client, objects)
     finish(c)
-    if report is not None:  # the per-stage wall times beside the scores
+    if report is not None:  # the per-stage wall times (and a mosaic's items) beside the scores
         path = c.metrics_dir / "summary.json"
-        write_atomic(path, json.dumps({**json.loads(path.read_text()), "stage_seconds": seconds}, indent=2))
+        extra = {"stage_seconds": seconds}
+        if mosaic is not None:
+            extra["mosaic"] = {"items": [i.id for i in mosaic.items],
+                               "skipped": [{"id": k, "reason": why} for k, why in mosaic.skipped]}
+        write_atomic(path, json.dumps({**json.loads(path.read_text()), **extra}, indent=2))
     return Outcome(scene.path, result, exports, report, objects, seconds)
 
 

@@ -6,6 +6,8 @@ import pytest
 from conftest import BUILDINGS, SCENE
 from prefect.testing.utilities import prefect_test_harness
 
+pytest_plugins = ["stac_catalogs"]
+
 
 @pytest.fixture(scope="module")
 def prefect_api():
@@ -140,7 +142,7 @@ def test_archive_flow_over_volumes_with_per_item_labels(prefect_api, tmp_path):
     assert again["ct_c"]["status"] == "failed"
 
 
-def test_scheduled_landcover_deployment_registers_with_cron_and_runs(prefect_api, tmp_path):
+def test_scheduled_archive_deployment_registers_with_cron_and_runs(prefect_api, tmp_path):
     """The cron deployment is registered with the API, and a run of it executes the archive flow."""
     import asyncio
     import shutil
@@ -150,7 +152,7 @@ def test_scheduled_landcover_deployment_registers_with_cron_and_runs(prefect_api
     from prefect.deployments import run_deployment
     from prefect.runner import Runner
 
-    from segpipe_flows.deploy import NAME, landcover_deployment
+    from segpipe_flows.deploy import ARCHIVE_NAME, archive_deployment
 
     scenes = tmp_path / "incoming"
     scenes.mkdir()
@@ -159,8 +161,8 @@ def test_scheduled_landcover_deployment_registers_with_cron_and_runs(prefect_api
     job.write_text(yaml.safe_dump({"input": "unused.tif", "output": "unused", "tile_size": 512,
                                    "method": {"name": "kmeans", "params": {"k": 3}}, "cluster": {"n_workers": 1}}))
     out = tmp_path / "landcover"
-    deployment = landcover_deployment(inputs=str(scenes / "*.tif"), job=str(job), output=str(out),
-                                      cron="30 3 * * 1-5", timezone="Europe/Berlin")
+    deployment = archive_deployment(inputs=str(scenes / "*.tif"), job=str(job), output=str(out),
+                                    cron="30 3 * * 1-5", timezone="Europe/Berlin")
     deployment_id = deployment.apply()
 
     async def read():
@@ -168,13 +170,13 @@ def test_scheduled_landcover_deployment_registers_with_cron_and_runs(prefect_api
             return await client.read_deployment(deployment_id)
 
     stored = asyncio.run(read())
-    assert stored.name == NAME
+    assert stored.name == ARCHIVE_NAME
     assert stored.parameters["inputs"] == str(scenes / "*.tif") and stored.parameters["output"] == str(out)
     schedule = stored.schedules[0].schedule
     assert (schedule.cron, schedule.timezone) == ("30 3 * * 1-5", "Europe/Berlin")
     assert stored.schedules[0].active
 
-    flow_run = run_deployment(f"segment-archive/{NAME}", timeout=0)  # what the scheduler does when cron fires
+    flow_run = run_deployment(f"segment-archive/{ARCHIVE_NAME}", timeout=0)  # what the scheduler does when cron fires
     asyncio.run(Runner().execute_flow_run(flow_run.id))
 
     async def final_state():
@@ -226,3 +228,51 @@ def test_archive_flow_over_slides(prefect_api, tmp_path):
     assert (out / "case_1" / "segmentation.tif").is_file() and (out / "case_1" / "image.ome.zarr").is_dir()
     again = {r["item"]: r for r in archive(str(folder), str(job), str(out))}
     assert again["case_1"]["status"] == "skipped (done before)" and again["case_2"]["status"] == "failed"
+
+
+def test_monthly_landcover_deployment_runs_a_period_and_skips_it_when_nothing_is_new(prefect_api, tmp_path,
+                                                                                     landsat_catalog):
+    """The land-cover deployment (period flow) registers with its cron; runs of it for June write the period
+    folder with its change against May, then skip June when nothing new arrived."""
+    import asyncio
+
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.runner import Runner
+
+    from segpipe_flows.deploy import NAME, landcover_deployment
+    from segpipe_flows.landcover import landcover_period
+
+    job = tmp_path / "landcover.yaml"
+    job.write_text(yaml.safe_dump({
+        "input": {"stac": str(landsat_catalog.collection), "assets": ["B3", "B4"], "crs": "EPSG:32612",
+                  "resolution": 30, "bbox": [-112.92, 40.72, -112.49, 40.90]},
+        "output": "unused", "tile_size": 256, "method": {"name": "otsu"}, "cluster": {"n_workers": 1}}))
+    out = tmp_path / "landcover"
+    assert landcover_period(str(job), output=str(out), period="2024-05")["status"] == "done"
+    deployment = landcover_deployment(job=str(job), output=str(out), cron="0 3 1-5 * *", timezone="UTC")
+    deployment_id = deployment.apply()
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_deployment(deployment_id)
+
+    stored = asyncio.run(read())
+    assert stored.name == NAME and stored.parameters["period"] == "last"
+    assert stored.schedules[0].schedule.cron == "0 3 1-5 * *"
+
+    async def run_for(period: str):
+        flow_run = await run_deployment(f"landcover-period/{NAME}", parameters={"period": period}, timeout=0)
+        await Runner().execute_flow_run(flow_run.id)
+        async with get_client() as client:
+            return (await client.read_flow_run(flow_run.id)).state
+
+    assert asyncio.run(run_for("2024-06")).is_completed()
+    june = out / "period=2024-06"
+    mark = json.loads((june / "_segpipe_done" / "period.json").read_text())
+    assert mark["previous"] == "2024-05" and (june / "segmentation.tif").is_file()
+    written = {p: p.stat().st_mtime_ns for p in (june / "_segpipe_done" / "period.json",
+                                                 june / "change" / "transitions.tif", june / "segmentation.tif")}
+    assert asyncio.run(run_for("2024-06")).is_completed()  # nothing new: skipped, nothing rewritten
+    assert {p: p.stat().st_mtime_ns for p in written} == written

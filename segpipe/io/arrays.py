@@ -158,23 +158,21 @@ def _header(src: ArraySource) -> str:
 
 
 def _write_geotiff(src: ArraySource, path: Path, digest: Any) -> None:
-    import warnings
-
     import rasterio
-    from rasterio.errors import NotGeoreferencedWarning
+
+    from segpipe.io.raster import quiet_not_georeferenced
 
     bands, height, width = src.data.shape
     profile = {"driver": "GTiff", "height": height, "width": width, "count": bands, "dtype": str(src.data.dtype),
                "crs": src.crs, "transform": src.transform, "nodata": src.nodata, "tiled": True,
                "blockxsize": 512, "blockysize": 512, "compress": "deflate", "BIGTIFF": "IF_SAFER"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(path, "w", **profile) as out:
-            for r0 in range(0, height, ROWS_PER_WRITE):
-                r1 = min(height, r0 + ROWS_PER_WRITE)
-                block = np.ascontiguousarray(np.asarray(src.data[:, r0:r1, :]))
-                digest.update(block.tobytes())
-                out.write(block, window=((r0, r1), (0, width)))
+    quiet_not_georeferenced()
+    with rasterio.open(path, "w", **profile) as out:
+        for r0 in range(0, height, ROWS_PER_WRITE):
+            r1 = min(height, r0 + ROWS_PER_WRITE)
+            block = np.ascontiguousarray(np.asarray(src.data[:, r0:r1, :]))
+            digest.update(block.tobytes())
+            out.write(block, window=((r0, r1), (0, width)))
 
 
 def _write_nifti(src: ArraySource, path: Path, digest: Any) -> None:

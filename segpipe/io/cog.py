@@ -26,10 +26,11 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import warnings
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,8 @@ import rasterio.shutil
 import zarr
 from affine import Affine
 from rasterio.crs import CRS
-from rasterio.errors import NotGeoreferencedWarning
 
+from segpipe.io.raster import quiet_not_georeferenced
 from segpipe.io.result import NODATA
 from segpipe.io.store import read_geo, remove_leftovers
 
@@ -62,6 +63,7 @@ CACHE_MB = 64
 # that tenfold for about 20 % more export time.
 STAGING: dict[str, Any] = {}
 MAX_STRIP_ROWS = 2048  # a strip of whole chunks taller than this is read as 512-row strips instead
+GDAL_TYPES = {np.dtype("uint8"): "Byte", np.dtype("uint16"): "UInt16"}  # the map types a COG is written from
 
 
 def overview_shapes(height: int, width: int, tile: int = COG_TILE) -> list[tuple[int, int]]:
@@ -98,19 +100,30 @@ def overview_picks(height: int, width: int, tile: int = COG_TILE) -> list[tuple[
     return picks
 
 
-def export_cog(result_path: str, dest: str | Path, block: int = 512, *, compress: str = "DEFLATE",
+def export_cog(result_path: str, dest: str | Path, block: int = 512, *, array: str = "class",
+               names: Sequence[str] | None = None, nodata: int | None = None,
+               colors: Sequence[tuple[int, int, int]] | None = None, compress: str = "DEFLATE",
                level: int | None = DEFLATE_LEVEL, num_threads: str | int = "ALL_CPUS",
                cache_mb: int = CACHE_MB) -> Path:
-    """Write ``class`` of the result store to ``dest`` as a COG with the scene CRS and transform.
+    """Write ``array`` (default ``class``) of the result store to ``dest`` as a COG with the scene CRS and transform.
 
+    Any 2-D uint8 or uint16 array of a group laid out like the result store exports the same way (the change
+    product's transition codes, for one), so there is one COG writer. ``names`` label the values 0, 1, ...
+    (the ``class_names`` tag; default the group's ``class_names``), ``nodata`` is the no-data value (default the
+    array's ``nodata`` attribute, else 255) and ``colors`` the palette entries of those values (default
+    :data:`PALETTE`, cycled); uint16 maps get no palette (a 65536-entry colour table helps no viewer).
     ``block`` is the least number of rows read from Zarr at a time (rounded up to whole chunks and COG
     tiles). ``compress``/``level`` are the COG's codec and level (None: GDAL's default, 6 for deflate),
     ``num_threads`` how many threads GDAL compresses with, ``cache_mb`` the bound on GDAL's block cache.
     """
     group = zarr.open_group(result_path, mode="r")
-    arr = group["class"]
+    arr = group[array]
+    if np.dtype(arr.dtype) not in GDAL_TYPES:
+        raise ValueError(f"export_cog writes uint8 or uint16 maps, not {arr.dtype} ({array!r})")
     crs, transform = read_geo(dict(group.attrs))
-    names = list(group.attrs.get("class_names", []))
+    names = list(group.attrs.get("class_names", []) if names is None else names)
+    nodata = int(arr.attrs.get("nodata", NODATA) if nodata is None else nodata)
+    band = _Band(array, np.dtype(arr.dtype), names, nodata, colors)
     mpp = group.attrs.get("mpp")
     h, w = (int(n) for n in arr.shape)
     dest = Path(dest)
@@ -127,7 +140,7 @@ def export_cog(result_path: str, dest: str | Path, block: int = 512, *, compress
         # rasterio hands GDAL_CACHEMAX to GDALSetCacheMax64: bytes, applied at once, restored on exit.
         with rasterio.Env(GDAL_CACHEMAX=cache_mb * 2**20, GDAL_NUM_THREADS=str(num_threads)):
             levels = _write_staging(arr, staging, _strip_rows(arr, block))
-            vrt = _write_vrt(staging / "class.vrt", (h, w), levels, crs, transform, names, mpp)
+            vrt = _write_vrt(staging / f"{array}.vrt", (h, w), levels, crs, transform, band, mpp)
             rasterio.shutil.copy(vrt, tmp, driver="COG", **options)
         os.replace(tmp, dest)
     finally:
@@ -181,15 +194,14 @@ def _write_staging(arr: zarr.Array, staging: Path, strip: int) -> list[Path]:
     shapes = [(h, w), *((len(r), len(c)) for r, c in picks)]
 
     def read(r0: int) -> np.ndarray:
-        return np.asarray(arr[r0:min(h, r0 + strip), :], dtype=np.uint8)
+        return np.asarray(arr[r0:min(h, r0 + strip), :], dtype=arr.dtype)
 
     with ExitStack() as stack:
-        with warnings.catch_warnings():  # staging files carry no georeferencing: the VRT does
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            outs = [stack.enter_context(rasterio.open(p, "w", driver="GTiff", height=sh[0], width=sh[1], count=1,
-                                                      dtype="uint8", tiled=True, blockxsize=COG_TILE,
-                                                      blockysize=COG_TILE, **STAGING))
-                    for p, sh in zip(paths, shapes, strict=True)]
+        quiet_not_georeferenced()  # staging files carry no georeferencing: the VRT does
+        outs = [stack.enter_context(rasterio.open(p, "w", driver="GTiff", height=sh[0], width=sh[1], count=1,
+                                                  dtype=str(arr.dtype), tiled=True, blockxsize=COG_TILE,
+                                                  blockysize=COG_TILE, **STAGING))
+                for p, sh in zip(paths, shapes, strict=True)]
         levels = [_Level(ds, rows, cols) for ds, (rows, cols) in zip(outs[1:], picks, strict=True)]
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=1))
         starts = range(0, h, strip)
@@ -204,8 +216,25 @@ def _write_staging(arr: zarr.Array, staging: Path, strip: int) -> list[Path]:
     return paths
 
 
+@dataclass(frozen=True)
+class _Band:
+    """What the COG's one band says about its values: its name, type, value names, no-data value and palette."""
+
+    description: str
+    dtype: np.dtype
+    names: list[str]
+    nodata: int
+    colors: Sequence[tuple[int, int, int]] | None = None
+
+    def palette(self) -> dict[int, tuple[int, int, int]]:
+        """Colour of each named value: the given colours, else :data:`PALETTE` cycled."""
+        if self.colors is not None:
+            return dict(enumerate(self.colors))
+        return {i: PALETTE[i % len(PALETTE)] for i in range(max(1, len(self.names)))}
+
+
 def _write_vrt(path: Path, shape: tuple[int, int], levels: list[Path], crs: CRS | None, transform: Affine,
-               names: list[str], mpp: list[float] | None) -> Path:
+               band_info: _Band, mpp: list[float] | None) -> Path:
     """A VRT over the staging files: the levels become the base's overviews; it carries all the COG's metadata.
 
     GDAL's COG driver copies the VRT's dataset and band metadata, and uses existing overviews as they are.
@@ -216,21 +245,22 @@ def _write_vrt(path: Path, shape: tuple[int, int], levels: list[Path], crs: CRS 
         ET.SubElement(root, "SRS", dataAxisToSRSAxisMapping="1,2").text = crs.to_wkt()
         ET.SubElement(root, "GeoTransform").text = ", ".join(repr(float(v)) for v in transform.to_gdal())
     md = ET.SubElement(root, "Metadata")
-    tags = {"class_names": ",".join(names)}
+    tags = {"class_names": ",".join(band_info.names)}
     if crs is None and mpp:
         tags.update(TIFFTAG_XRESOLUTION=str(1e4 / mpp[0]), TIFFTAG_YRESOLUTION=str(1e4 / mpp[1]),
                     TIFFTAG_RESOLUTIONUNIT="3", mpp=f"{mpp[0]},{mpp[1]}")
     for key, value in tags.items():
         ET.SubElement(md, "MDI", key=key).text = value
-    band = ET.SubElement(root, "VRTRasterBand", dataType="Byte", band="1")
-    ET.SubElement(band, "Description").text = "class"
-    ET.SubElement(band, "NoDataValue").text = str(NODATA)
-    ET.SubElement(band, "ColorInterp").text = "Palette"
-    table = ET.SubElement(band, "ColorTable")
-    cmap = {i: PALETTE[i % len(PALETTE)] for i in range(max(1, len(names)))}
-    for i in range(256):  # the same 256 entries GDAL writes for a colormap set on a GeoTIFF
-        r, g, b = cmap.get(i, (0, 0, 0))
-        ET.SubElement(table, "Entry", c1=str(r), c2=str(g), c3=str(b), c4="255")
+    band = ET.SubElement(root, "VRTRasterBand", dataType=GDAL_TYPES[band_info.dtype], band="1")
+    ET.SubElement(band, "Description").text = band_info.description
+    ET.SubElement(band, "NoDataValue").text = str(band_info.nodata)
+    if band_info.dtype == np.uint8:
+        ET.SubElement(band, "ColorInterp").text = "Palette"
+        table = ET.SubElement(band, "ColorTable")
+        cmap = band_info.palette()
+        for i in range(256):  # the same 256 entries GDAL writes for a colormap set on a GeoTIFF
+            r, g, b = cmap.get(i, (0, 0, 0))
+            ET.SubElement(table, "Entry", c1=str(r), c2=str(g), c3=str(b), c4="255")
     src = ET.SubElement(band, "SimpleSource")
     ET.SubElement(src, "SourceFilename", relativeToVRT="1").text = levels[0].name
     ET.SubElement(src, "SourceBand").text = "1"

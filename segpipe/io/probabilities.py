@@ -10,16 +10,15 @@ class COG.
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
 import rasterio
 import rasterio.shutil
 import zarr
-from rasterio.errors import NotGeoreferencedWarning
 
 from segpipe.io.cog import CACHE_MB, COG_TILE, DEFLATE_LEVEL
+from segpipe.io.raster import quiet_not_georeferenced
 from segpipe.io.result import NODATA
 from segpipe.io.store import read_geo, remove_leftovers
 
@@ -48,8 +47,8 @@ def export_probabilities(result_path: str, dest: str | Path) -> Path:
     profile = {"driver": "GTiff", "height": h, "width": w, "count": n + 1, "dtype": "uint8", "nodata": NODATA,
                "tiled": True, "blockxsize": COG_TILE, "blockysize": COG_TILE, "crs": crs, "transform": transform}
     try:
-        with rasterio.Env(GDAL_CACHEMAX=CACHE_MB * 2**20, GDAL_NUM_THREADS="ALL_CPUS"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        quiet_not_georeferenced()
+        with rasterio.Env(GDAL_CACHEMAX=CACHE_MB * 2**20, GDAL_NUM_THREADS="ALL_CPUS"):
             with rasterio.open(staging, "w", **profile) as out:
                 for r0 in range(0, h, rows):
                     p = np.asarray(prob[:, r0:r0 + rows, :], dtype=np.float32)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import rasterio
 from affine import Affine
@@ -33,6 +34,12 @@ class RasterInfo:
     depth: int | None = None  # volumes only
     geometry: dict | None = None  # volumes: store attributes for the affine, spacing, origin, direction
     block: tuple[int, int] | None = None  # a GeoTIFF's internal tile (None: strips, or bands of mixed types)
+    mosaic: Any = None  # a mosaic input: the resolved segpipe.io.mosaic.Mosaic its pixels are composited from
+
+    @property
+    def source_format(self) -> str:
+        """The reader's format: a mosaic is a raster scene whose pixels come from many items."""
+        return "mosaic" if self.mosaic is not None else self.kind
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -68,15 +75,23 @@ def local_or_remote(path: str | Path, base: Path | None = None) -> str:
     return str((p if p.is_absolute() or base is None else base / p).resolve())
 
 
-def open_raster(path: str | Path) -> rasterio.DatasetReader:
-    """Open ``path`` for reading without rasterio's NotGeoreferencedWarning.
+def quiet_not_georeferenced() -> None:
+    """Ignore rasterio's NotGeoreferencedWarning in this process (idempotent).
 
-    Rasters in pixel units (slides, microscopy labels, plain images) are legitimate input here, and the
-    checks that need a CRS raise their own one-line errors; the warning would only be noise on a normal run.
+    Rasters in pixel units (slides, microscopy labels, plain images, COG staging files) are legitimate here,
+    and the checks that need a CRS raise their own one-line errors; the warning would only be noise on a normal
+    run. Process-wide on purpose: ``warnings.catch_warnings`` swaps the global filter list and is not
+    thread-safe, so with worker threads (an in-process cluster) one thread leaving it restored the filters while
+    another opened a raster, and the warning leaked (seen on a slide job's metrics stage, now and then).
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        return rasterio.open(path)
+    if not any(f[2] is NotGeoreferencedWarning and f[0] == "ignore" for f in warnings.filters):
+        warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
+
+
+def open_raster(path: str | Path) -> rasterio.DatasetReader:
+    """Open ``path`` for reading without rasterio's NotGeoreferencedWarning (see :func:`quiet_not_georeferenced`)."""
+    quiet_not_georeferenced()
+    return rasterio.open(path)
 
 
 def open_checked(path: str | Path, what: str = "input raster") -> rasterio.DatasetReader:

@@ -23,6 +23,7 @@ import numpy as np
 from affine import Affine
 from rasterio.enums import MaskFlags
 
+from segpipe.io.mosaic import BLOCK, block_of, load_block
 from segpipe.io.raster import RasterInfo, is_remote, open_raster, raster_info
 from segpipe.io.slide import is_slide, read_window, slide_info, tissue_mask, upsample_mask
 from segpipe.io.volume import is_volume, read_volume, volume_info
@@ -114,6 +115,38 @@ class VolumeReader(WindowReader):
         return data, np.ones(window.shape, bool) if self.nodata is None else not_nodata(data, self.nodata)
 
 
+class MosaicReader(WindowReader):
+    """Items of a STAC search or a raster list composited onto the output grid (:mod:`segpipe.io.mosaic`).
+
+    ``prepared`` is the resolved mosaic. Pixels are computed per fixed block of the grid and cut to the window;
+    the last block is kept, since a window edge may cut through it and the next window then needs the rest.
+    """
+
+    def __init__(self, path: str, bands: list[int], nodata: float | None, level: int, prepared: Any) -> None:
+        super().__init__(path, bands, nodata, level, prepared)
+        self.dtype = np.dtype(prepared.dtype)
+        self._last: tuple[tuple[int, int], tuple[np.ndarray, np.ndarray]] | None = None
+
+    def read(self, window: Box) -> tuple[np.ndarray, np.ndarray]:
+        m = self.prepared
+        data = np.empty((len(self.bands), *window.shape), self.dtype)
+        ok = np.empty(window.shape, bool)
+        for br in range(window.row0 - window.row0 % BLOCK, window.row1, BLOCK):
+            for bc in range(window.col0 - window.col0 % BLOCK, window.col1, BLOCK):
+                r0, c0, h, w = block_of(m, br, bc)
+                if self._last is None or self._last[0] != (r0, c0):
+                    self._last = ((r0, c0), load_block(m, r0, c0, h, w))
+                block, valid = self._last[1]
+                rows = slice(max(r0, window.row0), min(r0 + h, window.row1))
+                cols = slice(max(c0, window.col0), min(c0 + w, window.col1))
+                src = (slice(rows.start - r0, rows.stop - r0), slice(cols.start - c0, cols.stop - c0))
+                dst = (slice(rows.start - window.row0, rows.stop - window.row0),
+                       slice(cols.start - window.col0, cols.stop - window.col0))
+                data[(slice(None), *dst)] = block[[b - 1 for b in self.bands]][(slice(None), *src)]
+                ok[dst] = valid[src]
+        return data, ok
+
+
 def _raster_source(path: str, level: int = 0) -> RasterInfo:  # noqa: ARG001 - rasters have no pyramid level
     return raster_info(path)
 
@@ -138,32 +171,45 @@ def _any_path(path: str) -> bool:  # noqa: ARG001 - the fallback format takes wh
     return True
 
 
-def _nothing(path: str, level: int) -> None:  # noqa: ARG001 - formats whose readers need nothing prepared
+def _never(path: str) -> bool:  # noqa: ARG001 - a mosaic comes from the job's input mapping, never a path
+    return False
+
+
+def _mosaic_source(path: str, level: int = 0) -> RasterInfo:
+    raise ValueError(f"a mosaic is inspected by resolving its spec (segpipe.io.mosaic), not a path: {path}")
+
+
+def _nothing(info: RasterInfo) -> None:  # noqa: ARG001 - formats whose readers need nothing prepared
     return None
 
 
-def _tissue(path: str, level: int) -> tuple[np.ndarray, float]:
-    return tissue_mask(path, level=level)
+def _tissue(info: RasterInfo) -> tuple[np.ndarray, float]:
+    return tissue_mask(info.path, level=info.level)
+
+
+def _resolved_mosaic(info: RasterInfo) -> Any:
+    return info.mosaic
 
 
 @dataclass(frozen=True)
 class Format:
     """One source format: its ``kind`` (as :class:`RasterInfo` and the scene store record it), how a path is
     recognised, how the input is inspected (``inspect(path, level)``), which reader reads its windows, what is
-    computed once per ingest on the client for every task's reader (``prepare(path, level)``), and whether its
+    computed once per ingest on the client for every task's reader (``prepare(info)``), and whether its
     pixels may be read in place instead of copied (:mod:`segpipe.io.source_pixels` reads GeoTIFFs only)."""
 
     kind: str
     recognises: Callable[[str], bool]
     inspect: Callable[[str, int], RasterInfo]
     reader: type[WindowReader]
-    prepare: Callable[[str, int], Any] = _nothing
+    prepare: Callable[[RasterInfo], Any] = _nothing
     in_place: bool = False
 
 
 FORMATS: tuple[Format, ...] = (  # in detection order: the first that recognises a path reads it
     Format("volume", _is_local_volume, _volume_source, VolumeReader),
     Format("slide", is_slide, _slide_source, SlideReader, prepare=_tissue),
+    Format("mosaic", _never, _mosaic_source, MosaicReader, prepare=_resolved_mosaic),
     Format("raster", _any_path, _raster_source, RasterReader, in_place=True),
 )
 

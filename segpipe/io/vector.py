@@ -42,13 +42,14 @@ def is_vector(path: str | Path) -> bool:
         return False
 
 
-def read_features(path: str | Path, layer: str | int | None = None) -> Features:
-    """Every feature of ``layer`` (a file of one layer needs none); bad files and layers are one-line errors."""
+def read_features(path: str | Path, layer: str | int | None = None, what: str = "ground-truth") -> Features:
+    """Every feature of ``layer`` (a file of one layer needs none); bad files and layers are one-line errors
+    that say ``what`` the file is for (ground truth, an aoi)."""
     p = Path(path)
     if p.suffix.lower() in PARQUET_SUFFIXES:
         if layer is not None:
-            raise InputError(f"ground-truth GeoParquet has no layers; remove truth.layer: {p}")
-        return _read_geoparquet(p)
+            raise InputError(f"{what} GeoParquet has no layers; remove truth.layer: {p}")
+        return _read_geoparquet(p, what)
     import pyogrio
     import shapely
     from pyogrio.errors import DataLayerError, DataSourceError
@@ -56,24 +57,24 @@ def read_features(path: str | Path, layer: str | int | None = None) -> Features:
     try:
         layers = [str(name) for name, _ in pyogrio.list_layers(str(p))]
     except (DataSourceError, OSError) as exc:
-        raise InputError(f"ground-truth vector is not readable ({str(exc).splitlines()[0]}): {p}") from None
+        raise InputError(f"{what} vector is not readable ({str(exc).splitlines()[0]}): {p}") from None
     if layer is None and len(layers) > 1:
-        raise InputError(f"ground-truth vector has layers {layers}: choose one with truth.layer: {p}")
+        raise InputError(f"{what} vector has layers {layers}: choose one with truth.layer: {p}")
     if isinstance(layer, str) and layer not in layers:
-        raise InputError(f"ground-truth vector has no layer {layer!r} (layers: {layers}): {p}")
+        raise InputError(f"{what} vector has no layer {layer!r} (layers: {layers}): {p}")
     if isinstance(layer, int) and not 0 <= layer < len(layers):
-        raise InputError(f"ground-truth vector has no layer {layer} (layers 0..{len(layers) - 1}): {p}")
+        raise InputError(f"{what} vector has no layer {layer} (layers 0..{len(layers) - 1}): {p}")
     try:
         meta, _, wkb, values = pyogrio.raw.read(str(p), layer=layer)[:4]
     except (DataSourceError, DataLayerError, OSError) as exc:
-        raise InputError(f"ground-truth vector is not readable ({str(exc).splitlines()[0]}): {p}") from None
+        raise InputError(f"{what} vector is not readable ({str(exc).splitlines()[0]}): {p}") from None
     names = [str(n) for n in meta["fields"]]
     geoms = [None if g is None else shapely.geometry.mapping(shapely.from_wkb(g)) for g in wkb]
     attrs = [{n: _plain(col[k]) for n, col in zip(names, values, strict=True)} for k in range(len(geoms))]
     return Features(geoms, attrs, _crs(meta.get("crs"), p))
 
 
-def _read_geoparquet(path: Path) -> Features:
+def _read_geoparquet(path: Path, what: str = "ground-truth") -> Features:
     """A GeoParquet file (its ``geo`` metadata: primary WKB column and PROJJSON CRS, OGC:CRS84 when absent)."""
     import shapely
 
@@ -82,17 +83,17 @@ def _read_geoparquet(path: Path) -> Features:
 
         table = pq.read_table(path)
     except ImportError:
-        raise InputError("GeoParquet ground truth needs pyarrow: pip install 'segpipe[geoparquet]'") from None
+        raise InputError(f"GeoParquet {what} needs pyarrow: pip install 'segpipe[geoparquet]'") from None
     except Exception as exc:  # noqa: BLE001 - any unreadable file is a bad input
-        raise InputError(f"ground-truth GeoParquet is not readable ({type(exc).__name__}): {path}") from None
+        raise InputError(f"{what} GeoParquet is not readable ({type(exc).__name__}): {path}") from None
     try:
         geo = json.loads((table.schema.metadata or {})[b"geo"])
         column = geo["primary_column"]
         info = geo["columns"][column]
     except (KeyError, ValueError):
-        raise InputError(f"ground-truth Parquet file has no GeoParquet 'geo' metadata: {path}") from None
+        raise InputError(f"{what} Parquet file has no GeoParquet 'geo' metadata: {path}") from None
     if info.get("encoding", "WKB").upper() != "WKB":
-        raise InputError(f"ground-truth GeoParquet geometry encoding {info['encoding']!r} is not read (WKB is): "
+        raise InputError(f"{what} GeoParquet geometry encoding {info['encoding']!r} is not read (WKB is): "
                          f"{path}")
     crs = _crs(json.dumps(info["crs"]) if info.get("crs") else "OGC:CRS84", path)
     rows = table.to_pylist()

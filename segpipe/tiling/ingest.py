@@ -15,6 +15,7 @@ zstd and read no slower, at 0.69 instead of 0.59 of the raw size.
 
 from __future__ import annotations
 
+import json
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -25,13 +26,13 @@ from distributed import Client
 from zarr.codecs import BloscCodec
 
 from segpipe import progress
-from segpipe.config import JobSpec
+from segpipe.config import JobSpec, MosaicSpec
 from segpipe.errors import InputError
 from segpipe.io.fingerprint import source_fingerprint
 from segpipe.io.raster import RasterInfo, is_remote, open_raster
 from segpipe.io.readers import detect, format_of, open_reader
 from segpipe.io.source_pixels import SourcePixels, suits_in_place
-from segpipe.io.store import Marks, ensure_array, geo_attrs, open_or_create, remove_store
+from segpipe.io.store import Marks, ensure_array, geo_attrs, open_or_create, remove_store, write_atomic
 from segpipe.tiling.grid import Box, TileGrid
 from segpipe.tiling.scene import Scene, scene_path
 
@@ -50,7 +51,9 @@ def selected_bands(job: JobSpec, info: RasterInfo) -> list[int]:
 
 def fingerprint(job: JobSpec, info: RasterInfo) -> dict:
     """What the scene store depends on: change any of it and the store must not be reused."""
-    if is_remote(info.path):
+    if info.mosaic is not None:  # its items (and their files), grid and compositing
+        stamp = {"mosaic": info.mosaic.fingerprint()}
+    elif is_remote(info.path):
         with open_raster(info.path) as ds:  # objects change under the same URL: identify by content metadata
             stamp = {"size": None, "mtime_ns": ds.tags().get("TIFFTAG_DATETIME")}
     else:
@@ -62,13 +65,26 @@ def fingerprint(job: JobSpec, info: RasterInfo) -> dict:
 
 def in_place(job: JobSpec, info: RasterInfo) -> bool:
     """Whether the job reads the source's pixels in place instead of copying them (see ``pixels``)."""
-    return job.pixels == "auto" and format_of(info.kind).in_place and suits_in_place(info.block, job.chunk_for(2))
+    return (job.pixels == "auto" and format_of(info.source_format).in_place
+            and suits_in_place(info.block, job.chunk_for(2)))
 
 
 def source_info(path: str, level: int = 0) -> RasterInfo:
     """Inspect the input: GeoTIFF/COG (rasterio), whole-slide image (OpenSlide; at pyramid ``level``) or volume
     (nibabel/pydicom), whichever :func:`segpipe.io.readers.detect` finds it to be."""
     return detect(path).inspect(path, level)
+
+
+def job_source(job: JobSpec, level: int = 0) -> RasterInfo:
+    """Inspect the job's input: a path (:func:`source_info`) or a mosaic, resolved here (items found, their
+    assets' headers opened, the output grid fixed); nothing is written either way."""
+    if not isinstance(job.input, MosaicSpec):
+        return source_info(job.input, level)
+    from segpipe.io.mosaic import resolve_mosaic
+
+    m = resolve_mosaic(job.input, job.nodata)
+    return RasterInfo(m.source, m.shape[0], m.shape[1], len(m.bands), m.dtype, m.crs, m.affine, m.nodata,
+                      m.bands, mosaic=m)
 
 
 def _ingest_row(src: str, store: str, row: int, *, kind: str, chunk: int, bands: list[int], nodata: float | None,
@@ -148,8 +164,10 @@ def ingest(job: JobSpec, info: RasterInfo, client: Client) -> Scene:
     done = marks.keys()
     total = TileGrid(info.shape, c).counts[0]
     rows = [r for r in range(total) if str(r) not in done]
-    prepared = format_of(info.kind).prepare(info.path, info.level) if rows else None
-    futures = client.map(_ingest_row, [info.path] * len(rows), [store] * len(rows), rows, kind=info.kind,
+    prepared = format_of(info.source_format).prepare(info) if rows else None
+    if prepared is not None:  # sent to the workers once, not inside every task
+        [prepared] = client.scatter([prepared], broadcast=True, hash=False)
+    futures = client.map(_ingest_row, [info.path] * len(rows), [store] * len(rows), rows, kind=info.source_format,
                          chunk=c, bands=bands, nodata=job.nodata, prepared=prepared, level=info.level, pure=False)
     with progress.stage("ingest", total, "row" if nd == 2 else "slab", done=total - len(rows)) as advance:
         progress.gather(client, futures, advance)
@@ -164,6 +182,8 @@ def ingest(job: JobSpec, info: RasterInfo, client: Client) -> Scene:
             with suppress(OSError):  # a folder something else wrote into stays
                 folder.rmdir()
         raise InputError(f"input has no valid pixel (every pixel is nodata or masked): {info.path}")
+    if info.mosaic is not None:  # which items went in, and which were left out and why
+        write_atomic(Path(job.output) / "mosaic.json", json.dumps(info.mosaic.record(), indent=2))
     return Scene(store)
 
 

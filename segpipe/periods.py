@@ -1,0 +1,201 @@
+"""Land cover period after period: one mosaic job per month into ``<output>/period=YYYY-MM/``, and the change
+against the period before.
+
+Why a period is a folder of its own with a mark: a scheduled run asks "what does the month that ended hold?".
+The mark (``_segpipe_done/period.json``) records the items the period's mosaic was made from, so the next run
+of the same month skips when nothing new arrived and recomputes the period (replacing its stores) when an item
+arrived late. The change product compares the period with the latest earlier period that finished; both lie on
+one grid because the job fixes the area (bbox or aoi), CRS and resolution.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from segpipe.config import JobSpec, MosaicSpec, load_job
+from segpipe.errors import InputError
+from segpipe.io.store import store_in, write_atomic
+from segpipe.pipeline import Checked, check, check_output_stores
+from segpipe.tiling.ingest import fingerprint
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+    from segpipe.pipeline import Outcome
+    from segpipe.progress import Reporter
+    from segpipe.report.change import ChangeReport
+
+PERIOD = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
+FOLDER = "period={}"
+MARK = "_segpipe_done/period.json"
+
+
+def period_label(period: str, today: date | None = None) -> str:
+    """``YYYY-MM`` as given, or ``last``: the month that ended before ``today`` (UTC by default)."""
+    if period == "last":
+        d = today or datetime.now(UTC).date()
+        return f"{d.year - (d.month == 1)}-{12 if d.month == 1 else d.month - 1:02d}"
+    if not PERIOD.match(period):
+        raise InputError(f"period {period!r} is not a month (YYYY-MM) or 'last'")
+    return period
+
+
+def period_folder(root: str | Path, label: str) -> Path:
+    return Path(root) / FOLDER.format(label)
+
+
+def period_job(job: JobSpec, label: str) -> JobSpec:
+    """The job for one month: its mosaic's datetime is the month, its output (and store) the period's folder."""
+    if not isinstance(job.input, MosaicSpec):
+        raise InputError("a period run needs a mosaic input (input: with stac: or rasters:), whose datetime the "
+                         "period sets")
+    if job.input.rasters is not None:
+        raise InputError("a period run selects items by date: give a STAC input (rasters have no dates)")
+    pj = job.model_copy(deep=True)
+    pj.input.datetime = label
+    pj.output = period_folder(job.output, label)
+    if job.store is not None:
+        pj.store = f"{job.store.rstrip('/')}/{FOLDER.format(label)}"
+    return pj
+
+
+def previous_period(root: str | Path, label: str) -> str | None:
+    """The latest earlier period under ``root`` that finished (has its mark), as its label."""
+    done = []
+    for folder in Path(root).glob(FOLDER.format("*")):
+        found = folder.name.split("=", 1)[1]
+        if PERIOD.match(found) and found < label and (folder / MARK).is_file():
+            done.append(found)
+    return max(done) if done else None
+
+
+@dataclass
+class PeriodOutcome:
+    """What a period run did: ``done``, ``unchanged`` (nothing new since its last run) or ``empty`` (no items)."""
+
+    label: str
+    status: str
+    folder: Path
+    outcome: Outcome | None = None
+    change: ChangeReport | None = None
+    previous: str | None = None
+    items: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        """A plain summary for logs and Prefect artifacts."""
+        s: dict[str, Any] = {"period": self.label, "status": self.status, "folder": str(self.folder),
+                             "items": self.items, "previous": self.previous}
+        if self.outcome is not None:
+            s["exports"] = [str(p) for p in self.outcome.exports]
+            if self.outcome.report is not None:
+                s["global_mean_iou"] = self.outcome.report.summary.get("global_mean_iou")
+        if self.change is not None:
+            s["change"] = {"changed_fraction": self.change.changed_fraction,
+                           "files": {k: str(p) for k, p in self.change.files.items()}}
+        return s
+
+
+@dataclass
+class PlannedPeriod:
+    """A period checked and ready to run, or known to need no run (``checked`` None)."""
+
+    label: str
+    status: str
+    folder: Path
+    checked: Checked | None
+    items: int = 0
+    recompute: bool = False  # the period finished before from other items: its stores are replaced
+
+
+def plan_period(job: JobSpec | str | Path, period: str, today: date | None = None) -> PlannedPeriod:
+    """Check a period's job; decide whether it runs. Writes nothing; bad input raises :class:`InputError`."""
+    from segpipe.io.mosaic import NoItems
+
+    base = job if isinstance(job, JobSpec) else load_job(job)
+    label = period_label(period, today)
+    pj = period_job(base, label)
+    folder = Path(pj.output)
+    try:
+        c = check(pj, stores=False)
+    except NoItems:
+        return PlannedPeriod(label, "empty", folder, None)
+    n = len(c.info.mosaic.items)
+    mark = _read_mark(folder)
+    scene_fp = fingerprint(c.job, c.info)
+    if mark is not None and mark.get("scene") == scene_fp:
+        return PlannedPeriod(label, "unchanged", folder, None, n)
+    recompute = mark is not None and _without_items(mark.get("scene")) == _without_items(scene_fp)
+    if recompute:  # the same job over new items: this period's results are replaced, by design
+        c.job.overwrite = True
+    return PlannedPeriod(label, "run", folder, check_output_stores(c), n, recompute)
+
+
+def _without_items(scene_fp: dict[str, Any] | None) -> Any:
+    if not scene_fp:
+        return None
+    mosaic = {k: v for k, v in scene_fp.get("mosaic", {}).items() if k != "items"}
+    return {**scene_fp, "mosaic": mosaic}
+
+
+def _read_mark(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / MARK).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def run_period(plan: PlannedPeriod, client: Client | None = None, reporter: Reporter | None = None) -> PeriodOutcome:
+    """Run a planned period and compare it with the period before; marks the period done.
+
+    On ``client``, or on the cluster the job's settings describe (started here only when there is work).
+    """
+    from segpipe.api import cluster_line
+    from segpipe.pipeline import in_process
+    from segpipe.runtime.cluster import connect
+
+    say = reporter.say if reporter is not None else (lambda _line: None)
+    if plan.checked is None:
+        say(f"period {plan.label}: " + ("no items; nothing to do" if plan.status == "empty" else
+                                        f"nothing new since its last run ({plan.items} item(s)); skipped"))
+        return PeriodOutcome(plan.label, plan.status, plan.folder, items=plan.items)
+    if client is not None:
+        return _run(plan, client, reporter, say)
+    say(cluster_line(plan.checked))
+    with connect(plan.checked.job.cluster, in_process=in_process(plan.checked)) as own:
+        return _run(plan, own, reporter, say)
+
+
+def _run(plan: PlannedPeriod, client: Client, reporter: Reporter | None, say: Any) -> PeriodOutcome:
+    from segpipe.api import execute
+
+    c = plan.checked
+    assert c is not None
+    root = plan.folder.parent
+    if plan.recompute:
+        say(f"period {plan.label}: the items changed since its last run; recomputing")
+    outcome = execute(c, client=client, reporter=reporter)
+    previous = previous_period(root, plan.label)
+    change = None
+    if previous is not None:
+        from segpipe.report.change import change_product
+
+        say(f"period {plan.label}: change against {previous}")
+        before = store_in(str(_store_root(c.job, previous, root)), "result.zarr")
+        change = change_product(before, outcome.result, plan.folder / "change", client,
+                                tile_size=c.job.tile_size, before_label=previous, after_label=plan.label)
+    write_atomic(plan.folder / MARK, json.dumps({"period": plan.label, "scene": fingerprint(c.job, c.info),
+                                                 "previous": previous}))
+    return PeriodOutcome(plan.label, "done", plan.folder, outcome, change, previous, plan.items)
+
+
+def _store_root(job: JobSpec, label: str, root: Path) -> str | Path:
+    """Where an earlier period's stores live: beside its folder, or under the job's store prefix."""
+    if job.store is None:
+        return period_folder(root, label)
+    prefix = job.store.rstrip("/").rsplit("/", 1)[0]
+    return f"{prefix}/{FOLDER.format(label)}"
