@@ -107,6 +107,10 @@ def _run_period(args: argparse.Namespace, reporter: Reporter | None) -> int:
             print(f"export:       {path}")
         if done.outcome.report is not None:
             print(f"mean IoU:     {done.outcome.report.summary['global_mean_iou']}")
+    if done.areas is not None:
+        print("classes:      " + ", ".join(
+            f"{r['class']} {r['hectares']:.2f} ha" if "hectares" in r else f"{r['class']} {r['pixels']} px"
+            for r in done.areas.summary()["classes"]) + f" ({done.folder / 'metrics' / 'classes.csv'})")
     if done.change is not None:
         print(f"change:       {done.previous} -> {done.label}: {done.change.describe()}")
         for path in done.change.files.values():

@@ -4,8 +4,9 @@ against the period before.
 Why a period is a folder of its own with a mark: a scheduled run asks "what does the month that ended hold?".
 The mark (``_segpipe_done/period.json``) records the items the period's mosaic was made from, so the next run
 of the same month skips when nothing new arrived and recomputes the period (replacing its stores) when an item
-arrived late. The change product compares the period with the latest earlier period that finished; both lie on
-one grid because the job fixes the area (bbox or aoi), CRS and resolution.
+arrived late. Each period reports its class areas (``metrics/classes.csv``, with or without truth); the change
+product compares the period with the latest earlier period that finished; both lie on one grid because the job
+fixes the area (bbox or aoi), CRS and resolution.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
     from segpipe.pipeline import Outcome
     from segpipe.progress import Reporter
+    from segpipe.report.areas import ClassAreas
     from segpipe.report.change import ChangeReport
 
 PERIOD = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
@@ -85,6 +87,7 @@ class PeriodOutcome:
     change: ChangeReport | None = None
     previous: str | None = None
     items: int = 0
+    areas: ClassAreas | None = None  # pixels and area per class: the period's land-cover report
 
     def summary(self) -> dict[str, Any]:
         """A plain summary for logs and Prefect artifacts."""
@@ -94,6 +97,8 @@ class PeriodOutcome:
             s["exports"] = [str(p) for p in self.outcome.exports]
             if self.outcome.report is not None:
                 s["global_mean_iou"] = self.outcome.report.summary.get("global_mean_iou")
+        if self.areas is not None:
+            s["classes"] = self.areas.summary()["classes"]
         if self.change is not None:
             s["change"] = {"changed_fraction": self.change.changed_fraction,
                            "files": {k: str(p) for k, p in self.change.files.items()}}
@@ -179,6 +184,10 @@ def _run(plan: PlannedPeriod, client: Client, reporter: Reporter | None, say: An
     if plan.recompute:
         say(f"period {plan.label}: the items changed since its last run; recomputing")
     outcome = execute(c, client=client, reporter=reporter)
+    from segpipe.report.areas import class_areas, write_class_areas
+
+    areas = class_areas(outcome.result, client, c.job.tile_size)  # the period's land-cover report
+    write_class_areas(areas, plan.folder / "metrics")
     previous = previous_period(root, plan.label)
     change = None
     if previous is not None:
@@ -190,7 +199,7 @@ def _run(plan: PlannedPeriod, client: Client, reporter: Reporter | None, say: An
                                 tile_size=c.job.tile_size, before_label=previous, after_label=plan.label)
     write_atomic(plan.folder / MARK, json.dumps({"period": plan.label, "scene": fingerprint(c.job, c.info),
                                                  "previous": previous}))
-    return PeriodOutcome(plan.label, "done", plan.folder, outcome, change, previous, plan.items)
+    return PeriodOutcome(plan.label, "done", plan.folder, outcome, change, previous, plan.items, areas)
 
 
 def _store_root(job: JobSpec, label: str, root: Path) -> str | Path:

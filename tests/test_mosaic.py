@@ -183,6 +183,11 @@ def test_monthly_periods_write_a_series_with_change_and_skip_when_nothing_is_new
     report = json.loads((change / "change.json").read_text())
     assert report["pixels"] == counts.tolist()
     np.testing.assert_allclose(np.asarray(report["area"]["m2"]), counts * 900.0)  # 30 m pixels
+    classes = json.loads((folder / "period=2024-06" / "metrics" / "classes.json").read_text())["classes"]
+    assert [r["pixels"] for r in classes] == np.bincount(after[after != 255], minlength=3).tolist()
+    assert [r["hectares"] for r in classes] == pytest.approx((np.bincount(after[after != 255], minlength=3)
+                                                              * 0.09).tolist())
+    assert june.areas.pixels.tolist() == [r["pixels"] for r in classes]
     assert 0 < june.change.changed_fraction < 1  # the months differ (zones, items, the cloud): some pixels change
 
     # The same month again: nothing new, skipped without starting anything.

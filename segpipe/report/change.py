@@ -356,14 +356,25 @@ def tile_change(task: TileTask, before: str, after: str, n_classes: int,
     vb, va = b < n_classes, a < n_classes
     both = vb & va
     only = [vb & ~va, va & ~vb]
-    pixels = np.bincount(codes[both], minlength=n_classes * n_classes).reshape(n_classes, n_classes)
-    out = TileChange(tuple(task.index), pixels.astype(np.int64), np.array([int(m.sum()) for m in only], np.int64))
-    if row_m2 is not None:
+    pixels, area = counts_and_areas(codes, both, n_classes * n_classes, row_m2)
+    out = TileChange(tuple(task.index), pixels.reshape(n_classes, n_classes),
+                     np.array([int(m.sum()) for m in only], np.int64))
+    if area is not None:
+        out.area_m2 = area.reshape(n_classes, n_classes)
         weights = np.broadcast_to(np.asarray(row_m2, np.float64)[:, None], b.shape)
-        out.area_m2 = np.bincount(codes[both], weights=weights[both],
-                                  minlength=n_classes * n_classes).reshape(n_classes, n_classes)
         out.only_m2 = np.array([float(weights[m].sum()) for m in only])
     return out
+
+
+def counts_and_areas(values: np.ndarray, where: np.ndarray, n_bins: int,
+                     row_m2: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Pixel counts of each value ``0..n_bins-1`` over the ``where`` pixels of a tile and, on a geographic grid
+    (``row_m2``: the cell area of each of the tile's rows), their areas in m² (else None: exact from counts)."""
+    counts = np.bincount(values[where], minlength=n_bins).astype(np.int64)
+    if row_m2 is None:
+        return counts, None
+    weights = np.broadcast_to(np.asarray(row_m2, np.float64)[:, None], values.shape)
+    return counts, np.bincount(values[where], weights=weights[where], minlength=n_bins)
 
 
 def change_product(before: str | Path, after: str | Path, dest: str | Path, client: Client, tile_size: int = 512,
