@@ -191,10 +191,37 @@ def scale() -> list[str]:
     ]
 
 
+def stac_loaders() -> list[str]:
+    import bench_stac_loaders
+
+    r = bench_stac_loaders.run()
+    n = 4 * r["size"] ** 2 / 1e6
+    head = (f"### STAC loaders: 4 items of {r['item']}² (two reprojected to the next UTM zone) onto one "
+            f"{r['size']}² grid, {n:.0f} Mpx of (item, y, x), {r['chunk']}² dask chunks, {r['threads']} threads, "
+            f"{r['reps']} repetitions; load {r['load']})\n")
+    rows = [f"| {name} | {fmt(r[name]['seconds'])} | {fmt(r[name]['mpx_s'], 1)} |"
+            for name in ("odc-stac", "stackstac") if name in r]
+    blocks = r["odc_vs_blocks"]
+    lines = [head, "| loader | seconds | Mpx/s |", "|---|---|---|", *rows, ""]
+    if r["has_stackstac"]:
+        d = r["odc_vs_stackstac"]
+        lines.append(f"- stackstac ÷ odc-stac time = **{fmt(r['stackstac_over_odc'])}**; pixels that differ between "
+                     f"them: {d['differ']:,} of {d['pixels']:,} (per item {d['per_item']}: only the reprojected "
+                     "items)")
+    else:
+        lines.append("- stackstac not importable: skipped (it is not a segpipe dependency; see bench_stac_loaders.py)")
+    lines.append(f"- odc-stac over the whole grid vs odc-stac block by block (512², as segpipe loads): "
+                 f"{blocks['differ']:,} pixels differ (per item {blocks['per_item']}), the reason segpipe fixes its "
+                 f"blocks; odc-stac repeated gives identical pixels: {r['odc_repeatable']}\n")
+    return lines
+
+
 BENCHES = {"throughput": throughput, "cheap": cheap, "ingest": ingest, "export": export, "flow": flow,
-           "memory": memory, "volume": volume, "formats": formats, "resample": resample, "scale": scale}
+           "memory": memory, "volume": volume, "formats": formats, "resample": resample, "scale": scale,
+           "stac_loaders": stac_loaders}
 # What a plain `make bench` runs (within 30 minutes here); `run_all.py scale` adds minutes per repetition.
-DEFAULT = ["throughput", "cheap", "ingest", "export", "flow", "memory", "volume", "formats", "resample"]
+DEFAULT = ["throughput", "cheap", "ingest", "export", "flow", "memory", "volume", "formats", "resample",
+           "stac_loaders"]
 
 
 def main(names: list[str]) -> None:

@@ -153,7 +153,9 @@ def segment(source: Any, method: str | Mapping[str, Any], *, output: str | Path 
             remove_array_source(written)
         raise
     outcome = execute(c, client=client, reporter=Reporter(sys.stderr) if progress else None)
-    return open_result(outcome.result, metrics=c.metrics_dir)
+    ds = open_result(outcome.result, metrics=c.metrics_dir)
+    ds.attrs["output"] = str(c.job.output)  # where the Dataset reads from: the temporary folder when none was given
+    return ds
 
 
 def open_result(path: str | Path, metrics: str | Path | None = None) -> xr.Dataset:

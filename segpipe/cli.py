@@ -58,6 +58,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         c = plan.checked
     else:
         c = check_job(args.job, _overrides(args))
+    from segpipe.runtime.cluster import check_scheduler
+
+    check_scheduler(c.job.cluster)
     m = c.plan
     print(f"input:    {c.info.path} ({c.info.kind}, {c.info.describe()}, {c.info.count} band(s))")
     if c.info.mosaic is not None:
@@ -187,12 +190,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def quiet_dask(verbose: bool) -> None:
+    """Dask's warnings on a normal run (a nanny killing a worker that is closing anyway, ...) are noise to a
+    person reading the run; ``-v`` shows them, and Dask's info lines too.
+
+    Importing ``distributed`` sets its loggers' levels from Dask's config, so a level set on the logger before
+    that import is undone: the config says it (``DASK_LOGGING__DISTRIBUTED``, read at import here and in the
+    worker processes, which inherit the environment), and a logger already imported is set directly.
+    """
+    level = "info" if verbose else "error"
+    os.environ["DASK_LOGGING__DISTRIBUTED"] = level
+    if "distributed" in sys.modules:
+        import dask
+
+        dask.config.set({"logging.distributed": level})
+        logging.getLogger("distributed").setLevel(level.upper())
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = build_parser().parse_args(argv)
-    # Dask's warnings on a normal run (a nanny killing a worker that is closing anyway, ...) are noise to a
-    # person reading the run; -v shows them, and Dask's info lines too.
-    logging.getLogger("distributed").setLevel(logging.INFO if getattr(args, "verbose", False) else logging.ERROR)
+    quiet_dask(getattr(args, "verbose", False))
     try:
         return args.func(args)
     except InputError as exc:

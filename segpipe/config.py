@@ -16,11 +16,59 @@ from segpipe.errors import InputError
 from segpipe.io.raster import is_remote, local_or_remote
 
 MODEL_METHODS = ("model", "unet")  # "unet" is the older name of "model", kept for existing job files
-METHODS = ("model", "unet", "otsu", "adaptive", "kmeans", "watershed", "edges", "region_growing", "hsv", "gabor")
+METHODS = ("model", "unet", "otsu", "adaptive", "kmeans", "fcm", "watershed", "edges", "region_growing", "split_merge",
+           "hsv", "gabor")
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+# Largest CRF halo (iterations x radius, pixels) a tile may read around its core: beyond it a tile's window
+# is mostly halo, and the kernel so wide that the truncated CRF is no longer a local refinement.
+MAX_CRF_HALO = 256
+
+
+class CRFSpec(_Strict):
+    """Mean-field refinement of a model's probabilities (Kraehenbuehl & Koltun's dense CRF, Potts compatibility)
+    with its pairwise kernel truncated to a disc of ``radius`` pixels, so that after ``iterations`` a pixel
+    depends only on pixels within ``iterations * radius``: the halo that makes it exact per tile."""
+
+    iterations: int = Field(5, ge=1, le=20, description="mean-field iterations")
+    theta_alpha: float = Field(2.0, gt=0, description="spatial std (pixels) of the bilateral (appearance) kernel")
+    theta_beta: float = Field(0.5, gt=0, description="intensity std of the bilateral kernel, in units of the "
+                                                     "image as the model sees it (normalised)")
+    theta_gamma: float = Field(1.0, gt=0, description="spatial std (pixels) of the smoothness kernel")
+    w_bilateral: float = Field(0.3, ge=0, description="weight of the bilateral kernel, per neighbour")
+    w_spatial: float = Field(0.3, ge=0, description="weight of the smoothness kernel, per neighbour")
+    radius: int = Field(6, ge=1, le=32, description="truncation of both kernels (pixels); e.g. 3 x theta_alpha")
+
+    @model_validator(mode="after")
+    def _halo_bounded(self) -> CRFSpec:
+        if self.halo > MAX_CRF_HALO:
+            raise ValueError(f"iterations x radius = {self.halo} px of halo around every tile; at most "
+                             f"{MAX_CRF_HALO} (fewer iterations or a smaller radius)")
+        return self
+
+    @property
+    def halo(self) -> int:
+        """How far (pixels) the refined class of a pixel can depend on its unary and image."""
+        return self.iterations * self.radius
+
+
+class RefineSpec(_Strict):
+    """Refinement of a model's blended logits before the class map: ``crf`` (``refine: crf`` = its defaults)."""
+
+    crf: CRFSpec
+
+    @model_validator(mode="before")
+    @classmethod
+    def _by_name(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            if v != "crf":
+                raise ValueError(f"unknown refinement {v!r} (known: crf)")
+            return {"crf": {}}
+        return v
 
 
 class MethodSpec(_Strict):
@@ -35,6 +83,20 @@ class MethodSpec(_Strict):
                                            "the logits over every flip of the spatial axes (nnU-Net's mirroring; "
                                            "4x the forward passes in 2-D, 8x in 3-D)")
     params: dict[str, Any] = Field(default_factory=dict)
+    refine: RefineSpec | None = Field(None, description="model jobs: refine the blended logits, e.g. {crf: {...}}")
+
+    @model_validator(mode="after")
+    def _model_takes_no_params(self) -> MethodSpec:
+        if self.name in MODEL_METHODS and self.params:
+            raise ValueError(f"a model takes no params (got {sorted(self.params)}); its settings are patch_size, "
+                             "overlap, batch_size, tta and refine beside model:")
+        return self
+
+    @model_validator(mode="after")
+    def _refine_needs_model(self) -> MethodSpec:
+        if self.refine is not None and self.name not in MODEL_METHODS:
+            raise ValueError(f"refine works on a model's probabilities; method {self.name!r} gives classes only")
+        return self
 
     @model_validator(mode="after")
     def _model_needed(self) -> MethodSpec:
@@ -207,9 +269,10 @@ class JobSpec(_Strict):
     truth: TruthSpec | None = None
     class_names: list[str] | None = None
     instances: InstanceSpec | None = None
-    probabilities: bool = Field(False, description="model jobs: per-class probabilities (softmax of the blended "
-                                "logits) into result.zarr/probability (float16) and, for images, probabilities.tif "
-                                "(one uint8 band per class, 0-254 = 0-1, then the confidence band)")
+    probabilities: bool = Field(False, description="model and fcm jobs: per-class probabilities (softmax of "
+                                "the blended logits; fcm: the memberships) into result.zarr/probability (float16) "
+                                "and, for images, probabilities.tif (one uint8 band per class, 0-254 = 0-1, then "
+                                "the confidence band)")
     exports: list[Literal["cog", "ome-zarr", "nifti"]] | None = Field(
         None, description="default: cog for rasters; cog and ome-zarr for slides; nifti for volumes")
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)

@@ -1,8 +1,8 @@
 """The whole job as plain functions over paths: check -> ingest -> segment -> export -> metrics.
 
-Each stage is callable on its own (the Prefect flow makes each one a task); :func:`run_job` chains
-them for the CLI. :func:`check` does every validation before anything is written, so bad input
-never leaves a partial output behind.
+Each stage is callable on its own; :func:`run_job` chains them, one sequence for the CLI, the API and
+the Prefect flow (which passes a :data:`StageRunner` that makes each stage a task). :func:`check` does
+every validation before anything is written, so bad input never leaves a partial output behind.
 """
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -147,15 +146,16 @@ def check(job: JobSpec, stores: bool = True) -> Checked:
     With ``stores``, also the stores already in the output (:func:`check_output_stores`).
     """
     info = job_source(job, job.level or 0)
-    if job.level is not None and info.kind != "slide":
+    geometry = SceneGeometry.of_info(info)
+    if job.level is not None and not geometry.has_levels:
         raise InputError(f"level applies to whole-slide images; this input is a {info.kind}")
     bands = selected_bands(job, info)
-    wrong = SceneGeometry.of_info(info).foreign_exports & set(job.exports or [])
+    wrong = geometry.foreign_exports & set(job.exports or [])
     if wrong:
         raise InputError(f"export {sorted(wrong)[0]!r} does not apply to a {info.kind} input "
                          f"(volumes: nifti, ome-zarr; images and slides: cog, ome-zarr)")
-    plan = plan_method(job, len(bands), len(info.shape), _pixel_size(info))
-    if info.kind == "slide" and job.level is None and plan.model is not None and plan.model.resolution:
+    plan = plan_method(job, len(bands), len(info.shape), _pixel_size(info), grid=(info.transform, info.shape))
+    if geometry.has_levels and job.level is None and plan.model is not None and plan.model.resolution:
         # The pyramid level nearest the model's resolution (from finer) is read, then resampled to it.
         level = level_for(info.path, min(plan.model.resolution))
         if level:
@@ -167,8 +167,9 @@ def check(job: JobSpec, stores: bool = True) -> Checked:
         # Asked for explicitly, a tile larger than the scene is probably a mistake; the default (512) is
         # simply one tile on a small scene.
         raise InputError(f"tile_size {job.tile_size} is larger than the scene ({info.describe()})")
-    if job.probabilities and plan.model is None:
-        raise InputError(f"probabilities come from a model; method {job.method.name!r} gives classes only")
+    if job.probabilities and plan.model is None and not (plan.classical and plan.classical.soft):
+        raise InputError(f"probabilities come from a model or fcm memberships; method {job.method.name!r} "
+                         "gives classes only")
     truth = check_truth(job.truth, info, plan.class_names, plan.n_classes) if job.truth else None
     if job.instances and job.instances.classes:
         bad = [k for k in job.instances.classes if not 0 <= k < plan.n_classes]
@@ -210,30 +211,40 @@ def run_segment(c: Checked, scene: Scene, client: Client) -> str:
     return segment(c.job, scene, c.plan, fingerprint(c.job, c.info), client)
 
 
+def _write_cog(c: Checked, scene: Scene, result: str, client: Client) -> list[Path]:  # noqa: ARG001
+    """The class map as a COG, and the probabilities as a second one when the job keeps them."""
+    from segpipe.io.cog import export_cog
+
+    out = [export_cog(result, c.cog_path)]
+    if c.job.probabilities:
+        from segpipe.io.probabilities import export_probabilities
+
+        out.append(export_probabilities(result, c.probabilities_path))
+    return out
+
+
+def _write_nifti(c: Checked, scene: Scene, result: str, client: Client) -> list[Path]:  # noqa: ARG001
+    from segpipe.io.nifti import export_nifti
+
+    return [export_nifti(result, c.nifti_path)]
+
+
+def _write_ome_zarr(c: Checked, scene: Scene, result: str, client: Client) -> list[Path]:
+    from segpipe.io.omezarr import export_ome_zarr
+
+    return [export_ome_zarr(scene.path, result, c.ome_path, client, c.plan.class_names)]
+
+
+Writer = Callable[[Checked, Scene, str, Client], list[Path]]
+# Export name (the job's ``exports:``) -> its writer, in the order they are written. Each writer imports its
+# module only when asked for: OME-Zarr's dask.array alone costs over a second.
+WRITERS: dict[str, Writer] = {"cog": _write_cog, "nifti": _write_nifti, "ome-zarr": _write_ome_zarr}
+
+
 @cpu_stage
 def run_export(c: Checked, scene: Scene, result: str, client: Client) -> list[Path]:
-    """Write the requested exports; each one is renamed into place only when complete.
-
-    Each writer is imported only when asked for: OME-Zarr's dask.array alone costs over a second.
-    """
-    out = []
-    if "cog" in c.exports:
-        from segpipe.io.cog import export_cog
-
-        out.append(export_cog(result, c.cog_path))
-        if c.job.probabilities:
-            from segpipe.io.probabilities import export_probabilities
-
-            out.append(export_probabilities(result, c.probabilities_path))
-    if "nifti" in c.exports:
-        from segpipe.io.nifti import export_nifti
-
-        out.append(export_nifti(result, c.nifti_path))
-    if "ome-zarr" in c.exports:
-        from segpipe.io.omezarr import export_ome_zarr
-
-        out.append(export_ome_zarr(scene.path, result, c.ome_path, client, c.plan.class_names))
-    return out
+    """Write the requested exports (:data:`WRITERS`); each one is renamed into place only when complete."""
+    return [path for name, write in WRITERS.items() if name in c.exports for path in write(c, scene, result, client)]
 
 
 @cpu_stage
@@ -260,13 +271,14 @@ def run_objects(c: Checked, scene: Scene, result: str, inst: InstanceSummary | N
     """Object statistics and matches (metrics/objects.*) and, for 2-D scenes, polygons (objects.gpkg)."""
     if inst is None:
         return None
-    from segpipe.objects.measure import object_report, tile_objects, tile_polygons, write_polygons
+    from segpipe.objects.measure import object_report, tile_objects, tile_polygons, truth_classes, write_polygons
     from segpipe.report.tables import write_object_report
 
     grid = TileGrid(scene.shape, c.job.tile_size)
     tasks = TileTask.each(scene.shape, c.job.tile_size, scene=scene.path, result=result)
     parts = client.gather([client.submit(tile_objects, t, truth=c.truth, pure=False) for t in tasks])
-    report = object_report(parts, grid, inst.classes, c.job.instances.match_iou, c.plan.class_names)
+    report = object_report(parts, grid, inst.classes, c.job.instances.match_iou, c.plan.class_names,
+                           truth_class=truth_classes(c.truth), ap_classes=c.instance_classes)
     write_object_report(report, c.metrics_dir, scene.geometry)
     if scene.geometry.has_polygons:
         pieces = client.gather([client.submit(tile_polygons, t, transform=scene.transform,
@@ -340,23 +352,62 @@ class Outcome:
         return next((p for p in self.exports if p.name.endswith((".nii", ".nii.gz"))), None)
 
 
-def run_job(c: Checked, client: Client, log: Callable[[str], None] = lambda _: None) -> Outcome:
+# How run_job runs a stage: ``runner(name, work)`` calls ``work(client)`` with a client of the job's cluster and
+# returns what it returns. The CLI and the API run each stage straight on their client (:func:`on_client`); the
+# Prefect flow makes each one a task of that name, so the flow and the CLI run the very same stage sequence.
+StageRunner = Callable[[str, Callable[[Client], Any]], Any]
+
+
+def on_client(client: Client) -> StageRunner:
+    """The plain runner: every stage on ``client``, in this thread."""
+    return lambda _name, work: work(client)
+
+
+def run_job(c: Checked, client: Client, log: Callable[[str], None] = lambda _: None,
+            runner: StageRunner | None = None) -> Outcome:
     """Run every stage of a checked job on ``client``; ``log`` hears one line per stage (progress within a
     stage goes to the reporter installed with :func:`segpipe.progress.reporting`, if any).
 
-    Each stage's wall time is kept in the outcome and, with ground truth, in ``metrics/summary.json``.
+    ``runner`` runs each stage (see :data:`StageRunner`; default :func:`on_client`). Each stage's wall time is
+    kept in the outcome and, with ground truth, in ``metrics/summary.json``.
     """
     seconds: dict[str, float] = {}
+    run = runner or on_client(client)
 
-    @contextmanager
-    def timed(name: str) -> Iterator[None]:
+    def stage(name: str, work: Callable[[Client], Any]) -> Any:
         t0 = time.perf_counter()
-        yield
+        value = run(name, work)
         seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
+        return value
 
     if c.replace:
         log("replacing the results of other settings in the output (overwrite)")
     start(c)
+    _log_start(c, client, log)
+    scene = stage("ingest", lambda cl: run_ingest(c, cl))
+    unit = c.geometry.tile_word
+    log(f"segment with {c.plan.name}, {len(TileGrid(scene.shape, c.job.tile_size))} {unit}(s)")
+    result = stage("segment", lambda cl: run_segment(c, scene, cl))
+    instances = None
+    if c.job.instances is not None:
+        log(f"instances of class(es) {c.instance_classes} across {unit}s")
+        instances = stage("instances", lambda cl: run_instances(c, result, cl))
+    log(f"export {', '.join(c.exports)}")
+    exports = stage("export", lambda cl: run_export(c, scene, result, cl))
+    objects = stage("objects", lambda cl: run_objects(c, scene, result, instances, cl))
+    if objects is not None and c.geometry.has_polygons:
+        exports.append(c.polygons_path)
+    if c.truth is not None:
+        log(f"per-{unit} metrics")
+    report = stage("metrics", lambda cl: run_metrics(c, scene, result, cl, objects))
+    finish(c)
+    if report is not None:
+        _add_to_summary(c, seconds)
+    return Outcome(scene.path, result, exports, report, objects, seconds)
+
+
+def _log_start(c: Checked, client: Client, log: Callable[[str], None]) -> None:
+    """The lines before the first stage: a mosaic's items, the input and the cluster, the dashboard."""
     workers = client.scheduler_info()["workers"].values()
     threads = sum(w.get("nthreads", 1) for w in workers)
     mosaic = c.info.mosaic
@@ -369,37 +420,17 @@ def run_job(c: Checked, client: Client, log: Callable[[str], None] = lambda _: N
     dashboard = _dashboard(client)
     if dashboard:
         log(f"dashboard {dashboard}")
-    with timed("ingest"):
-        scene = run_ingest(c, client)
-    unit = c.geometry.tile_word
-    log(f"segment with {c.plan.name}, {len(TileGrid(scene.shape, c.job.tile_size))} {unit}(s)")
-    with timed("segment"):
-        result = run_segment(c, scene, client)
-    instances = None
-    if c.job.instances is not None:
-        log(f"instances of class(es) {c.instance_classes} across {unit}s")
-        with timed("instances"):
-            instances = run_instances(c, result, client)
-    log(f"export {', '.join(c.exports)}")
-    with timed("export"):
-        exports = run_export(c, scene, result, client)
-    with timed("objects"):
-        objects = run_objects(c, scene, result, instances, client)
-    if objects is not None and c.geometry.has_polygons:
-        exports.append(c.polygons_path)
-    if c.truth is not None:
-        log(f"per-{unit} metrics")
-    with timed("metrics"):
-        report = run_metrics(c, scene, result, client, objects)
-    finish(c)
-    if report is not None:  # the per-stage wall times (and a mosaic's items) beside the scores
-        path = c.metrics_dir / "summary.json"
-        extra = {"stage_seconds": seconds}
-        if mosaic is not None:
-            extra["mosaic"] = {"items": [i.id for i in mosaic.items],
-                               "skipped": [{"id": k, "reason": why} for k, why in mosaic.skipped]}
-        write_atomic(path, json.dumps({**json.loads(path.read_text()), **extra}, indent=2))
-    return Outcome(scene.path, result, exports, report, objects, seconds)
+
+
+def _add_to_summary(c: Checked, seconds: dict[str, float]) -> None:
+    """The per-stage wall times (and a mosaic's items) beside the scores in ``metrics/summary.json``."""
+    path = c.metrics_dir / "summary.json"
+    extra: dict[str, Any] = {"stage_seconds": seconds}
+    mosaic = c.info.mosaic
+    if mosaic is not None:
+        extra["mosaic"] = {"items": [i.id for i in mosaic.items],
+                           "skipped": [{"id": k, "reason": why} for k, why in mosaic.skipped]}
+    write_atomic(path, json.dumps({**json.loads(path.read_text()), **extra}, indent=2))
 
 
 def _dashboard(client: Client) -> str | None:

@@ -3,41 +3,34 @@
 Coarse Prefect, fine Dask: each pipeline stage is one Prefect task (retries, state, artifacts);
 inside a task the per-tile work fans out over the Dask cluster whose address the flow passes
 along. Tasks exchange store paths and small summaries, never pixel arrays.
+
+The stages and their order are :func:`segpipe.pipeline.run_job`'s, the CLI's and the API's: the flow only
+passes a runner that makes each stage a task, so the outputs (``summary.json``'s ``stage_seconds`` and mosaic
+record included) cannot drift apart.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from distributed import Client, default_client
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 
 from segpipe.api import check_job
-from segpipe.pipeline import (
-    Checked,
-    finish,
-    in_process,
-    run_export,
-    run_ingest,
-    run_instances,
-    run_metrics,
-    run_objects,
-    run_segment,
-    start,
-)
+from segpipe.pipeline import Checked, StageRunner, in_process, run_job
 from segpipe.progress import Reporter, reporting
 from segpipe.runtime.cluster import connect
-from segpipe.tiling.scene import Scene
-
-if TYPE_CHECKING:  # instances (scipy) and report (pandas) load only when a run uses them, as in the CLI
-    from segpipe.objects.instances import InstanceSummary
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+# Stages that are retried once: they resume from their completion marks, so a retry redoes only what is missing.
+RETRIES = {"ingest": 1, "segment": 1, "instances": 1}
 
 
 @contextmanager
@@ -64,48 +57,31 @@ def check_task(job_path: str, overrides: dict[str, Any]) -> Checked:
     return check_job(job_path, overrides)
 
 
-@task(name="ingest", retries=1)
-def ingest_task(checked: Checked, scheduler: str) -> str:
+@task(name="stage", cache_policy=NO_CACHE)  # its input is the stage's work, a closure: nothing to cache by
+def stage_task(work: Callable[[Client], Any], scheduler: str) -> Any:
+    """One pipeline stage as a Prefect task, on a client of the cluster at ``scheduler``."""
     with dask_client(scheduler) as client:
-        return run_ingest(checked, client).path
+        return work(client)
 
 
-@task(name="segment", retries=1)
-def segment_task(checked: Checked, scene: str, scheduler: str) -> str:
-    with dask_client(scheduler) as client:
-        return run_segment(checked, Scene(scene), client)
+def as_tasks(scheduler: str) -> StageRunner:
+    """The runner that makes each of :func:`run_job`'s stages a task named after it."""
+    def run(name: str, work: Callable[[Client], Any]) -> Any:
+        return stage_task.with_options(name=name, retries=RETRIES.get(name, 0))(work, scheduler)
+    return run
 
 
-@task(name="instances", retries=1)
-def instances_task(checked: Checked, result: str, scheduler: str) -> InstanceSummary | None:
-    with dask_client(scheduler) as client:
-        return run_instances(checked, result, client)
-
-
-@task(name="export")
-def export_task(checked: Checked, scene: str, result: str, scheduler: str) -> list[str]:
-    with dask_client(scheduler) as client:
-        return [str(p) for p in run_export(checked, Scene(scene), result, client)]
-
-
-@task(name="tile-metrics")
-def metrics_task(checked: Checked, scene: str, result: str, instances: InstanceSummary | None,
-                 scheduler: str) -> dict[str, Any] | None:
-    with dask_client(scheduler) as client:
-        objects = run_objects(checked, Scene(scene), result, instances, client)
-        report = run_metrics(checked, Scene(scene), result, client, objects)
-    if report is None:
-        return None
+def publish_metrics(checked: Checked, report: Any) -> None:
+    """The per-tile table and the global scores as Prefect artifacts, and the summary in the flow's log."""
     from segpipe.report.tables import format_summary
 
-    create_table_artifact(key="tile-iou", table=report.rows,
-                          description=f"Per-tile IoU/Dice/accuracy for {Path(checked.job.input).name}")
+    name = Path(checked.job.input).name
+    create_table_artifact(key="tile-iou", table=report.rows, description=f"Per-tile IoU/Dice/accuracy for {name}")
     s = report.summary
     create_markdown_artifact(key="global-iou", markdown=(
-        f"# {Path(checked.job.input).name}\n\nglobal accuracy **{s['global_accuracy']}**, mean IoU "
+        f"# {name}\n\nglobal accuracy **{s['global_accuracy']}**, mean IoU "
         f"**{s['global_mean_iou']}**\n\n" + "\n".join(f"- {k}: IoU {v}" for k, v in s["global_iou"].items())))
     get_run_logger().info(format_summary(report))
-    return s
 
 
 @flow(name="segment-scene")
@@ -120,16 +96,12 @@ def segment_scene(job: str, output: str | None = None, scheduler: str | None = N
     if scheduler:
         overrides["cluster"] = {"scheduler": scheduler}
     checked = check_task(job, overrides)
-    start(checked)  # replaces other settings' stores (overwrite), as the CLI does
     with connect(checked.job.cluster, in_process=in_process(checked)) as client:
-        address = client.scheduler.address
-        scene = ingest_task(checked, address)
-        result = segment_task(checked, scene, address)
-        instances = instances_task(checked, result, address)
-        exports = export_task(checked, scene, result, address)
-        summary = metrics_task(checked, scene, result, instances, address)
-    finish(checked)
-    return {"exports": exports, "result": result, "summary": summary}
+        outcome = run_job(checked, client, log=get_run_logger().info, runner=as_tasks(client.scheduler.address))
+    if outcome.report is not None:
+        publish_metrics(checked, outcome.report)
+    return {"exports": [str(p) for p in outcome.exports], "result": outcome.result,
+            "summary": outcome.report.summary if outcome.report is not None else None}
 
 
 if __name__ == "__main__":

@@ -58,6 +58,15 @@ def sample_pixels() -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
+def holed_scene(tmp_path_factory, sample_pixels) -> Path:
+    """Derived: the SpaceNet sample with a nodata (0) strip across tile borders of 256, 384 and 512 (rows 370-449,
+    columns 100-639): how methods handle validity must be tile-exact too."""
+    data = sample_pixels.copy()
+    data[:, 370:450, 100:640] = 0
+    return write_tif(tmp_path_factory.mktemp("holed") / "holed.tif", data, nodata=0)
+
+
+@pytest.fixture(scope="session")
 def big_scene(tmp_path_factory, sample_pixels) -> Path:
     """Derived: the SpaceNet sample mosaicked (with flips) to 2100 x 2300 px, with nodata holes."""
     a = sample_pixels[0]

@@ -2,8 +2,8 @@
 server that answers byte ranges, and a real STAC API (rustac) on loopback.
 
 Why real: a mosaic's hard parts are in the data, not in the JSON: items in two UTM zones onto one grid, overlaps,
-nodata outside rotated footprints, a cloud mask, an asset that is missing and one that is garbage, COGs read by
-ranges over HTTP. Every item here is *derived* from real imagery shipped on this machine:
+nodata outside rotated footprints, a cloud mask, an asset that is missing, one that is garbage, one cut short,
+COGs read by ranges over HTTP. Every item here is *derived* from real imagery shipped on this machine:
 
 - SpaceNet: ``segpipe/sample/spacenet_pan.tif`` (900 x 900 uint16, EPSG:32616, 0.5 m), cropped into four
   overlapping items, two of them reprojected to the neighbouring UTM zone (EPSG:32615);
@@ -69,6 +69,20 @@ SPACENET_CLOUD_ITEM = "spacenet-d"
 SPACENET_CLOUD = (400, 700, 400, 700)  # rows, cols (end exclusive) of the original image: inside item D
 SPACENET_MISSING = ("spacenet-e", dt.datetime(2024, 6, 27, 10, 30, tzinfo=dt.UTC))  # pan href: no such file
 SPACENET_GARBAGE = ("spacenet-f", dt.datetime(2024, 6, 28, 10, 30, tzinfo=dt.UTC))  # pan: bytes, not a TIFF
+SPACENET_TRUNCATED = ("spacenet-g", dt.datetime(2024, 6, 29, 10, 30, tzinfo=dt.UTC))  # pan: A's, cut short
+SPACENET_BROKEN = (SPACENET_MISSING[0], SPACENET_GARBAGE[0], SPACENET_TRUNCATED[0])
+
+# Exact crops of the SpaceNet sample on its own grid, for checks against a plain numpy recomputation:
+# (id, first row, first col, date, eo:cloud_cover, rated: has the ``score`` quality asset, offset added to its
+# valid pixels: the source is below 10000, so a mosaic pixel's value // 10000 names its crop); 600 x 600 each.
+CROPS_LAYOUT = (
+    ("crop-a", 0, 0, dt.datetime(2024, 6, 3, 10, 30, tzinfo=dt.UTC), 30.0, True, 10000),
+    ("crop-m", 150, 150, dt.datetime(2024, 6, 15, 10, 30, tzinfo=dt.UTC), 10.0, False, 20001),
+    ("crop-d", 300, 300, dt.datetime(2024, 6, 25, 10, 30, tzinfo=dt.UTC), 20.0, True, 30000),
+)
+CROPS_DECOY = ("decoy", dt.datetime(2024, 6, 30, 10, 30, tzinfo=dt.UTC), 50000)  # collection "decoy": whole image
+SCORE_NODATA = 255
+CROPS_SCORE_HOLE = (400, 500, 400, 500)  # rows, cols of the source where crop-d's score is nodata (pan valid)
 
 LANDSAT_BANDS = {"B1": "blue", "B2": "green", "B3": "red", "B4": "nir", "B5": "swir16", "B6": "lwir",
                  "B7": "swir22"}  # asset key -> common name; B6 is the source's B6_VCID_2 (high gain)
@@ -174,8 +188,10 @@ def spacenet_items(folder: Path, broken: bool = True) -> list[pystac.Item]:
     source grid mixes two zones and rotated footprints. Each item has ``pan`` (uint16 COG, nodata 0) and
     ``cloud`` (uint8: 0 clear, 1 cloud, 255 no data), a synthetic mask: all clear except the rectangle
     :data:`SPACENET_CLOUD` of item D (25 % of D, so D's ``eo:cloud_cover`` is 25).
-    Item E's ``pan`` href names a file that does not exist, item F's ``pan`` is garbage bytes; both lie over A,
-    are newer than A-D, and have a valid cloud mask: a loader has to skip them, not fail or fill with them.
+    Item E's ``pan`` href names a file that does not exist, item F's ``pan`` is garbage bytes, item G's ``pan``
+    is a copy of A's cut in the middle of its full-resolution tiles (:func:`truncated_copy`: the header and the
+    overviews intact, so it opens); all three lie over A, are newer than A-D, and have a valid cloud mask: a
+    loader has to skip them, not fail or fill with them.
     Files go to ``folder/<item id>/``; hrefs are absolute paths.
     """
     folder = Path(folder)
@@ -215,12 +231,15 @@ def spacenet_items(folder: Path, broken: bool = True) -> list[pystac.Item]:
         proj = ProjectionExtension.ext(a)
         transform = Affine(*proj.transform)
         for (item_id, when), why in ((SPACENET_MISSING, "its pan file does not exist"),
-                                     (SPACENET_GARBAGE, "its pan file is garbage bytes")):
+                                     (SPACENET_GARBAGE, "its pan file is garbage bytes"),
+                                     (SPACENET_TRUNCATED, "its pan file is item A's, cut short")):
             base = folder / item_id
             base.mkdir(parents=True, exist_ok=True)
             pan_path = base / "pan.tif"
             if item_id == SPACENET_GARBAGE[0]:
                 pan_path.write_bytes(b"this is not a GeoTIFF\n" + np.random.default_rng(13).bytes(8192))
+            elif item_id == SPACENET_TRUNCATED[0]:
+                truncated_copy(Path(a.assets["pan"].href), pan_path)
             else:
                 pan_path.unlink(missing_ok=True)
             cloud = np.full(tuple(proj.shape), CLEAR, np.uint8)
@@ -231,6 +250,86 @@ def spacenet_items(folder: Path, broken: bool = True) -> list[pystac.Item]:
                                                 "nearest"), "uint8", MASK_NODATA, "cloud mask", ["cloud"])
             items.append(item)
     return items
+
+
+def truncated_copy(src: Path, dst: Path) -> Path:
+    """A copy of the tiled GeoTIFF ``src`` cut halfway through its full-resolution tiles' bytes.
+
+    Why there: what an interrupted upload leaves. The header (and, in a COG, the overviews, stored before the
+    full-resolution tiles) are intact, so the file opens and a decimated read succeeds; the tiles after the cut
+    do not decode.
+    """
+    with rasterio.open(src) as ds:
+        rows, cols = (-(-n // b) for n, b in zip(ds.shape, ds.block_shapes[0], strict=True))
+        blocks = [(r, c) for r in range(rows) for c in range(cols)]
+        spans = [(int(ds.get_tag_item(f"BLOCK_OFFSET_{c}_{r}", "TIFF", bidx=1)),
+                  int(ds.get_tag_item(f"BLOCK_SIZE_{c}_{r}", "TIFF", bidx=1))) for r, c in blocks]
+    first, end = min(o for o, _ in spans), max(o + n for o, n in spans)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(Path(src).read_bytes()[:(first + end) // 2])
+    return dst
+
+
+def crop_items(folder: Path) -> list[pystac.Item]:
+    """Exact crops of the SpaceNet sample (:data:`CROPS_LAYOUT`) on its own grid, plus the decoy.
+
+    Why exact crops: on the source grid (nearest) a mosaic's pixels are the crops' own, so a test can recompute
+    any composite with plain numpy from the items' files. Each crop has ``pan`` (uint16, nodata 0: the source's
+    pixels plus the crop's offset where they are not 0, so overlapping crops differ and one can tell which
+    item a mosaic pixel came from; the offsets make some two-item medians end in .5); the rated
+    ones also ``score`` (uint8, a synthetic quality: 0-3 from a seeded generator, :data:`SCORE_NODATA` in
+    :data:`CROPS_SCORE_HOLE` of crop-d, where its pan is valid). The decoy (:data:`CROPS_DECOY`, the whole image,
+    newest) is meant for another collection: a collection filter has to leave it out. Files go to
+    ``folder/<item id>/``; hrefs are absolute.
+    """
+    folder = Path(folder)
+    with rasterio.open(SPACENET) as src:
+        image, src_transform, crs = src.read(1), src.transform, src.crs.to_string()
+    rng = np.random.default_rng(2024)
+    items = []
+    layout = [*CROPS_LAYOUT, (CROPS_DECOY[0], 0, 0, CROPS_DECOY[1], 0.0, False, CROPS_DECOY[2])]
+    for item_id, row, col, when, cover, rated, offset in layout:
+        size = image.shape[0] if item_id == CROPS_DECOY[0] else SPACENET_SIZE
+        crop = image[row:row + size, col:col + size]
+        pan = np.where(crop != 0, crop + offset, 0).astype(np.uint16)
+        transform = src_transform @ Affine.translation(col, row)
+        footprint = _footprint(transform, pan.shape, crs)
+        item = _item(item_id, when, crs, transform, pan.shape, footprint, cover,
+                     f"Exact crop of the SpaceNet sample: rows {row}-{row + size}, cols {col}-{col + size}.")
+        base = folder / item_id
+        _add_asset(item, "pan", write_cog(base / "pan.tif", pan, crs, transform, 0), "uint16", 0, "pan", ["data"])
+        if rated:
+            score = rng.integers(0, 4, pan.shape, dtype=np.uint8)
+            if item_id == "crop-d":
+                r0, r1, c0, c1 = CROPS_SCORE_HOLE
+                score[r0 - row:r1 - row, c0 - col:c1 - col] = SCORE_NODATA
+            _add_asset(item, "score", write_cog(base / "score.tif", score, crs, transform, SCORE_NODATA,
+                                                "nearest"), "uint8", SCORE_NODATA, "score (synthetic)", ["quality"])
+        items.append(item)
+    return items
+
+
+def write_static_collections(collections: dict[str, Sequence[pystac.Item]], folder: Path) -> Path:
+    """A self-contained static catalog of several collections: ``folder/catalog.json``, a collection per key.
+
+    Why: a collection filter is only tested by a catalog in which another collection has items too.
+    """
+    folder = Path(folder).resolve()
+    root = pystac.Catalog("test-catalog", "Derived test collections")
+    for name, items in collections.items():
+        items = [item.clone() for item in items]
+        times = [item.datetime for item in items]
+        boxes = np.asarray([item.bbox for item in items])
+        extent = pystac.Extent(
+            pystac.SpatialExtent([[*boxes[:, :2].min(axis=0).tolist(), *boxes[:, 2:].max(axis=0).tolist()]]),
+            pystac.TemporalExtent([[min(times), max(times)]]))
+        collection = pystac.Collection(name, f"Derived test items: {name}", extent, license="other")
+        collection.add_items(items)
+        root.add_child(collection)
+    root.normalize_hrefs(str(folder))
+    root.make_all_asset_hrefs_relative()
+    root.save(pystac.CatalogType.SELF_CONTAINED)
+    return folder / "catalog.json"
 
 
 def landsat_items(folder: Path) -> list[pystac.Item]:
@@ -542,7 +641,7 @@ class StaticCatalog:
     """A static catalog on disk: its folder, its collection.json, and the items as built (absolute hrefs)."""
 
     folder: Path
-    collection: Path
+    collection: Path  # collection.json (catalog.json for several collections)
     items: tuple[pystac.Item, ...]
 
     def item(self, item_id: str) -> pystac.Item:
@@ -588,6 +687,21 @@ def landsat_static(folder: Path) -> StaticCatalog:
 def spacenet_catalog(tmp_path_factory: pytest.TempPathFactory) -> StaticCatalog:
     """SpaceNet items A-F as a static catalog on disk (written once per session)."""
     return _built("spacenet", tmp_path_factory, spacenet_static)
+
+
+def crops_static(folder: Path) -> StaticCatalog:
+    """The exact crops (collection ``crops``) and the decoy (collection ``decoy``) in one catalog.json."""
+    items = crop_items(folder)
+    crops = [i for i in items if i.id != CROPS_DECOY[0]]
+    decoy = [i for i in items if i.id == CROPS_DECOY[0]]
+    return StaticCatalog(Path(folder).resolve(), write_static_collections({"crops": crops, "decoy": decoy}, folder),
+                         tuple(items))
+
+
+@pytest.fixture(scope="session")
+def crops_catalog(tmp_path_factory: pytest.TempPathFactory) -> StaticCatalog:
+    """The exact SpaceNet crops and a decoy in another collection, as a static catalog (written once)."""
+    return _built("crops", tmp_path_factory, crops_static)
 
 
 @pytest.fixture(scope="session")

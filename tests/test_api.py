@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 
+import dask.array
 import numpy as np
 import pytest
 import rasterio
@@ -21,6 +22,8 @@ def test_a_file_segments_to_a_dataset_with_true_dtypes_crs_and_metrics(tmp_path,
                          client=client, progress=False, class_names=["background", "building"],
                          instances={"classes": [1]})
     assert ds["class"].dtype == np.uint8 and ds["class"].dims == ("y", "x") and ds["truth"].dtype == np.uint8
+    assert isinstance(ds["class"].data, dask.array.Array)  # lazy: nothing read until asked for
+    assert ds.attrs["output"] == str(tmp_path / "out")
     ids = ds["instances"].values
     assert ds["instances"].dtype == np.uint32 and ids.max() > 1 and (ids[ds["class"].values != 1] == 0).all()
     assert len(ds.segpipe.objects) == int(ids.max())  # one row per object in metrics/objects.csv
@@ -56,15 +59,18 @@ def test_a_dataarray_and_a_numpy_array_give_the_class_map_of_the_file(tmp_path, 
     by_np = segpipe.segment(da.values[0], method, tile_size=512, crs=da.rio.crs, transform=da.rio.transform(),
                             output=tmp_path / "np", client=client, progress=False)
     np.testing.assert_array_equal(by_np["class"].values, by_file["class"].values)  # any tile size, same map
-    # odc-geo's convention, built by hand: pixel-centre x/y coordinates and a ``spatial_ref`` coordinate whose
-    # ``crs_wkt`` gives the CRS (no rioxarray involved in making it).
-    t = da.rio.transform()
-    h, w = da.shape[1:]
-    odc = xr.DataArray(da.values[0], dims=("y", "x"), coords={
-        "y": t.f + (np.arange(h) + 0.5) * t.e, "x": t.c + (np.arange(w) + 0.5) * t.a,
-        "spatial_ref": xr.DataArray(0, attrs={"crs_wkt": da.rio.crs.to_wkt()})})
+    # Made by odc-geo itself (its GeoBox and wrap_xr, no rioxarray involved in making it).
+    from odc.geo.geobox import GeoBox
+    from odc.geo.xr import wrap_xr
+
+    odc = wrap_xr(da.values[0], GeoBox(da.shape[1:], da.rio.transform(), da.rio.crs))
     by_odc = segpipe.segment(odc, method, tile_size=256, output=tmp_path / "odc", client=client, progress=False)
     np.testing.assert_array_equal(by_odc["class"].values, by_file["class"].values)
+    # A dask array, computed a strip at a time into the source file: the same map again.
+    lazy = dask.array.from_array(da.values[0], chunks=300)
+    by_dask = segpipe.segment(lazy, method, tile_size=256, crs=da.rio.crs, transform=da.rio.transform(),
+                              output=tmp_path / "dask", client=client, progress=False)
+    np.testing.assert_array_equal(by_dask["class"].values, by_file["class"].values)
     # The same array again resumes: the source file is kept, not rewritten.
     src = tmp_path / "np" / "source.tif"
     stamp = src.stat().st_mtime_ns
@@ -85,6 +91,30 @@ def test_a_numpy_volume_with_a_4x4_affine_runs_like_its_nifti(tmp_path, client):
     assert by_array["class"].dims == ("z", "y", "x") and by_array["class"].dtype == np.uint8
     np.testing.assert_array_equal(by_array["class"].values, by_file["class"].values)
     np.testing.assert_allclose(by_array.attrs["affine"], by_file.attrs["affine"])
+
+
+def test_without_output_a_temporary_folder_holds_the_results(tmp_path, client, monkeypatch):
+    import tempfile
+    from pathlib import Path
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # mkdtemp's folder, so the test leaves nothing behind
+    ds = segpipe.segment(np.arange(64 * 64, dtype=np.uint8).reshape(64, 64), "otsu", crs="EPSG:32633",
+                         transform=(1, 0, 0, 0, -1, 64), client=client, progress=False)
+    out = Path(ds.attrs["output"])
+    assert out.parent == tmp_path and out.name.startswith("segpipe-")
+    assert ds.attrs["result"] == str(out / "result.zarr") and (out / "segmentation.tif").is_file()
+
+
+def test_a_model_job_keeps_float16_probabilities_per_class(tmp_path, client, tiny_model):
+    with rasterio.open(SCENE) as src:
+        pixels, transform, crs = src.read(1, window=((0, 256), (0, 256))), src.transform, src.crs
+    ds = segpipe.segment(pixels, {"name": "unet", "model": str(tiny_model), "patch_size": 128}, crs=crs,
+                         transform=transform, output=tmp_path / "out", client=client, progress=False,
+                         probabilities=True)
+    p = ds["probability"]
+    assert p.dtype == np.float16 and p.dims == ("class", "y", "x") and p.shape == (3, 256, 256)
+    assert isinstance(p.data, dask.array.Array)
+    np.testing.assert_allclose(p.sum("class").values.astype(np.float32), 1.0, atol=1e-2)  # softmax per pixel
 
 
 @pytest.mark.parametrize("source,kwargs,words", [

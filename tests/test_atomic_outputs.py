@@ -81,7 +81,8 @@ def test_a_failing_export_keeps_the_previous_good_output(client, good_output, mo
     # Exports finished before the failing stage may be replaced, but only by complete new versions.
     exports = ("segmentation.tif", "image.ome.zarr/")
     finished_before = {"cog": (), "ome-zarr": exports[:1], "report": exports,
-                       "polygons": (*exports, "metrics/objects.csv", "metrics/truth_objects.csv")}[stage]
+                       "polygons": (*exports, "metrics/objects.csv", "metrics/truth_objects.csv",
+                                    "metrics/objects.json")}[stage]  # AP per class: keyed by class name
     for k in changed:
         assert k.startswith(finished_before), k
         if k.endswith(".tif"):
@@ -90,5 +91,7 @@ def test_a_failing_export_keeps_the_previous_good_output(client, good_output, mo
         elif k.endswith(".csv"):
             rows = list(csv.DictReader(io.StringIO(after[k].decode())))
             assert rows and all(r["iou"] is not None for r in rows)  # every row complete
+        elif k == "metrics/objects.json":
+            assert set(json.loads(after[k])["summary"]["ap_per_class"]) == {"roof"}
         else:
             assert json.loads(after[k])["attributes"]["ome"]["image-label"]["properties"][1]["class"] == "roof"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BUILDINGS, SCENE, write_tif
+from conftest import BUILDINGS, DEMO_MODEL, SCENE, write_tif
 from helpers import assert_one_line_error, cli
 
 
@@ -114,6 +114,19 @@ def test_unknown_method_parameter_and_invalid_yaml(tmp_path, existing_output):
     ({"name": "edges", "params": {"operator": "prewitt"}}, ["parameter operator", "'prewitt'"]),
     ({"name": "hsv", "params": {"hue": [0.1]}}, ["parameter hue"]),
     ({"name": "kmeans", "params": {"k": 1}}, ["parameter k", "greater than or equal to 2"]),
+    ({"name": "fcm", "params": {"m": 1.0}}, ["'fcm' parameter m", "greater than 1"]),
+    ({"name": "region_growing", "params": {"seeds": [[5, 5]], "tolerance": "abc"}},
+     ["'region_growing' parameter tolerance", "valid number", "'abc'"]),
+    ({"name": "region_growing", "params": {"seeds": [[5, 5]]}}, ["'region_growing' parameter tolerance",
+                                                                  "Field required"]),
+    ({"name": "region_growing", "params": {"tolerance": 10}}, ["needs 'seeds'"]),
+    ({"name": "region_growing", "params": {"seeds": [[5, 5]], "tolerance": 10, "connectivity": 3}},
+     ["parameter connectivity"]),
+    ({"name": "region_growing", "params": {"seeds": [[5, 5], [950, 20]], "tolerance": 10}},
+     ["seed (950, 20) lies outside the 900x900 scene"]),
+    ({"name": "region_growing", "params": {"seeds_xy": [[0.0, 0.0]], "tolerance": 10}}, ["lies outside the"]),
+    ({"name": "model", "model": str(DEMO_MODEL), "params": {"classes": "three"}},
+     ["a model takes no params", "['classes']", "patch_size"]),
 ])
 def test_method_parameters_are_typed_and_checked_before_anything_is_written(tmp_path, existing_output, method,
                                                                             words):
@@ -136,16 +149,20 @@ def test_output_from_another_job_is_not_overwritten(tmp_path, client):
     assert snapshot(out) == before
 
 
-def test_a_rotated_geotransform_is_refused_rather_than_misplaced(tmp_path, existing_output):
+@pytest.mark.parametrize("kind", ["rotation", "shear"])
+def test_a_rotated_or_sheared_geotransform_is_refused_rather_than_misplaced(tmp_path, existing_output, kind):
     import rasterio
     from affine import Affine
     from conftest import write_tif
 
     with rasterio.open(SCENE) as ds:
         data, t = ds.read(), ds.transform
-    rotated = write_tif(tmp_path / "rotated.tif", data, transform=t * Affine.rotation(10))
+    skew = Affine.rotation(10) if kind == "rotation" else Affine.shear(0, 5)  # shear: only the row term
+    src = write_tif(tmp_path / f"{kind}.tif", data, transform=t * skew)
+    with rasterio.open(src) as ds:
+        assert ds.transform.b or ds.transform.d
     before = snapshot(existing_output)
-    assert_one_line_error(cli(tmp_path, base_job(existing_output, input=str(rotated))), "rotated or sheared")
+    assert_one_line_error(cli(tmp_path, base_job(existing_output, input=str(src))), "rotated or sheared")
     assert snapshot(existing_output) == before
 
 

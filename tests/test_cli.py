@@ -34,14 +34,51 @@ def test_version():
 
 
 def test_results_on_stdout_stage_lines_on_stderr_and_quiet_silences_them(tmp_path):
-    proc = segpipe(tmp_path, "run", job=job(tmp_path))
+    # Worker processes under nannies, and no warning filter: every stderr line is segpipe's own (no Dask
+    # "Worker process still alive after 4.0 seconds, killing", no rasterio or pyogrio warnings).
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "DASK_LOGGING__DISTRIBUTED")}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job(tmp_path, cluster={"processes": "yes", "n_workers": 2})))
+    proc = subprocess.run([sys.executable, "-m", "segpipe.cli", "run", str(tmp_path / "job.yaml")],
+                          capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
+    assert all(ln.startswith("segpipe:") for ln in proc.stderr.splitlines() if ln.strip()), proc.stderr
     assert "segpipe: segment with otsu" in proc.stderr and "segpipe: segment" not in proc.stdout
     # The first line comes once the job is checked, before the seconds a cluster takes to start.
     assert proc.stderr.startswith("segpipe: job checked; starting "), proc.stderr
     assert "global IoU" in proc.stdout and proc.stdout.startswith("export:")
     quiet = segpipe(tmp_path, "run", "-q", "--output", str(tmp_path / "quiet"), job=job(tmp_path))
     assert quiet.returncode == 0 and "segpipe:" not in quiet.stderr and "global IoU" in quiet.stdout
+
+
+def test_dask_log_levels_follow_verbose_even_after_distributed_sets_its_own(monkeypatch):
+    """Importing distributed resets its loggers from Dask's config: quiet_dask says it there and on the logger."""
+    import logging
+
+    import dask
+    import distributed  # noqa: F401  (already imported: the level must still be set)
+
+    from segpipe.cli import quiet_dask
+
+    monkeypatch.setenv("DASK_LOGGING__DISTRIBUTED", "warning")  # recorded, so the test leaves it as it was
+    before = logging.getLogger("distributed").level
+    try:
+        quiet_dask(False)
+        assert logging.getLogger("distributed.nanny").getEffectiveLevel() == logging.ERROR
+        assert os.environ["DASK_LOGGING__DISTRIBUTED"] == "error"  # worker processes inherit it
+        quiet_dask(True)
+        assert logging.getLogger("distributed.nanny").getEffectiveLevel() == logging.INFO
+        assert dask.config.get("logging.distributed") == "info"
+    finally:
+        logging.getLogger("distributed").setLevel(before)
+        dask.config.set({"logging.distributed": "info"})
+
+
+@pytest.mark.slow
+def test_validate_refuses_a_well_formed_scheduler_address_nobody_answers(tmp_path):
+    """Port 9 on loopback: nothing listens there. validate connects as run would (and gives up after 15 s)."""
+    proc = segpipe(tmp_path, "validate", "--scheduler", "tcp://127.0.0.1:9", job=job(tmp_path))
+    assert_one_line_error(proc, "cannot reach Dask scheduler tcp://127.0.0.1:9")
+    assert not (tmp_path / "out").exists()
 
 
 def test_validate_checks_everything_and_writes_nothing(tmp_path):

@@ -46,6 +46,28 @@ def test_segment_scene_flow_writes_outputs_and_table_artifact(prefect_api, tmp_p
     assert len(table) == 16 and "iou_bright" in table[0] and "matched_objects" in table[0]
 
 
+def test_flow_runs_the_api_stage_sequence_and_writes_the_same_summary(prefect_api, tmp_path):
+    """The flow and the CLI/API share run_job's stages: the flow's summary.json has stage_seconds for the same
+    stages, and the same scores, as the API's run of the same job."""
+    import yaml
+
+    from segpipe.api import check_job, execute
+    from segpipe_flows.segment_scene import segment_scene
+
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({
+        "input": str(SCENE), "output": str(tmp_path / "flow"), "tile_size": 256, "method": {"name": "otsu"},
+        "truth": {"path": str(BUILDINGS)}, "class_names": ["background", "building"],
+        "cluster": {"n_workers": 1, "threads_per_worker": 2},
+    }))
+    segment_scene(str(job))
+    outcome = execute(check_job(job, {"output": str(tmp_path / "api")}))
+    flow, api = (json.loads((tmp_path / name / "metrics" / "summary.json").read_text()) for name in ("flow", "api"))
+    stages = {"ingest", "segment", "export", "objects", "metrics"}
+    assert set(flow.pop("stage_seconds")) == set(api.pop("stage_seconds")) == set(outcome.stage_seconds) == stages
+    assert flow == api and flow["summary"]["tiles"] == 16
+
+
 def test_train_flow_writes_a_checkpoint(prefect_api, tmp_path):
     from segpipe.models.checkpoint import read_spec
     from segpipe_flows.train import train

@@ -31,3 +31,19 @@ def test_the_flows_install_under_segpipe_flows_not_a_generic_top_level_name():
     import segpipe_flows
 
     assert Path(segpipe_flows.__file__).resolve().parent == root / "segpipe_flows"
+
+
+def test_core_dependencies_leave_torch_unpinned_and_slide_and_dicom_libraries_to_extras():
+    """GPU hosts bring their own CUDA build of torch, so the core must not pin it; OpenSlide and pydicom are the
+    ``slides`` and ``medical`` extras, which a land-cover install does without."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    core = {re.match(r"[A-Za-z0-9_.-]+", d).group().lower().replace("_", "-"): d for d in project["dependencies"]}
+    assert "torch" in core and "==" not in core["torch"]
+    assert not {n for n in core if n.startswith(("openslide", "pydicom"))}
+    extras = project["optional-dependencies"]
+    assert any(d.startswith("openslide-python") for d in extras["slides"])
+    assert any(d.startswith("pydicom") for d in extras["medical"])

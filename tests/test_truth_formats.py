@@ -29,9 +29,10 @@ def buildings() -> tuple[np.ndarray, dict[str, np.ndarray]]:
                  "klass": np.where(np.arange(n) % 5 == 0, 7, 1).astype(np.int32)}
 
 
-def write_ogr(path, driver: str, layer: str = "buildings", **extra) -> None:
+def write_ogr(path, driver: str, layer: str = "buildings", keep: slice = slice(None), **extra) -> None:
+    """The footprints (those in ``keep``) as one layer of a vector file in ``driver``'s format."""
     wkb, fields = buildings()
-    raw.write(str(path), wkb, list(fields.values()), list(fields), layer=layer, driver=driver,
+    raw.write(str(path), wkb[keep], [v[keep] for v in fields.values()], list(fields), layer=layer, driver=driver,
               geometry_type="Polygon", crs="EPSG:32616", **extra)
 
 
@@ -82,6 +83,18 @@ def test_a_geopackage_with_several_layers_needs_a_layer_named(tmp_path):
     assert_one_line_error(cli(tmp_path, {**OTSU, "output": str(out), "truth": {"path": str(path), "layer": "roads"}}),
                           "no layer 'roads'")
     assert not out.exists()
+
+
+def test_a_geopackage_layer_is_chosen_by_name_or_by_index(tmp_path, client, reference):
+    """Two layers that differ (the second holds 10 of the 43 footprints): each selector reads its own."""
+    path = tmp_path / "truth.gpkg"
+    write_ogr(path, "GPKG")
+    write_ogr(path, "GPKG", layer="other", keep=slice(0, 10), append=True)
+    got = {layer: run(client, tmp_path / str(layer), **OTSU, truth={"path": str(path), "layer": layer}).report.summary
+           for layer in ("other", 1, 0)}
+    assert same_counts(got[0], reference)
+    assert same_counts(got["other"], got[1]) and not same_counts(got[1], reference)
+    assert got[1]["global_iou"]["class1"] < reference["global_iou"]["class1"]  # fewer true buildings, same map
 
 
 def test_class_names_in_an_attribute_map_through_class_names_or_truth_classes(tmp_path, client, reference):

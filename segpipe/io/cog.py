@@ -45,6 +45,7 @@ from rasterio.crs import CRS
 from segpipe.io.raster import quiet_not_georeferenced
 from segpipe.io.result import NODATA
 from segpipe.io.store import read_geo, remove_leftovers
+from segpipe.tiling.geometry import image_kind
 
 PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
            (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60)]
@@ -246,7 +247,7 @@ def _write_vrt(path: Path, shape: tuple[int, int], levels: list[Path], crs: CRS 
         ET.SubElement(root, "GeoTransform").text = ", ".join(repr(float(v)) for v in transform.to_gdal())
     md = ET.SubElement(root, "Metadata")
     tags = {"class_names": ",".join(band_info.names)}
-    if crs is None and mpp:
+    if image_kind(crs, mpp) == "slide":  # slide viewers read the pixel size from the resolution tags
         tags.update(TIFFTAG_XRESOLUTION=str(1e4 / mpp[0]), TIFFTAG_YRESOLUTION=str(1e4 / mpp[1]),
                     TIFFTAG_RESOLUTIONUNIT="3", mpp=f"{mpp[0]},{mpp[1]}")
     for key, value in tags.items():

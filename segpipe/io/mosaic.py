@@ -14,8 +14,8 @@ with nearest, nearly all with bilinear). Every pixel is therefore computed insid
 bit-identical for any tiling and worker count. With chunks smaller than a block, a block is loaded once per
 chunk row that needs it.
 
-Why odc-stac and not stackstac: measured side by side (benchmarks/stac_loaders.py); stackstac also pins
-pandas < 3, which this environment's xarray stack is past.
+Why odc-stac and not stackstac: measured side by side (benchmarks/bench_stac_loaders.py, figures in
+benchmarks/RESULTS.md); stackstac also pins pandas < 3, which this environment's xarray stack is past.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class NoItems(InputError):
 
 BLOCK = 512  # the fixed unit of computation of a mosaic (see the module's note); chunk sizes up to it divide it
 RASTER_ORDER = "segpipe:order"  # property of an item made from a plain raster: its place in the list
-CHECK_THREADS = 16  # asset headers opened at once while checking the items (mostly waiting on storage)
+CHECK_THREADS = 16  # items checked at once (headers and one tile per band: mostly waiting on storage)
 
 
 @dataclass(frozen=True)
@@ -318,7 +318,12 @@ class _Opened:
 
 
 def _open_item(item: pystac.Item, bands: list[str], quality: str | None) -> _Opened | str:
-    """Open every band asset's header (and the quality asset's, when the item has one); the reason if not."""
+    """Open every band asset (and the quality asset, when the item has one) and decode its last stored tile;
+    the reason if one does not.
+
+    Why decode a tile and not only the header: a truncated file (an interrupted upload or copy) opens, since
+    its header sits at the start, and fails only when a worker reads its pixels, which would stop the run.
+    """
     import rasterio
 
     headers = []
@@ -329,8 +334,9 @@ def _open_item(item: pystac.Item, bands: list[str], quality: str | None) -> _Ope
         try:
             with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"), open_raster(href) as ds:
                 headers.append((href, ds.crs, ds.transform, ds.shape, ds.dtypes[0], ds.nodata, ds.count))
-        except Exception as exc:  # noqa: BLE001 - missing, unreachable and corrupt assets alike are reported
-            return f"asset {name!r} is not readable ({first_line(exc)})"
+                _read_last_tile(href, ds)
+        except Exception as exc:  # noqa: BLE001 - missing, unreachable, truncated and corrupt assets alike
+            return f"asset {name!r} is not readable ({_cause(exc)})"
     href, crs, transform, shape, _, nodata, _ = headers[0]
     if crs is None:
         return f"asset {bands[0]!r} has no CRS"
@@ -342,6 +348,61 @@ def _open_item(item: pystac.Item, bands: list[str], quality: str | None) -> _Ope
             stamp.update(f"{h[0]}:{st.st_size}:{st.st_mtime_ns};".encode())
     return _Opened(item, crs, transform, tuple(shape), tuple(h[4] for h in headers[:len(bands)]), nodata,
                    stamp.hexdigest())
+
+
+def _read_last_tile(href: str, ds: Any) -> None:
+    """Decode, for each band, the internal tile stored last in the file (any resolution level): it fails when
+    the file is cut short, whatever tiles a block will read later, for one tile's bytes per band.
+
+    A TIFF says where each tile is (GDAL's ``BLOCK_OFFSET_x_y`` items); another format's last full-resolution
+    block is read instead. Corruption that keeps the file's length (bytes changed inside a tile) is not found
+    here: only decoding every tile would find it, which costs as much as the run's own read.
+    """
+    import rasterio
+
+    for bidx in range(1, ds.count + 1):
+        level, row, col = _last_stored_block(ds, bidx)
+        if level is None:
+            _read_block(ds, bidx, row, col)
+            continue
+        with rasterio.open(href, overview_level=level) as ovr:
+            _read_block(ovr, bidx, row, col)
+
+
+def _last_stored_block(ds: Any, bidx: int) -> tuple[int | None, int, int]:
+    """The level (None: full resolution) and block row and column of the band's tile whose bytes end last."""
+    rows, cols = _block_count(ds.shape, ds.block_shapes[bidx - 1])
+    end, best = -1, (None, rows - 1, cols - 1)  # no TIFF offsets: the last full-resolution block
+    h, w = ds.shape
+    for k, factor in enumerate([1, *ds.overviews(bidx)]):
+        level = None if k == 0 else k - 1
+        rows, cols = _block_count((-(-h // factor), -(-w // factor)), ds.block_shapes[bidx - 1])
+        for r in range(rows):
+            for c in range(cols):
+                offset = ds.get_tag_item(f"BLOCK_OFFSET_{c}_{r}", "TIFF", bidx=bidx, ovr=level)
+                size = ds.get_tag_item(f"BLOCK_SIZE_{c}_{r}", "TIFF", bidx=bidx, ovr=level)
+                if offset and size and int(offset) + int(size) > end:  # a sparse tile (no bytes) is skipped
+                    end, best = int(offset) + int(size), (level, r, c)
+    return best
+
+
+def _block_count(shape: tuple[int, int], block: tuple[int, int]) -> tuple[int, int]:
+    return -(-shape[0] // block[0]), -(-shape[1] // block[1])
+
+
+def _read_block(ds: Any, bidx: int, row: int, col: int) -> None:
+    """Decode one block of a band (clipped at the raster's edge)."""
+    from rasterio.windows import Window
+
+    bh, bw = ds.block_shapes[bidx - 1]
+    r0, c0 = min(row * bh, ds.height - 1), min(col * bw, ds.width - 1)
+    ds.read(bidx, window=Window(c0, r0, min(bw, ds.width - c0), min(bh, ds.height - r0)))
+
+
+def _cause(exc: BaseException) -> str:
+    """The first line of GDAL's own message: rasterio's read error only says to look at the one before it."""
+    inner = exc.__cause__ or exc.__context__
+    return first_line(inner) if inner is not None and "previous exception" in str(exc) else first_line(exc)
 
 
 def _without_links(d: dict[str, Any]) -> dict[str, Any]:
@@ -365,7 +426,7 @@ def _order(opened: list[_Opened], order: str, rasters: bool) -> list[_Opened]:
 
 
 def resolve_mosaic(spec: MosaicSpec, nodata: float | None = None) -> Mosaic:
-    """Find the items, open their assets' headers, fix the output grid: everything a run needs, nothing written.
+    """Find the items, check that their assets read (:func:`_open_item`), fix the output grid: nothing written.
 
     ``nodata`` is the job's nodata (the bands' value for "no data"); default the first asset's, else 0.
     """
@@ -544,8 +605,7 @@ def load_block(m: Mosaic, r0: int, c0: int, h: int, w: int) -> tuple[np.ndarray,
         data, ok = _median(stack, valid, m)
     else:
         if m.composite == "best":
-            rank = np.where(valid, quality if m.quality_prefer == "low" else -quality, np.inf)
-            pick = np.argmin(rank, axis=0)  # ties: the first in item order
+            pick = _best(valid, quality, m.quality_prefer)
         else:
             pick = np.argmax(valid, axis=0)  # the first valid item
         ok = valid.any(axis=0)
@@ -560,10 +620,24 @@ def load_block(m: Mosaic, r0: int, c0: int, h: int, w: int) -> tuple[np.ndarray,
     return data, ok
 
 
+def _best(valid: np.ndarray, quality: np.ndarray, prefer: str | None) -> np.ndarray:
+    """Per pixel, the index of the item to take for ``best``: valid and rated items by quality (``prefer``
+    low or high), then valid items without a quality value, then the rest; ties go to the first in item order.
+
+    Why a key of its own for "no quality value" rather than a sentinel quality: any sentinel (inf) flips to
+    the front when the order flips for ``high``.
+    """
+    unrated = np.isnan(quality)
+    tier = np.where(valid, np.where(unrated, 1, 0), 2)
+    score = np.where(unrated, 0.0, quality if prefer == "low" else -quality)
+    order = np.lexsort((np.broadcast_to(np.arange(len(valid))[:, None, None], valid.shape), score, tier), axis=0)
+    return order[0]
+
+
 def _load_items(m: Mosaic, items: list[MosaicItem], transform: Affine,
                 shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The items' bands on the block's grid ``(item, band, y, x)``, their validity ``(item, y, x)`` and quality
-    values ``(item, y, x)`` (inf for items without a quality band: they rank last for ``best``).
+    values ``(item, y, x)`` (NaN for items without a quality band and where it has no value: :func:`_best`).
 
     The bands are loaded in the mosaic's dtype with its nodata as fill (outside an item, and where an asset's
     own nodata says so); the quality band apart, as float with NaN fill, so no quality value is taken for fill.
@@ -576,12 +650,12 @@ def _load_items(m: Mosaic, items: list[MosaicItem], transform: Affine,
     valid = ~np.any(np.isnan(stack) if np.isnan(m.nodata) else stack == m.nodata, axis=1)
     if np.issubdtype(stack.dtype, np.floating):
         valid &= np.all(np.isfinite(stack), axis=1)
-    quality = np.full(valid.shape, np.inf)
+    quality = np.full(valid.shape, np.nan)
     rated = [k for k, i in enumerate(items) if m.quality_asset and m.quality_asset in i.stac["assets"]]
     if rated:
         q = _odc_load([items[k] for k in rated], [m.quality_asset], geobox, "nearest", "float64", np.nan)
         values = q[m.quality_asset].values
-        quality[rated] = np.where(np.isnan(values), np.inf, values)
+        quality[rated] = values
         if m.quality_invalid:
             valid[rated] &= ~np.isin(values, m.quality_invalid)
     return stack, valid, quality

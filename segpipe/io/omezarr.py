@@ -60,9 +60,8 @@ def _pyramid(group: zarr.Group, base: da.Array, n_levels: int, chunk: int, nd: i
         level = da.from_zarr(arr)[(..., *(slice(None, None, 2),) * nd)]
 
 
-def levels_for(shape: tuple[int, ...], smallest: int | None = None, most: int = 6) -> int:
-    """Pyramid depth: halve until the image fits ``smallest`` pixels (256; 64 voxels for volumes)."""
-    smallest = smallest or (256 if len(shape) == 2 else 64)
+def levels_for(shape: tuple[int, ...], smallest: int, most: int = 6) -> int:
+    """Pyramid depth: halve until the image fits ``smallest`` pixels (the scene's ``geometry.small_edge``)."""
     n = 1
     while max(shape) / 2**n >= smallest and n < most:
         n += 1
@@ -80,7 +79,7 @@ def export_ome_zarr(scene_path: str, result_path: str, dest: str | Path, client:
     nd = len(scene.shape)
     spatial = ("z", "y", "x")[-nd:]
     space = [{"name": ax, "type": "space", **({"unit": unit} if unit else {})} for ax in spatial]
-    n = levels_for(scene.shape)
+    n = levels_for(scene.shape, scene.geometry.small_edge)
     chunk = scene.chunk
     try:
         root = zarr.open_group(str(tmp), mode="w-", zarr_format=3)

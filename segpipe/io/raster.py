@@ -13,6 +13,7 @@ from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
 from segpipe.errors import InputError
+from segpipe.tiling.geometry import SceneGeometry
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,8 @@ class RasterInfo:
         return (self.height, self.width) if self.depth is None else (self.depth, self.height, self.width)
 
     def describe(self) -> str:
-        return "x".join(str(n) for n in self.shape[::-1]) + (" voxels" if self.depth else " px")
+        """The size for messages (:meth:`SceneGeometry.describe`)."""
+        return SceneGeometry.of_info(self).describe()
 
     @property
     def pixel_size(self) -> tuple[float, ...]:

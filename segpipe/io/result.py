@@ -72,6 +72,19 @@ def _create_image_result(path: str, fingerprint: dict[str, Any], crs: CRS | None
     return group
 
 
+def class_outputs(result_path: str) -> tuple[zarr.Array, zarr.Array | None]:
+    """The result's ``class`` array and its ``probability`` array when the job asked for one, opened once."""
+    group = zarr.open_group(result_path, mode="r+")
+    return group["class"], group["probability"] if "probability" in group else None
+
+
+def record_fit(path: str, state: dict[str, Any]) -> None:
+    """A classical method's fitted scene-wide state (thresholds, cluster centres, quantisation) in the result's
+    ``fit`` attribute: what a person needs to read a k-means or c-means class, and what a reference
+    recomputes the classes from."""
+    zarr.open_group(path, mode="r+").attrs["fit"] = state
+
+
 def add_probability_array(path: str, class_names: list[str], shape: tuple[int, ...], chunk: int) -> zarr.Array:
     """``probability`` beside ``class``: (class, [z,] y, x) float16 softmax, NaN where no pixel is valid."""
     group = zarr.open_group(path, mode="r+")

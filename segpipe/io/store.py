@@ -26,6 +26,7 @@ from rasterio.crs import CRS
 
 from segpipe.errors import InputError
 from segpipe.io.raster import is_remote
+from segpipe.tiling.geometry import image_kind
 
 MARKS_DIR = "_segpipe_done"
 
@@ -39,8 +40,9 @@ def geo_attrs(crs: CRS | None, transform: Affine, mpp: tuple[float, float] | Non
     """
     t = [transform.a, transform.b, transform.c, transform.d, transform.e, transform.f]
     if crs is None:
-        return {"crs_wkt": None, "transform": t, "mpp": list(mpp) if mpp else None, "spatial:transform": t,
-                "spatial:dimensions": ["y", "x"], "spatial:units": "micrometre" if mpp else None}
+        slide = image_kind(crs, mpp) == "slide"
+        return {"crs_wkt": None, "transform": t, "mpp": list(mpp) if slide else None, "spatial:transform": t,
+                "spatial:dimensions": ["y", "x"], "spatial:units": "micrometre" if slide else None}
     return {
         "crs_wkt": crs.to_wkt(),
         "transform": t,

@@ -50,6 +50,25 @@ class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def typed_params(method: str, model: type[BaseModel], params: dict[str, Any]) -> Any:
+    """``params`` checked and typed by the method's pydantic ``model``, or one :class:`InputError` line.
+
+    Every method's parameters go through here, before anything is written: an unknown name lists the known
+    ones, a wrong value names the parameter and what was given.
+    """
+    known = sorted(model.model_fields)
+    unknown = set(params) - set(known)
+    if unknown:
+        raise InputError(f"method {method!r} has no parameter(s) {sorted(unknown)}; known: {known}")
+    try:
+        return model.model_validate(params)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "params"
+        got = f" (got {first.get('input')!r})" if first["loc"] and first["type"] != "missing" else ""
+        raise InputError(f"method {method!r} parameter {where}: {first['msg']}{got}") from None
+
+
 @dataclass
 class ClassicalMethod:
     """Base: parameters come from the job's ``method.params``."""
@@ -60,17 +79,7 @@ class ClassicalMethod:
     volumes: ClassVar[bool] = False  # True where predict is N-D (works on (band, z, y, x) volumes)
 
     def __post_init__(self) -> None:
-        known = sorted(self.Params.model_fields)
-        unknown = set(self.params) - set(known)
-        if unknown:
-            raise InputError(f"method {self.name!r} has no parameter(s) {sorted(unknown)}; known: {known}")
-        try:
-            self.p = self.Params.model_validate(self.params).model_dump()
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(x) for x in first["loc"])
-            raise InputError(f"method {self.name!r} parameter {where}: {first['msg']} "
-                             f"(got {first.get('input')!r})") from None
+        self.p = typed_params(self.name, self.Params, self.params).model_dump()
 
     @property
     def n_classes(self) -> int:
@@ -93,6 +102,13 @@ class ClassicalMethod:
         return {}
 
     def predict(self, img: np.ndarray, valid: np.ndarray, state: State) -> np.ndarray:
+        raise NotImplementedError
+
+    #: True where :meth:`memberships` gives per-class memberships (the job's ``probabilities: true``)
+    soft: ClassVar[bool] = False
+
+    def memberships(self, img: np.ndarray, valid: np.ndarray, state: State) -> np.ndarray:
+        """(class, *spatial) float32 memberships summing to 1 per pixel, for methods with ``soft``."""
         raise NotImplementedError
 
 
@@ -180,16 +196,11 @@ class KMeans(ClassicalMethod):
         return int(self.p["k"])
 
     def fit(self, ctx):
-        mean = np.asarray(ctx.stats.mean)
-        std = np.maximum(np.asarray(ctx.stats.std), 1e-12)
-        x = (ctx.sample_pixels() - mean) / std
-        return {"mean": mean.tolist(), "std": std.tolist(),
-                "centres": _ordered_kmeans(x, self.n_classes, int(self.p["seed"])).tolist()}
+        state, x = _standardised_sample(ctx)
+        return {**state, "centres": _ordered_kmeans(x, self.n_classes, int(self.p["seed"])).tolist()}
 
     def predict(self, img, valid, state):
-        lead = (slice(None),) + (None,) * (img.ndim - 1)
-        x = (img - np.asarray(state["mean"])[lead]) / np.asarray(state["std"])[lead]
-        return _nearest(x, np.asarray(state["centres"]))
+        return _nearest(_standardised(img, state), np.asarray(state["centres"]))
 
 
 def _ordered_kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -200,10 +211,109 @@ def _ordered_kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     return centres[np.argsort(centres.mean(axis=1))]
 
 
+def _sq_distances(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """(centre, *spatial) squared distances of every pixel of a (features, *spatial) array to each centre.
+
+    Features are added one by one (a reduction over the leading axis): a pixel's value never depends on
+    the window it is computed in, which tiling invariance needs.
+    """
+    return ((x[None] - centres[(..., *(None,) * (x.ndim - 1))]) ** 2).sum(axis=1)
+
+
 def _nearest(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
     """Index of the nearest centre for every pixel of a (features, *spatial) array."""
-    d = ((x[None] - centres[(..., *(None,) * (x.ndim - 1))]) ** 2).sum(axis=1)
-    return np.argmin(d, axis=0).astype(np.uint8)
+    return np.argmin(_sq_distances(x, centres), axis=0).astype(np.uint8)
+
+
+def _standardised_sample(ctx: FitContext) -> tuple[State, np.ndarray]:
+    """The scene-wide mean and standard deviation per band (a flat band divided by 1e-12), and the fixed
+    scene-wide pixel sample standardised by them: what the clustering methods fit on."""
+    mean = np.asarray(ctx.stats.mean)
+    std = np.maximum(np.asarray(ctx.stats.std), 1e-12)
+    return {"mean": mean.tolist(), "std": std.tolist()}, (ctx.sample_pixels() - mean) / std
+
+
+def _standardised(img: np.ndarray, state: State) -> np.ndarray:
+    """Bands standardised by the scene-wide mean and standard deviation of the fit."""
+    lead = (slice(None),) + (None,) * (img.ndim - 1)
+    return (img - np.asarray(state["mean"])[lead]) / np.asarray(state["std"])[lead]
+
+
+def fcm_memberships(d2: np.ndarray, m: float) -> np.ndarray:
+    """Fuzzy c-means memberships from squared distances (centre first): u_k = 1 / sum_j (d_k / d_j)^(2/(m-1)).
+
+    Written as d_k^(-2/(m-1)) normalised, with the exponent on squared distances (-1/(m-1)). A pixel on a
+    centre (d = 0) belongs to it alone (Bezdek's singular case); ties among several such centres share.
+    """
+    d2 = np.asarray(d2, np.float64)
+    zero = d2 <= 0
+    with np.errstate(divide="ignore"):
+        inv = np.where(zero, 0.0, d2 ** (-1.0 / (m - 1.0)))
+    any_zero = zero.any(axis=0)
+    inv = np.where(any_zero[None], zero.astype(np.float64), inv)
+    total = inv[0].copy()
+    for k in range(1, len(inv)):  # centre by centre: the same additions in any window
+        total += inv[k]
+    return inv / total
+
+
+def fit_fcm(x: np.ndarray, c: int, m: float, seed: int, max_iter: int, tol: float) -> np.ndarray:
+    """Bezdek's fuzzy c-means on ``x`` (N, features); returns the centres sorted by mean value.
+
+    Initial memberships are random (``seed``), as scikit-fuzzy's ``cmeans`` draws them; iterations stop
+    when no membership moves by more than ``tol`` or after ``max_iter``.
+    """
+    if len(x) < c:
+        raise InputError(f"scene has {len(x)} valid sample pixel(s), fewer than c={c} clusters")
+    x = x.astype(np.float64)
+    u = np.random.default_rng(seed).random((c, len(x)))
+    u /= u.sum(axis=0)
+    centres = np.zeros((c, x.shape[1]))
+    for _ in range(max_iter):
+        um = u**m
+        centres = um @ x / um.sum(axis=1)[:, None]
+        d2 = ((x[None] - centres[:, None]) ** 2).sum(axis=2)
+        new = fcm_memberships(d2, m)
+        moved = float(np.abs(new - u).max())
+        u = new
+        if moved < tol:
+            break
+    return centres[np.argsort(centres.mean(axis=1), kind="stable")]
+
+
+class FuzzyCMeans(ClassicalMethod):
+    """Fuzzy c-means (Bezdek) on standardised band values, fitted on the scene-wide sample like k-means;
+    each pixel's memberships come from its distances to the centres alone, so they are tile-exact and, with
+    ``probabilities: true``, written as the result's probabilities. Class = largest membership (nearest
+    centre); classes ordered by brightness."""
+
+    name = "fcm"
+    volumes = True
+    soft = True
+
+    class Params(_Params):
+        c: int = Field(3, ge=2, le=254, description="clusters (classes)")
+        m: float = Field(2.0, gt=1.0, le=10.0, description="fuzzifier: 1 is hard k-means, larger is fuzzier")
+        seed: int = 0
+        max_iter: int = Field(300, ge=1, le=10_000)
+        tol: float = Field(1e-5, gt=0.0, description="stop when no sample membership moves by more than this")
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.p["c"])
+
+    def fit(self, ctx):
+        state, x = _standardised_sample(ctx)
+        p = self.p
+        centres = fit_fcm(x, self.n_classes, float(p["m"]), int(p["seed"]), int(p["max_iter"]), float(p["tol"]))
+        return {**state, "centres": centres.tolist()}
+
+    def predict(self, img, valid, state):
+        return np.argmax(self.memberships(img, valid, state), axis=0).astype(np.uint8)
+
+    def memberships(self, img, valid, state):
+        d2 = _sq_distances(_standardised(img, state), np.asarray(state["centres"]))
+        return fcm_memberships(d2, float(self.p["m"])).astype(np.float32)
 
 
 class Watershed(ClassicalMethod):
@@ -352,7 +462,7 @@ class GaborTexture(ClassicalMethod):
 
 
 CLASSICAL: dict[str, type[ClassicalMethod]] = {
-    cls.name: cls for cls in (Otsu, Adaptive, KMeans, Watershed, Edges, HSVRange, GaborTexture)
+    cls.name: cls for cls in (Otsu, Adaptive, KMeans, FuzzyCMeans, Watershed, Edges, HSVRange, GaborTexture)
 }
 
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import zarr
 
-from segpipe.io.result import NODATA
+from segpipe.io.result import NODATA, class_outputs
 from segpipe.io.store import Marks
 from segpipe.methods.classical import make_classical
 from segpipe.tiling.grid import Box, Index, TileGrid
@@ -56,7 +55,7 @@ def segment_classical_tiles(scene_path: str, result_path: str, method: str, para
     m = make_classical(method, params)
     scene = Scene(scene_path)
     tgrid = TileGrid(scene.shape, tile_size)
-    out = zarr.open_array(result_path, path="class", mode="r+")
+    out, prob = class_outputs(result_path)
     marks = Marks(result_path, SEGMENT_STAGE)
     for run in tile_runs(tgrid, tiles):
         first, last = tgrid.tile(run[0]).core, tgrid.tile(run[-1]).core
@@ -64,6 +63,7 @@ def segment_classical_tiles(scene_path: str, result_path: str, method: str, para
         span = core.grow(m.halo, scene.shape)
         img, valid = scene.read(span, dtype=None)  # as stored; each tile is made float32 on its own
         cls_run = np.empty(core.shape, np.uint8)
+        prob_run = None if prob is None else np.empty((m.n_classes, *core.shape), np.float16)
         for index in run:
             tile = tgrid.tile(index)
             outer = tile.core.grow(m.halo, scene.shape)
@@ -71,8 +71,16 @@ def segment_classical_tiles(scene_path: str, result_path: str, method: str, para
             t_img = np.ascontiguousarray(img[(slice(None), *part)], dtype=np.float32)
             t_valid = np.ascontiguousarray(valid[part])
             inner = tile.core.relative_to(outer)
-            cls = m.predict(t_img, t_valid, state)[inner]
-            cls_run[tile.core.relative_to(core)] = np.where(t_valid[inner], cls, NODATA)
+            where, ok = tile.core.relative_to(core), t_valid[inner]
+            if prob_run is None:
+                cls = m.predict(t_img, t_valid, state)[inner]
+            else:  # memberships as probabilities; the class is their arg-max, as predict gives it
+                u = m.memberships(t_img, t_valid, state)[(slice(None), *inner)]
+                cls = np.argmax(u, axis=0).astype(np.uint8)
+                prob_run[(slice(None), *where)] = np.where(ok[None], u, np.nan)
+            cls_run[where] = np.where(ok, cls, NODATA)
         out[core.slices] = cls_run
+        if prob_run is not None:
+            prob[(slice(None), *core.slices)] = prob_run
         marks.mark_all([tgrid.tile(index).key for index in run])
     return len(tiles)

@@ -11,24 +11,44 @@ whole-image flood filling for any tile size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zarr
+from affine import Affine
 from distributed import Client
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy import ndimage as ndi
 
+from segpipe import progress
 from segpipe.errors import InputError
 from segpipe.io.result import NODATA
 from segpipe.io.store import Marks, ensure_array
+from segpipe.methods.classical import typed_params
 from segpipe.methods.classical_tiles import SEGMENT_STAGE
 from segpipe.objects.unionfind import merge_pairs
 from segpipe.tiling.grid import Index, TileTask
 from segpipe.tiling.scene import Scene
 from segpipe.tiling.stats import grey
 
-DEFAULTS = {"seeds": [], "seeds_xy": [], "tolerance": None, "connectivity": 1}
+
+class RegionGrowingParams(BaseModel):
+    """Parameters of ``region_growing``, typed and checked before anything is written."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seeds: list[tuple[int, int]] = Field(default_factory=list, description="seed pixels as [row, col]")
+    seeds_xy: list[tuple[float, float]] = Field(default_factory=list, description="seeds as [x, y] in the scene CRS")
+    tolerance: float = Field(ge=0.0, description="grey units around the seeds' mean value")
+    connectivity: Literal[1, 2] = Field(1, description="1: 4-neighbours, 2: 8-neighbours")
+
+    @model_validator(mode="after")
+    def _seeded(self) -> RegionGrowingParams:
+        if not self.seeds and not self.seeds_xy:
+            raise ValueError("region_growing needs 'seeds' ([[row, col], ...]) or 'seeds_xy' (scene CRS)")
+        return self
 
 
 @dataclass
@@ -43,30 +63,23 @@ class Faces:
     seed_labels: list[int]
 
 
-def check_params(params: dict[str, Any]) -> dict[str, Any]:
-    unknown = set(params) - set(DEFAULTS)
-    if unknown:
-        raise InputError(f"method 'region_growing' has no parameter(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    p = {**DEFAULTS, **params}
-    if not p["seeds"] and not p["seeds_xy"]:
-        raise InputError("method 'region_growing' needs 'seeds' ([[row, col], ...]) or 'seeds_xy' (scene CRS)")
-    if p["tolerance"] is None or float(p["tolerance"]) < 0:
-        raise InputError("method 'region_growing' needs a non-negative 'tolerance' in grey units")
-    if p["connectivity"] not in (1, 2):
-        raise InputError("region_growing connectivity must be 1 (4-neighbours) or 2 (8-neighbours)")
-    return p
+def check_params(params: dict[str, Any]) -> RegionGrowingParams:
+    """The typed parameters, or one :class:`InputError` line naming the first problem."""
+    return typed_params("region_growing", RegionGrowingParams, params)
 
 
-def seed_pixels(scene: Scene, p: dict[str, Any]) -> list[tuple[int, int]]:
-    """Seeds as (row, col) pixels; map coordinates go through the scene's inverse transform."""
-    seeds = [(int(r), int(c)) for r, c in p["seeds"]]
-    inv = ~scene.transform
-    for x, y in p["seeds_xy"]:
+def seed_pixels(p: RegionGrowingParams, transform: Affine, shape: tuple[int, int]) -> list[tuple[int, int]]:
+    """Seeds as (row, col) pixels; map coordinates go through the scene's inverse transform. Checked on the
+    client before anything is written (a seed off the scene is one line), and again when the job runs."""
+    seeds = [(int(r), int(c)) for r, c in p.seeds]
+    inv = ~transform
+    for x, y in p.seeds_xy:
         col, row = inv * (x, y)
         seeds.append((int(np.floor(row)), int(np.floor(col))))
+    height, width = shape
     for r, c in seeds:
-        if not (0 <= r < scene.height and 0 <= c < scene.width):
-            raise InputError(f"region_growing seed ({r}, {c}) lies outside the {scene.width}x{scene.height} scene")
+        if not (0 <= r < height and 0 <= c < width):
+            raise InputError(f"region_growing seed ({r}, {c}) lies outside the {width}x{height} scene")
     return seeds
 
 
@@ -125,31 +138,50 @@ def merge(faces: dict[Index, Faces], connectivity: int) -> dict[Index, np.ndarra
     return {k: np.concatenate([[False], keep[offsets[k]:offsets[k] + faces[k].n]]) for k in order}
 
 
-def _paint_tile(task: TileTask, *, keep: np.ndarray) -> None:
-    """Pass 2: the tile's kept labels become class 1, the rest 0, invalid pixels nodata; the tile is marked done."""
+def paint_tile(task: TileTask, *, lookup: np.ndarray) -> None:
+    """Pass 2 of a two-pass labelling: each local label of the tile (work store ``labels``) becomes its class
+    from ``lookup`` (region growing: kept or not; split-and-merge: the region's class), invalid pixels nodata;
+    the tile is marked done."""
     tile = task.tile
     lab = np.asarray(zarr.open_array(task.work, path="labels", mode="r")[tile.core.slices])
     valid = Scene(task.scene).valid_in(tile.core.slices)
-    cls = np.where(valid, keep[lab].astype(np.uint8), NODATA).astype(np.uint8)
+    cls = np.where(valid, lookup[lab].astype(np.uint8), NODATA).astype(np.uint8)
     zarr.open_array(task.result, path="class", mode="r+")[tile.core.slices] = cls
     Marks(task.result, SEGMENT_STAGE).mark(tile.key)
 
 
+def label_merge_paint(client: Client, tasks: list[TileTask], label: Callable[..., Any],
+                      merge_parts: Callable[[dict[Index, Any]], dict[Index, np.ndarray]], pending: list[Index],
+                      advance: progress.Advance | None = None, **kwargs: Any) -> None:
+    """The two passes of a tile-exact labelling: ``label(task, **kwargs)`` on every tile (workers; it stores the
+    tile's local labels in the work store), ``merge_parts`` of all their reports on the client (tile index ->
+    class lookup of its labels), then the ``pending`` tiles painted from their lookups (:func:`paint_tile`).
+
+    Every tile is labelled, also on a resume: a region may reach a pending tile from any other. Pass 1 reports
+    its own progress; pass 2 advances ``advance`` by a tile as each is painted.
+    """
+    with progress.stage("label", len(tasks), "tile") as labelled:
+        futures = [client.submit(label, t, pure=False, **kwargs) for t in tasks]
+        parts = dict(zip([t.index for t in tasks], progress.gather(client, futures, labelled), strict=True))
+    lookups = merge_parts(parts)
+    todo = set(pending)
+    progress.gather(client, [client.submit(paint_tile, t, lookup=lookups[t.index], pure=False)
+                             for t in tasks if t.index in todo], advance)
+
+
 def grow_regions(scene: Scene, work_group: zarr.Group, work_path: str, result_path: str, tile_size: int,
-                 params: dict[str, Any], client: Client) -> None:
+                 params: dict[str, Any], client: Client, pending: list[Index],
+                 advance: progress.Advance | None = None) -> None:
     """Run both passes of tile-exact region growing into ``result_path``'s ``class`` array."""
     p = check_params(params)
-    seeds = seed_pixels(scene, p)
+    seeds = seed_pixels(p, scene.transform, scene.shape)
     values = []
     for r, c in seeds:
         img = np.asarray(scene.image[:, r, c], dtype=np.float32)[:, None, None]
         values.append(float(grey(img)[0, 0]))
-    centre, tol = float(np.mean(values)), float(p["tolerance"])
+    centre, tol = float(np.mean(values)), p.tolerance
     ensure_array(work_group, "labels", (scene.height, scene.width), (scene.chunk, scene.chunk), "uint32", 0,
                  ("y", "x"))
     tasks = TileTask.each(scene.shape, tile_size, scene=scene.path, result=result_path, work=work_path)
-    futures = [client.submit(_label_tile, t, lo=centre - tol, hi=centre + tol, connectivity=int(p["connectivity"]),
-                             seeds=seeds, pure=False) for t in tasks]
-    faces = dict(zip([t.index for t in tasks], client.gather(futures), strict=True))
-    keep = merge(faces, int(p["connectivity"]))
-    client.gather([client.submit(_paint_tile, t, keep=keep[t.index], pure=False) for t in tasks])
+    label_merge_paint(client, tasks, _label_tile, lambda faces: merge(faces, p.connectivity), pending, advance,
+                      lo=centre - tol, hi=centre + tol, connectivity=p.connectivity, seeds=seeds)

@@ -13,16 +13,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from affine import Affine
 from distributed import Client
 
 from segpipe import progress
 from segpipe.config import MODEL_METHODS, JobSpec
 from segpipe.errors import InputError
-from segpipe.io.result import add_probability_array, create_result
+from segpipe.io.result import add_probability_array, create_result, record_fit
 from segpipe.io.store import Marks, open_or_create
 from segpipe.methods.classical import ClassicalMethod, FitContext, make_classical
 from segpipe.methods.classical_tiles import SEGMENT_STAGE, segment_classical_tiles
-from segpipe.methods.regions import check_params, grow_regions
+from segpipe.methods.regions import check_params, grow_regions, seed_pixels
 from segpipe.runtime.cluster import use_gpu
 from segpipe.runtime.units import guided_units, run_units, worker_slots
 from segpipe.tiling.grid import Index, PatchGrid, TileGrid
@@ -58,8 +59,10 @@ class MethodPlan:
     scale: tuple[float, ...] | None = None  # the model's pixel size over the scene's, when they differ
 
 
-def plan_method(job: JobSpec, n_bands: int, ndim: int = 2, pixel_size: tuple[float, ...] | None = None) -> MethodPlan:
-    """Check that the method can run on a scene with ``n_bands`` bands, ``ndim`` spatial axes and ``pixel_size``.
+def plan_method(job: JobSpec, n_bands: int, ndim: int = 2, pixel_size: tuple[float, ...] | None = None,
+                grid: tuple[Affine, tuple[int, ...]] | None = None) -> MethodPlan:
+    """Check that the method can run on a scene with ``n_bands`` bands, ``ndim`` spatial axes and ``pixel_size``
+    (and, given its ``grid`` (transform, shape), that region-growing seeds lie on it).
 
     Runs before anything is written.
     """
@@ -73,6 +76,8 @@ def plan_method(job: JobSpec, n_bands: int, ndim: int = 2, pixel_size: tuple[flo
         if spec.in_channels != n_bands:
             raise InputError(f"model {m.model.name} expects {spec.in_channels} band(s), "
                              f"the scene provides {n_bands}; select bands with 'bands:'")
+        if m.refine is not None and ndim != 2:
+            raise InputError(f"method.refine: crf refines 2-D images only; this scene is {ndim}-D")
         scale = model_scale(spec, m.model.name, pixel_size)
         check_patch(model, m.model.name, m.patch_size, spec)
         names = job.class_names or spec.class_names or [f"class{i}" for i in range(spec.n_classes)]
@@ -81,9 +86,18 @@ def plan_method(job: JobSpec, n_bands: int, ndim: int = 2, pixel_size: tuple[flo
     elif m.name == "region_growing":
         if ndim != 2:
             raise InputError("method 'region_growing' works on 2-D images only")
-        check_params(m.params)
+        p = check_params(m.params)
+        if grid is not None:
+            seed_pixels(p, *grid)
         names = job.class_names or ["outside", "region"]
         plan = MethodPlan(m.name, 2, names)
+    elif m.name == "split_merge":
+        from segpipe.methods.split_merge import check_params as check_split_merge
+
+        if ndim != 2:
+            raise InputError("method 'split_merge' works on 2-D images only")
+        n = check_split_merge(m.params).classes
+        plan = MethodPlan(m.name, n, job.class_names or [f"class{i}" for i in range(n)])
     else:
         method = make_classical(m.name, m.params)
         method.check_bands(n_bands)
@@ -102,8 +116,10 @@ def _pending(marks: Marks, grid: TileGrid) -> list[Index]:
 
 def result_fingerprint(job: JobSpec, plan: MethodPlan, scene_fp: dict[str, Any]) -> dict[str, Any]:
     """What the result depends on; batch size does not change a single pixel, so it may differ on resume."""
-    fp = {"scene": scene_fp, "method": job.method.model_dump(mode="json", exclude={"model", "batch_size"}),
-          "model_sha256": plan.model_sha256, "tile_size": job.tile_size}
+    method = job.method.model_dump(mode="json", exclude={"model", "batch_size"})
+    if method.get("refine") is None:  # results made before refinement existed have no such key
+        method.pop("refine", None)
+    fp = {"scene": scene_fp, "method": method, "model_sha256": plan.model_sha256, "tile_size": job.tile_size}
     if job.probabilities:  # tiles finished without them would lack them: another result
         fp["probabilities"] = True
     return fp
@@ -132,10 +148,15 @@ def segment(job: JobSpec, scene: Scene, plan: MethodPlan, scene_fp: dict, client
             run_model(job, scene, plan, fp, client, pending, advance)
         elif m.name == "region_growing":
             grow_regions(scene, open_or_create(work, fp, "work store"), work, result, job.tile_size, m.params,
-                         client)
-            advance(len(pending))
+                         client, pending, advance)
+        elif m.name == "split_merge":
+            from segpipe.methods.split_merge import split_and_merge
+
+            split_and_merge(scene, scene_stats(scene, client), open_or_create(work, fp, "work store"), work, result,
+                            job.tile_size, m.params, client, pending, advance)
         else:
             state = fit_classical(plan.classical, scene, client)
+            record_fit(result, state)
             run_units(client, segment_classical_tiles, pending, advance, scene_path=scene.path,
                       tile_size=job.tile_size, result_path=result, method=m.name, params=m.params, state=state)
     return result
@@ -147,7 +168,9 @@ def run_model(job: JobSpec, scene: Scene, plan: MethodPlan, fp: dict[str, Any], 
 
     A model trained at another pixel size runs on the model grid (:mod:`segpipe.tiling.resample`): the model-grid
     tiles that the pending scene tiles need are inferred and blended into the work store, then each scene
-    tile is resampled back from them.
+    tile is resampled back from them. With ``refine: crf`` the blended logits go to the work store as well,
+    for the tiles within the CRF's halo of the pending ones, and a pass of :mod:`segpipe.methods.crf` makes
+    the classes.
     """
     m = job.method
     work = work_path(job.store_root)
@@ -156,16 +179,33 @@ def run_model(job: JobSpec, scene: Scene, plan: MethodPlan, fp: dict[str, Any], 
     view = scene if plan.scale is None else ResampledScene(scene, plan.scale)
     create_logits_store(group, PatchGrid(view.shape, m.patch_size, m.overlap), plan.n_classes)
     tiles = pending
-    if plan.scale is not None:
+    crf = m.refine.crf if m.refine is not None else None
+    into_work = plan.scale is not None or crf is not None
+    if into_work:
         create_grid_logits(group, view.shape, plan.n_classes, job.tile_size)
         done = Marks(work, GRID_STAGE).keys()
         mgrid = TileGrid(view.shape, job.tile_size)
-        tiles = [t for t in model_tiles_for(view, job.tile_size, pending) if mgrid.tile(t).key not in done]
-    infer_and_stitch(client, view, work, result, str(m.model), m.batch_size, use_gpu(job.cluster),
-                     m.patch_size, m.overlap, job.tile_size, tiles, keep=job.keep_work,
-                     norm=normalisation(plan.model, scene, client), mirror=m.tta == "mirror", scale=plan.scale,
-                     advance=advance if plan.scale is None else None)
-    if plan.scale is not None:  # the scene's tiles are done here, after the model grid's
+        if crf is not None:
+            from segpipe.methods.crf import unary_tiles
+
+            needed = unary_tiles(view, scene.shape, job.tile_size, pending, crf.halo)
+        else:
+            needed = model_tiles_for(view, job.tile_size, pending)
+        tiles = [t for t in needed if mgrid.tile(t).key not in done]
+    norm = normalisation(plan.model, scene, client)
+    # Blending into the work store makes no scene tile final: its own progress, in the tiles it blends (the
+    # model grid's, or the scene's within the CRF's halo), so that the long part of the run is not silent.
+    with progress.stage("model logits", len(tiles) if into_work else 0, "tile") as blended:
+        infer_and_stitch(client, view, work, result, str(m.model), m.batch_size, use_gpu(job.cluster),
+                         m.patch_size, m.overlap, job.tile_size, tiles, keep=job.keep_work,
+                         norm=norm, mirror=m.tta == "mirror", scale=plan.scale,
+                         advance=blended if into_work else advance, into_work=into_work)
+    if crf is not None:  # the scene's tiles are done here, each from its window of blended logits
+        from segpipe.methods.crf import refine_tiles
+
+        run_units(client, refine_tiles, pending, advance, scene_path=scene.path, work_path=work, result_path=result,
+                  tile_size=job.tile_size, params=crf.model_dump(), norm=norm, scale=plan.scale)
+    elif plan.scale is not None:  # the scene's tiles are done here, after the model grid's
         run_units(client, stitch_back_tiles, pending, advance, scene_path=scene.path, work_path=work,
                   result_path=result, scale=plan.scale, tile_size=job.tile_size)
 
@@ -219,7 +259,8 @@ def normalisation(spec: ModelSpec, scene: Scene, client: Client) -> dict[str, An
 def infer_and_stitch(client: Client, scene: Scene | ResampledScene, work: str, result: str, model: str,
                      batch_size: int, gpu: bool, patch: int | Index, overlap: float, tile_size: int,
                      tiles: list[Index], keep: bool, norm: dict[str, Any], mirror: bool = False,
-                     scale: tuple[float, ...] | None = None, advance: progress.Advance | None = None) -> None:
+                     scale: tuple[float, ...] | None = None, advance: progress.Advance | None = None,
+                     into_work: bool = False) -> None:
     """Logits of the batches the ``tiles`` still need, each tile stitched as soon as its patches are done.
 
     Batches not yet marked done and holding a patch over one of ``tiles`` run in guided units of whole
@@ -228,7 +269,8 @@ def infer_and_stitch(client: Client, scene: Scene | ResampledScene, work: str, r
     for, so Dask, which prefers earlier submissions, interleaves stitching with inference in scene order;
     unless ``keep``, a stitched patch whose every tile is final is deleted from the work store, so scratch
     follows the band of work in flight rather than the scene. With ``scale``, ``scene`` is the model grid
-    and ``tiles`` are its tiles, blended into the work store (see :func:`segpipe.tiling.stitch.stitch_tiles`).
+    and ``tiles`` are its tiles, blended into the work store (see :func:`segpipe.tiling.stitch.stitch_tiles`), as
+    they are with ``into_work``.
     """
     from segpipe.methods.infer import INFER_STAGE, batch_key, infer_batches
 
@@ -257,7 +299,7 @@ def infer_and_stitch(client: Client, scene: Scene | ResampledScene, work: str, r
         for group in guided_units(ready, cpu_slots):
             after = [inferred[u] for u in sorted({u for t in group for u in waits[t]})]
             stitched.append(client.submit(stitch_tiles, result_path=result, tile_size=tile_size, tiles=group,
-                                          free=not keep, after=after, pure=False, **common))
+                                          free=not keep, after=after, into_work=into_work, pure=False, **common))
             stitched_sizes.append(len(group))
 
     stitch(ready_after.get(-1, []))

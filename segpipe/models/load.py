@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -79,19 +81,14 @@ class OnnxNet(torch.nn.Module):
         return torch.from_numpy(y).to(x.device)
 
 
-def load_any(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, ModelSpec]:
-    """An eval-mode model on ``device`` and its spec: a checkpoint, or a TorchScript or ONNX file and its card.
+def _carded(path: str | Path) -> bool:
+    """A TorchScript file (recognised by content), or any file with a card beside it or named ``*.onnx``."""
+    return is_torchscript(path) or card_path(path).is_file() or Path(path).suffix.lower() == ".onnx"
 
-    TorchScript is recognised by content; a file with a card beside it (or named ``*.onnx``) is what its
-    card's ``format`` says; anything else must be a segpipe checkpoint.
-    """
-    if is_bundle(path):
-        return load_bundle(path, device)
-    if is_nnunet(path):
-        return load_nnunet(path, device)
+
+def _load_carded(path: str | Path, device: str) -> tuple[torch.nn.Module, ModelSpec]:
+    """A TorchScript or ONNX file, as its card's ``format`` says (which must agree with the file's content)."""
     torchscript = is_torchscript(path)
-    if not torchscript and not card_path(path).is_file() and Path(path).suffix.lower() != ".onnx":
-        return load_model(path, device)
     card = read_card(path)
     if (card.format == "torchscript") != torchscript:
         raise InputError(f"model {Path(path).name} is {'' if torchscript else 'not '}a TorchScript file, "
@@ -103,11 +100,44 @@ def load_any(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Mo
     return net, card.spec(card.format)
 
 
+def _any_file(path: str | Path) -> bool:  # noqa: ARG001 - the fallback: a segpipe checkpoint or its error
+    return True
+
+
+@dataclass(frozen=True)
+class ModelFormat:
+    """One kind of model path: how it is recognised, loaded, and which of its files its digest covers
+    (``parts``: globs inside a model folder; None for a single file and the card beside it)."""
+
+    name: str
+    recognises: Callable[[str | Path], bool]
+    load: Callable[[str | Path, str], tuple[torch.nn.Module, ModelSpec]]
+    parts: tuple[str, ...] | None = None
+
+
+MODEL_FORMATS: tuple[ModelFormat, ...] = (  # in detection order: the first that recognises a path loads it
+    ModelFormat("monai-bundle", is_bundle, load_bundle, ("configs/**/*", "models/**/*")),
+    ModelFormat("nnunet", is_nnunet, load_nnunet, ("plans.json", "dataset.json", "fold_*/checkpoint_final.pth")),
+    ModelFormat("carded", _carded, _load_carded),
+    ModelFormat("checkpoint", _any_file, load_model),
+)
+
+
+def model_format(path: str | Path) -> ModelFormat:
+    """The format of a model path (see :data:`MODEL_FORMATS` for the order)."""
+    return next(f for f in MODEL_FORMATS if f.recognises(path))
+
+
+def load_any(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, ModelSpec]:
+    """An eval-mode model on ``device`` and its spec: a bundle or nnU-Net folder, a TorchScript or ONNX file and
+    its card, else a segpipe checkpoint (:data:`MODEL_FORMATS`)."""
+    return model_format(path).load(path, device)
+
+
 def model_digest(path: str | Path) -> str:
-    """SHA-256 of the model file and of its card, if it has one (of a bundle: its configs and weights), any
-    of which changes every pixel's logits."""
-    globs = (("configs/**/*", "models/**/*") if is_bundle(path) else
-             ("plans.json", "dataset.json", "fold_*/checkpoint_final.pth") if is_nnunet(path) else None)
+    """SHA-256 of the model file and of its card, if it has one (of a bundle or nnU-Net folder: its configs and
+    weights), any of which changes every pixel's logits."""
+    globs = model_format(path).parts
     if globs:
         h = hashlib.sha256()
         for part in sorted({p for g in globs for p in Path(path).glob(g) if p.is_file()}):

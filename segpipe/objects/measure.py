@@ -5,6 +5,9 @@ coordinate sums, intersection counts with true objects) for the objects it holds
 adds them up. A predicted and a true object match when their IoU, from the summed counts, exceeds
 ``match_iou`` (above 0.5 a match is unique, so no assignment problem arises). Each object is
 counted in the tile holding its centroid, so per-tile counts add up to the global count.
+Average precision (:mod:`segpipe.objects.ap`) is ranked and matched from the same sums: each object's
+score (its mean class probability as an exact integer-scaled sum, or its pixel count) and its first
+pixel in scene order (the tie-break) are sums and minima too, so AP is the same for any tile size.
 Polygons are traced per tile in the scene CRS and dissolved per object ID on the client.
 """
 
@@ -23,22 +26,55 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.features import shapes
 
+from segpipe.io.result import NODATA
+from segpipe.objects.ap import PROBABILITY_SCALE, Category, average_precision
 from segpipe.objects.instances import INSTANCES
 from segpipe.report.truth import Truth
 from segpipe.tiling.grid import TileGrid, TileTask
 from segpipe.tiling.scene import Scene
 
 
-def _sums(ids: np.ndarray, origin: tuple[int, ...]) -> pd.DataFrame:
-    """Pixel count and coordinate sums per nonzero ID of one tile (coordinates in scene pixels)."""
+def _merge(df: pd.DataFrame, as_index: bool = True) -> pd.DataFrame:
+    """Partial statistics merged per ID: sums, except ``first`` (a minimum); both exact in any order."""
+    return df.groupby("id", as_index=as_index).agg({c: "min" if c == "first" else "sum" for c in df.columns
+                                                    if c != "id"})
+
+
+def _sums(ids: np.ndarray, origin: tuple[int, ...], shape: tuple[int, ...],
+          extra: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
+    """Pixel count, coordinate sums, first pixel (flat index in the scene: the tile-invariant tie-break of
+    AP ranking) and sums of the ``extra`` per-pixel integers per nonzero ID of one tile (scene pixels)."""
+    extra = extra or {}
     ok = ids > 0
     if not ok.any():
-        return pd.DataFrame(columns=["id", "pixels", *[f"s{d}" for d in range(ids.ndim)]])
+        return pd.DataFrame(columns=["id", "pixels", *[f"s{d}" for d in range(ids.ndim)], "first", *extra])
     coords = np.nonzero(ok)
     df = pd.DataFrame({"id": ids[ok].astype(np.int64), "pixels": 1})
     for d, c in enumerate(coords):
         df[f"s{d}"] = c.astype(np.float64) + origin[d]
-    return df.groupby("id", as_index=False).sum()
+    df["first"] = np.ravel_multi_index(tuple(c.astype(np.int64) + o for c, o in zip(coords, origin, strict=True)),
+                                       shape)
+    for k, v in extra.items():
+        df[k] = v[ok]
+    return _merge(df, as_index=False)
+
+
+def _probability_sums(task: TileTask, pred: np.ndarray) -> dict[str, np.ndarray] | None:
+    """Per pixel, the probability of its own class as an integer (x 2**24, exact for float16) and whether it
+    has one; ``None`` where the run stored no probabilities.
+
+    Integers, because a float sum depends on the order of its terms, which follows the tiles. An instance's
+    pixels all hold its class, so the pixel's own class is the object's.
+    """
+    group = zarr.open_group(task.result, mode="r")
+    if "probability" not in group:
+        return None
+    core = task.core
+    prob = np.asarray(group["probability"][(slice(None), *core.slices)])
+    cls = np.clip(np.asarray(group["class"][core.slices]).astype(np.intp), 0, prob.shape[0] - 1)
+    mine = np.take_along_axis(prob, cls[None], axis=0)[0].astype(np.float64)
+    ok = (pred > 0) & np.isfinite(mine)
+    return {"prob_sum": np.where(ok, mine * PROBABILITY_SCALE, 0).astype(np.int64), "prob_n": ok.astype(np.int64)}
 
 
 @dataclass
@@ -55,7 +91,7 @@ def tile_objects(task: TileTask, *, truth: Truth | None) -> TileObjects:
     scene = Scene(task.scene)
     core = task.core
     pred = np.asarray(zarr.open_array(task.result, path=INSTANCES, mode="r")[core.slices])
-    p = _sums(pred, core.start)
+    p = _sums(pred, core.start, task.shape, _probability_sums(task, pred))
     if truth is None or not truth.has_ids():
         return TileObjects(p, None, None)
     valid = scene.valid_in(core.slices)
@@ -63,14 +99,16 @@ def tile_objects(task: TileTask, *, truth: Truth | None) -> TileObjects:
     both = (pred > 0) & (t_ids > 0)
     overlap = pd.DataFrame({"id": pred[both].astype(np.int64), "truth_id": t_ids[both].astype(np.int64),
                             "pixels": 1}).groupby(["id", "truth_id"], as_index=False).sum()
-    return TileObjects(p, _sums(t_ids, core.start), overlap)
+    return TileObjects(p, _sums(t_ids, core.start, task.shape), overlap)
 
 
 def _table(parts: list[pd.DataFrame], nd: int) -> pd.DataFrame:
     df = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else None
     if df is None:
-        return pd.DataFrame(columns=["id", "pixels", *[f"c{d}" for d in range(nd)]]).set_index("id")
-    df = df.groupby("id").sum()
+        sums = {"id", "pixels", *[f"s{d}" for d in range(nd)]}
+        extra = [c for c in parts[0].columns if c not in sums] if parts else ["first"]
+        return pd.DataFrame(columns=["id", "pixels", *[f"c{d}" for d in range(nd)], *extra]).set_index("id")
+    df = _merge(df)
     for d in range(nd):
         df[f"c{d}"] = df[f"s{d}"] / df["pixels"]  # centroid in scene pixel coordinates
     return df.drop(columns=[f"s{d}" for d in range(nd)])
@@ -80,7 +118,7 @@ def _table(parts: list[pd.DataFrame], nd: int) -> pd.DataFrame:
 class ObjectReport:
     """Objects, their matches, and per-tile counts."""
 
-    objects: pd.DataFrame  # index id: pixels, centroid c0.., tile, class, truth_id, iou
+    objects: pd.DataFrame  # index id: pixels, centroid c0.., first (pixel), score, tile, class, truth_id, iou
     truth: pd.DataFrame | None
     summary: dict[str, Any]
     per_tile: dict[str, dict[str, Any]]
@@ -92,10 +130,61 @@ def _tile_key(df: pd.DataFrame, grid: TileGrid) -> pd.Series:
     return pd.Series(["_".join(map(str, t)) for t in zip(*cols, strict=True)], index=df.index, dtype=object)
 
 
+def truth_classes(truth: Truth | None) -> np.ndarray | None:
+    """Class id of each true object (index = true ID) where the truth has them: vector features carry their
+    class (``NODATA`` when ignored); an ID raster or volume carries none (``None``)."""
+    if truth is None or truth.kind != "vector":
+        return None
+    return np.asarray([NODATA, *(v for _, v in truth.shapes)], np.int64)
+
+
+def _scores(objects: pd.DataFrame) -> str:
+    """Each object's AP ranking score into ``objects["score"]``; returns what it is.
+
+    The mean probability of the object's class where the run stored probabilities; else the object's pixel
+    count. COCO needs a ranking, and with one constant score pycocotools ranks in the order the predictions
+    happen to be listed, so AP would rest on an arbitrary order; size is deterministic, exact from tile sums,
+    and ranks the specks a threshold leaves behind last.
+    """
+    if "prob_n" in objects:
+        n = objects.pop("prob_n").to_numpy(np.int64)
+        total = objects.pop("prob_sum").to_numpy(np.int64) / PROBABILITY_SCALE  # exact: a power-of-two scale
+        objects["score"] = np.where(n > 0, total / np.maximum(n, 1), 0.0)
+        return "probability"
+    objects["score"] = objects["pixels"].to_numpy(np.float64)
+    return "area"
+
+
+def _ap(objects: pd.DataFrame, truth: pd.DataFrame, pairs: pd.DataFrame, instance_classes: np.ndarray,
+        class_names: list[str], truth_class: np.ndarray | None, ap_classes: list[int] | None) -> dict[str, Any]:
+    """Categories for :func:`segpipe.objects.ap.average_precision`: the instance classes, each predicted and
+    true object in its class. Truth without classes (ID rasters) is of the one instance class, or, with
+    several, every object is pooled in one category ``objects`` (class-agnostic, like F1 and PQ)."""
+    keys = sorted(set(ap_classes if ap_classes is not None else (int(c) for c in instance_classes[1:])))
+    preds = pd.DataFrame({"score": objects["score"].to_numpy(np.float64),
+                          "first": objects["first"].to_numpy(np.int64)}, index=objects.index)
+    gts = pd.DataFrame(index=truth.index)
+    if truth_class is None and len(keys) != 1:
+        categories = [Category(-1, "objects")]
+        preds["category"], gts["category"] = -1, -1
+    else:
+        categories = [Category(k, class_names[k]) for k in keys]
+        preds["category"] = instance_classes[objects.index.to_numpy(np.int64)].astype(np.int64)
+        gts["category"] = truth_class[truth.index.to_numpy(np.int64)] if truth_class is not None else keys[0]
+    return average_precision(preds, gts, pairs, categories)
+
+
 def object_report(parts: list[TileObjects], grid: TileGrid, instance_classes: np.ndarray, match_iou: float,
-                  class_names: list[str]) -> ObjectReport:
+                  class_names: list[str], truth_class: np.ndarray | None = None,
+                  ap_classes: list[int] | None = None) -> ObjectReport:
+    """Objects, matches and per-tile counts from the tiles' partial sums; with truth, F1, PQ and COCO AP.
+
+    ``truth_class`` (:func:`truth_classes`) gives true objects their class for per-class AP; ``ap_classes``
+    are the instance classes evaluated (default: those of the predicted objects).
+    """
     nd = len(grid.shape)
     objects = _table([p.pred for p in parts], nd)
+    score = _scores(objects)
     objects["class"] = [class_names[int(instance_classes[i])] for i in objects.index]
     objects["tile"] = _tile_key(objects, grid) if len(objects) else pd.Series(dtype=object)
     objects["truth_id"] = 0
@@ -108,7 +197,7 @@ def object_report(parts: list[TileObjects], grid: TileGrid, instance_classes: np
         truth["id"] = 0
         truth["iou"] = np.nan
         ov = pd.concat([p.overlap for p in parts if len(p.overlap)], ignore_index=True) \
-            if any(len(p.overlap) for p in parts) else pd.DataFrame(columns=["id", "truth_id", "pixels"])
+            if any(len(p.overlap) for p in parts) else pd.DataFrame(columns=["id", "truth_id", "pixels", "iou"])
         if len(ov):
             ov = ov.groupby(["id", "truth_id"], as_index=False).sum()
             ov["iou"] = ov["pixels"] / (objects.loc[ov["id"], "pixels"].to_numpy()
@@ -132,6 +221,9 @@ def object_report(parts: list[TileObjects], grid: TileGrid, instance_classes: np
             # panoptic quality (Kirillov et al.): matched IoU sum over TP + FP/2 + FN/2
             "panoptic_quality": matched / (tp + fp / 2 + fn / 2) if tp + fp + fn else None,
             "match_iou": match_iou,
+            # COCO AP (IoU >= t, greedy in score order: not the > match_iou matching above)
+            **_ap(objects, truth, ov, instance_classes, class_names, truth_class, ap_classes),
+            "ap_score": score,
         })
     per_tile: dict[str, dict[str, Any]] = {}
     for t in grid:

@@ -62,6 +62,13 @@ def _quicklook(scene: Scene, result_path: str, z: int | None) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _cell(v: Any) -> str:
+    """A summary value for a table cell: dicts (AP per class, per IoU threshold) as ``key=value`` pairs."""
+    if isinstance(v, dict):
+        return ", ".join(f"{html.escape(str(k))}={v2}" for k, v2 in v.items())
+    return html.escape(str(v))
+
+
 def _heatmap(rows: list[dict[str, Any]], shape: tuple[int, int], score: str, key: str) -> str:
     scale = MAP_PX / max(shape)
     w, h = shape[1] * scale, shape[0] * scale
@@ -102,7 +109,7 @@ def write_html_report(report: MetricsReport, scene_path: str, result_path: str, 
     if "objects" in s:
         o = s["objects"]
         objects = "<h2>Objects</h2><table id='objects'>" + "".join(
-            f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in o.items()) + "</table>"
+            f"<tr><th>{html.escape(k)}</th><td>{_cell(v)}</td></tr>" for k, v in o.items()) + "</table>"
     legend = "".join(f'<span class="swatch" style="background:{colour(v)}"></span>{v:.2f} '
                      for v in (0.0, 0.25, 0.5, 0.75, 1.0))
     data = json.dumps({"tiles": len(rows), "score": score, "unit": report.geometry.pixel_word, "key": key})

@@ -134,7 +134,9 @@ def format_summary(report: MetricsReport) -> str:
     if "objects" in s:
         o = s["objects"]
         lines.append(f"objects: {o['objects']} predicted, {o.get('truth_objects')} true, {o.get('matched')} matched "
-                     f"(IoU > {o.get('match_iou')}), F1 {o.get('f1')}, mean matched IoU {o.get('mean_matched_iou')}")
+                     f"(IoU > {o.get('match_iou')}), F1 {o.get('f1')}, PQ {o.get('panoptic_quality')}, "
+                     f"mean matched IoU {o.get('mean_matched_iou')}, AP {o.get('ap')} (AP50 {o.get('ap50')}, "
+                     f"AP75 {o.get('ap75')}; COCO, ranked by {o.get('ap_score')})")
     if volume:
         lines.append("global Dice: " + ", ".join(f"{n}={s['global_dice'][n]}" for n in names))
     score, key = report.geometry.score, report.geometry.tile_word
@@ -148,8 +150,9 @@ def format_summary(report: MetricsReport) -> str:
 
 
 def _clean_values(d: dict[str, Any]) -> dict[str, Any]:
-    """Floats rounded (NaN -> None) for CSV/JSON; other values as they are."""
-    return {k: (_clean(v) if isinstance(v, float) else v) for k, v in d.items()}
+    """Floats rounded (NaN -> None) for CSV/JSON, also in nested dicts (AP per class); other values as they are."""
+    return {k: (_clean(v) if isinstance(v, float) else _clean_values(v) if isinstance(v, dict) else v)
+            for k, v in d.items()}
 
 
 def add_object_columns(report: MetricsReport, objects: ObjectReport) -> None:
@@ -176,7 +179,7 @@ def write_object_report(objects: ObjectReport, folder: str | Path, geometry: Sce
 
     def table(df: pd.DataFrame, key: str, match: str, match_name: str) -> str:
         cols = pd.concat([df[["pixels"]], _world_centroids(df, geometry),
-                          df[[c for c in ("class", "tile", match, "iou") if c in df]]], axis=1)
+                          df[[c for c in ("class", "tile", match, "iou", "score") if c in df]]], axis=1)
         cols = cols.rename(columns={match: match_name})
         cols.insert(0, key, df.index.to_numpy())
         return cols.to_csv(index=False, float_format="%.12g")

@@ -9,6 +9,7 @@ not have is an error naming it (it would silently drop out of the counts), unles
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,19 +48,21 @@ class Truth:
     instances: bool = False
     ignore: list[int] = field(default_factory=list)  # truth ids left out of the metrics
 
+    @property
+    def is_image(self) -> bool:
+        """Whether the labels are read from a raster or volume; vector labels are burned in from ``shapes``."""
+        return truth_kind(self.kind).read_raw is not None
+
     def _read_raw(self, window: Box) -> np.ndarray:
-        if self.kind == "volume":
-            return read_volume(self.path, window)[0]
-        with open_raster(self.path) as ds:
-            return ds.read(1, window=((window.row0, window.row1), (window.col0, window.col1)))
+        return truth_kind(self.kind).read_raw(self.path, window)
 
     def has_ids(self) -> bool:
         """Whether true objects can be told apart: vector features, or a raster of instance IDs."""
-        return self.kind == "vector" or self.instances
+        return not self.is_image or self.instances
 
     def read_ids(self, window: Box, transform: rasterio.Affine) -> np.ndarray:
         """True object IDs (uint32, 0 = none) for ``window``: feature number + 1, or the raster's own IDs."""
-        if self.kind != "vector":
+        if self.is_image:
             a = self._read_raw(window)
             ok = (a > 0) if self.nodata is None else (a > 0) & (a != self.nodata)
             return np.where(ok, a, 0).astype(np.uint32)
@@ -76,7 +79,7 @@ class Truth:
 
     def read(self, window: Box, transform: rasterio.Affine) -> np.ndarray:
         """Labels (uint8, 255 = ignore) for ``window`` of the scene."""
-        if self.kind in ("raster", "volume"):
+        if self.is_image:
             a = self._read_raw(window)
             ignore = np.zeros(a.shape, bool) if self.nodata is None else (a == self.nodata)
             if self.binarize or self.instances:
@@ -93,7 +96,16 @@ class Truth:
         return self._burn(self.shapes, window, transform, "uint8")
 
 
-def _check_volume(spec: TruthSpec, scene: RasterInfo) -> Truth:
+def _read_volume(path: str, window: Box) -> np.ndarray:
+    return read_volume(path, window)[0]
+
+
+def _read_raster(path: str, window: Box) -> np.ndarray:
+    with open_raster(path) as ds:
+        return ds.read(1, window=((window.row0, window.row1), (window.col0, window.col1)))
+
+
+def _check_volume(spec: TruthSpec, scene: RasterInfo, class_names: list[str] | None) -> Truth:  # noqa: ARG001
     """Label volumes must share the scene's voxel grid: same shape and the same affine (to 1e-4 mm)."""
     if not SceneGeometry.of_info(scene).is_volume:
         raise InputError(f"ground truth is a volume but the input is a 2-D image: {spec.path}")
@@ -105,11 +117,12 @@ def _check_volume(spec: TruthSpec, scene: RasterInfo) -> Truth:
     return Truth("volume", v.path, remap=dict(spec.remap), binarize=spec.binarize, instances=spec.instances)
 
 
-def _check_raster(spec: TruthSpec, scene: RasterInfo) -> Truth:
-    if SceneGeometry.of_info(scene).is_volume:
+def _check_raster(spec: TruthSpec, scene: RasterInfo, class_names: list[str] | None) -> Truth:  # noqa: ARG001
+    geometry = SceneGeometry.of_info(scene)
+    if geometry.is_volume:
         raise InputError(f"ground truth for a volume must be a NIfTI file or DICOM series: {spec.path}")
-    info = raster_info(spec.path, "ground-truth raster", require_crs=scene.crs is not None)
-    if scene.crs is None:  # a slide: labels must be on its pixel grid
+    info = raster_info(spec.path, "ground-truth raster", require_crs=geometry.georeferenced)
+    if not geometry.georeferenced:  # a slide (or an image in pixels): labels must be on its pixel grid
         if (info.height, info.width) != (scene.height, scene.width):
             raise InputError(f"ground-truth raster is on another grid ({info.width}x{info.height}) than the "
                              f"slide ({scene.width}x{scene.height}): {spec.path}")
@@ -147,7 +160,7 @@ def _class_id(value: object, spec: TruthSpec, class_names: list[str] | None, whe
 
 def _check_vector(spec: TruthSpec, scene: RasterInfo, class_names: list[str] | None) -> Truth:
     p = Path(spec.path)
-    if scene.crs is None:
+    if not SceneGeometry.of_info(scene).georeferenced:
         raise InputError(f"vector ground truth needs a georeferenced scene; give slides and volumes label "
                          f"images: {p}")
     features = read_features(p, spec.layer)
@@ -186,7 +199,7 @@ def _label_values(truth: Truth, scene: RasterInfo) -> set[int]:
 
 def _check_classes(truth: Truth, spec: TruthSpec, scene: RasterInfo, n_classes: int) -> None:
     """Truth class ids the method does not have would silently drop out of the counts: name them."""
-    if truth.kind == "vector":
+    if not truth.is_image:
         found = {v for _, v in truth.shapes} - {NODATA}
     elif spec.binarize or spec.instances:
         return
@@ -205,13 +218,35 @@ def check_truth(spec: TruthSpec, scene: RasterInfo, class_names: list[str] | Non
     p = Path(spec.path)
     if not p.exists():
         raise InputError(f"ground truth not found: {p}")
-    if is_vector(p):
-        truth = _check_vector(spec, scene, class_names)
-    elif is_volume(p):
-        truth = _check_volume(spec, scene)
-    else:
-        truth = _check_raster(spec, scene)
+    truth = next(k for k in TRUTH_KINDS if k.recognises(p)).check(spec, scene, class_names)
     truth.ignore = list(spec.ignore)
     if n_classes is not None:
         _check_classes(truth, spec, scene, n_classes)
     return truth
+
+
+def _any_path(path: Path) -> bool:  # noqa: ARG001 - the fallback: a raster for GDAL, or its one-line error
+    return True
+
+
+@dataclass(frozen=True)
+class TruthKind:
+    """One kind of ground truth: how its path is recognised, how it is checked against the scene, and how a
+    window of its labels is read as stored (None: vector shapes, burned in per tile instead)."""
+
+    kind: str
+    recognises: Callable[[Path], bool]
+    check: Callable[[TruthSpec, RasterInfo, list[str] | None], Truth]
+    read_raw: Callable[[str, Box], np.ndarray] | None = None
+
+
+TRUTH_KINDS: tuple[TruthKind, ...] = (  # in detection order: the first that recognises a path checks it
+    TruthKind("vector", is_vector, _check_vector),
+    TruthKind("volume", is_volume, _check_volume, _read_volume),
+    TruthKind("raster", _any_path, _check_raster, _read_raster),
+)
+
+
+def truth_kind(kind: str) -> TruthKind:
+    """The entry of :data:`TRUTH_KINDS` for a checked truth's ``kind``."""
+    return next(k for k in TRUTH_KINDS if k.kind == kind)

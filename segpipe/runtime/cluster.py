@@ -118,6 +118,14 @@ def _worker_spawn_env(env: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def check_scheduler(spec: ClusterSpec) -> None:
+    """Raise the same one line as :func:`connect` when the job's scheduler cannot be reached; connects and
+    disconnects at once (``segpipe validate`` checks what ``run`` would meet, and starts no work)."""
+    if spec.scheduler:
+        with connect(spec):
+            pass
+
+
 @contextmanager
 def connect(spec: ClusterSpec, in_process: bool = False) -> Iterator[Client]:
     """Yield a client for the job; a LocalCluster made here is closed on exit.

@@ -22,6 +22,12 @@ KINDS = ("raster", "slide", "volume")
 EXPORTS = ("cog", "ome-zarr", "nifti")
 
 
+def image_kind(crs: CRS | None, mpp: Any = None) -> str:
+    """The kind of a 2-D grid known only by its placement (a store's attributes, a COG's tags): a slide has no
+    CRS and a pixel size in micrometres (``mpp``); anything else is a raster, in CRS units or in pixels."""
+    return "slide" if crs is None and mpp else "raster"
+
+
 @dataclass(frozen=True)
 class SceneGeometry:
     """Shape, placement and units of a scene grid.
@@ -70,6 +76,21 @@ class SceneGeometry:
         return self.kind == "volume"
 
     @property
+    def is_slide(self) -> bool:
+        return self.kind == "slide"
+
+    @property
+    def georeferenced(self) -> bool:
+        """Whether world coordinates are a CRS's, so that vector data can be placed on the grid (not slides,
+        volumes, or images in pixels)."""
+        return self.crs is not None
+
+    @property
+    def has_levels(self) -> bool:
+        """Whether the source is a pyramid read at a chosen level (``level:``): whole-slide images."""
+        return self.is_slide
+
+    @property
     def units(self) -> str:
         """Unit of the pixel size and of world coordinates: mm (volumes), µm (slides), the CRS's linear unit,
         or px for an image placed in pixels only."""
@@ -85,6 +106,21 @@ class SceneGeometry:
     def tile_word(self) -> str:
         """What a tile is called in messages and reports: a block of a volume, a tile of an image."""
         return "block" if self.is_volume else "tile"
+
+    @property
+    def row_word(self) -> str:
+        """What one ingest task copies: a slab of chunk thickness along z of a volume, a row of chunks of an image."""
+        return "slab" if self.is_volume else "row"
+
+    @property
+    def small_edge(self) -> int:
+        """A window edge of about 65,000 values: 256 pixels of an image, 64 voxels of a volume (the smallest
+        pyramid level of an export, the windows statistics are sampled in)."""
+        return 64 if self.is_volume else 256
+
+    def describe(self) -> str:
+        """The size for messages, x first: ``512x512 px``, ``256x256x120 voxels``."""
+        return "x".join(str(n) for n in self.shape[::-1]) + (" voxels" if self.is_volume else " px")
 
     @property
     def pixel_word(self) -> str:

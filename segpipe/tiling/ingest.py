@@ -33,6 +33,7 @@ from segpipe.io.raster import RasterInfo, is_remote, open_raster
 from segpipe.io.readers import detect, format_of, open_reader
 from segpipe.io.source_pixels import SourcePixels, suits_in_place
 from segpipe.io.store import Marks, ensure_array, geo_attrs, open_or_create, remove_store, write_atomic
+from segpipe.tiling.geometry import SceneGeometry
 from segpipe.tiling.grid import Box, TileGrid
 from segpipe.tiling.scene import Scene, scene_path
 
@@ -88,12 +89,12 @@ def job_source(job: JobSpec, level: int = 0) -> RasterInfo:
 
 
 def _ingest_row(src: str, store: str, row: int, *, kind: str, chunk: int, bands: list[int], nodata: float | None,
-                prepared: Any = None, level: int = 0) -> int:
+                prepared: Any = None, level: int = 0, slab: bool = False) -> int:
     """Copy one row of chunk windows (a z slab for volumes) from ``src`` into the store; returns the row.
 
     ``kind`` names the source's format (:mod:`segpipe.io.readers`); ``prepared`` is what the format computed
-    once on the client (a slide's tissue mask). A store without an ``image`` array reads the pixels in place:
-    only validity is written.
+    once on the client (a slide's tissue mask); ``slab``: the row is a volume's slab, read whole. A store without
+    an ``image`` array reads the pixels in place: only validity is written.
     """
     group = zarr.open_group(store, mode="r+")
     valid = group["valid"]
@@ -104,7 +105,7 @@ def _ingest_row(src: str, store: str, row: int, *, kind: str, chunk: int, bands:
             Marks(store, STAGE).mark(str(row))  # nothing to copy and nothing to learn: no pixel is read
             return row
         dtype = image.dtype if image is not None else reader.dtype  # in place: rasters only, which know it
-        for w in _row_spans(grid, row, dtype.itemsize * len(bands)):
+        for w in _row_spans(grid, row, dtype.itemsize * len(bands), slab):
             data, ok = reader.read(w)
             if image is not None:
                 image[(slice(None), *w.slices)] = data
@@ -123,16 +124,17 @@ def _write_valid(valid: zarr.Array, where: tuple[slice, ...], ok: np.ndarray) ->
     valid[where] = ok.astype(np.uint8)
 
 
-def _row_spans(grid: TileGrid, row: int, bytes_per_pixel: int, budget: int = 64 * 2**20) -> list[Box]:
+def _row_spans(grid: TileGrid, row: int, bytes_per_pixel: int, slab: bool = False,
+               budget: int = 64 * 2**20) -> list[Box]:
     """Row ``row`` of chunk windows in as few reads as fit ``budget`` bytes, each a whole number of chunks.
 
     One read and one Zarr write per span instead of per chunk: GDAL decodes the span's blocks in one call
     and Zarr writes its chunks in one (concurrent) call, which is where per-chunk overhead went. A volume's
-    row is one slab of chunk thickness along z, read at once: volume formats are read slice-wise anyway.
+    row (``slab``) is one slab of chunk thickness along z, read at once: volume formats are read slice-wise anyway.
     """
-    if len(grid.shape) == 3:
-        slab = grid.tile((row, 0, 0)).core
-        return [Box((slab.start[0], 0, 0), (slab.stop[0], *grid.shape[1:]))]
+    if slab:
+        z = grid.tile((row, 0, 0)).core
+        return [Box((z.start[0], 0, 0), (z.stop[0], *grid.shape[1:]))]
     core = grid.tile((row, 0)).core
     width, n = grid.size[-1], grid.counts[-1]
     step = max(1, budget // max(1, core.height * width * bytes_per_pixel))
@@ -146,7 +148,8 @@ def ingest(job: JobSpec, info: RasterInfo, client: Client) -> Scene:
     Path(job.output).mkdir(parents=True, exist_ok=True)
     bands = selected_bands(job, info)
     group = open_or_create(store, fingerprint(job, info), "scene store")
-    nd = len(info.shape)
+    geo = SceneGeometry.of_info(info)
+    nd = geo.ndim
     c = job.chunk_for(nd)
     dims = ("z", "y", "x")[-nd:]
     pixels = {}
@@ -168,8 +171,9 @@ def ingest(job: JobSpec, info: RasterInfo, client: Client) -> Scene:
     if prepared is not None:  # sent to the workers once, not inside every task
         [prepared] = client.scatter([prepared], broadcast=True, hash=False)
     futures = client.map(_ingest_row, [info.path] * len(rows), [store] * len(rows), rows, kind=info.source_format,
-                         chunk=c, bands=bands, nodata=job.nodata, prepared=prepared, level=info.level, pure=False)
-    with progress.stage("ingest", total, "row" if nd == 2 else "slab", done=total - len(rows)) as advance:
+                         chunk=c, bands=bands, nodata=job.nodata, prepared=prepared, level=info.level,
+                         slab=geo.is_volume, pure=False)
+    with progress.stage("ingest", total, geo.row_word, done=total - len(rows)) as advance:
         progress.gather(client, futures, advance)
     valid = group["valid"]
     # No validity chunk written (fill value 1) means every pixel is valid: readers then skip the array.

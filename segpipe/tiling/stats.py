@@ -178,7 +178,7 @@ def sample_windows(scene: Scene, size: int | None = None, per_axis: int = 4) -> 
 
     256^2 pixels for images, 64^3 voxels for volumes (about the same number of values).
     """
-    size = size or (64 if scene.geometry.is_volume else 256)
+    size = size or scene.geometry.small_edge
 
     def starts(length: int) -> list[int]:
         if length <= size:

@@ -13,11 +13,13 @@ whole chunks of the result, so no locks are needed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from segpipe.io.result import NODATA
+from segpipe.io.result import NODATA, class_outputs
 from segpipe.io.store import Marks, ensure_array
 from segpipe.methods.classical_tiles import SEGMENT_STAGE
 from segpipe.tiling.grid import Box, Index, PatchGrid, TileGrid, gaussian_importance
@@ -73,7 +75,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def stitch_tiles(scene_path: str, work_path: str, result_path: str, patch: int | Index, overlap: float,
                  tile_size: int, tiles: list[Index], free: bool = False, after: list | None = None,
-                 scale: tuple[float, ...] | None = None) -> int:
+                 scale: tuple[float, ...] | None = None, into_work: bool = False) -> int:
     """Blend, take the arg-max class and write each tile's core; invalid pixels get nodata.
 
     With ``free``, a patch is deleted from the work store once every tile it overlaps is marked final
@@ -81,13 +83,15 @@ def stitch_tiles(scene_path: str, work_path: str, result_path: str, patch: int |
     at least one sees both marks). A tile already marked is skipped. ``after`` only makes Dask wait for
     the inference units this needs. With ``scale`` the patches lie on the model grid
     (:mod:`segpipe.tiling.resample`): the tiles are the model grid's and their blended logits go to the work
-    store's ``grid_logits``, from which :func:`stitch_back_tiles` makes the scene's classes.
+    store's ``grid_logits``, from which :func:`stitch_back_tiles` makes the scene's classes. ``into_work`` sends
+    them there without ``scale`` too (a refinement pass, :mod:`segpipe.methods.crf`, makes the classes).
     """
     scene = open_scene(scene_path, scale)
     grid = PatchGrid(scene.shape, patch, overlap)
     tgrid = TileGrid(scene.shape, tile_size)
     logits = zarr.open_array(work_path, path="logits", mode="r+" if free else "r")
-    if scale is None:
+    into_work = into_work or scale is not None
+    if not into_work:
         out, prob = class_outputs(result_path)
         marks = Marks(result_path, SEGMENT_STAGE)
     else:
@@ -98,7 +102,7 @@ def stitch_tiles(scene_path: str, work_path: str, result_path: str, patch: int |
         if marks.done(tile.key):  # final already: a task Dask reruns after a lost worker must not redo it,
             continue  # since with ``free`` the patches it was made from may be gone
         blended = blend_window(logits, grid, tile.core)
-        if scale is None:
+        if not into_work:
             write_classes(out, prob, tile.core.slices, blended, scene.valid_in(tile.core.slices))
         else:
             out[(slice(None), *tile.core.slices)] = blended[1:].astype(np.float16)
@@ -108,12 +112,6 @@ def stitch_tiles(scene_path: str, work_path: str, result_path: str, patch: int |
                 if all(marks.done(t.key) for t in tgrid.overlapping(grid.window(idx))):
                     logits[idx] = 0  # a chunk equal to the fill value is deleted by Zarr
     return len(tiles)
-
-
-def class_outputs(result_path: str) -> tuple[zarr.Array, zarr.Array | None]:
-    """The result's ``class`` array and its ``probability`` array when the job asked for one, opened once."""
-    group = zarr.open_group(result_path, mode="r+")
-    return group["class"], group["probability"] if "probability" in group else None
 
 
 def write_classes(out: zarr.Array, prob: zarr.Array | None, where: tuple[slice, ...], logits: np.ndarray,
@@ -140,27 +138,45 @@ def model_tiles_for(view: ResampledScene, tile_size: int, scene_tiles: list[Inde
     return sorted(needed)
 
 
-def stitch_back_tiles(scene_path: str, work_path: str, result_path: str, scale: tuple[float, ...],
-                      tile_size: int, tiles: list[Index]) -> int:
-    """Resample the model grid's blended logits onto each scene tile's core, then classes as :func:`stitch_tiles`.
-
-    Logits of invalid model-grid pixels have no weight; every valid scene pixel has a valid model pixel
-    among its taps (see :mod:`segpipe.tiling.resample`). A tile already marked is skipped.
-    """
-    view = ResampledScene(Scene(scene_path), tuple(scale))
+def window_logits(grid_logits: zarr.Array, view: ResampledScene | None, window: Box) -> np.ndarray:
+    """Blended logits (relative to class 0, float32) of a scene window from the work store's ``grid_logits``,
+    resampled back from the model grid when the model ran at its own resolution (``view``; window-independent
+    per pixel, see :mod:`segpipe.tiling.resample`; logits of invalid model-grid pixels have no weight)."""
+    if view is None:
+        return np.asarray(grid_logits[(slice(None), *window.slices)], np.float32)
     back = view.back_axes()
-    tgrid = TileGrid(view.scene.shape, tile_size)
-    grid_logits = zarr.open_array(work_path, path=GRID_LOGITS, mode="r")
+    src = span_box(back, window)
+    rel = np.asarray(grid_logits[(slice(None), *src.slices)], np.float32)
+    values, _ = resample(rel, view.valid_in(src.slices), back, window, src)
+    return values
+
+
+def finish_scene_tiles(scene_path: str, result_path: str, tile_size: int, tiles: list[Index],
+                       logits_of: Callable[[Box], tuple[np.ndarray, np.ndarray]]) -> int:
+    """Classes (and probabilities when asked) of each scene tile from ``logits_of(core)``: its relative logits
+    (C - 1, float32) and validity. A tile already marked is skipped; each is marked when written."""
+    scene = Scene(scene_path)
+    tgrid = TileGrid(scene.shape, tile_size)
     out, prob = class_outputs(result_path)
     marks = Marks(result_path, SEGMENT_STAGE)
     for index in tiles:
         tile = tgrid.tile(index)
         if marks.done(tile.key):
             continue
-        src = span_box(back, tile.core)
-        rel = np.asarray(grid_logits[(slice(None), *src.slices)], np.float32)
-        values, _ = resample(rel, view.valid_in(src.slices), back, tile.core, src)
-        logits = np.concatenate([np.zeros((1, *tile.core.shape), np.float32), values])
-        write_classes(out, prob, tile.core.slices, logits, view.scene.valid_in(tile.core.slices))
+        rel, valid = logits_of(tile.core)
+        logits = np.concatenate([np.zeros((1, *tile.core.shape), np.float32), rel])
+        write_classes(out, prob, tile.core.slices, logits, valid)
         marks.mark(tile.key)
     return len(tiles)
+
+
+def stitch_back_tiles(scene_path: str, work_path: str, result_path: str, scale: tuple[float, ...],
+                      tile_size: int, tiles: list[Index]) -> int:
+    """Resample the model grid's blended logits onto each scene tile's core, then classes as :func:`stitch_tiles`.
+
+    Every valid scene pixel has a valid model pixel among its taps (see :mod:`segpipe.tiling.resample`).
+    """
+    view = ResampledScene(Scene(scene_path), tuple(scale))
+    grid_logits = zarr.open_array(work_path, path=GRID_LOGITS, mode="r")
+    return finish_scene_tiles(scene_path, result_path, tile_size, tiles,
+                              lambda core: (window_logits(grid_logits, view, core), view.scene.valid_in(core.slices)))

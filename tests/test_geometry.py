@@ -1,0 +1,88 @@
+"""SceneGeometry on its own: every "image, slide or volume?" answer the stages ask of it."""
+
+import numpy as np
+import pytest
+from affine import Affine
+from rasterio.crs import CRS
+
+from segpipe.io.raster import RasterInfo
+from segpipe.io.store import geo_attrs
+from segpipe.tiling.geometry import EXPORTS, SceneGeometry, image_kind
+
+UTM = CRS.from_epsg(32618)
+
+
+def _image() -> SceneGeometry:
+    return SceneGeometry("raster", (300, 400), Affine(0.5, 0, 1000, 0, -0.5, 2000), UTM)
+
+
+def _slide() -> SceneGeometry:
+    return SceneGeometry("slide", (300, 400), Affine.scale(0.25))
+
+
+def _volume() -> SceneGeometry:
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    return SceneGeometry("volume", (40, 300, 400), Affine.scale(0.8), affine=affine)
+
+
+@pytest.mark.parametrize("make,expected", [
+    (_image, {"units": "metre", "tile_word": "tile", "pixel_word": "pixels", "row_word": "row", "score": "iou",
+              "default_exports": ["cog"], "foreign_exports": {"nifti"}, "is_volume": False, "is_slide": False,
+              "georeferenced": True, "has_levels": False, "has_polygons": True, "small_edge": 256, "ndim": 2,
+              "describe": "400x300 px"}),
+    (_slide, {"units": "µm", "tile_word": "tile", "pixel_word": "pixels", "row_word": "row", "score": "iou",
+              "default_exports": ["cog", "ome-zarr"], "foreign_exports": {"nifti"}, "is_volume": False,
+              "is_slide": True, "georeferenced": False, "has_levels": True, "has_polygons": True,
+              "small_edge": 256, "ndim": 2, "describe": "400x300 px"}),
+    (_volume, {"units": "mm", "tile_word": "block", "pixel_word": "voxels", "row_word": "slab", "score": "dice",
+               "default_exports": ["nifti"], "foreign_exports": {"cog"}, "is_volume": True, "is_slide": False,
+               "georeferenced": False, "has_levels": False, "has_polygons": False, "small_edge": 64, "ndim": 3,
+               "describe": "400x300x40 voxels"}),
+])
+def test_each_kind_answers_for_itself(make, expected):
+    g = make()
+    got = {k: getattr(g, k)() if k == "describe" else getattr(g, k) for k in expected}
+    assert got == expected
+    assert set(g.default_exports) <= set(EXPORTS) and not set(g.default_exports) & g.foreign_exports
+
+
+def test_an_image_placed_in_pixels_has_pixel_units_and_no_crs():
+    g = SceneGeometry("raster", (10, 10), Affine.identity())
+    assert (g.units, g.georeferenced, g.is_slide) == ("px", False, False)
+
+
+def test_kind_and_rank_must_agree():
+    with pytest.raises(ValueError, match="3 axes"):
+        SceneGeometry("volume", (10, 10), Affine.identity(), affine=np.eye(4))
+    with pytest.raises(ValueError, match="2 axes"):
+        SceneGeometry("raster", (4, 10, 10), Affine.identity())
+    with pytest.raises(ValueError, match="kind must be"):
+        SceneGeometry("mosaic", (10, 10), Affine.identity())
+
+
+def test_world_places_pixel_centres_and_voxels_by_the_affine():
+    np.testing.assert_allclose(_image().world(np.array([[0], [0]])), [[1000.25], [1999.75]])
+    np.testing.assert_allclose(_volume().world(np.array([[1], [2], [3]])), [[2.4], [1.6], [2.5]])
+
+
+def test_of_info_and_of_attrs_agree_with_what_ingest_records():
+    info = RasterInfo("s.svs", 300, 400, 3, "uint8", None, Affine.scale(0.25), None, (None,) * 3, kind="slide",
+                      mpp=(0.25, 0.25))
+    assert SceneGeometry.of_info(info) == _slide() and info.describe() == "400x300 px"
+    attrs = {**geo_attrs(info.crs, info.transform, info.mpp), "kind": "slide"}
+    assert SceneGeometry.of_attrs((300, 400), attrs) == _slide()
+    assert SceneGeometry.of_attrs((300, 400), geo_attrs(UTM, _image().transform)) == _image()
+
+
+def test_image_kind_from_placement_alone():
+    """A store's or COG's attributes say slide only by having no CRS and a pixel size in micrometres."""
+    assert image_kind(None, [0.25, 0.25]) == "slide"
+    assert image_kind(None, None) == "raster" and image_kind(UTM, [0.25, 0.25]) == "raster"
+    assert geo_attrs(None, Affine.identity())["spatial:units"] is None
+    assert geo_attrs(None, Affine.scale(0.25), (0.25, 0.25))["spatial:units"] == "micrometre"
+
+
+def test_every_export_has_a_writer():
+    from segpipe.pipeline import WRITERS
+
+    assert set(WRITERS) == set(EXPORTS)
