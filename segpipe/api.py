@@ -183,7 +183,7 @@ def open_result(path: str | Path, metrics: str | Path | None = None) -> xr.Datas
     if folder is not None:
         ds.attrs["metrics"] = str(folder)
         summary = _summary(folder)
-        if summary:
+        if summary and summary.get("summary"):  # scores with truth; stage times alone without
             ds.attrs.update(_global_scores(summary["summary"]))
     return ds
 
@@ -222,7 +222,8 @@ class SegpipeAccessor:
 
     @property
     def summary(self) -> dict[str, Any] | None:
-        """``metrics/summary.json`` (global scores, confusion matrix, per-stage wall times); None without truth."""
+        """``metrics/summary.json``: per-stage wall times (and a mosaic's items), with truth also the global scores
+        and confusion matrix (``["summary"]``)."""
         return _summary(self._folder)
 
     @property

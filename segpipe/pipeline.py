@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from segpipe.methods.segment import MethodPlan, plan_method, result_fingerprint,
 from segpipe.report.truth import Truth, check_truth
 from segpipe.runtime.placement import cpu_stage
 from segpipe.tiling.geometry import SceneGeometry
-from segpipe.tiling.grid import TileGrid, TileTask
+from segpipe.tiling.grid import TileGrid, TileRun, TileTask
 from segpipe.tiling.ingest import fingerprint, ingest, job_source, selected_bands, source_info
 from segpipe.tiling.scene import Scene, work_path
 
@@ -108,6 +109,11 @@ class Checked:
 INSTANCES_WORK = "instances_work.zarr"
 # Every store a job keeps in its output, derived from one another: replaced together.
 STORES = ("scene.zarr", "result.zarr", "work.zarr", INSTANCES_WORK)
+# What a run may write in its output besides the stores. With overwrite, those the run did not write again are
+# the old settings' (a COG where the job now asks for NIfTI, scores where it has no truth any more).
+OUTPUT_FILES = ("segmentation.tif", "probabilities.tif", "segmentation.nii.gz", "image.ome.zarr", "objects.gpkg",
+                *(f"metrics/{n}" for n in ("summary.json", "tiles.csv", "tiles.geojson", "report.html",
+                                           "objects.csv", "objects.json", "truth_objects.csv")))
 
 
 def instances_fingerprint(result_fp: dict[str, Any], job: JobSpec) -> dict[str, Any]:
@@ -300,8 +306,9 @@ def run_metrics(c: Checked, scene: Scene, result: str, client: Client,
 
     add_truth_array(result, scene.shape, scene.chunk)
     grid = TileGrid(scene.shape, c.job.tile_size)
-    futures = [client.submit(tile_confusions, scene.path, result, c.truth, c.plan.n_classes,
-                             c.job.tile_size, [t.index], pure=False) for t in grid]
+    each = TileRun.of(scene.shape, c.job.tile_size, scene=scene.path, result=result)
+    futures = [client.submit(tile_confusions, each.with_tiles([t.index]), truth=c.truth, n_classes=c.plan.n_classes,
+                             pure=False) for t in grid]
     with progress.stage("metrics", len(futures), scene.geometry.tile_word) as advance:
         confusions = {key: cm for part in progress.gather(client, futures, advance) for key, cm in part}
     report = build_report(confusions, grid, scene.geometry, c.plan.class_names)
@@ -319,6 +326,18 @@ def start(c: Checked) -> None:
         for name in STORES:
             remove_store(store_in(c.job.store_root, name))
     drop_consolidated(store_in(c.job.store_root, "result.zarr"))
+
+
+def remove_stale_outputs(c: Checked, since: float) -> None:
+    """After a successful overwrite: the output files (:data:`OUTPUT_FILES`) this run did not write again, i.e.
+    last written before ``since``. Only then: a failed run leaves the previous files as they were."""
+    for name in OUTPUT_FILES:
+        path = Path(c.job.output) / name
+        if path.exists() and path.stat().st_mtime < since:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
 
 def finish(c: Checked) -> None:
@@ -382,6 +401,7 @@ def run_job(c: Checked, client: Client, log: Callable[[str], None] = lambda _: N
 
     if c.replace:
         log("replacing the results of other settings in the output (overwrite)")
+    began = time.time()
     start(c)
     _log_start(c, client, log)
     scene = stage("ingest", lambda cl: run_ingest(c, cl))
@@ -401,8 +421,9 @@ def run_job(c: Checked, client: Client, log: Callable[[str], None] = lambda _: N
         log(f"per-{unit} metrics")
     report = stage("metrics", lambda cl: run_metrics(c, scene, result, cl, objects))
     finish(c)
-    if report is not None:
-        _add_to_summary(c, seconds)
+    _add_to_summary(c, seconds)
+    if c.replace:
+        remove_stale_outputs(c, began)
     return Outcome(scene.path, result, exports, report, objects, seconds)
 
 
@@ -423,14 +444,18 @@ def _log_start(c: Checked, client: Client, log: Callable[[str], None]) -> None:
 
 
 def _add_to_summary(c: Checked, seconds: dict[str, float]) -> None:
-    """The per-stage wall times (and a mosaic's items) beside the scores in ``metrics/summary.json``."""
+    """The per-stage wall times (and a mosaic's items) into ``metrics/summary.json``: beside the scores with
+    ground truth; alone without, since how long each stage took and which items were left out matter to
+    every run."""
     path = c.metrics_dir / "summary.json"
     extra: dict[str, Any] = {"stage_seconds": seconds}
     mosaic = c.info.mosaic
     if mosaic is not None:
         extra["mosaic"] = {"items": [i.id for i in mosaic.items],
                            "skipped": [{"id": k, "reason": why} for k, why in mosaic.skipped]}
-    write_atomic(path, json.dumps({**json.loads(path.read_text()), **extra}, indent=2))
+    scores = json.loads(path.read_text()) if c.truth is not None and path.is_file() else {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps({**scores, **extra}, indent=2))
 
 
 def _dashboard(client: Client) -> str | None:

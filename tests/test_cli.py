@@ -148,6 +148,18 @@ def test_changed_settings_are_named_before_any_work_and_overwrite_replaces_them(
     assert "replacing the results of other settings" in again.stderr
     classes = zarr.open_array(str(out / "result.zarr"), path="class", mode="r")[:]
     assert set(int(v) for v in classes.ravel()[::97]) <= {0, 1, 2} and classes.max() == 2
+    # Overwritten with other classes, no COG and no truth: the old settings' files go, once the run succeeded.
+    assert (out / "segmentation.tif").exists() and (out / "metrics" / "tiles.csv").exists()
+    bare = {k: v for k, v in job(tmp_path).items() if k != "truth"}
+    third = segpipe(tmp_path, "run", "--overwrite", job={**bare, "exports": ["ome-zarr"]})
+    assert third.returncode == 0, third.stderr
+    left = sorted(str(p.relative_to(out)) for p in out.iterdir() if not p.name.startswith("_"))
+    assert left == ["image.ome.zarr", "metrics", "result.zarr", "scene.zarr"], left
+    import json
+
+    summary = json.loads((out / "metrics" / "summary.json").read_text())
+    assert [p.name for p in (out / "metrics").iterdir()] == ["summary.json"]
+    assert set(summary) == {"stage_seconds"} and {"ingest", "segment", "export"} <= set(summary["stage_seconds"])
 
 
 def test_progress_counts_every_stage_and_a_rerun_says_it_resumes(tmp_path):

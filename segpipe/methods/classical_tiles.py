@@ -13,7 +13,7 @@ import numpy as np
 from segpipe.io.result import NODATA, class_outputs
 from segpipe.io.store import Marks
 from segpipe.methods.classical import make_classical
-from segpipe.tiling.grid import Box, Index, TileGrid
+from segpipe.tiling.grid import Box, Index, TileGrid, TileRun
 from segpipe.tiling.scene import Scene
 
 SEGMENT_STAGE = "segment"
@@ -43,8 +43,7 @@ def tile_runs(tgrid: TileGrid, tiles: list[Index], max_pixels: int = RUN_PIXELS)
     return runs
 
 
-def segment_classical_tiles(scene_path: str, result_path: str, method: str, params: dict[str, Any],
-                            state: dict[str, Any], tile_size: int, tiles: list[Index]) -> int:
+def segment_classical_tiles(run_of: TileRun, *, method: str, params: dict[str, Any], state: dict[str, Any]) -> int:
     """Classical method on each tile (read with its halo), core written to the result store.
 
     Adjacent tiles of a row are read, and their cores written, in one call per run (:func:`tile_runs`):
@@ -53,11 +52,11 @@ def segment_classical_tiles(scene_path: str, result_path: str, method: str, para
     those of a tile read alone.
     """
     m = make_classical(method, params)
-    scene = Scene(scene_path)
-    tgrid = TileGrid(scene.shape, tile_size)
-    out, prob = class_outputs(result_path)
-    marks = Marks(result_path, SEGMENT_STAGE)
-    for run in tile_runs(tgrid, tiles):
+    scene = Scene(run_of.scene)
+    tgrid = run_of.grid
+    out, prob = class_outputs(run_of.result)
+    marks = Marks(run_of.result, SEGMENT_STAGE)
+    for run in tile_runs(tgrid, list(run_of.indices)):
         first, last = tgrid.tile(run[0]).core, tgrid.tile(run[-1]).core
         core = Box(first.start, last.stop)
         span = core.grow(m.halo, scene.shape)
@@ -83,4 +82,4 @@ def segment_classical_tiles(scene_path: str, result_path: str, method: str, para
         if prob_run is not None:
             prob[(slice(None), *core.slices)] = prob_run
         marks.mark_all([tgrid.tile(index).key for index in run])
-    return len(tiles)
+    return len(run_of.indices)

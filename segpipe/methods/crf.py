@@ -30,7 +30,7 @@ import numpy as np
 import zarr
 
 from segpipe.config import CRFSpec
-from segpipe.tiling.grid import Box, Index, TileGrid
+from segpipe.tiling.grid import Box, Index, TileGrid, TileRun
 from segpipe.tiling.resample import ResampledScene, span_box
 from segpipe.tiling.scene import Scene
 from segpipe.tiling.stitch import GRID_LOGITS, finish_scene_tiles, window_logits
@@ -165,14 +165,14 @@ def unary_tiles(view: Scene | ResampledScene, scene_shape: tuple[int, ...], tile
     return sorted(needed)
 
 
-def refine_tiles(scene_path: str, work_path: str, result_path: str, tile_size: int, tiles: list[Index],
-                 params: dict[str, Any], norm: dict[str, Any], scale: tuple[float, ...] | None = None) -> int:
+def refine_tiles(run: TileRun, *, params: dict[str, Any], norm: dict[str, Any],
+                 scale: tuple[float, ...] | None = None) -> int:
     """Refine each tile from its window (core + halo) of blended logits and image; write its core's classes
     (and probabilities when the result has them) and mark it. A tile already marked is skipped."""
     spec = CRFSpec.model_validate(params)
-    scene = Scene(scene_path)
+    scene = Scene(run.scene)
     view = None if scale is None else ResampledScene(scene, tuple(scale))
-    grid_logits = zarr.open_array(work_path, path=GRID_LOGITS, mode="r")
+    grid_logits = zarr.open_array(run.work, path=GRID_LOGITS, mode="r")
 
     def refined(core: Box) -> tuple[np.ndarray, np.ndarray]:
         outer = core.grow(spec.halo, scene.shape)
@@ -181,4 +181,4 @@ def refine_tiles(scene_path: str, work_path: str, result_path: str, tile_size: i
         inner = core.relative_to(outer)
         return rel[(slice(None), *inner)], valid[inner]
 
-    return finish_scene_tiles(scene_path, result_path, tile_size, tiles, refined)
+    return finish_scene_tiles(run, refined)

@@ -26,7 +26,7 @@ from segpipe.methods.classical_tiles import SEGMENT_STAGE, segment_classical_til
 from segpipe.methods.regions import check_params, grow_regions, seed_pixels
 from segpipe.runtime.cluster import use_gpu
 from segpipe.runtime.units import guided_units, run_units, worker_slots
-from segpipe.tiling.grid import Index, PatchGrid, TileGrid
+from segpipe.tiling.grid import Index, PatchGrid, TileGrid, TileRun
 from segpipe.tiling.patches import valid_patches_in_rows
 from segpipe.tiling.resample import ResampledScene
 from segpipe.tiling.scene import Scene, result_path, work_path
@@ -157,8 +157,9 @@ def segment(job: JobSpec, scene: Scene, plan: MethodPlan, scene_fp: dict, client
         else:
             state = fit_classical(plan.classical, scene, client)
             record_fit(result, state)
-            run_units(client, segment_classical_tiles, pending, advance, scene_path=scene.path,
-                      tile_size=job.tile_size, result_path=result, method=m.name, params=m.params, state=state)
+            run_units(client, segment_classical_tiles, TileRun.of(scene.shape, job.tile_size, scene=scene.path,
+                                                                  result=result),
+                      pending, advance, method=m.name, params=m.params, state=state)
     return result
 
 
@@ -200,14 +201,14 @@ def run_model(job: JobSpec, scene: Scene, plan: MethodPlan, fp: dict[str, Any], 
                          m.patch_size, m.overlap, job.tile_size, tiles, keep=job.keep_work,
                          norm=norm, mirror=m.tta == "mirror", scale=plan.scale,
                          advance=blended if into_work else advance, into_work=into_work)
+    scene_tiles = TileRun.of(scene.shape, job.tile_size, scene=scene.path, result=result, work=work)
     if crf is not None:  # the scene's tiles are done here, each from its window of blended logits
         from segpipe.methods.crf import refine_tiles
 
-        run_units(client, refine_tiles, pending, advance, scene_path=scene.path, work_path=work, result_path=result,
-                  tile_size=job.tile_size, params=crf.model_dump(), norm=norm, scale=plan.scale)
+        run_units(client, refine_tiles, scene_tiles, pending, advance, params=crf.model_dump(), norm=norm,
+                  scale=plan.scale)
     elif plan.scale is not None:  # the scene's tiles are done here, after the model grid's
-        run_units(client, stitch_back_tiles, pending, advance, scene_path=scene.path, work_path=work,
-                  result_path=result, scale=plan.scale, tile_size=job.tile_size)
+        run_units(client, stitch_back_tiles, scene_tiles, pending, advance, scale=plan.scale)
 
 
 def patch_batches(client: Client, scene: Scene | ResampledScene, patch: int, overlap: float, batch_size: int,
@@ -291,6 +292,7 @@ def infer_and_stitch(client: Client, scene: Scene | ResampledScene, work: str, r
     for t in tiles:
         ready_after.setdefault(waits[t][-1] if waits[t] else -1, []).append(t)
     common = {"scene_path": scene.path, "work_path": work, "patch": patch, "overlap": overlap, "scale": scale}
+    stitch_run = TileRun.of(scene.shape, tile_size, scene=scene.path, result=result, work=work)
     inferred: list = []
     stitched: list = []
     stitched_sizes: list[int] = []
@@ -298,8 +300,8 @@ def infer_and_stitch(client: Client, scene: Scene | ResampledScene, work: str, r
     def stitch(ready: list[Index]) -> None:
         for group in guided_units(ready, cpu_slots):
             after = [inferred[u] for u in sorted({u for t in group for u in waits[t]})]
-            stitched.append(client.submit(stitch_tiles, result_path=result, tile_size=tile_size, tiles=group,
-                                          free=not keep, after=after, into_work=into_work, pure=False, **common))
+            stitched.append(client.submit(stitch_tiles, stitch_run.with_tiles(group), patch=patch, overlap=overlap,
+                                          scale=scale, free=not keep, after=after, into_work=into_work, pure=False))
             stitched_sizes.append(len(group))
 
     stitch(ready_after.get(-1, []))

@@ -14,7 +14,7 @@ import zarr
 
 from segpipe.io.result import NODATA
 from segpipe.report.truth import Truth
-from segpipe.tiling.grid import Index, TileGrid
+from segpipe.tiling.grid import Index, TileRun
 from segpipe.tiling.scene import Scene
 
 
@@ -52,16 +52,14 @@ def scores(cm: np.ndarray) -> Scores:
     return Scores(iou, dice, acc, int(cm.sum()))
 
 
-def tile_confusions(scene_path: str, result_path: str, truth: Truth, n_classes: int, tile_size: int,
-                    tiles: list[Index]) -> list[tuple[Index, np.ndarray]]:
+def tile_confusions(run: TileRun, *, truth: Truth, n_classes: int) -> list[tuple[Index, np.ndarray]]:
     """Burn/read truth for each tile (block) core, store it, and count the tile's confusion matrix."""
-    scene = Scene(scene_path)
-    tgrid = TileGrid(scene.shape, tile_size)
-    pred_arr = zarr.open_array(result_path, path="class", mode="r")
-    truth_arr = zarr.open_array(result_path, path="truth", mode="r+")
+    scene = Scene(run.scene)
+    pred_arr = zarr.open_array(run.result, path="class", mode="r")
+    truth_arr = zarr.open_array(run.result, path="truth", mode="r+")
     out = []
-    for index in tiles:
-        core = tgrid.tile(index).core
+    for index, tile in zip(run.indices, run.tiles(), strict=True):
+        core = tile.core
         t = truth.read(core, scene.transform)
         t = np.where(scene.valid_in(core.slices), t, NODATA).astype(np.uint8)
         truth_arr[core.slices] = t

@@ -18,6 +18,7 @@ from distributed import Client
 
 from segpipe.progress import Advance, gather
 from segpipe.runtime.placement import is_mixed, worker_infos
+from segpipe.tiling.grid import TileRun
 
 T = TypeVar("T")
 
@@ -49,9 +50,9 @@ def worker_slots(client: Client, resources: dict[str, float] | None = None) -> i
     return max(1, sum(int(w.get("nthreads", 1)) for w in workers))
 
 
-def run_units(client: Client, fn, tiles: Sequence, advance: Advance | None = None, **kw) -> list:
-    """Submit ``fn(**kw, tiles=unit)`` for every guided unit of ``tiles`` and gather the results; ``advance``
-    hears how many tiles each finished unit held (:mod:`segpipe.progress`)."""
+def run_units(client: Client, fn, run: TileRun, tiles: Sequence, advance: Advance | None = None, **kw) -> list:
+    """Submit ``fn(run with a unit's tiles, **kw)`` for every guided unit of ``tiles`` and gather the results;
+    ``advance`` hears how many tiles each finished unit held (:mod:`segpipe.progress`)."""
     units = guided_units(tiles, worker_slots(client))
-    futures = [client.submit(fn, tiles=unit, pure=False, **kw) for unit in units]
+    futures = [client.submit(fn, run.with_tiles(unit), pure=False, **kw) for unit in units]
     return gather(client, futures, advance, [len(u) for u in units])

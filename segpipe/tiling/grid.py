@@ -11,8 +11,8 @@ Everything here works on any number of spatial axes; the last two are rows and c
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
 
 import numpy as np
 from affine import Affine
@@ -188,6 +188,41 @@ class TileTask:
     def window(self, halo: int) -> Box:
         """The core grown by ``halo`` on every side, clipped to the scene: the pixels this task reads."""
         return self.core.grow(halo, self.shape)
+
+
+@dataclass(frozen=True)
+class TileRun:
+    """Several tiles' share of a tiled pass, as shipped to a Dask worker: a guided unit of consecutive tiles
+    (:mod:`segpipe.runtime.units`) with the stores and the grid they are on, like :class:`TileTask` for one.
+
+    Why a run: on small tiles the per-task cost is more than the work, so tiles travel in units; the stores and
+    grid come with them so that unit functions take one object, not a list of paths and sizes in some order.
+    ``shape`` is the grid's spatial shape (the scene's, or the model grid's where a model runs at its own
+    resolution). :meth:`of` makes the template, :func:`segpipe.runtime.units.run_units` fills in the tiles.
+    """
+
+    indices: tuple[Index, ...]
+    shape: Index
+    tile_size: int | Index
+    scene: str | None = None
+    result: str | None = None
+    work: str | None = None
+
+    @classmethod
+    def of(cls, shape: Index, tile_size: int | Index, **stores: str | None) -> TileRun:
+        """A run of no tiles yet: the stores and grid of a pass."""
+        return cls((), tuple(shape), tile_size, **stores)
+
+    def with_tiles(self, indices: Iterable[Index]) -> TileRun:
+        return replace(self, indices=tuple(tuple(i) for i in indices))
+
+    @property
+    def grid(self) -> TileGrid:
+        return TileGrid(self.shape, self.tile_size)
+
+    def tiles(self) -> list[Tile]:
+        grid = self.grid
+        return [grid.tile(i) for i in self.indices]
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from zarr.codecs import BloscCodec
 from segpipe.io.result import NODATA, class_outputs
 from segpipe.io.store import Marks, ensure_array
 from segpipe.methods.classical_tiles import SEGMENT_STAGE
-from segpipe.tiling.grid import Box, Index, PatchGrid, TileGrid, gaussian_importance
+from segpipe.tiling.grid import Box, Index, PatchGrid, TileGrid, TileRun, gaussian_importance
 from segpipe.tiling.resample import ResampledScene, open_scene, resample, span_box
 from segpipe.tiling.scene import Scene
 
@@ -73,8 +73,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=0, keepdims=True)
 
 
-def stitch_tiles(scene_path: str, work_path: str, result_path: str, patch: int | Index, overlap: float,
-                 tile_size: int, tiles: list[Index], free: bool = False, after: list | None = None,
+def stitch_tiles(run: TileRun, *, patch: int | Index, overlap: float, free: bool = False, after: list | None = None,
                  scale: tuple[float, ...] | None = None, into_work: bool = False) -> int:
     """Blend, take the arg-max class and write each tile's core; invalid pixels get nodata.
 
@@ -86,18 +85,18 @@ def stitch_tiles(scene_path: str, work_path: str, result_path: str, patch: int |
     store's ``grid_logits``, from which :func:`stitch_back_tiles` makes the scene's classes. ``into_work`` sends
     them there without ``scale`` too (a refinement pass, :mod:`segpipe.methods.crf`, makes the classes).
     """
-    scene = open_scene(scene_path, scale)
+    scene = open_scene(run.scene, scale)
     grid = PatchGrid(scene.shape, patch, overlap)
-    tgrid = TileGrid(scene.shape, tile_size)
-    logits = zarr.open_array(work_path, path="logits", mode="r+" if free else "r")
+    tgrid = run.grid  # the scene's, or the model grid's (``run.shape`` is then the model grid's)
+    logits = zarr.open_array(run.work, path="logits", mode="r+" if free else "r")
     into_work = into_work or scale is not None
     if not into_work:
-        out, prob = class_outputs(result_path)
-        marks = Marks(result_path, SEGMENT_STAGE)
+        out, prob = class_outputs(run.result)
+        marks = Marks(run.result, SEGMENT_STAGE)
     else:
-        out, prob = zarr.open_array(work_path, path=GRID_LOGITS, mode="r+"), None
-        marks = Marks(work_path, GRID_STAGE)
-    for index in tiles:
+        out, prob = zarr.open_array(run.work, path=GRID_LOGITS, mode="r+"), None
+        marks = Marks(run.work, GRID_STAGE)
+    for index in run.indices:
         tile = tgrid.tile(index)
         if marks.done(tile.key):  # final already: a task Dask reruns after a lost worker must not redo it,
             continue  # since with ``free`` the patches it was made from may be gone
@@ -111,7 +110,7 @@ def stitch_tiles(scene_path: str, work_path: str, result_path: str, patch: int |
             for idx in grid.covering(tile.core):
                 if all(marks.done(t.key) for t in tgrid.overlapping(grid.window(idx))):
                     logits[idx] = 0  # a chunk equal to the fill value is deleted by Zarr
-    return len(tiles)
+    return len(run.indices)
 
 
 def write_classes(out: zarr.Array, prob: zarr.Array | None, where: tuple[slice, ...], logits: np.ndarray,
@@ -151,32 +150,27 @@ def window_logits(grid_logits: zarr.Array, view: ResampledScene | None, window: 
     return values
 
 
-def finish_scene_tiles(scene_path: str, result_path: str, tile_size: int, tiles: list[Index],
-                       logits_of: Callable[[Box], tuple[np.ndarray, np.ndarray]]) -> int:
-    """Classes (and probabilities when asked) of each scene tile from ``logits_of(core)``: its relative logits
-    (C - 1, float32) and validity. A tile already marked is skipped; each is marked when written."""
-    scene = Scene(scene_path)
-    tgrid = TileGrid(scene.shape, tile_size)
-    out, prob = class_outputs(result_path)
-    marks = Marks(result_path, SEGMENT_STAGE)
-    for index in tiles:
-        tile = tgrid.tile(index)
+def finish_scene_tiles(run: TileRun, logits_of: Callable[[Box], tuple[np.ndarray, np.ndarray]]) -> int:
+    """Classes (and probabilities when asked) of each scene tile of ``run`` from ``logits_of(core)``: its relative
+    logits (C - 1, float32) and validity. A tile already marked is skipped; each is marked when written."""
+    out, prob = class_outputs(run.result)
+    marks = Marks(run.result, SEGMENT_STAGE)
+    for tile in run.tiles():
         if marks.done(tile.key):
             continue
         rel, valid = logits_of(tile.core)
         logits = np.concatenate([np.zeros((1, *tile.core.shape), np.float32), rel])
         write_classes(out, prob, tile.core.slices, logits, valid)
         marks.mark(tile.key)
-    return len(tiles)
+    return len(run.indices)
 
 
-def stitch_back_tiles(scene_path: str, work_path: str, result_path: str, scale: tuple[float, ...],
-                      tile_size: int, tiles: list[Index]) -> int:
+def stitch_back_tiles(run: TileRun, *, scale: tuple[float, ...]) -> int:
     """Resample the model grid's blended logits onto each scene tile's core, then classes as :func:`stitch_tiles`.
 
     Every valid scene pixel has a valid model pixel among its taps (see :mod:`segpipe.tiling.resample`).
     """
-    view = ResampledScene(Scene(scene_path), tuple(scale))
-    grid_logits = zarr.open_array(work_path, path=GRID_LOGITS, mode="r")
-    return finish_scene_tiles(scene_path, result_path, tile_size, tiles,
-                              lambda core: (window_logits(grid_logits, view, core), view.scene.valid_in(core.slices)))
+    view = ResampledScene(Scene(run.scene), tuple(scale))
+    grid_logits = zarr.open_array(run.work, path=GRID_LOGITS, mode="r")
+    return finish_scene_tiles(run, lambda core: (window_logits(grid_logits, view, core),
+                                                 view.scene.valid_in(core.slices)))
