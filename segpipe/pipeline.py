@@ -268,7 +268,8 @@ def run_instances(c: Checked, result: str, client: Client) -> InstanceSummary | 
     if spec.split == "watershed":
         return split_instances(result, group, work, c.job.tile_size, c.instance_classes, c.connectivity,
                                spec.marker_distance, spec.halo, client)
-    return label_instances(result, group, work, c.job.tile_size, c.instance_classes, c.connectivity, client)
+    return label_instances(result, group, work, c.job.tile_size, c.instance_classes, c.connectivity, client,
+                           unit=c.geometry.tile_word)
 
 
 @cpu_stage
@@ -282,13 +283,16 @@ def run_objects(c: Checked, scene: Scene, result: str, inst: InstanceSummary | N
 
     grid = TileGrid(scene.shape, c.job.tile_size)
     tasks = TileTask.each(scene.shape, c.job.tile_size, scene=scene.path, result=result)
-    parts = client.gather([client.submit(tile_objects, t, truth=c.truth, pure=False) for t in tasks])
+    unit = scene.geometry.tile_word
+    parts = progress.counted(client, "objects", [client.submit(tile_objects, t, truth=c.truth, pure=False)
+                                                 for t in tasks], unit)
     report = object_report(parts, grid, inst.classes, c.job.instances.match_iou, c.plan.class_names,
                            truth_class=truth_classes(c.truth), ap_classes=c.instance_classes)
     write_object_report(report, c.metrics_dir, scene.geometry)
     if scene.geometry.has_polygons:
-        pieces = client.gather([client.submit(tile_polygons, t, transform=scene.transform,
-                                              connectivity=c.connectivity, pure=False) for t in tasks])
+        pieces = progress.counted(client, "polygons", [client.submit(tile_polygons, t, transform=scene.transform,
+                                                                     connectivity=c.connectivity, pure=False)
+                                                       for t in tasks], unit)
         write_polygons([p for part in pieces for p in part], report.objects, scene.crs, c.polygons_path)
     return report
 

@@ -122,3 +122,10 @@ def gather(client: Client, futures: Sequence[Any], advance: Advance | None,
             break  # gather below raises the task's own error
         advance(weight[f.key])
     return client.gather(list(futures))
+
+
+def counted(client: Client, name: str, futures: Sequence[Any], unit: str = "tile") -> list:
+    """``client.gather(futures)`` as a stage of its own, a unit per future: passes whose tasks are one tile
+    (slab, row) each report like the others instead of going silent for their length."""
+    with stage(name, len(futures), unit) as advance:
+        return gather(client, futures, advance)

@@ -171,10 +171,15 @@ def test_progress_counts_every_stage_and_a_rerun_says_it_resumes(tmp_path):
 
     from segpipe.io.store import Marks
 
-    first = segpipe(tmp_path, "run", job=job(tmp_path, tile_size=128))
+    first = segpipe(tmp_path, "run", job=job(tmp_path, tile_size=128, instances={}))
     assert first.returncode == 0, first.stderr
     lines = first.stderr.splitlines()
-    for stage, unit, total in [("ingest", "rows", 8), ("segment", "tiles", 64), ("metrics", "tiles", 64)]:
+    for stage, unit, total in [("ingest", "rows", 8), ("statistics", "row slabs", 1), ("segment", "tiles", 64),
+                               ("instances", "tiles", 64), ("instance ids", "tiles", 64), ("objects", "tiles", 64),
+                               ("polygons", "tiles", 64), ("metrics", "tiles", 64)]:
+        if total == 1:  # one unit: its only line is the last
+            assert f"segpipe: {stage} 1/1 {unit} (100%)" in first.stderr, lines
+            continue
         mine = [ln for ln in lines if ln.startswith(f"segpipe: {stage} ") and f" {unit} (" in ln]
         assert len(mine) >= 2 and mine[-1].startswith(f"segpipe: {stage} {total}/{total} {unit} (100%)"), lines
     assert any(ln.startswith("segpipe: dashboard http") for ln in lines)
@@ -186,7 +191,7 @@ def test_progress_counts_every_stage_and_a_rerun_says_it_resumes(tmp_path):
         (marks.dir / key).unlink()
     arr = zarr.open_array(str(result), path="class", mode="r+")
     arr[0:128, 0:128] = 0
-    again = segpipe(tmp_path, "run", job=job(tmp_path, tile_size=128))
+    again = segpipe(tmp_path, "run", job=job(tmp_path, tile_size=128, instances={}))
     assert again.returncode == 0, again.stderr
     assert "segpipe: resuming: 62 of 64 tiles already done" in again.stderr
     assert "segpipe: segment 64/64 tiles (100%)" in again.stderr

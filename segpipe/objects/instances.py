@@ -24,6 +24,7 @@ import zarr
 from distributed import Client
 from scipy import ndimage as ndi
 
+from segpipe import progress
 from segpipe.io.store import ensure_array
 from segpipe.objects.unionfind import merge_pairs
 from segpipe.tiling.grid import Box, Index, TileGrid, TileTask
@@ -140,10 +141,11 @@ def ensure_instance_array(group: zarr.Group, name: str, shape: tuple[int, ...], 
 
 def label_instances(result_path: str, work_group: zarr.Group, work_path: str, tile_size: int,
                     classes: list[int], connectivity: int, client: Client, source: str = "class",
-                    target: str = INSTANCES) -> InstanceSummary:
+                    target: str = INSTANCES, unit: str = "tile") -> InstanceSummary:
     """All three passes on the cluster; writes ``target`` (uint32, 0 = none) into the result store.
 
-    ``source`` (a class array of the same store) holds the classes whose components are labelled.
+    ``source`` (a class array of the same store) holds the classes whose components are labelled; ``unit`` is
+    what progress calls a tile (a volume's: block).
     """
     result = zarr.open_group(result_path, mode="r+")
     cls = result[source]
@@ -153,8 +155,9 @@ def label_instances(result_path: str, work_group: zarr.Group, work_path: str, ti
     dims = ("z", "y", "x")[-len(shape):]
     ensure_array(work_group, LOCAL, shape, chunks, "uint32", 0, dims)
     tasks = TileTask.each(shape, tile_size, result=result_path, work=work_path)
-    tiles = client.gather([client.submit(label_tile, t, classes=classes, connectivity=connectivity, source=source,
-                                         pure=False) for t in tasks])
+    tiles = progress.counted(client, "instances", [client.submit(label_tile, t, classes=classes,
+                                                                  connectivity=connectivity, source=source,
+                                                                  pure=False) for t in tasks], unit)
     offsets, total = {}, 0
     for t in tiles:
         offsets[t.index] = total
@@ -172,7 +175,7 @@ def label_instances(result_path: str, work_group: zarr.Group, work_path: str, ti
     starts = [offsets[t.index] + 1 for t in tiles]  # each tile's provisional labels: local label k -> start + k - 1
     local_ids = [np.concatenate([[0], lookup[s:s + len(t.classes)]]).astype(np.uint32)
                  for s, t in zip(starts, tiles, strict=True)]
-    client.gather([client.submit(relabel_tile, task, lookup=ids, target=target, pure=False)
-                   for task, ids in zip(tasks, local_ids, strict=True)])
+    progress.counted(client, "instance ids", [client.submit(relabel_tile, task, lookup=ids, target=target, pure=False)
+                                              for task, ids in zip(tasks, local_ids, strict=True)], unit)
     return InstanceSummary(n, instance_class)
 

@@ -63,8 +63,7 @@ def class_areas(result: str, client: Client, tile_size: int) -> ClassAreas:
     tasks = TileTask.each(period.shape, tile_size)
     futures = [client.submit(tile_classes, t, period.path, n, area.rows(t.core.row0, t.core.row1), pure=False)
                for t in tasks]
-    with progress.stage("class areas", len(futures), "tile") as advance:
-        parts = progress.gather(client, futures, advance)
+    parts = progress.counted(client, "class areas", futures)
     pixels = np.sum([p[0] for p in parts], axis=0).astype(np.int64)
     if area.method == "projected":
         m2 = pixels * area.pixel_m2

@@ -464,8 +464,7 @@ def _run_tiles(client: Client, store: str, before: Period, after: Period, tile_s
     tasks = TileTask.each(before.shape, tile_size, result=store)
     futures = [client.submit(tile_change, t, before.path, after.path, n, area.rows(t.core.row0, t.core.row1),
                              pure=False) for t in tasks]
-    with progress.stage("change", len(futures), "tile") as advance:
-        return progress.gather(client, futures, advance)
+    return progress.counted(client, "change", futures)
 
 
 def _report(tiles: list[TileChange], before: Period, after: Period, area: PixelArea, inputs: dict[str, Any],

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from distributed import Client
 
+from segpipe import progress
 from segpipe.tiling.grid import Box
 from segpipe.tiling.scene import Scene
 
@@ -133,7 +134,10 @@ def scene_stats(scene: Scene, client: Client, bins: int = 1024) -> SceneStats:
     wins = _row_bands(scene, scene.chunk)
     dtype = np.dtype(scene.image.dtype)
     exact = dtype.kind in "iub" and dtype.itemsize <= 2
-    parts = [p for p in client.gather(client.map(_moments, [scene.path] * len(wins), wins, exact=exact)) if p[0]]
+    word = scene.geometry.row_word
+    parts = [p for p in progress.counted(client, "statistics", client.map(_moments, [scene.path] * len(wins), wins,
+                                                                          exact=exact), f"{word} slab")
+             if p[0]]
     if not parts:
         zeros = [0.0] * scene.count
         return SceneStats(zeros, zeros, zeros, zeros, np.zeros(bins, np.int64), np.linspace(0, 1, bins + 1))
