@@ -60,7 +60,24 @@ def test_flow_runs_the_api_stage_sequence_and_writes_the_same_summary(prefect_ap
         "truth": {"path": str(BUILDINGS)}, "class_names": ["background", "building"],
         "cluster": {"n_workers": 1, "threads_per_worker": 2},
     }))
-    segment_scene(str(job))
+    import logging
+
+    class Lines(logging.Handler):  # the task runs' log records as they are made (not the API's batched copy)
+        def __init__(self) -> None:
+            super().__init__()
+            self.lines: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.lines.append(record.getMessage())
+
+    lines, logger = Lines(), logging.getLogger("prefect.task_runs")
+    logger.addHandler(lines)
+    try:
+        segment_scene(str(job))
+    finally:
+        logger.removeHandler(lines)
+    for progress in ("ingest 4/4 rows (100%)", "segment 16/16 tiles (100%)", "metrics 16/16 tiles (100%)"):
+        assert any(ln.startswith(progress) for ln in lines.lines), lines.lines  # progress in the task logs
     outcome = execute(check_job(job, {"output": str(tmp_path / "api")}))
     flow, api = (json.loads((tmp_path / name / "metrics" / "summary.json").read_text()) for name in ("flow", "api"))
     stages = {"ingest", "segment", "export", "objects", "metrics"}
