@@ -21,6 +21,24 @@ def run(client, output: Path, **job: Any) -> Outcome:
     return run_job(check(spec), client)
 
 
+def check_error(tmp_path: Path, job: dict) -> str:
+    """The one line that checking ``job`` refuses it with, in this process: what ``segpipe run`` prints after
+    ``segpipe: error:`` (the check runs before anything is written; the CLI's wrapper, exit 2 and no
+    traceback, is tested through the CLI itself). Fails the test if the job passes the check."""
+    import pytest
+
+    from segpipe.api import check_job
+    from segpipe.errors import InputError
+
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    with pytest.raises(InputError) as err:
+        check_job(path)
+    message = str(err.value)
+    assert "\n" not in message, message
+    return message
+
+
 def class_map(outcome: Outcome) -> np.ndarray:
     return np.asarray(zarr.open_array(outcome.result, path="class", mode="r")[:])
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import BUILDINGS, DEMO_MODEL, SCENE, write_tif
-from helpers import assert_one_line_error, cli
+from helpers import assert_one_line_error, check_error, cli
 
 
 @pytest.fixture
@@ -130,8 +130,10 @@ def test_unknown_method_parameter_and_invalid_yaml(tmp_path, existing_output):
 ])
 def test_method_parameters_are_typed_and_checked_before_anything_is_written(tmp_path, existing_output, method,
                                                                             words):
+    """In this process (the CLI runs the same check; its one-line wrapper: the test above and test_cli)."""
     before = snapshot(existing_output)
-    assert_one_line_error(cli(tmp_path, base_job(existing_output, method=method)), *words)
+    message = check_error(tmp_path, base_job(existing_output, method=method))
+    assert all(w in message for w in words), message
     assert snapshot(existing_output) == before
 
 

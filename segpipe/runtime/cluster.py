@@ -118,16 +118,16 @@ def _worker_spawn_env(env: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def check_scheduler(spec: ClusterSpec) -> None:
-    """Raise the same one line as :func:`connect` when the job's scheduler cannot be reached; connects and
-    disconnects at once (``segpipe validate`` checks what ``run`` would meet, and starts no work)."""
+def check_scheduler(spec: ClusterSpec, timeout: str = "5s") -> None:
+    """Raise the same one line as :func:`connect` when the job's scheduler does not answer within ``timeout``;
+    connects and disconnects at once (``segpipe validate`` checks what ``run`` would meet, and starts no work)."""
     if spec.scheduler:
-        with connect(spec):
+        with connect(spec, timeout=timeout):
             pass
 
 
 @contextmanager
-def connect(spec: ClusterSpec, in_process: bool = False) -> Iterator[Client]:
+def connect(spec: ClusterSpec, in_process: bool = False, timeout: str = "15s") -> Iterator[Client]:
     """Yield a client for the job; a LocalCluster made here is closed on exit.
 
     ``in_process``: one worker whose threads (n_workers x threads_per_worker of them) run in this process;
@@ -135,7 +135,7 @@ def connect(spec: ClusterSpec, in_process: bool = False) -> Iterator[Client]:
     """
     if spec.scheduler:
         try:
-            client = Client(spec.scheduler, timeout="15s")
+            client = Client(spec.scheduler, timeout=timeout)
         except OSError as exc:
             raise InputError(f"cannot reach Dask scheduler {spec.scheduler}: {exc}") from None
         try:
