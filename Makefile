@@ -34,7 +34,7 @@ $(TEST_SYSTEM_DEPS) &:
 
 test: $(STAMP) $(TEST_SYSTEM_DEPS)
 	$(BIN)/ruff check .
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile  # two processes: the suite is mostly one-core work (imports, small jobs)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

@@ -391,7 +391,7 @@ def test_an_nnunet_folder_segpipe_cannot_read_is_refused_in_one_line(tmp_path):
     plans = json.loads((folder / "plans.json").read_text())
     plans["configurations"]["2d"]["architecture"]["arch_kwargs"]["nonlin"] = "os.system"
     (folder / "plans.json").write_text(json.dumps(plans))
-    r = cli(tmp_path, {"input": str(SCENE), "output": str(tmp_path / "o"),
-                       "method": {"name": "model", "model": str(folder), "patch_size": 128}})
-    assert r.returncode == 2 and "'os.system' is not a torch.nn.* name" in r.stderr, r.stderr
+    message = check_error(tmp_path, {"input": str(SCENE), "output": str(tmp_path / "o"),
+                                     "method": {"name": "model", "model": str(folder), "patch_size": 128}})
+    assert "'os.system' is not a torch.nn.* name" in message, message
     assert not (tmp_path / "o").exists()
