@@ -392,7 +392,7 @@ def run_job(c: Checked, client: Client, log: Callable[[str], None] = lambda _: N
     stage goes to the reporter installed with :func:`segpipe.progress.reporting`, if any).
 
     ``runner`` runs each stage (see :data:`StageRunner`; default :func:`on_client`). Each stage's wall time is
-    kept in the outcome and, with ground truth, in ``metrics/summary.json``.
+    kept in the outcome and in ``metrics/summary.json`` (beside the scores with ground truth).
     """
     seconds: dict[str, float] = {}
     run = runner or on_client(client)

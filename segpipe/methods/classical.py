@@ -272,8 +272,7 @@ def fit_fcm(x: np.ndarray, c: int, m: float, seed: int, max_iter: int, tol: floa
     for _ in range(max_iter):
         um = u**m
         centres = um @ x / um.sum(axis=1)[:, None]
-        d2 = ((x[None] - centres[:, None]) ** 2).sum(axis=2)
-        new = fcm_memberships(d2, m)
+        new = fcm_memberships(_sq_distances(x.T, centres), m)
         moved = float(np.abs(new - u).max())
         u = new
         if moved < tol:

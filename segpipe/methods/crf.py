@@ -31,6 +31,7 @@ import zarr
 
 from segpipe.config import CRFSpec
 from segpipe.tiling.grid import Box, Index, TileGrid, TileRun
+from segpipe.tiling.patches import normalised
 from segpipe.tiling.resample import ResampledScene, span_box
 from segpipe.tiling.scene import Scene
 from segpipe.tiling.stitch import GRID_LOGITS, finish_scene_tiles, window_logits
@@ -138,17 +139,6 @@ def mean_field(rel: np.ndarray, image: np.ndarray, valid: np.ndarray, spec: CRFS
             msg[sj] += part[sj]
         np.add(rel, msg, out=out)
     return out
-
-
-def normalised(img: np.ndarray, valid: np.ndarray, norm: dict[str, Any]) -> np.ndarray:
-    """The image as the model saw it (:func:`segpipe.methods.infer.read_patches`, without importing torch)."""
-    lead = (slice(None), None, None)
-    if norm.get("clip") is not None:
-        bounds = np.asarray(norm["clip"], np.float32)
-        img = np.clip(img, bounds[:, 0][lead], bounds[:, 1][lead])
-    mean = np.asarray(norm["mean"], np.float32)[lead]
-    std = np.asarray(norm["std"], np.float32)[lead]
-    return np.where(valid[None], (img - mean) / std, np.float32(0)).astype(np.float32)
 
 
 def unary_tiles(view: Scene | ResampledScene, scene_shape: tuple[int, ...], tile_size: int,

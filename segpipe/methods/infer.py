@@ -30,6 +30,7 @@ from segpipe.models.checkpoint import ModelSpec
 from segpipe.models.load import load_any
 from segpipe.models.unet import UNet
 from segpipe.tiling.grid import Box, Index, PatchGrid
+from segpipe.tiling.patches import normalised
 from segpipe.tiling.resample import ResampledScene, open_scene
 from segpipe.tiling.scene import Scene
 
@@ -72,9 +73,6 @@ def read_patches(scene: Scene | ResampledScene, grid: PatchGrid, group: list[Ind
     read of their union, so overlapping patches do not decode the same Zarr chunks again.
     Patches reaching past a short scene's edge are zero-padded.
     """
-    lead = (slice(None),) + (None,) * len(grid.shape)
-    mean = np.asarray(norm["mean"], np.float32)[lead]
-    std = np.asarray(norm["std"], np.float32)[lead]
     whole = Box.of(scene.shape)
     out = np.zeros((len(group), scene.count, *grid.size), np.float32)
     for run in sorted({idx[:-1] for idx in group}):
@@ -82,10 +80,7 @@ def read_patches(scene: Scene | ResampledScene, grid: PatchGrid, group: list[Ind
         union = Box(members[0][1].start[:-1] + (min(w.start[-1] for _, w in members),),
                     members[0][1].stop[:-1] + (max(w.stop[-1] for _, w in members),)).intersect(whole)
         img, valid = scene.read(union)
-        if norm.get("clip") is not None:  # a fixed window (model card): values outside it are saturated first
-            bounds = np.asarray(norm["clip"], np.float32)
-            img = np.clip(img, bounds[:, 0][lead], bounds[:, 1][lead])
-        x = np.where(valid[None], (img - mean) / std, 0.0)
+        x = normalised(img, valid, norm)
         for k, w in members:
             part = x[(slice(None), *w.intersect(whole).relative_to(union))]
             out[(k, slice(None), *(slice(0, n) for n in part.shape[1:]))] = part

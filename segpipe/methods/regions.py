@@ -160,9 +160,8 @@ def label_merge_paint(client: Client, tasks: list[TileTask], label: Callable[...
     Every tile is labelled, also on a resume: a region may reach a pending tile from any other. Pass 1 reports
     its own progress; pass 2 advances ``advance`` by a tile as each is painted.
     """
-    with progress.stage("label", len(tasks), "tile") as labelled:
-        futures = [client.submit(label, t, pure=False, **kwargs) for t in tasks]
-        parts = dict(zip([t.index for t in tasks], progress.gather(client, futures, labelled), strict=True))
+    futures = [client.submit(label, t, pure=False, **kwargs) for t in tasks]
+    parts = dict(zip([t.index for t in tasks], progress.counted(client, "label", futures), strict=True))
     lookups = merge_parts(parts)
     todo = set(pending)
     progress.gather(client, [client.submit(paint_tile, t, lookup=lookups[t.index], pure=False)

@@ -129,8 +129,7 @@ def quadtree_leaves(q: np.ndarray, valid: np.ndarray, origin: tuple[int, int], w
     qmax = np.full((hp, wp), -_FAR, np.int64)
     qmin[:h, :w] = np.where(valid, q, _FAR)
     qmax[:h, :w] = np.where(valid, q, -_FAR)
-    name = np.zeros((hp, wp), np.int64)
-    lmin, lmax = np.zeros((hp, wp), np.int64), np.zeros((hp, wp), np.int64)
+    out = np.zeros((3, hp, wp), np.int64)  # per pixel: leaf name, leaf min, leaf max
     open_ = np.ones((hp // b, wp // b), bool)
     s = b
     while True:
@@ -138,19 +137,16 @@ def quadtree_leaves(q: np.ndarray, valid: np.ndarray, origin: tuple[int, int], w
         bmin = qmin.reshape(nr, s, nc, s).min(axis=(1, 3))
         bmax = qmax.reshape(nr, s, nc, s).max(axis=(1, 3))
         leaf = open_ & ((bmax - bmin <= threshold) | (bmax < bmin) | (s <= p.min_block))
-        rows, cols = np.nonzero(leaf)
-        first = (origin[0] + rows * s) * width + origin[1] + cols * s
-        for arr, val in ((name, first), (lmin, bmin[leaf]), (lmax, bmax[leaf])):
-            per_block = np.zeros((nr, nc), np.int64)
-            per_block[rows, cols] = val
-            mine = np.repeat(np.repeat(leaf, s, axis=0), s, axis=1)
-            arr[mine] = np.repeat(np.repeat(per_block, s, axis=0), s, axis=1)[mine]
+        first = (origin[0] + np.arange(nr)[:, None] * s) * width + origin[1] + np.arange(nc)[None] * s
+        mine = np.repeat(np.repeat(leaf, s, axis=0), s, axis=1)
+        out[:, mine] = np.repeat(np.repeat(np.stack([first, bmin, bmax]), s, axis=1), s, axis=2)[:, mine]
         open_ = open_ & ~leaf
         if not open_.any():
             break
         open_ = np.repeat(np.repeat(open_, 2, axis=0), 2, axis=1)
         s //= 2
-    return name[:h, :w], lmin[:h, :w], lmax[:h, :w]
+    name, lmin, lmax = out[:, :h, :w]
+    return name, lmin, lmax
 
 
 def joined(amin: np.ndarray, amax: np.ndarray, bmin: np.ndarray, bmax: np.ndarray, threshold: int) -> np.ndarray:
