@@ -30,11 +30,12 @@ def _job(tmp_path, name, **cluster):
 def test_demo_model_on_the_gpu_matches_the_cpu(tmp_path, client):
     job = _job(tmp_path, "gpu", gpu="yes")
     with connect(job.cluster) as gpu_client:
-        devices = gpu_client.run(lambda: (torch.cuda.is_available(), torch.cuda.get_device_properties(0).uuid))
+        devices = gpu_client.run(lambda: (torch.cuda.is_available(),  # the UUID as text: torch's own type won't pickle
+                                           torch.cuda.is_available() and str(torch.cuda.get_device_properties(0).uuid)))
         outcome = run_job(check(job), gpu_client)
     gpu_workers = [d for d in devices.values() if d[0]]
     assert len(gpu_workers) == torch.cuda.device_count()
-    assert len({str(uuid) for _, uuid in gpu_workers}) == len(gpu_workers)  # each its own device as cuda:0
+    assert len({uuid for _, uuid in gpu_workers}) == len(gpu_workers)  # each its own device as cuda:0; CPU workers none
     cpu = class_map(run_job(check(_job(tmp_path, "cpu", gpu="no")), client))
     assert (class_map(outcome) == cpu).mean() >= 0.999
 

@@ -38,6 +38,7 @@ def test_each_gpu_worker_sees_its_own_device_first_as_dask_cuda_does():
                                                                              "gpu-GPU-b": "GPU-b,GPU-a"}
     assert all(o["resources"] == {"GPU": 1} and o["nthreads"] == 1 for o in gpu.values())
     assert len(cpu) == 3 and all(o["resources"] == {"CPU": 2} and o["nthreads"] == 2 for o in cpu.values())
+    assert all(o["env"] == {"CUDA_VISIBLE_DEVICES": ""} for o in cpu.values())  # no CUDA context on CPU workers
     plain = worker_layout(ClusterSpec(n_workers=2), False)
     assert list(plain) == ["cpu-0", "cpu-1"] and all("resources" not in v["options"] for v in plain.values())
 
@@ -54,7 +55,10 @@ def _task_workers(stream: list[dict], names: dict[str, str]) -> dict[str, set[st
 def test_model_tasks_run_on_gpu_workers_and_everything_else_on_cpu_workers(tmp_path, tiny_model, client):
     """A mixed cluster of real worker processes: inference only on GPU workers, each with its own device and
     the malloc settings; ingest, validity scan, stitching, export and metrics only on CPU workers; the class
-    map equals the plain cluster's."""
+    map equals the plain cluster's. It names two devices, so it runs where CUDA sees none (the GPU layout then
+    computes on the CPU) or at least two; test_gpu_device runs a one-device host's real cluster."""
+    if 0 < torch.cuda.device_count() < 2:
+        pytest.skip("names devices 0 and 1; this host has one (cluster.gpus naming a missing device is refused)")
     method = {"name": "unet", "model": str(tiny_model), "patch_size": 128}
     cluster = {"gpu": "yes", "gpus": ["0", "1"], "n_workers": 2}
     job = job_from_dict({"input": str(SCENE), "output": str(tmp_path / "gpu"), "tile_size": 256, "method": method,
@@ -134,3 +138,33 @@ def test_a_run_that_ran_out_of_device_memory_says_so_once_and_keeps_its_classes(
     said = [r.getMessage() for r in caplog.records if "out of memory" in r.getMessage()]
     assert len(said) == 1 and "sub-batches of 2" in said[0]
     assert (got == ref).mean() > 0.999  # per-sample results may move in the last bits with the batch size
+
+
+def test_a_gpu_job_on_a_client_without_gpu_workers_runs_instead_of_waiting(tmp_path, tiny_model, client):
+    """``gpu: yes`` (as ``auto`` is on a CUDA host) handed a plain cluster whose workers advertise no GPU: the
+    model tasks must not ask for a resource nobody has (they used to wait forever; seen on a real H200 with
+    this suite's own ``client``). Bounded so that a regression fails instead of hanging the suite."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    method = {"name": "unet", "model": str(tiny_model), "patch_size": 128}
+    base = {"input": str(SCENE), "tile_size": 256, "method": method}
+    gpu = job_from_dict({**base, "output": str(tmp_path / "gpu"), "cluster": {"gpu": "yes"}}, tmp_path)
+    cpu = job_from_dict({**base, "output": str(tmp_path / "cpu"), "cluster": {"gpu": "no"}}, tmp_path)
+    with ThreadPoolExecutor(1) as pool:
+        got = class_map(pool.submit(run_job, check(gpu), client).result(timeout=600))
+    np.testing.assert_array_equal(got, class_map(run_job(check(cpu), client)))
+
+
+def test_gpus_naming_a_device_this_host_lacks_is_one_line(monkeypatch):
+    from types import SimpleNamespace
+
+    from segpipe.errors import InputError
+    from segpipe.runtime import cluster
+
+    monkeypatch.setattr(cluster, "cuda_devices", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(uuid=f"uuid-{i}"))
+    cluster.check_devices(ClusterSpec(gpus=[0, "GPU-uuid-0"]))
+    cluster.check_devices(ClusterSpec(gpus=[3], gpu="no"))  # no GPU workers asked for
+    cluster.check_devices(ClusterSpec(gpus=[3], scheduler="tcp://127.0.0.1:8786"))  # not this host's devices
+    with pytest.raises(InputError, match=r"cluster.gpus names 3, GPU-x, which this host does not have \(1 CUDA"):
+        cluster.check_devices(ClusterSpec(gpus=[0, 3, "GPU-x"]))

@@ -25,6 +25,7 @@ from segpipe.methods.classical import ClassicalMethod, FitContext, make_classica
 from segpipe.methods.classical_tiles import SEGMENT_STAGE, segment_classical_tiles
 from segpipe.methods.regions import check_params, grow_regions, seed_pixels
 from segpipe.runtime.cluster import use_gpu
+from segpipe.runtime.placement import has_gpu_workers
 from segpipe.runtime.units import guided_units, run_units, worker_slots
 from segpipe.tiling.grid import Index, PatchGrid, TileGrid, TileRun
 from segpipe.tiling.patches import valid_patches_in_rows
@@ -196,8 +197,9 @@ def run_model(job: JobSpec, scene: Scene, plan: MethodPlan, fp: dict[str, Any], 
     norm = normalisation(plan.model, scene, client)
     # Blending into the work store makes no scene tile final: its own progress, in the tiles it blends (the
     # model grid's, or the scene's within the CRF's halo), so that the long part of the run is not silent.
+    gpu = use_gpu(job.cluster) and has_gpu_workers(client)
     with progress.stage("model logits", len(tiles) if into_work else 0, "tile") as blended:
-        infer_and_stitch(client, view, work, result, str(m.model), m.batch_size, use_gpu(job.cluster),
+        infer_and_stitch(client, view, work, result, str(m.model), m.batch_size, gpu,
                          m.patch_size, m.overlap, job.tile_size, tiles, keep=job.keep_work,
                          norm=norm, mirror=m.tta == "mirror", scale=plan.scale,
                          advance=blended if into_work else advance, into_work=into_work)

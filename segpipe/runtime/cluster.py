@@ -69,6 +69,26 @@ def gpu_devices(spec: ClusterSpec) -> list[str]:
     return visible or [str(i) for i in range(cuda_devices())] or ["0"]
 
 
+def check_devices(spec: ClusterSpec) -> None:
+    """Refuse ``gpus`` naming a device this host does not have (by index or ``GPU-`` UUID), in one line.
+
+    Only where CUDA sees devices and the job makes its own cluster: a worker pinned to a missing device
+    would otherwise fail to start with NVML's "Invalid Argument" deep inside the nanny. A host without
+    CUDA keeps any names (``gpu: yes`` builds the GPU layout there and computes on the CPU).
+    """
+    count = cuda_devices() if spec.gpus and spec.scheduler is None and spec.gpu != "no" else 0
+    if not count:
+        return
+    import torch
+
+    known = {str(i) for i in range(count)} | {f"GPU-{torch.cuda.get_device_properties(i).uuid}"
+                                              for i in range(count)}
+    missing = [str(d) for d in spec.gpus if str(d) not in known and not str(d).startswith("MIG-")]
+    if missing:
+        raise InputError(f"cluster.gpus names {', '.join(missing)}, which this host does not have "
+                         f"({count} CUDA device(s): {', '.join(sorted(known))})")
+
+
 def cuda_visible_devices(i: int, devices: list[str]) -> str:
     """CUDA_VISIBLE_DEVICES of the ``i``-th GPU worker: its own device first, then the others.
 
@@ -91,7 +111,9 @@ def worker_layout(spec: ClusterSpec, gpu: bool) -> dict[str, dict]:
         layout[f"gpu-{dev}"] = {"cls": Nanny, "options": {**common, "nthreads": 1, "resources": {"GPU": 1},
                                                           "env": env}}
     for j in range(spec.n_workers):
-        cpu = {"resources": {"CPU": spec.threads_per_worker}} if gpu else {}
+        # CPU workers of a GPU layout see no device: nothing of theirs makes a CUDA context on a GPU (each
+        # costs about 500 MiB of device memory) or mistakes itself for a GPU worker
+        cpu = {"resources": {"CPU": spec.threads_per_worker}, "env": {"CUDA_VISIBLE_DEVICES": ""}} if gpu else {}
         layout[f"cpu-{j}"] = {"cls": Nanny, "options": {**common, "nthreads": spec.threads_per_worker, **cpu}}
     return layout
 
@@ -120,7 +142,9 @@ def _worker_spawn_env(env: dict[str, str]) -> Iterator[None]:
 
 def check_scheduler(spec: ClusterSpec, timeout: str = "5s") -> None:
     """Raise the same one line as :func:`connect` when the job's scheduler does not answer within ``timeout``;
-    connects and disconnects at once (``segpipe validate`` checks what ``run`` would meet, and starts no work)."""
+    connects and disconnects at once (``segpipe validate`` checks what ``run`` would meet, and starts no work).
+    Also refuses ``gpus`` this host does not have (:func:`check_devices`)."""
+    check_devices(spec)
     if spec.scheduler:
         with connect(spec, timeout=timeout):
             pass
@@ -152,6 +176,8 @@ def connect(spec: ClusterSpec, in_process: bool = False, timeout: str = "15s") -
             yield client
         return
     gpu = use_gpu(spec)
+    if gpu:
+        check_devices(spec)
     with _worker_spawn_env(WORKER_MALLOC_ENV):
         if gpu:
             cluster = SpecCluster(workers=worker_layout(spec, gpu=True), name="segpipe-gpu",

@@ -31,6 +31,13 @@ def is_mixed(workers: Iterable[dict[str, Any]]) -> bool:
     return kinds == {"GPU", "CPU"}
 
 
+def has_gpu_workers(client: Client) -> bool:
+    """Whether some worker advertises a ``GPU`` resource: only then may a task ask for one. A job whose
+    ``gpu: auto`` found a device but that runs on a client without GPU workers (a plain LocalCluster passed to
+    the API, say) would otherwise wait forever for a worker that never comes."""
+    return any("GPU" in (w.get("resources") or {}) for w in worker_infos(client))
+
+
 @contextmanager
 def on_cpu_workers(client: Client) -> Iterator[None]:
     """Tasks submitted in this block go to CPU workers when the cluster is mixed."""
