@@ -64,9 +64,9 @@ def old_export_cog(result_path: str, dest: str | Path, block: int = 512) -> Path
     import rasterio.shutil
     import zarr
 
+    from segpipe.geometry import read_geo
     from segpipe.io.cog import PALETTE
     from segpipe.io.result import NODATA
-    from segpipe.io.store import read_geo
     from segpipe.tiling.grid import TileGrid
 
     group = zarr.open_group(result_path, mode="r")

@@ -15,17 +15,12 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
-import rasterio
 import torch
-from bench_throughput import OVERLAP, PATCH, monai_sliding_window
-from common import MODEL, alternate, load_average, machine, median_spread, mosaic_scene, run_sampled, segpipe_cli
-
-from segpipe.tiling.grid import PatchGrid
+from bench_throughput import PATCH, monai_sliding_window, side_by_side
+from common import MODEL, load_average, machine, median_spread
 
 BATCH, TILE, CPU_WORKERS = 32, 1024, 4
 
@@ -50,37 +45,10 @@ def forward_only(seconds: float = 5.0) -> float:
 def run(size: int = 8192, reps: int = 3) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu: needs a CUDA device")
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        scene = mosaic_scene(tmp / "scene.tif", size)
-        with rasterio.open(scene) as ds:
-            image = ds.read(1)
-        grid = PatchGrid(image.shape, PATCH, OVERLAP)
-        overlap_factor = int(np.prod(grid.counts)) * PATCH * PATCH / image.size
-        monai_cls: list[np.ndarray] = []
-        runs = {"n": 0}
-
-        def segpipe_run() -> dict:
-            runs["n"] += 1
-            out = tmp / f"out{runs['n']}"
-            job = {"input": str(scene), "output": str(out), "tile_size": TILE,
-                   "method": {"name": "unet", "model": str(MODEL), "patch_size": PATCH, "overlap": OVERLAP,
-                              "batch_size": BATCH},
-                   "cluster": {"n_workers": CPU_WORKERS, "threads_per_worker": 2, "gpu": "auto"}}
-            r = run_sampled(segpipe_cli(job, tmp / "job.yaml"), lines=True)
-            with rasterio.open(out / "segmentation.tif") as ds:
-                r["agreement"] = float((ds.read(1) == monai_cls[0]).mean()) if monai_cls else None
-            summary = json.loads((out / "metrics" / "summary.json").read_text())
-            r["stage_seconds"] = summary.get("stage_seconds")
-            r["mpx_s"] = image.size / r["seconds"] / 1e6
-            return r
-
-        def monai_run() -> float:
-            rate, cls = monai_sliding_window(image, "cuda", BATCH)
-            monai_cls[:] = [cls]
-            return rate
-
-        res = alternate({"monai": monai_run, "forward": forward_only, "segpipe": segpipe_run}, reps)
+    job = {"tile_size": TILE, "method": {"batch_size": BATCH},
+           "cluster": {"n_workers": CPU_WORKERS, "threads_per_worker": 2, "gpu": "auto"}}
+    res, overlap_factor = side_by_side(size, reps, job, lambda image: monai_sliding_window(image, "cuda", BATCH),
+                                       forward_only)
     seg = [r["mpx_s"] for r in res["segpipe"]]
     cap = [f / overlap_factor for f in res["forward"]]
     return {"machine": machine(), "size": size, "tile": TILE, "batch": BATCH, "overlap_factor": overlap_factor,

@@ -12,8 +12,10 @@ pixels / scene pixels, with the grid's flush last patches).
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -73,42 +75,59 @@ def monai_sliding_window(image: np.ndarray, device: str = "cpu", batch: int = BA
     return image.size / dt / 1e6, cls
 
 
-def run(size: int = 6144, reps: int = 3) -> dict:
+def derived_scene(folder: Path, size: int) -> tuple[Path, np.ndarray, float]:
+    """The derived mosaic scene, its pixels, and the job's real overlap factor (patches x patch pixels / scene
+    pixels, with the grid's flush last patches)."""
+    scene = mosaic_scene(folder / "scene.tif", size)
+    with rasterio.open(scene) as ds:
+        image = ds.read(1)
+    grid = PatchGrid(image.shape, PATCH, OVERLAP)
+    return scene, image, int(np.prod(grid.counts)) * PATCH * PATCH / image.size
+
+
+def side_by_side(size: int, reps: int, job: dict, monai: Callable[[np.ndarray], tuple[float, np.ndarray]],
+                 forward: Callable[[], float]) -> tuple[dict[str, list], float]:
+    """MONAI, forward-only and ``segpipe run`` alternated ``reps`` times on the derived ``size``² scene; ``job``
+    adds to the job's defaults (method settings, cluster). Returns the contenders' results and the overlap factor.
+    Each segpipe result has its wall ``seconds``, ``mpx_s``, peak RSS, peak work-store bytes, ``stage_seconds``
+    and its class map's agreement with MONAI's."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        scene = mosaic_scene(tmp / "scene.tif", size)
-        with rasterio.open(scene) as ds:
-            image = ds.read(1)
-        grid = PatchGrid(image.shape, PATCH, OVERLAP)
-        overlap_factor = int(np.prod(grid.counts)) * PATCH * PATCH / image.size
+        scene, image, overlap_factor = derived_scene(tmp, size)
         monai_cls: list[np.ndarray] = []
         runs = {"n": 0}
 
         def segpipe_run() -> dict:
             runs["n"] += 1
             out = tmp / f"out{runs['n']}"
-            job = {"input": str(scene), "output": str(out),
-                   "method": {"name": "unet", "model": str(MODEL), "patch_size": PATCH, "overlap": OVERLAP,
-                              "batch_size": BATCH}, "cluster": {"n_workers": 2, "threads_per_worker": 1}}
-            r = run_sampled(segpipe_cli(job, tmp / "job.yaml"), watch=out / "work.zarr")
+            method = {"name": "unet", "model": str(MODEL), "patch_size": PATCH, "overlap": OVERLAP,
+                      "batch_size": BATCH, **job.get("method", {})}
+            spec = {"input": str(scene), "output": str(out), **job, "method": method}
+            r = run_sampled(segpipe_cli(spec, tmp / "job.yaml"), watch=out / "work.zarr")
             with rasterio.open(out / "segmentation.tif") as ds:
                 r["agreement"] = float((ds.read(1) == monai_cls[0]).mean()) if monai_cls else None
+            r["stage_seconds"] = json.loads((out / "metrics" / "summary.json").read_text()).get("stage_seconds")
             r["mpx_s"] = image.size / r["seconds"] / 1e6
             return r
 
         def monai_run() -> float:
-            rate, cls = monai_sliding_window(image)
+            rate, cls = monai(image)
             monai_cls[:] = [cls]
             return rate
 
-        res = alternate({"monai": monai_run, "forward": forward_only, "segpipe": segpipe_run}, reps)
+        return alternate({"monai": monai_run, "forward": forward, "segpipe": segpipe_run}, reps), overlap_factor
+
+
+def run(size: int = 6144, reps: int = 3) -> dict:
+    res, overlap_factor = side_by_side(size, reps, {"cluster": {"n_workers": 2, "threads_per_worker": 1}},
+                                       monai_sliding_window, forward_only)
     seg = [r["mpx_s"] for r in res["segpipe"]]
     cap = [f / overlap_factor for f in res["forward"]]
     return {"size": size, "tile": TILE, "batch": BATCH, "overlap_factor": overlap_factor, "reps": reps,
             "forward_mpx_s": res["forward"], "monai_mpx_s": res["monai"], "segpipe_mpx_s": seg,
             "e2e_over_cap": [s / c for s, c in zip(seg, cap, strict=True)],
             "e2e_over_monai": [s / m for s, m in zip(seg, res["monai"], strict=True)],
-            "scratch_b_per_px": [r["peak_watch_bytes"] / image.size for r in res["segpipe"]],
+            "scratch_b_per_px": [r["peak_watch_bytes"] / size**2 for r in res["segpipe"]],
             "peak_rss_mib": [r["peak_rss_mib"] for r in res["segpipe"]],
             "agreement_with_monai": res["segpipe"][-1]["agreement"], "load": load_average(),
             "medians": {k: median_spread(v)[0] for k, v in (("segpipe", seg), ("forward", res["forward"]),

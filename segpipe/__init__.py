@@ -4,6 +4,13 @@ From Python: ``segpipe.segment(source, method, ...)`` returns an ``xarray.Datase
 ``segpipe.open_result(path)`` reopens one (see :mod:`segpipe.api`). The library is Prefect-free: every
 stage is a plain function over store paths, usable from a plain Dask client; ``segpipe_flows`` wires
 the same calls into Prefect flows.
+
+Where each stage lives (layers, low to high; ARCHITECTURE.md has the import contract): ``errors``,
+``geometry`` (the grid value), ``io.paths``, ``progress``; ``config`` (the job); ``runtime`` (clusters,
+placement, units of work); ``io`` (sources, stores, exports) and ``models`` (model formats); ``tiling``
+(grids, ingest, statistics, resampling, stitching); ``methods`` (classical, model inference, training);
+``objects`` (instances); ``report`` (truth, metrics, tables, HTML, change); ``pipeline``, ``periods``,
+``archive``, ``api``, ``cli`` (the stages in order and the entry points).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from segpipe.errors import InputError
-from segpipe.io.raster import is_remote
+from segpipe.io.paths import is_remote
 from segpipe.io.store import store_in
 
 if TYPE_CHECKING:

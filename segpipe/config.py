@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from segpipe.errors import InputError
-from segpipe.io.raster import is_remote, local_or_remote
+from segpipe.io.paths import is_remote, local_or_remote
 
 MODEL_METHODS = ("model", "unet")  # "unet" is the older name of "model", kept for existing job files
 METHODS = ("model", "unet", "otsu", "adaptive", "kmeans", "fcm", "watershed", "edges", "region_growing", "split_merge",

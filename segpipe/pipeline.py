@@ -22,6 +22,7 @@ from distributed import Client
 from segpipe import progress
 from segpipe.config import JobSpec
 from segpipe.errors import InputError
+from segpipe.geometry import SceneGeometry
 from segpipe.io.raster import RasterInfo
 from segpipe.io.slide import level_for
 from segpipe.io.store import (
@@ -37,7 +38,6 @@ from segpipe.io.store import (
 from segpipe.methods.segment import MethodPlan, plan_method, result_fingerprint, segment
 from segpipe.report.truth import Truth, check_truth
 from segpipe.runtime.placement import cpu_stage
-from segpipe.tiling.geometry import SceneGeometry
 from segpipe.tiling.grid import TileGrid, TileRun, TileTask
 from segpipe.tiling.ingest import fingerprint, ingest, job_source, selected_bands, source_info
 from segpipe.tiling.scene import Scene, work_path

@@ -21,10 +21,10 @@ from rio_cogeo.cogeo import cog_validate
 
 import segpipe
 from segpipe.errors import InputError
+from segpipe.geometry import SceneGeometry
 from segpipe.io.result import NODATA, create_result
 from segpipe.io.store import MARKS_DIR
 from segpipe.report.change import change_product, legend
-from segpipe.tiling.geometry import SceneGeometry
 
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
 

@@ -16,9 +16,9 @@ from conftest import SCENE
 from rio_cogeo.cogeo import cog_validate
 
 import segpipe.io.cog
+from segpipe.geometry import SceneGeometry
 from segpipe.io.cog import PALETTE, export_cog
 from segpipe.io.result import NODATA, create_result
-from segpipe.tiling.geometry import SceneGeometry
 
 # Slides and the plain GDAL reference carry no georeferencing, which is the point, not a problem.
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")

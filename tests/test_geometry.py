@@ -5,9 +5,8 @@ import pytest
 from affine import Affine
 from rasterio.crs import CRS
 
+from segpipe.geometry import EXPORTS, SceneGeometry, geo_attrs, image_kind
 from segpipe.io.raster import RasterInfo
-from segpipe.io.store import geo_attrs
-from segpipe.tiling.geometry import EXPORTS, SceneGeometry, image_kind
 
 UTM = CRS.from_epsg(32618)
 

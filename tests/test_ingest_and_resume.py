@@ -8,7 +8,8 @@ from conftest import SCENE, write_tif
 from helpers import class_map, run
 
 from segpipe.errors import InputError
-from segpipe.io.store import Marks, read_geo
+from segpipe.geometry import read_geo
+from segpipe.io.store import Marks
 from segpipe.tiling.scene import Scene
 
 

@@ -47,3 +47,87 @@ def test_core_dependencies_leave_torch_unpinned_and_slide_and_dicom_libraries_to
     extras = project["optional-dependencies"]
     assert any(d.startswith("openslide-python") for d in extras["slides"])
     assert any(d.startswith("pydicom") for d in extras["medical"])
+
+
+def _import_graph(root, top_level_only: bool) -> dict[str, set[str]]:
+    """segpipe module -> the segpipe modules it imports (``top_level_only``: at import time, not inside
+    functions; imports under ``if TYPE_CHECKING:`` never run and are not counted)."""
+    import ast
+
+    modules = {}
+    for f in (root / "segpipe").rglob("*.py"):
+        name = ".".join(f.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        modules[name] = f
+    graph: dict[str, set[str]] = {}
+    for name, f in modules.items():
+        tree = ast.parse(f.read_text())
+        checking = {id(n) for s in ast.walk(tree) if isinstance(s, ast.If) and "TYPE_CHECKING" in ast.unparse(s.test)
+                    for n in ast.walk(s)}
+        nodes = tree.body if top_level_only else list(ast.walk(tree))
+        deps = set()
+        for n in nodes:
+            if id(n) in checking:
+                continue
+            if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("segpipe"):
+                deps |= {n.module} | {f"{n.module}.{a.name}" for a in n.names}
+            elif isinstance(n, ast.Import):
+                deps |= {a.name for a in n.names}
+        graph[name] = {d for d in deps if d in modules and d != name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[set[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = set()
+            while True:
+                w = stack.pop()
+                comp.add(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(comp)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle_at_import_time_and_the_grid_value_imports_no_stage():
+    """The layering contract as far as it holds today: no two modules import each other, directly or round a
+    loop, when they load; and the grid value (segpipe.geometry) sits below every stage. Imports inside functions
+    (the lazy-import rule: heavy libraries and late stages only when used) still form loops between stages."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    assert _cycles(_import_graph(root, top_level_only=True)) == []
+    assert _import_graph(root, top_level_only=False)["segpipe.geometry"] == set()
+    assert not any(c & {"segpipe.geometry", "segpipe.io.paths"} for c in _cycles(_import_graph(root, False)))
+
+
+def test_the_cycle_check_finds_a_planted_cycle(tmp_path):
+    """The check fails when a cycle is introduced: a copy of the tree with the grid importing a reader."""
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "segpipe", tmp_path / "segpipe", ignore=shutil.ignore_patterns("__pycache__", "sample"))
+    geometry = tmp_path / "segpipe" / "geometry.py"
+    geometry.write_text(geometry.read_text() + "\nfrom segpipe.io.raster import RasterInfo  # noqa\n")
+    assert "from segpipe.geometry import" in (tmp_path / "segpipe" / "io" / "raster.py").read_text()  # a loop now
+    assert {"segpipe.geometry", "segpipe.io.raster"} in _cycles(_import_graph(tmp_path, top_level_only=True))

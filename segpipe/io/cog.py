@@ -42,10 +42,10 @@ import zarr
 from affine import Affine
 from rasterio.crs import CRS
 
+from segpipe.geometry import image_kind, read_geo
 from segpipe.io.raster import quiet_not_georeferenced
 from segpipe.io.result import NODATA
-from segpipe.io.store import read_geo, remove_leftovers
-from segpipe.tiling.geometry import image_kind
+from segpipe.io.store import remove_leftovers
 
 PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
            (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60)]

@@ -37,7 +37,8 @@ from affine import Affine
 from rasterio.crs import CRS
 
 from segpipe.errors import InputError, first_line
-from segpipe.io.raster import is_remote, open_raster, quiet_not_georeferenced
+from segpipe.io.paths import is_remote
+from segpipe.io.raster import open_raster, quiet_not_georeferenced
 
 if TYPE_CHECKING:
     import pystac

@@ -17,10 +17,11 @@ import rasterio
 import rasterio.shutil
 import zarr
 
+from segpipe.geometry import read_geo
 from segpipe.io.cog import CACHE_MB, COG_TILE, DEFLATE_LEVEL
 from segpipe.io.raster import quiet_not_georeferenced
 from segpipe.io.result import NODATA
-from segpipe.io.store import read_geo, remove_leftovers
+from segpipe.io.store import remove_leftovers
 
 SCALE = 254
 

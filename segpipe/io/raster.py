@@ -13,7 +13,8 @@ from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
 from segpipe.errors import InputError
-from segpipe.tiling.geometry import SceneGeometry
+from segpipe.geometry import SceneGeometry
+from segpipe.io.paths import is_remote, local_or_remote
 
 
 @dataclass(frozen=True)
@@ -62,19 +63,6 @@ class RasterInfo:
     def bounds(self) -> tuple[float, float, float, float]:
         return rasterio.transform.array_bounds(self.height, self.width, self.transform)
 
-
-def is_remote(path: str | Path) -> bool:
-    """URLs (https://, s3://, ...) and GDAL virtual paths (/vsizip/, /vsicurl/, ...) are not local files."""
-    s = str(path)
-    return "://" in s or s.startswith("/vsi")
-
-
-def local_or_remote(path: str | Path, base: Path | None = None) -> str:
-    """Local paths made absolute (relative to ``base``), remote ones left exactly as given."""
-    if is_remote(path):
-        return str(path)
-    p = Path(path)
-    return str((p if p.is_absolute() or base is None else base / p).resolve())
 
 
 def quiet_not_georeferenced() -> None:

@@ -17,7 +17,8 @@ import zarr
 from affine import Affine
 from rasterio.crs import CRS
 
-from segpipe.io.store import ensure_array, geo_attrs, open_or_create
+from segpipe.geometry import geo_attrs
+from segpipe.io.store import ensure_array, open_or_create
 from segpipe.tiling.scene import Scene
 
 NODATA = 255

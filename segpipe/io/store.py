@@ -21,42 +21,12 @@ from typing import Any
 import fsspec
 import numpy as np
 import zarr
-from affine import Affine
-from rasterio.crs import CRS
 
 from segpipe.errors import InputError
-from segpipe.io.raster import is_remote
-from segpipe.tiling.geometry import image_kind
+from segpipe.io.paths import is_remote
 
 MARKS_DIR = "_segpipe_done"
 
-
-def geo_attrs(crs: CRS | None, transform: Affine, mpp: tuple[float, float] | None = None) -> dict[str, Any]:
-    """CRS and transform in the forms today's readers look for.
-
-    ``proj:wkt2``/``spatial:transform`` follow the GeoZarr conventions; ``crs_wkt`` and
-    ``transform`` (rasterio order a, b, c, d, e, f) are what :func:`read_geo` uses. Slides have no
-    CRS: their transform is in micrometres and ``mpp`` gives the pixel size.
-    """
-    t = [transform.a, transform.b, transform.c, transform.d, transform.e, transform.f]
-    if crs is None:
-        slide = image_kind(crs, mpp) == "slide"
-        return {"crs_wkt": None, "transform": t, "mpp": list(mpp) if slide else None, "spatial:transform": t,
-                "spatial:dimensions": ["y", "x"], "spatial:units": "micrometre" if slide else None}
-    return {
-        "crs_wkt": crs.to_wkt(),
-        "transform": t,
-        "proj:wkt2": crs.to_wkt(),
-        "proj:code": f"EPSG:{crs.to_epsg()}" if crs.to_epsg() else None,
-        "spatial:transform": t,
-        "spatial:dimensions": ["y", "x"],
-    }
-
-
-def read_geo(attrs: dict[str, Any]) -> tuple[CRS | None, Affine]:
-    """Inverse of :func:`geo_attrs` (CRS is None for slides)."""
-    wkt = attrs.get("crs_wkt")
-    return (CRS.from_wkt(wkt) if wkt else None), Affine(*attrs["transform"][:6])
 
 
 def open_or_create(path: str | Path, fingerprint: dict[str, Any], what: str) -> zarr.Group:

@@ -37,14 +37,13 @@ from rasterio.crs import CRS
 
 from segpipe import progress
 from segpipe.errors import InputError
+from segpipe.geometry import geo_attrs, read_geo
 from segpipe.io.result import NODATA
 from segpipe.io.store import (
     Marks,
     consolidate,
     ensure_array,
-    geo_attrs,
     open_or_create,
-    read_geo,
     remove_store,
     store_changes,
     store_in,

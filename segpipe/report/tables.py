@@ -22,10 +22,10 @@ from rasterio.crs import CRS
 from rasterio.transform import array_bounds
 from rasterio.warp import transform_geom
 
+from segpipe.geometry import SceneGeometry
 from segpipe.io.store import write_atomic
 from segpipe.objects.measure import ObjectReport
 from segpipe.report.metrics import scores
-from segpipe.tiling.geometry import SceneGeometry
 from segpipe.tiling.grid import Index, TileGrid
 
 

@@ -1,4 +1,8 @@
-"""One description of where a scene's pixels lie, in the spirit of odc-geo's GeoBox.
+"""One description of where a scene's pixels lie, in the spirit of odc-geo's GeoBox: the grid value.
+
+It sits at the package's root, below every stage: readers return it, stores record it in their attributes
+(:func:`geo_attrs`, :func:`read_geo`), tiling, the report and the exports read it back. It imports no other
+segpipe module, so no stage reaches another through it.
 
 Why: "is this a volume, an image or a slide?" decides the tile word, the pixel unit, the default exports,
 which exports apply, whether objects get polygons, and how tile footprints and centroids are placed. Asked
@@ -9,16 +13,24 @@ from the input's metadata (or a store's attributes), they cannot.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 from affine import Affine
 from rasterio.crs import CRS
 
-if TYPE_CHECKING:
-    from segpipe.io.raster import RasterInfo
-
 KINDS = ("raster", "slide", "volume")
+
+
+class GridInfo(Protocol):
+    """What a reader's metadata tells of its grid (:class:`segpipe.io.raster.RasterInfo` has it); named by shape
+    rather than imported, so that this module stays below the readers."""
+
+    kind: str
+    shape: tuple[int, ...]
+    transform: Affine
+    crs: CRS | None
+    geometry: dict[str, Any] | None
 EXPORTS = ("cog", "ome-zarr", "nifti")
 
 
@@ -26,6 +38,34 @@ def image_kind(crs: CRS | None, mpp: Any = None) -> str:
     """The kind of a 2-D grid known only by its placement (a store's attributes, a COG's tags): a slide has no
     CRS and a pixel size in micrometres (``mpp``); anything else is a raster, in CRS units or in pixels."""
     return "slide" if crs is None and mpp else "raster"
+
+
+def geo_attrs(crs: CRS | None, transform: Affine, mpp: tuple[float, float] | None = None) -> dict[str, Any]:
+    """CRS and transform in the forms today's readers look for.
+
+    ``proj:wkt2``/``spatial:transform`` follow the GeoZarr conventions; ``crs_wkt`` and
+    ``transform`` (rasterio order a, b, c, d, e, f) are what :func:`read_geo` uses. Slides have no
+    CRS: their transform is in micrometres and ``mpp`` gives the pixel size.
+    """
+    t = [transform.a, transform.b, transform.c, transform.d, transform.e, transform.f]
+    if crs is None:
+        slide = image_kind(crs, mpp) == "slide"
+        return {"crs_wkt": None, "transform": t, "mpp": list(mpp) if slide else None, "spatial:transform": t,
+                "spatial:dimensions": ["y", "x"], "spatial:units": "micrometre" if slide else None}
+    return {
+        "crs_wkt": crs.to_wkt(),
+        "transform": t,
+        "proj:wkt2": crs.to_wkt(),
+        "proj:code": f"EPSG:{crs.to_epsg()}" if crs.to_epsg() else None,
+        "spatial:transform": t,
+        "spatial:dimensions": ["y", "x"],
+    }
+
+
+def read_geo(attrs: dict[str, Any]) -> tuple[CRS | None, Affine]:
+    """Inverse of :func:`geo_attrs` (CRS is None for slides)."""
+    wkt = attrs.get("crs_wkt")
+    return (CRS.from_wkt(wkt) if wkt else None), Affine(*attrs["transform"][:6])
 
 
 @dataclass(frozen=True)
@@ -51,7 +91,7 @@ class SceneGeometry:
                              f"{' and an affine' if self.kind == 'volume' else ''}: shape {self.shape}")
 
     @classmethod
-    def of_info(cls, info: RasterInfo) -> SceneGeometry:
+    def of_info(cls, info: GridInfo) -> SceneGeometry:
         """From an input's metadata, before anything is read or written."""
         affine = (info.geometry or {}).get("affine")
         return cls(info.kind, tuple(info.shape), info.transform, info.crs,
@@ -60,8 +100,6 @@ class SceneGeometry:
     @classmethod
     def of_attrs(cls, shape: tuple[int, ...], attrs: dict[str, Any]) -> SceneGeometry:
         """From a scene or result store's attributes (the inverse of how ingest records them)."""
-        from segpipe.io.store import read_geo
-
         crs, transform = read_geo(attrs)
         affine = attrs.get("affine")
         return cls(str(attrs.get("kind", "raster")), tuple(shape), transform, crs,
