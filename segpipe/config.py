@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from segpipe.errors import InputError
+from segpipe.io.exports import NAMES as EXPORT_NAMES
 from segpipe.io.paths import is_remote, local_or_remote
 
 MODEL_METHODS = ("model", "unet")  # "unet" is the older name of "model", kept for existing job files
@@ -273,7 +274,7 @@ class JobSpec(_Strict):
                                 "the blended logits; fcm: the memberships) into result.zarr/probability (float16) "
                                 "and, for images, probabilities.tif (one uint8 band per class, 0-254 = 0-1, then "
                                 "the confidence band)")
-    exports: list[Literal["cog", "ome-zarr", "nifti"]] | None = Field(
+    exports: list[Literal[EXPORT_NAMES]] | None = Field(  # type: ignore[valid-type]  (the registry's names)
         None, description="default: cog for rasters; cog and ome-zarr for slides; nifti for volumes")
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     pixels: Literal["auto", "copy"] = Field(

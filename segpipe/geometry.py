@@ -4,8 +4,9 @@ It sits at the package's root, below every stage: readers return it, stores reco
 (:func:`geo_attrs`, :func:`read_geo`), tiling, the report and the exports read it back. It imports no other
 segpipe module, so no stage reaches another through it.
 
-Why: "is this a volume, an image or a slide?" decides the tile word, the pixel unit, the default exports,
-which exports apply, whether objects get polygons, and how tile footprints and centroids are placed. Asked
+Why: "is this a volume, an image or a slide?" decides the tile word, the pixel unit (and, through the
+exports' registry, :mod:`segpipe.io.exports`, which exports apply), whether objects get polygons, and how
+tile footprints and centroids are placed. Asked
 in each stage from array ranks and attribute names, the answers drift apart; asked of one object built
 from the input's metadata (or a store's attributes), they cannot.
 """
@@ -31,7 +32,6 @@ class GridInfo(Protocol):
     transform: Affine
     crs: CRS | None
     geometry: dict[str, Any] | None
-EXPORTS = ("cog", "ome-zarr", "nifti")
 
 
 def image_kind(crs: CRS | None, mpp: Any = None) -> str:
@@ -170,15 +170,6 @@ class SceneGeometry:
         """The per-class overlap score the terminal shows per tile: Dice for volumes (as medical imaging
         reports), IoU for images; both are always written."""
         return "dice" if self.is_volume else "iou"
-
-    @property
-    def default_exports(self) -> list[str]:
-        return {"raster": ["cog"], "slide": ["cog", "ome-zarr"], "volume": ["nifti"]}[self.kind]
-
-    @property
-    def foreign_exports(self) -> set[str]:
-        """Exports that do not apply to this kind of scene."""
-        return {"cog"} if self.is_volume else {"nifti"}
 
     @property
     def has_polygons(self) -> bool:

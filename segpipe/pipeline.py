@@ -23,6 +23,7 @@ from segpipe import progress
 from segpipe.config import JobSpec
 from segpipe.errors import InputError
 from segpipe.geometry import SceneGeometry
+from segpipe.io import exports
 from segpipe.io.raster import RasterInfo
 from segpipe.io.slide import level_for
 from segpipe.io.store import (
@@ -59,28 +60,12 @@ class Checked:
     replace: bool = False  # the output holds stores from other settings, and the job says overwrite
 
     @property
-    def cog_path(self) -> Path:
-        return Path(self.job.output) / "segmentation.tif"
-
-    @property
-    def probabilities_path(self) -> Path:
-        return Path(self.job.output) / "probabilities.tif"
-
-    @property
-    def nifti_path(self) -> Path:
-        return Path(self.job.output) / "segmentation.nii.gz"
-
-    @property
-    def ome_path(self) -> Path:
-        return Path(self.job.output) / "image.ome.zarr"
-
-    @property
     def geometry(self) -> SceneGeometry:
         return SceneGeometry.of_info(self.info)
 
     @property
     def exports(self) -> list[str]:
-        return list(self.job.exports) if self.job.exports is not None else self.geometry.default_exports
+        return list(self.job.exports) if self.job.exports is not None else exports.defaults(self.info.kind)
 
     @property
     def metrics_dir(self) -> Path:
@@ -111,7 +96,7 @@ INSTANCES_WORK = "instances_work.zarr"
 STORES = ("scene.zarr", "result.zarr", "work.zarr", INSTANCES_WORK)
 # What a run may write in its output besides the stores. With overwrite, those the run did not write again are
 # the old settings' (a COG where the job now asks for NIfTI, scores where it has no truth any more).
-OUTPUT_FILES = ("segmentation.tif", "probabilities.tif", "segmentation.nii.gz", "image.ome.zarr", "objects.gpkg",
+OUTPUT_FILES = (*exports.output_files(), "objects.gpkg",
                 *(f"metrics/{n}" for n in ("summary.json", "tiles.csv", "tiles.geojson", "report.html",
                                            "objects.csv", "objects.json", "truth_objects.csv")))
 
@@ -156,10 +141,9 @@ def check(job: JobSpec, stores: bool = True) -> Checked:
     if job.level is not None and not geometry.has_levels:
         raise InputError(f"level applies to whole-slide images; this input is a {info.kind}")
     bands = selected_bands(job, info)
-    wrong = geometry.foreign_exports & set(job.exports or [])
+    wrong = exports.foreign(info.kind) & set(job.exports or [])
     if wrong:
-        raise InputError(f"export {sorted(wrong)[0]!r} does not apply to a {info.kind} input "
-                         f"(volumes: nifti, ome-zarr; images and slides: cog, ome-zarr)")
+        raise InputError(exports.refusal(sorted(wrong)[0], info.kind))
     plan = plan_method(job, len(bands), len(info.shape), _pixel_size(info), grid=(info.transform, info.shape))
     if geometry.has_levels and job.level is None and plan.model is not None and plan.model.resolution:
         # The pyramid level nearest the model's resolution (from finer) is read, then resampled to it.
@@ -217,40 +201,13 @@ def run_segment(c: Checked, scene: Scene, client: Client) -> str:
     return segment(c.job, scene, c.plan, fingerprint(c.job, c.info), client)
 
 
-def _write_cog(c: Checked, scene: Scene, result: str, client: Client) -> list[Path]:  # noqa: ARG001
-    """The class map as a COG, and the probabilities as a second one when the job keeps them."""
-    from segpipe.io.cog import export_cog
-
-    out = [export_cog(result, c.cog_path)]
-    if c.job.probabilities:
-        from segpipe.io.probabilities import export_probabilities
-
-        out.append(export_probabilities(result, c.probabilities_path))
-    return out
-
-
-def _write_nifti(c: Checked, scene: Scene, result: str, client: Client) -> list[Path]:  # noqa: ARG001
-    from segpipe.io.nifti import export_nifti
-
-    return [export_nifti(result, c.nifti_path)]
-
-
-def _write_ome_zarr(c: Checked, scene: Scene, result: str, client: Client) -> list[Path]:
-    from segpipe.io.omezarr import export_ome_zarr
-
-    return [export_ome_zarr(scene.path, result, c.ome_path, client, c.plan.class_names)]
-
-
-Writer = Callable[[Checked, Scene, str, Client], list[Path]]
-# Export name (the job's ``exports:``) -> its writer, in the order they are written. Each writer imports its
-# module only when asked for: OME-Zarr's dask.array alone costs over a second.
-WRITERS: dict[str, Writer] = {"cog": _write_cog, "nifti": _write_nifti, "ome-zarr": _write_ome_zarr}
-
-
 @cpu_stage
 def run_export(c: Checked, scene: Scene, result: str, client: Client) -> list[Path]:
-    """Write the requested exports (:data:`WRITERS`); each one is renamed into place only when complete."""
-    return [path for name, write in WRITERS.items() if name in c.exports for path in write(c, scene, result, client)]
+    """Write the requested exports (:data:`segpipe.io.exports.EXPORTS`); each file is renamed into place only when
+    complete."""
+    run = exports.ExportRun(result=result, scene=scene.path, output=Path(c.job.output),
+                            class_names=c.plan.class_names, probabilities=c.job.probabilities, client=client)
+    return exports.write(c.exports, run)
 
 
 @cpu_stage
