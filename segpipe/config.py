@@ -15,10 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from segpipe.errors import InputError
 from segpipe.io.exports import NAMES as EXPORT_NAMES
 from segpipe.io.paths import is_remote, local_or_remote
-
-MODEL_METHODS = ("model", "unet")  # "unet" is the older name of "model", kept for existing job files
-METHODS = ("model", "unet", "otsu", "adaptive", "kmeans", "fcm", "watershed", "edges", "region_growing", "split_merge",
-           "hsv", "gabor")
+from segpipe.methods.names import METHODS, MODEL_METHODS
 
 
 class _Strict(BaseModel):

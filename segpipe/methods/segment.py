@@ -9,6 +9,7 @@ go to the workers in guided units (:mod:`segpipe.runtime.units`). Torch is impor
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,12 +18,13 @@ from affine import Affine
 from distributed import Client
 
 from segpipe import progress
-from segpipe.config import MODEL_METHODS, JobSpec
+from segpipe.config import JobSpec
 from segpipe.errors import InputError
 from segpipe.io.result import add_probability_array, create_result, record_fit
 from segpipe.io.store import Marks, open_or_create
 from segpipe.methods.classical import ClassicalMethod, FitContext, make_classical
 from segpipe.methods.classical_tiles import SEGMENT_STAGE, segment_classical_tiles
+from segpipe.methods.names import FAMILY_OF
 from segpipe.methods.regions import check_params, grow_regions, seed_pixels
 from segpipe.runtime.cluster import use_gpu
 from segpipe.runtime.placement import has_gpu_workers
@@ -60,6 +62,119 @@ class MethodPlan:
     scale: tuple[float, ...] | None = None  # the model's pixel size over the scene's, when they differ
 
 
+@dataclass(frozen=True)
+class PlanInput:
+    """What a method is checked against before anything is written: the scene's band count, spatial axes and
+    pixel size, and its grid (transform, shape) for methods that place things on it (region-growing seeds)."""
+
+    job: JobSpec
+    n_bands: int
+    ndim: int
+    pixel_size: tuple[float, ...] | None
+    grid: tuple[Affine, tuple[int, ...]] | None
+
+
+def _plan_model(p: PlanInput) -> MethodPlan:
+    from segpipe.models.load import check_patch, load_any, model_digest, model_scale
+
+    m = p.job.method
+    model, spec = load_any(m.model)
+    if spec.dims != p.ndim:
+        raise InputError(f"model {m.model.name} is a {spec.dims}-D network; this scene is {p.ndim}-D")
+    if spec.in_channels != p.n_bands:
+        raise InputError(f"model {m.model.name} expects {spec.in_channels} band(s), "
+                         f"the scene provides {p.n_bands}; select bands with 'bands:'")
+    if m.refine is not None and p.ndim != 2:
+        raise InputError(f"method.refine: crf refines 2-D images only; this scene is {p.ndim}-D")
+    scale = model_scale(spec, m.model.name, p.pixel_size)
+    check_patch(model, m.model.name, m.patch_size, spec)
+    names = p.job.class_names or spec.class_names or [f"class{i}" for i in range(spec.n_classes)]
+    return MethodPlan(m.name, spec.n_classes, names, model=spec, model_sha256=model_digest(m.model), scale=scale)
+
+
+def _plan_region_growing(p: PlanInput) -> MethodPlan:
+    if p.ndim != 2:
+        raise InputError("method 'region_growing' works on 2-D images only")
+    params = check_params(p.job.method.params)
+    if p.grid is not None:
+        seed_pixels(params, *p.grid)
+    return MethodPlan(p.job.method.name, 2, p.job.class_names or ["outside", "region"])
+
+
+def _plan_split_merge(p: PlanInput) -> MethodPlan:
+    from segpipe.methods.split_merge import check_params as check_split_merge
+
+    if p.ndim != 2:
+        raise InputError("method 'split_merge' works on 2-D images only")
+    n = check_split_merge(p.job.method.params).classes
+    return MethodPlan(p.job.method.name, n, p.job.class_names or [f"class{i}" for i in range(n)])
+
+
+def _plan_classical(p: PlanInput) -> MethodPlan:
+    method = make_classical(p.job.method.name, p.job.method.params)
+    method.check_bands(p.n_bands)
+    method.check_dims(p.ndim)
+    names = p.job.class_names or [f"class{i}" for i in range(method.n_classes)]
+    return MethodPlan(p.job.method.name, method.n_classes, names, classical=method)
+
+
+@dataclass(frozen=True)
+class SegmentRun:
+    """One segment stage's work: the job, its scene and checked plan, the result's fingerprint and store, the
+    tiles still pending and the progress to advance."""
+
+    job: JobSpec
+    scene: Scene
+    plan: MethodPlan
+    fp: dict[str, Any]
+    result: str
+    pending: list[Index]
+    advance: progress.Advance
+
+
+def _run_model(r: SegmentRun, client: Client) -> None:
+    run_model(r.job, r.scene, r.plan, r.fp, client, r.pending, r.advance)
+
+
+def _run_region_growing(r: SegmentRun, client: Client) -> None:
+    work = work_path(r.job.store_root)
+    grow_regions(r.scene, open_or_create(work, r.fp, "work store"), work, r.result, r.job.tile_size,
+                 r.job.method.params, client, r.pending, r.advance)
+
+
+def _run_split_merge(r: SegmentRun, client: Client) -> None:
+    from segpipe.methods.split_merge import split_and_merge
+
+    work = work_path(r.job.store_root)
+    split_and_merge(r.scene, scene_stats(r.scene, client), open_or_create(work, r.fp, "work store"), work, r.result,
+                    r.job.tile_size, r.job.method.params, client, r.pending, r.advance)
+
+
+def _run_classical(r: SegmentRun, client: Client) -> None:
+    state = fit_classical(r.plan.classical, r.scene, client)
+    record_fit(r.result, state)
+    run_units(client, segment_classical_tiles, TileRun.of(r.scene.shape, r.job.tile_size, scene=r.scene.path,
+                                                          result=r.result),
+              r.pending, r.advance, method=r.job.method.name, params=r.job.method.params, state=state)
+
+
+@dataclass(frozen=True)
+class MethodFamily:
+    """How a family of methods is checked (``plan``, before any write) and run (``run``, the segment stage)."""
+
+    plan: Callable[[PlanInput], MethodPlan]
+    run: Callable[[SegmentRun, Client], None]
+
+
+# family name (segpipe.methods.names.FAMILY_OF's values) -> its plan and run: the one place methods are dispatched
+FAMILIES: dict[str, MethodFamily] = {
+    "model": MethodFamily(_plan_model, _run_model),
+    "region_growing": MethodFamily(_plan_region_growing, _run_region_growing),
+    "split_merge": MethodFamily(_plan_split_merge, _run_split_merge),
+    "classical": MethodFamily(_plan_classical, _run_classical),
+}
+
+
 def plan_method(job: JobSpec, n_bands: int, ndim: int = 2, pixel_size: tuple[float, ...] | None = None,
                 grid: tuple[Affine, tuple[int, ...]] | None = None) -> MethodPlan:
     """Check that the method can run on a scene with ``n_bands`` bands, ``ndim`` spatial axes and ``pixel_size``
@@ -67,44 +182,8 @@ def plan_method(job: JobSpec, n_bands: int, ndim: int = 2, pixel_size: tuple[flo
 
     Runs before anything is written.
     """
-    m = job.method
-    if m.name in MODEL_METHODS:
-        from segpipe.models.load import check_patch, load_any, model_digest, model_scale
-
-        model, spec = load_any(m.model)
-        if spec.dims != ndim:
-            raise InputError(f"model {m.model.name} is a {spec.dims}-D network; this scene is {ndim}-D")
-        if spec.in_channels != n_bands:
-            raise InputError(f"model {m.model.name} expects {spec.in_channels} band(s), "
-                             f"the scene provides {n_bands}; select bands with 'bands:'")
-        if m.refine is not None and ndim != 2:
-            raise InputError(f"method.refine: crf refines 2-D images only; this scene is {ndim}-D")
-        scale = model_scale(spec, m.model.name, pixel_size)
-        check_patch(model, m.model.name, m.patch_size, spec)
-        names = job.class_names or spec.class_names or [f"class{i}" for i in range(spec.n_classes)]
-        plan = MethodPlan(m.name, spec.n_classes, names, model=spec, model_sha256=model_digest(m.model),
-                          scale=scale)
-    elif m.name == "region_growing":
-        if ndim != 2:
-            raise InputError("method 'region_growing' works on 2-D images only")
-        p = check_params(m.params)
-        if grid is not None:
-            seed_pixels(p, *grid)
-        names = job.class_names or ["outside", "region"]
-        plan = MethodPlan(m.name, 2, names)
-    elif m.name == "split_merge":
-        from segpipe.methods.split_merge import check_params as check_split_merge
-
-        if ndim != 2:
-            raise InputError("method 'split_merge' works on 2-D images only")
-        n = check_split_merge(m.params).classes
-        plan = MethodPlan(m.name, n, job.class_names or [f"class{i}" for i in range(n)])
-    else:
-        method = make_classical(m.name, m.params)
-        method.check_bands(n_bands)
-        method.check_dims(ndim)
-        names = job.class_names or [f"class{i}" for i in range(method.n_classes)]
-        plan = MethodPlan(m.name, method.n_classes, names, classical=method)
+    family = FAMILIES[FAMILY_OF[job.method.name]]
+    plan = family.plan(PlanInput(job, n_bands, ndim, pixel_size, grid))
     if len(plan.class_names) != plan.n_classes:
         raise InputError(f"class_names lists {len(plan.class_names)} names for {plan.n_classes} classes")
     return plan
@@ -128,7 +207,6 @@ def result_fingerprint(job: JobSpec, plan: MethodPlan, scene_fp: dict[str, Any])
 
 def segment(job: JobSpec, scene: Scene, plan: MethodPlan, scene_fp: dict, client: Client) -> str:
     """Segment the scene into ``<output>/result.zarr`` and return its path."""
-    m = job.method
     fp = result_fingerprint(job, plan, scene_fp)
     result = result_path(job.store_root)
     create_result(result, fp, scene, plan.class_names)
@@ -143,24 +221,8 @@ def segment(job: JobSpec, scene: Scene, plan: MethodPlan, scene_fp: dict, client
         return result  # finished earlier; its work store may be gone already
     if len(pending) < total:
         progress.say(f"resuming: {total - len(pending)} of {total} {unit}s already done")
-    work = work_path(job.store_root)
     with progress.stage("segment", total, unit, done=total - len(pending)) as advance:
-        if plan.model is not None:
-            run_model(job, scene, plan, fp, client, pending, advance)
-        elif m.name == "region_growing":
-            grow_regions(scene, open_or_create(work, fp, "work store"), work, result, job.tile_size, m.params,
-                         client, pending, advance)
-        elif m.name == "split_merge":
-            from segpipe.methods.split_merge import split_and_merge
-
-            split_and_merge(scene, scene_stats(scene, client), open_or_create(work, fp, "work store"), work, result,
-                            job.tile_size, m.params, client, pending, advance)
-        else:
-            state = fit_classical(plan.classical, scene, client)
-            record_fit(result, state)
-            run_units(client, segment_classical_tiles, TileRun.of(scene.shape, job.tile_size, scene=scene.path,
-                                                                  result=result),
-                      pending, advance, method=m.name, params=m.params, state=state)
+        FAMILIES[FAMILY_OF[job.method.name]].run(SegmentRun(job, scene, plan, fp, result, pending, advance), client)
     return result
 
 
