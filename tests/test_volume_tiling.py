@@ -6,7 +6,7 @@ import torch
 import zarr
 
 from segpipe.io.store import ensure_array
-from segpipe.methods.segment import infer_and_stitch
+from segpipe.methods.segment import LogitsTarget, SlidingWindow, infer_and_stitch
 from segpipe.models.checkpoint import ModelSpec, save_checkpoint
 from segpipe.tiling.grid import PatchGrid, TileGrid
 from segpipe.tiling.scene import Scene
@@ -51,8 +51,9 @@ def segment_volume(client, scene: str, out, model, tile: int) -> np.ndarray:
     # Chunks no larger than the smallest tile: every tile writes whole chunks, so no two tasks share one.
     ensure_array(result, "class", SHAPE, (16, 32, 32), "uint8", 255, ("z", "y", "x"))
     tiles = [t.index for t in TileGrid(SHAPE, tile)]
-    infer_and_stitch(client, Scene(scene), str(out / "work.zarr"), str(out / "result.zarr"), str(model), 4, False,
-                     PATCH, 0.25, tile, tiles, keep=False, norm={"mean": [400.0], "std": [300.0], "clip": None})
+    window = SlidingWindow(str(model), PATCH, 0.25, 4, norm={"mean": [400.0], "std": [300.0], "clip": None})
+    infer_and_stitch(client, window, LogitsTarget(Scene(scene), str(out / "work.zarr"), str(out / "result.zarr"), tile),
+                     tiles)
     # Each patch is deleted once every block it overlaps is final: nothing is left once all blocks are.
     assert zarr.open_array(str(out / "work.zarr"), path="logits", mode="r").nchunks_initialized == 0
     return zarr.open_array(str(out / "result.zarr"), path="class", mode="r")[:]

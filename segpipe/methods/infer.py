@@ -17,7 +17,7 @@ import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from segpipe.tiling.grid import Box, Index, PatchGrid
 from segpipe.tiling.patches import normalised
 from segpipe.tiling.resample import ResampledScene, open_scene
 from segpipe.tiling.scene import Scene
+
+if TYPE_CHECKING:
+    from segpipe.methods.sliding_window import SlidingWindow
 
 INFER_STAGE = "infer"
 _lock = threading.Lock()
@@ -92,24 +95,24 @@ def batch_key(batch_size: int, k: int) -> str:
     return f"b{batch_size}-{k}"
 
 
-def infer_batches(scene_path: str, work_path: str, model_path: str, patch: int | Index, overlap: float,
-                  batch_size: int, batches: list[tuple[int, list[Index]]], norm: dict[str, Any],
-                  mirror: bool = False, scale: tuple[float, ...] | None = None) -> tuple[int, int]:
+def infer_batches(window: SlidingWindow, scene_path: str, work_path: str,
+                  batches: list[tuple[int, list[Index]]]) -> tuple[int, int]:
     """Compute, store and mark the logits of each ``(k, patches)`` batch.
 
     Returns the patches computed and the largest sub-batch that fitted on the device (``batch_size`` unless
     the device ran out of memory). Readers stay :data:`READERS` batches ahead of the device; on a GPU the
     writes go to a writer thread, and a batch's mark is left only after its logits are written. With
-    ``scale`` the patches are read from the scene resampled to the model grid (:mod:`segpipe.tiling.resample`).
+    ``window.scale`` the patches are read from the scene resampled to the model grid (:mod:`segpipe.tiling.resample`).
     """
-    model, _, device = worker_model(model_path)
-    scene = open_scene(scene_path, scale)
-    grid = PatchGrid(scene.shape, patch, overlap)
+    model, _, device = worker_model(window.model)
+    scene = open_scene(scene_path, window.scale)
+    grid = PatchGrid(scene.shape, window.patch, window.overlap)
+    batch_size, norm = window.batch_size, window.norm
     logits = zarr.open_array(work_path, path="logits", mode="r+")
     marks = Marks(work_path, INFER_STAGE)
     done = marks.keys()  # a unit Dask reruns after a lost worker skips the batches already final
     batches = [(k, group) for k, group in batches if batch_key(batch_size, k) not in done]
-    run = BatchForward(model, device, batch_size, len(grid.shape), mirror)
+    run = BatchForward(model, device, batch_size, len(grid.shape), window.mirror)
     ahead = READERS[run.kind]
 
     def load(group: list[Index]) -> tuple:

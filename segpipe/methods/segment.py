@@ -26,6 +26,7 @@ from segpipe.methods.classical import ClassicalMethod, FitContext, make_classica
 from segpipe.methods.classical_tiles import SEGMENT_STAGE, segment_classical_tiles
 from segpipe.methods.names import FAMILY_OF
 from segpipe.methods.regions import check_params, grow_regions, seed_pixels
+from segpipe.methods.sliding_window import LogitsTarget, SlidingWindow
 from segpipe.runtime.cluster import use_gpu
 from segpipe.runtime.placement import has_gpu_workers
 from segpipe.runtime.units import guided_units, run_units, worker_slots
@@ -261,10 +262,10 @@ def run_model(job: JobSpec, scene: Scene, plan: MethodPlan, fp: dict[str, Any], 
     # model grid's, or the scene's within the CRF's halo), so that the long part of the run is not silent.
     gpu = use_gpu(job.cluster) and has_gpu_workers(client)
     with progress.stage("model logits", len(tiles) if into_work else 0, "tile") as blended:
-        infer_and_stitch(client, view, work, result, str(m.model), m.batch_size, gpu,
-                         m.patch_size, m.overlap, job.tile_size, tiles, keep=job.keep_work,
-                         norm=norm, mirror=m.tta == "mirror", scale=plan.scale,
-                         advance=blended if into_work else advance, into_work=into_work)
+        window = SlidingWindow(str(m.model), m.patch_size, m.overlap, m.batch_size, norm, mirror=m.tta == "mirror",
+                               gpu=gpu, scale=plan.scale)
+        infer_and_stitch(client, window, LogitsTarget(view, work, result, job.tile_size, job.keep_work, into_work),
+                         tiles, blended if into_work else advance)
     scene_tiles = TileRun.of(scene.shape, job.tile_size, scene=scene.path, result=result, work=work)
     if crf is not None:  # the scene's tiles are done here, each from its window of blended logits
         from segpipe.methods.crf import refine_tiles
@@ -321,23 +322,24 @@ def normalisation(spec: ModelSpec, scene: Scene, client: Client) -> dict[str, An
     return {"mean": mean.tolist(), "std": np.where(std > 0, std, 1.0).tolist(), "clip": None}
 
 
-def infer_and_stitch(client: Client, scene: Scene | ResampledScene, work: str, result: str, model: str,
-                     batch_size: int, gpu: bool, patch: int | Index, overlap: float, tile_size: int,
-                     tiles: list[Index], keep: bool, norm: dict[str, Any], mirror: bool = False,
-                     scale: tuple[float, ...] | None = None, advance: progress.Advance | None = None,
-                     into_work: bool = False) -> None:
+def infer_and_stitch(client: Client, window: SlidingWindow, target: LogitsTarget, tiles: list[Index],
+                     advance: progress.Advance | None = None) -> None:
     """Logits of the batches the ``tiles`` still need, each tile stitched as soon as its patches are done.
 
     Batches not yet marked done and holding a patch over one of ``tiles`` run in guided units of whole
     batches (a rerun that lost a few tiles after its work store was removed recomputes just their
     neighbourhood). Each tile's stitch task is submitted right after the last inference unit it waits
     for, so Dask, which prefers earlier submissions, interleaves stitching with inference in scene order;
-    unless ``keep``, a stitched patch whose every tile is final is deleted from the work store, so scratch
-    follows the band of work in flight rather than the scene. With ``scale``, ``scene`` is the model grid
+    unless ``target.keep``, a stitched patch whose every tile is final is deleted from the work store, so scratch
+    follows the band of work in flight rather than the scene. With ``window.scale``, ``target.scene`` is the model grid
     and ``tiles`` are its tiles, blended into the work store (see :func:`segpipe.tiling.stitch.stitch_tiles`), as
-    they are with ``into_work``.
+    they are with ``target.into_work``.
     """
     from segpipe.methods.infer import INFER_STAGE, batch_key, infer_batches
+
+    scene, work, result, tile_size, keep, into_work = (target.scene, target.work, target.result, target.tile_size,
+                                                        target.keep, target.into_work)
+    patch, overlap, batch_size, scale = window.patch, window.overlap, window.batch_size, window.scale
 
     grid = PatchGrid(scene.shape, patch, overlap)
     tgrid = TileGrid(scene.shape, tile_size)
@@ -346,16 +348,15 @@ def infer_and_stitch(client: Client, scene: Scene | ResampledScene, work: str, r
     done = Marks(work, INFER_STAGE).keys()
     batches = patch_batches(client, scene, patch, overlap, batch_size, scale)
     pending = [(k, b) for k, b in enumerate(batches) if batch_key(batch_size, k) not in done and needed.intersection(b)]
-    resources = {"GPU": 1} if gpu else None
+    resources = {"GPU": 1} if window.gpu else None
     cpu_slots = worker_slots(client)
-    slots = worker_slots(client, resources) if gpu else cpu_slots
-    units = guided_units(pending, slots, largest=max(1, UNIT_PATCHES["gpu" if gpu else "cpu"] // batch_size))
+    slots = worker_slots(client, resources) if window.gpu else cpu_slots
+    units = guided_units(pending, slots, largest=max(1, UNIT_PATCHES["gpu" if window.gpu else "cpu"] // batch_size))
     unit_of = {i: u for u, unit in enumerate(units) for _, b in unit for i in b}
     waits = {t: sorted({unit_of[i] for i in covering[t] if i in unit_of}) for t in tiles}
     ready_after: dict[int, list[Index]] = {}
     for t in tiles:
         ready_after.setdefault(waits[t][-1] if waits[t] else -1, []).append(t)
-    common = {"scene_path": scene.path, "work_path": work, "patch": patch, "overlap": overlap, "scale": scale}
     stitch_run = TileRun.of(scene.shape, tile_size, scene=scene.path, result=result, work=work)
     inferred: list = []
     stitched: list = []
@@ -370,8 +371,8 @@ def infer_and_stitch(client: Client, scene: Scene | ResampledScene, work: str, r
 
     stitch(ready_after.get(-1, []))
     for u, unit in enumerate(units):
-        inferred.append(client.submit(infer_batches, model_path=model, batch_size=batch_size, batches=unit,
-                                      norm=norm, mirror=mirror, resources=resources, pure=False, **common))
+        inferred.append(client.submit(infer_batches, window, scene.path, work, unit, resources=resources,
+                                      pure=False))
         stitch(ready_after.get(u, []))
     progress.gather(client, stitched, advance, stitched_sizes)
     results = client.gather(inferred)
