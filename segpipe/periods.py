@@ -22,7 +22,6 @@ from segpipe.config import JobSpec, MosaicSpec, load_job
 from segpipe.errors import InputError
 from segpipe.io.store import store_in, write_atomic
 from segpipe.pipeline import Checked, check, check_output_stores
-from segpipe.tiling.ingest import fingerprint
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -131,7 +130,7 @@ def plan_period(job: JobSpec | str | Path, period: str, today: date | None = Non
         return PlannedPeriod(label, "empty", folder, None)
     n = len(c.info.mosaic.items)
     mark = _read_mark(folder)
-    scene_fp = fingerprint(c.job, c.info)
+    scene_fp = c.layout.scene_fp
     if mark is not None and mark.get("scene") == scene_fp:
         return PlannedPeriod(label, "unchanged", folder, None, n)
     recompute = mark is not None and _without_items(mark.get("scene")) == _without_items(scene_fp)
@@ -197,7 +196,7 @@ def _run(plan: PlannedPeriod, client: Client, reporter: Reporter | None, say: An
         before = store_in(str(_store_root(c.job, previous, root)), "result.zarr")
         change = change_product(before, outcome.result, plan.folder / "change", client,
                                 tile_size=c.job.tile_size, before_label=previous, after_label=plan.label)
-    write_atomic(plan.folder / MARK, json.dumps({"period": plan.label, "scene": fingerprint(c.job, c.info),
+    write_atomic(plan.folder / MARK, json.dumps({"period": plan.label, "scene": c.layout.scene_fp,
                                                  "previous": previous}))
     return PeriodOutcome(plan.label, "done", plan.folder, outcome, change, previous, plan.items, areas)
 

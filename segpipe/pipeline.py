@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import zarr
 from distributed import Client
 
 from segpipe import progress
@@ -41,7 +40,7 @@ from segpipe.report.truth import Truth, check_truth
 from segpipe.runtime.placement import cpu_stage
 from segpipe.tiling.grid import TileGrid, TileRun, TileTask
 from segpipe.tiling.ingest import fingerprint, ingest, job_source, selected_bands, source_info
-from segpipe.tiling.scene import Scene, work_path
+from segpipe.tiling.scene import Scene, result_path, scene_path, work_path
 
 if TYPE_CHECKING:  # the later stages are imported where they run: start-up pays only for what a job uses
     from segpipe.objects.instances import InstanceSummary
@@ -49,14 +48,48 @@ if TYPE_CHECKING:  # the later stages are imported where they run: start-up pays
     from segpipe.report.tables import MetricsReport
 
 
+INSTANCES_WORK = "instances_work.zarr"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Every store of a run and what each depends on, computed once when the job is checked.
+
+    Why once: the scene's fingerprint opens a remote source to read its metadata, and stages that each
+    rebuilt paths and fingerprints could disagree; ingest, segment, instances, periods and the flows read
+    them from here. ``instances_fp`` is None when the job asks for no instances.
+    """
+
+    scene_store: str
+    result_store: str
+    work_store: str
+    instances_store: str
+    scene_fp: dict[str, Any]
+    result_fp: dict[str, Any]
+    instances_fp: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, job: JobSpec, info: RasterInfo, plan: MethodPlan) -> RunLayout:
+        root = job.store_root
+        scene_fp = fingerprint(job, info)
+        result_fp = result_fingerprint(job, plan, scene_fp)
+        return cls(scene_path(root), result_path(root), work_path(root), store_in(root, INSTANCES_WORK), scene_fp,
+                   result_fp, None if job.instances is None else instances_fingerprint(result_fp, job))
+
+    def stores(self) -> list[str]:
+        """Every store a job keeps in its output, derived from one another: replaced together."""
+        return [self.scene_store, self.result_store, self.work_store, self.instances_store]
+
+
 @dataclass
 class Checked:
-    """A job whose inputs have all been validated."""
+    """A job whose inputs have all been validated, and its run's layout."""
 
     job: JobSpec
     info: RasterInfo
     plan: MethodPlan
     truth: Truth | None
+    layout: RunLayout
     replace: bool = False  # the output holds stores from other settings, and the job says overwrite
 
     @property
@@ -91,9 +124,6 @@ class Checked:
         return len(self.info.shape) if spec is None or spec.connectivity == "full" else 1
 
 
-INSTANCES_WORK = "instances_work.zarr"
-# Every store a job keeps in its output, derived from one another: replaced together.
-STORES = ("scene.zarr", "result.zarr", "work.zarr", INSTANCES_WORK)
 # What a run may write in its output besides the stores. With overwrite, those the run did not write again are
 # the old settings' (a COG where the job now asks for NIfTI, scores where it has no truth any more).
 OUTPUT_FILES = (*exports.output_files(), "objects.gpkg",
@@ -109,16 +139,13 @@ def instances_fingerprint(result_fp: dict[str, Any], job: JobSpec) -> dict[str, 
 def check_output_stores(c: Checked) -> Checked:
     """Stores in the output made from other input or settings are an error naming what differs, before the
     cluster starts, unless the job says ``overwrite``: then they are replaced when the run starts."""
-    job, info, plan = c.job, c.info, c.plan
-    scene_fp = fingerprint(job, info)
-    result_fp = result_fingerprint(job, plan, scene_fp)
-    wanted = [("scene store", "scene.zarr", scene_fp), ("result store", "result.zarr", result_fp)]
-    if job.instances is not None:
-        wanted.append(("instance work store", INSTANCES_WORK, instances_fingerprint(result_fp, job)))
-    for what, name, fp in wanted:
-        path = store_in(job.store_root, name)
+    lay = c.layout
+    wanted = [("scene store", lay.scene_store, lay.scene_fp), ("result store", lay.result_store, lay.result_fp)]
+    if lay.instances_fp is not None:
+        wanted.append(("instance work store", lay.instances_store, lay.instances_fp))
+    for what, path, fp in wanted:
         changed = store_changes(path, fp, what)
-        if changed and not job.overwrite:
+        if changed and not c.job.overwrite:
             raise changed_store_error(what, path, changed)
         if changed:
             c.replace = True
@@ -171,7 +198,7 @@ def check(job: JobSpec, stores: bool = True) -> Checked:
     blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise InputError(f"output path {out} lies under {blocking}, which is a file, not a folder")
-    checked = Checked(job, info, plan, truth)
+    checked = Checked(job, info, plan, truth, RunLayout.of(job, info, plan))
     return check_output_stores(checked) if stores else checked
 
 
@@ -193,12 +220,12 @@ def in_process(c: Checked) -> bool:
 
 @cpu_stage
 def run_ingest(c: Checked, client: Client) -> Scene:
-    return ingest(c.job, c.info, client)
+    return ingest(c.job, c.info, client, c.layout.scene_fp)
 
 
 @cpu_stage
 def run_segment(c: Checked, scene: Scene, client: Client) -> str:
-    return segment(c.job, scene, c.plan, fingerprint(c.job, c.info), client)
+    return segment(c.job, scene, c.plan, c.layout.result_fp, client)
 
 
 @cpu_stage
@@ -218,9 +245,8 @@ def run_instances(c: Checked, result: str, client: Client) -> InstanceSummary | 
 
     if c.job.instances is None:
         return None
-    fp = instances_fingerprint(zarr.open_group(result, mode="r").attrs["segpipe_fingerprint"], c.job)
-    work = store_in(c.job.store_root, INSTANCES_WORK)
-    group = open_or_create(work, fp, "instance work store")
+    work = c.layout.instances_store
+    group = open_or_create(work, c.layout.instances_fp, "instance work store")
     spec = c.job.instances
     if spec.split == "watershed":
         return split_instances(result, group, work, c.job.tile_size, c.instance_classes, c.connectivity,
@@ -284,9 +310,9 @@ def start(c: Checked) -> None:
     """Before the first stage: replace stores made from other settings (``overwrite``), and take the result
     store's consolidated metadata away while this run may add arrays to it (:func:`finish` writes it anew)."""
     if c.replace:
-        for name in STORES:
-            remove_store(store_in(c.job.store_root, name))
-    drop_consolidated(store_in(c.job.store_root, "result.zarr"))
+        for store in c.layout.stores():
+            remove_store(store)
+    drop_consolidated(c.layout.result_store)
 
 
 def remove_stale_outputs(c: Checked, since: float) -> None:
@@ -308,8 +334,8 @@ def finish(c: Checked) -> None:
     The result store's completion marks say every tile is final, so a rerun never needs the work store again.
     """
     if not c.job.keep_work:
-        remove_store(work_path(c.job.store_root))
-    consolidate(store_in(c.job.store_root, "result.zarr"))
+        remove_store(c.layout.work_store)
+    consolidate(c.layout.result_store)
 
 
 @dataclass

@@ -206,9 +206,9 @@ def result_fingerprint(job: JobSpec, plan: MethodPlan, scene_fp: dict[str, Any])
     return fp
 
 
-def segment(job: JobSpec, scene: Scene, plan: MethodPlan, scene_fp: dict, client: Client) -> str:
-    """Segment the scene into ``<output>/result.zarr`` and return its path."""
-    fp = result_fingerprint(job, plan, scene_fp)
+def segment(job: JobSpec, scene: Scene, plan: MethodPlan, fp: dict, client: Client) -> str:
+    """Segment the scene into ``<output>/result.zarr`` (made from ``fp``, :func:`result_fingerprint`) and return
+    its path."""
     result = result_path(job.store_root)
     create_result(result, fp, scene, plan.class_names)
     if job.probabilities:

@@ -142,13 +142,14 @@ def _row_spans(grid: TileGrid, row: int, bytes_per_pixel: int, slab: bool = Fals
     return [Box.rc(core.row0, c * width, core.row1, min(grid.shape[-1], (c + step) * width)) for c in range(0, n, step)]
 
 
-def ingest(job: JobSpec, info: RasterInfo, client: Client) -> Scene:
-    """Ingest the job's input into ``<output>/scene.zarr``; resumes a partial ingest."""
+def ingest(job: JobSpec, info: RasterInfo, client: Client, fp: dict | None = None) -> Scene:
+    """Ingest the job's input into ``<output>/scene.zarr``; resumes a partial ingest. ``fp``: the scene's
+    :func:`fingerprint` where the caller has it already (a run's layout), so the source is not opened again."""
     store = scene_path(job.store_root)
     created = _missing_folders(Path(job.output))
     Path(job.output).mkdir(parents=True, exist_ok=True)
     bands = selected_bands(job, info)
-    group = open_or_create(store, fingerprint(job, info), "scene store")
+    group = open_or_create(store, fingerprint(job, info) if fp is None else fp, "scene store")
     geo = SceneGeometry.of_info(info)
     nd = geo.ndim
     c = job.chunk_for(nd)
