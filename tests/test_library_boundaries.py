@@ -69,7 +69,8 @@ def _import_graph(root, top_level_only: bool) -> dict[str, set[str]]:
             if id(n) in checking:
                 continue
             if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("segpipe"):
-                deps |= {n.module} | {f"{n.module}.{a.name}" for a in n.names}
+                submodules = {f"{n.module}.{a.name}" for a in n.names} & set(modules)  # from pkg import module
+                deps |= submodules or {n.module}
             elif isinstance(n, ast.Import):
                 deps |= {a.name for a in n.names}
         graph[name] = {d for d in deps if d in modules and d != name}
@@ -108,20 +109,53 @@ def _cycles(graph: dict[str, set[str]]) -> list[set[str]]:
     return found
 
 
-def test_no_import_cycle_at_import_time_and_the_grid_value_imports_no_stage():
-    """The layering contract as far as it holds today: no two modules import each other, directly or round a
-    loop, when they load; and the grid value (segpipe.geometry) sits below every stage. Imports inside functions
-    (the lazy-import rule: heavy libraries and late stages only when used) still form loops between stages."""
+# ARCHITECTURE.md's layers, low to high. The names registries (export and method names) and the small values
+# every stage shares sit with layer 0: they import nothing of segpipe's.
+LAYER_0 = {"segpipe.errors", "segpipe.geometry", "segpipe.io.paths", "segpipe.progress", "segpipe.io.exports",
+           "segpipe.methods.names"}
+LAYERS = {"config": 1, "runtime": 2, "io": 3, "models": 3, "tiling": 4, "methods": 5, "objects": 6, "report": 7}
+# Imports against that order that remain, each to be moved down a layer by the issue that next touches it. A new
+# one fails the test; one that goes away must be struck from here.
+KNOWN_CROSSINGS = {
+    ("segpipe", "segpipe.api"),  # the package's lazy public API (segpipe.segment), by design
+    ("segpipe.io.omezarr", "segpipe.tiling.scene"), ("segpipe.io.result", "segpipe.tiling.scene"),
+    ("segpipe.io.readers", "segpipe.tiling.grid"), ("segpipe.io.slide", "segpipe.tiling.grid"),
+    ("segpipe.io.volume", "segpipe.tiling.grid"), ("segpipe.models.load", "segpipe.tiling.resample"),
+    ("segpipe.runtime.units", "segpipe.tiling.grid"),
+    ("segpipe.methods.regions", "segpipe.objects.unionfind"),
+    ("segpipe.methods.split_merge", "segpipe.objects.unionfind"),
+    ("segpipe.methods.train", "segpipe.report.truth"), ("segpipe.objects.measure", "segpipe.report.truth"),
+}
+
+
+def _layer(module: str) -> int:
+    if module in LAYER_0 or module == "segpipe":
+        return 0
+    part = module.split(".")[1]
+    return LAYERS.get(part, 8)  # pipeline, periods, archive, api, cli
+
+
+def _crossings(graph: dict[str, set[str]]) -> set[tuple[str, str]]:
+    return {(a, b) for a, deps in graph.items() for b in deps if _layer(b) > _layer(a)}
+
+
+def test_no_import_cycle_anywhere_and_imports_follow_the_layers():
+    """The layering contract (ARCHITECTURE.md): no two modules import each other, directly or round a loop, at
+    import time or inside functions (the lazy-import rule); the grid value imports no other module; and no
+    module imports from a higher layer except the listed crossings still to be worked down."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
+    graph = _import_graph(root, top_level_only=False)
+    assert _cycles(graph) == []
     assert _cycles(_import_graph(root, top_level_only=True)) == []
-    assert _import_graph(root, top_level_only=False)["segpipe.geometry"] == set()
-    assert not any(c & {"segpipe.geometry", "segpipe.io.paths"} for c in _cycles(_import_graph(root, False)))
+    assert graph["segpipe.geometry"] == set() and graph["segpipe.io.paths"] == set()
+    assert _crossings(graph) == KNOWN_CROSSINGS
 
 
 def test_the_cycle_check_finds_a_planted_cycle(tmp_path):
-    """The check fails when a cycle is introduced: a copy of the tree with the grid importing a reader."""
+    """The checks fail when a cycle or a crossing is introduced: a copy of the tree with the grid importing a
+    reader (a loop), and one with ingest importing the pipeline inside a function (against the layers)."""
     import shutil
     from pathlib import Path
 
@@ -131,3 +165,6 @@ def test_the_cycle_check_finds_a_planted_cycle(tmp_path):
     geometry.write_text(geometry.read_text() + "\nfrom segpipe.io.raster import RasterInfo  # noqa\n")
     assert "from segpipe.geometry import" in (tmp_path / "segpipe" / "io" / "raster.py").read_text()  # a loop now
     assert {"segpipe.geometry", "segpipe.io.raster"} in _cycles(_import_graph(tmp_path, top_level_only=True))
+    ingest = tmp_path / "segpipe" / "tiling" / "ingest.py"
+    ingest.write_text(ingest.read_text() + "\n\ndef _late():\n    from segpipe.pipeline import check  # noqa\n")
+    assert ("segpipe.tiling.ingest", "segpipe.pipeline") in _crossings(_import_graph(tmp_path, False)) - KNOWN_CROSSINGS

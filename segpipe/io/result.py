@@ -21,6 +21,9 @@ from segpipe.geometry import geo_attrs
 from segpipe.io.store import ensure_array, open_or_create
 from segpipe.tiling.scene import Scene
 
+# The completion mark of a final result tile (one per tile, beside the result store): written by every method
+# and stitcher, read by resuming runs and by the change product to know a result is whole.
+SEGMENT_STAGE = "segment"
 NODATA = 255
 # How the class and truth arrays say which value is no data: rioxarray reads ``nodata``, xarray leaves it alone.
 # A ``_FillValue`` would make xarray decode the uint8 map to float32 with NaN.

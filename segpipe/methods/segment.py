@@ -20,10 +20,10 @@ from distributed import Client
 from segpipe import progress
 from segpipe.config import JobSpec
 from segpipe.errors import InputError
-from segpipe.io.result import add_probability_array, create_result, record_fit
+from segpipe.io.result import SEGMENT_STAGE, add_probability_array, create_result, record_fit
 from segpipe.io.store import Marks, open_or_create
 from segpipe.methods.classical import ClassicalMethod, FitContext, make_classical
-from segpipe.methods.classical_tiles import SEGMENT_STAGE, segment_classical_tiles
+from segpipe.methods.classical_tiles import segment_classical_tiles
 from segpipe.methods.names import FAMILY_OF
 from segpipe.methods.regions import check_params, grow_regions, seed_pixels
 from segpipe.methods.sliding_window import LogitsTarget, SlidingWindow

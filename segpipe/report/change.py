@@ -38,7 +38,7 @@ from rasterio.crs import CRS
 from segpipe import progress
 from segpipe.errors import InputError
 from segpipe.geometry import geo_attrs, read_geo
-from segpipe.io.result import NODATA
+from segpipe.io.result import NODATA, SEGMENT_STAGE
 from segpipe.io.store import (
     Marks,
     consolidate,
@@ -49,7 +49,6 @@ from segpipe.io.store import (
     store_in,
     write_atomic,
 )
-from segpipe.methods.classical_tiles import SEGMENT_STAGE
 from segpipe.tiling.grid import TileTask
 
 CHANGE_STORE = "change.zarr"
