@@ -3,7 +3,8 @@ import itertools
 import numpy as np
 import pytest
 
-from segpipe.tiling.grid import Box, PatchGrid, TileGrid, gaussian_importance, patch_starts
+from segpipe.geometry import Box
+from segpipe.tiling.grid import PatchGrid, TileGrid, gaussian_importance, patch_starts
 
 
 @pytest.mark.parametrize("length,patch,stride", [(900, 256, 192), (256, 256, 192), (100, 256, 192),

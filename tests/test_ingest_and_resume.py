@@ -113,7 +113,8 @@ def test_rerun_skips_finished_tiles_and_redoes_only_missing_ones(tmp_path, clien
     second = class_map(run(client, out, **{**job, "keep_work": True}))
     np.testing.assert_array_equal(first, second)
     assert {k for k in marks.keys() if (marks.dir / k).stat().st_mtime_ns != stamps.get(k)} == {"1_2", "3_0"}
-    from segpipe.tiling.grid import Box, PatchGrid
+    from segpipe.geometry import Box
+    from segpipe.tiling.grid import PatchGrid
     grid = PatchGrid((900, 900), 128, 0.25)
     lost = [Box.rc(256, 512, 512, 768), Box.rc(768, 0, 900, 256)]
     near = {(i, j) for i in range(grid.counts[0]) for j in range(grid.counts[1])

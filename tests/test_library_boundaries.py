@@ -119,8 +119,7 @@ LAYERS = {"config": 1, "runtime": 2, "io": 3, "models": 3, "tiling": 4, "methods
 KNOWN_CROSSINGS = {
     ("segpipe", "segpipe.api"),  # the package's lazy public API (segpipe.segment), by design
     ("segpipe.io.omezarr", "segpipe.tiling.scene"), ("segpipe.io.result", "segpipe.tiling.scene"),
-    ("segpipe.io.readers", "segpipe.tiling.grid"), ("segpipe.io.slide", "segpipe.tiling.grid"),
-    ("segpipe.io.volume", "segpipe.tiling.grid"), ("segpipe.models.load", "segpipe.tiling.resample"),
+    ("segpipe.models.load", "segpipe.tiling.resample"),
     ("segpipe.runtime.units", "segpipe.tiling.grid"),
     ("segpipe.methods.regions", "segpipe.objects.unionfind"),
     ("segpipe.methods.split_merge", "segpipe.objects.unionfind"),

@@ -24,10 +24,10 @@ from helpers import class_map, cli, run
 from medical import ct_affine, dice, load_ct, write_nifti
 from rasterio.warp import Resampling, reproject
 
+from segpipe.geometry import Box
 from segpipe.io.store import Marks
 from segpipe.models.card import card_path
 from segpipe.models.checkpoint import load_model, save_checkpoint
-from segpipe.tiling.grid import Box
 from segpipe.tiling.resample import Axis, resample, span_box
 
 

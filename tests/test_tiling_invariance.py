@@ -5,8 +5,8 @@ import pytest
 from distributed import Client, LocalCluster
 from helpers import class_map, run
 
+from segpipe.geometry import Box
 from segpipe.methods.classical import make_classical
-from segpipe.tiling.grid import Box
 from segpipe.tiling.scene import Scene
 
 

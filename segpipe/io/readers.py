@@ -23,12 +23,12 @@ import numpy as np
 from affine import Affine
 from rasterio.enums import MaskFlags
 
+from segpipe.geometry import Box
 from segpipe.io.mosaic import BLOCK, block_of, load_block
 from segpipe.io.paths import is_remote
 from segpipe.io.raster import RasterInfo, open_raster, raster_info
 from segpipe.io.slide import is_slide, read_window, slide_info, tissue_mask, upsample_mask
 from segpipe.io.volume import is_volume, read_volume, volume_info
-from segpipe.tiling.grid import Box
 
 
 def not_nodata(data: np.ndarray, nodata: float) -> np.ndarray:

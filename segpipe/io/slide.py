@@ -16,8 +16,8 @@ import numpy as np
 from affine import Affine
 
 from segpipe.errors import InputError
+from segpipe.geometry import Box
 from segpipe.io.extras import require
-from segpipe.tiling.grid import Box
 
 SLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"}
 THUMB_DOWNSAMPLE = 16

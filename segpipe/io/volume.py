@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from segpipe.errors import InputError
+from segpipe.geometry import Box
 from segpipe.io.extras import require
 from segpipe.io.fingerprint import source_fingerprint
-from segpipe.tiling.grid import Box
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])

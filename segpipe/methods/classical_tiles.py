@@ -10,10 +10,11 @@ from typing import Any
 
 import numpy as np
 
+from segpipe.geometry import Box, Index
 from segpipe.io.result import NODATA, SEGMENT_STAGE, class_outputs
 from segpipe.io.store import Marks
 from segpipe.methods.classical import make_classical
-from segpipe.tiling.grid import Box, Index, TileGrid, TileRun
+from segpipe.tiling.grid import TileGrid, TileRun
 from segpipe.tiling.scene import Scene
 
 # Pixels (tile cores) read and written at once: enough to amortise a read and a Zarr write over many small

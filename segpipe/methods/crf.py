@@ -30,7 +30,8 @@ import numpy as np
 import zarr
 
 from segpipe.config import CRFSpec
-from segpipe.tiling.grid import Box, Index, TileGrid, TileRun
+from segpipe.geometry import Box, Index
+from segpipe.tiling.grid import TileGrid, TileRun
 from segpipe.tiling.patches import normalised
 from segpipe.tiling.resample import ResampledScene, span_box
 from segpipe.tiling.scene import Scene

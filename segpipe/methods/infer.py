@@ -24,12 +24,13 @@ import torch
 import zarr
 from distributed import get_worker
 
+from segpipe.geometry import Box, Index
 from segpipe.io.store import Marks
 from segpipe.methods.device_loop import READERS, BatchForward
 from segpipe.models.checkpoint import ModelSpec
 from segpipe.models.load import load_any
 from segpipe.models.unet import UNet
-from segpipe.tiling.grid import Box, Index, PatchGrid
+from segpipe.tiling.grid import PatchGrid
 from segpipe.tiling.patches import normalised
 from segpipe.tiling.resample import ResampledScene, open_scene
 from segpipe.tiling.scene import Scene

@@ -24,11 +24,12 @@ from scipy import ndimage as ndi
 
 from segpipe import progress
 from segpipe.errors import InputError
+from segpipe.geometry import Index
 from segpipe.io.result import NODATA, SEGMENT_STAGE
 from segpipe.io.store import Marks, ensure_array
 from segpipe.methods.classical import typed_params
 from segpipe.objects.unionfind import merge_pairs
-from segpipe.tiling.grid import Index, TileTask
+from segpipe.tiling.grid import TileTask
 from segpipe.tiling.scene import Scene
 from segpipe.tiling.stats import grey
 

@@ -20,6 +20,7 @@ from distributed import Client
 from segpipe import progress
 from segpipe.config import JobSpec
 from segpipe.errors import InputError
+from segpipe.geometry import Index
 from segpipe.io.result import SEGMENT_STAGE, add_probability_array, create_result, record_fit
 from segpipe.io.store import Marks, open_or_create
 from segpipe.methods.classical import ClassicalMethod, FitContext, make_classical
@@ -30,7 +31,7 @@ from segpipe.methods.sliding_window import LogitsTarget, SlidingWindow
 from segpipe.runtime.cluster import use_gpu
 from segpipe.runtime.placement import has_gpu_workers
 from segpipe.runtime.units import guided_units, run_units, worker_slots
-from segpipe.tiling.grid import Index, PatchGrid, TileGrid, TileRun
+from segpipe.tiling.grid import PatchGrid, TileGrid, TileRun
 from segpipe.tiling.patches import valid_patches_in_rows
 from segpipe.tiling.resample import ResampledScene
 from segpipe.tiling.scene import Scene, result_path, work_path

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from segpipe.tiling.grid import Index
+    from segpipe.geometry import Index
     from segpipe.tiling.resample import ResampledScene
     from segpipe.tiling.scene import Scene
 

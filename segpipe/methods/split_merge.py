@@ -37,12 +37,13 @@ from distributed import Client
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from segpipe import progress
+from segpipe.geometry import Box, Index
 from segpipe.io.result import record_fit
 from segpipe.io.store import ensure_array
 from segpipe.methods.classical import otsu_thresholds, typed_params
 from segpipe.methods.regions import label_merge_paint
 from segpipe.objects.unionfind import merge_pairs
-from segpipe.tiling.grid import Box, Index, TileTask
+from segpipe.tiling.grid import TileTask
 from segpipe.tiling.scene import Scene
 from segpipe.tiling.stats import SceneStats, grey
 

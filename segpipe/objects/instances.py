@@ -25,9 +25,10 @@ from distributed import Client
 from scipy import ndimage as ndi
 
 from segpipe import progress
+from segpipe.geometry import Box, Index
 from segpipe.io.store import ensure_array
 from segpipe.objects.unionfind import merge_pairs
-from segpipe.tiling.grid import Box, Index, TileGrid, TileTask
+from segpipe.tiling.grid import TileGrid, TileTask
 
 INSTANCES = "instances"
 LOCAL = "instance_local"

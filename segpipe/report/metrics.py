@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 import zarr
 
+from segpipe.geometry import Index
 from segpipe.io.result import NODATA
 from segpipe.report.truth import Truth
-from segpipe.tiling.grid import Index, TileRun
+from segpipe.tiling.grid import TileRun
 from segpipe.tiling.scene import Scene
 
 

@@ -22,11 +22,11 @@ from rasterio.crs import CRS
 from rasterio.transform import array_bounds
 from rasterio.warp import transform_geom
 
-from segpipe.geometry import SceneGeometry
+from segpipe.geometry import Index, SceneGeometry
 from segpipe.io.store import write_atomic
 from segpipe.objects.measure import ObjectReport
 from segpipe.report.metrics import scores
-from segpipe.tiling.grid import Index, TileGrid
+from segpipe.tiling.grid import TileGrid
 
 
 @dataclass

@@ -23,12 +23,11 @@ from shapely.geometry import box, shape
 
 from segpipe.config import TruthSpec
 from segpipe.errors import InputError
-from segpipe.geometry import SceneGeometry
+from segpipe.geometry import Box, SceneGeometry
 from segpipe.io.raster import RasterInfo, open_raster, raster_info
 from segpipe.io.result import NODATA
 from segpipe.io.vector import is_vector, read_features
 from segpipe.io.volume import is_volume, read_volume, volume_info
-from segpipe.tiling.grid import Box
 
 # Raster labels are scanned for their values in windows of about this many pixels (bounded memory).
 SCAN_PIXELS = 2**22

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from affine import Affine
 
-Index = tuple[int, ...]
+from segpipe.geometry import Box, Index
 
 
 def patch_starts(length: int, patch: int, stride: int) -> list[int]:
@@ -35,61 +35,6 @@ def patch_starts(length: int, patch: int, stride: int) -> list[int]:
 
 def _per_axis(value: int | tuple[int, ...], ndim: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, tuple | list) else (int(value),) * ndim
-
-
-@dataclass(frozen=True)
-class Box:
-    """A half-open box ``[start, stop)`` over the spatial axes."""
-
-    start: Index
-    stop: Index
-
-    @classmethod
-    def of(cls, shape: Index) -> Box:
-        """The whole of an array of ``shape``."""
-        return cls((0,) * len(shape), tuple(shape))
-
-    @classmethod
-    def rc(cls, row0: int, col0: int, row1: int, col1: int) -> Box:
-        """A 2-D window from row/column bounds."""
-        return cls((row0, col0), (row1, col1))
-
-    @property
-    def ndim(self) -> int:
-        return len(self.start)
-
-    @property
-    def shape(self) -> Index:
-        return tuple(b - a for a, b in zip(self.start, self.stop, strict=True))
-
-    @property
-    def slices(self) -> tuple[slice, ...]:
-        return tuple(slice(a, b) for a, b in zip(self.start, self.stop, strict=True))
-
-    # Row/column accessors: the last two axes, as rasters and slides use them.
-    row0 = property(lambda self: self.start[-2])
-    col0 = property(lambda self: self.start[-1])
-    row1 = property(lambda self: self.stop[-2])
-    col1 = property(lambda self: self.stop[-1])
-    height = property(lambda self: self.stop[-2] - self.start[-2])
-    width = property(lambda self: self.stop[-1] - self.start[-1])
-
-    def grow(self, halo: int, shape: Index) -> Box:
-        """This box enlarged by ``halo`` on every side, clipped to an array of ``shape``."""
-        return Box(tuple(max(0, a - halo) for a in self.start),
-                   tuple(min(n, b + halo) for b, n in zip(self.stop, shape, strict=True)))
-
-    def overlaps(self, other: Box) -> bool:
-        """Whether the two boxes share at least one pixel."""
-        return all(a < d and c < b for a, b, c, d in zip(self.start, self.stop, other.start, other.stop, strict=True))
-
-    def intersect(self, other: Box) -> Box:
-        """The overlap of two boxes (assumed to intersect)."""
-        return Box(tuple(map(max, self.start, other.start)), tuple(map(min, self.stop, other.stop)))
-
-    def relative_to(self, outer: Box) -> tuple[slice, ...]:
-        """Slices that cut this box out of an array holding ``outer``."""
-        return tuple(slice(a - o, b - o) for a, b, o in zip(self.start, self.stop, outer.start, strict=True))
 
 
 @dataclass(frozen=True)

@@ -28,14 +28,14 @@ from zarr.codecs import BloscCodec
 from segpipe import progress
 from segpipe.config import JobSpec, MosaicSpec
 from segpipe.errors import InputError
-from segpipe.geometry import SceneGeometry, geo_attrs
+from segpipe.geometry import Box, SceneGeometry, geo_attrs
 from segpipe.io.fingerprint import source_fingerprint
 from segpipe.io.paths import is_remote
 from segpipe.io.raster import RasterInfo, open_raster
 from segpipe.io.readers import detect, format_of, open_reader
 from segpipe.io.source_pixels import SourcePixels, suits_in_place
 from segpipe.io.store import Marks, ensure_array, open_or_create, remove_store, write_atomic
-from segpipe.tiling.grid import Box, TileGrid
+from segpipe.tiling.grid import TileGrid
 from segpipe.tiling.scene import Scene, scene_path
 
 STAGE = "ingest"

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from segpipe.tiling.grid import Box, Index, PatchGrid
+from segpipe.geometry import Box, Index
+from segpipe.tiling.grid import PatchGrid
 from segpipe.tiling.resample import ResampledScene, open_scene
 from segpipe.tiling.scene import Scene
 

@@ -23,7 +23,7 @@ from functools import cached_property
 
 import numpy as np
 
-from segpipe.tiling.grid import Box
+from segpipe.geometry import Box
 from segpipe.tiling.scene import Scene
 
 # A pixel size within 1 % of the model's is the model's: no resampling (a rounding of the GSD in metadata).

@@ -15,10 +15,9 @@ import zarr
 from affine import Affine
 from rasterio.crs import CRS
 
-from segpipe.geometry import SceneGeometry
+from segpipe.geometry import Box, SceneGeometry
 from segpipe.io.source_pixels import SourcePixels
 from segpipe.io.store import store_in
-from segpipe.tiling.grid import Box
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import numpy as np
 from distributed import Client
 
 from segpipe import progress
-from segpipe.tiling.grid import Box
+from segpipe.geometry import Box
 from segpipe.tiling.scene import Scene
 
 SAMPLE_PIXELS = 200_000

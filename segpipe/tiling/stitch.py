@@ -19,9 +19,10 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from segpipe.geometry import Box, Index
 from segpipe.io.result import NODATA, SEGMENT_STAGE, class_outputs
 from segpipe.io.store import Marks, ensure_array
-from segpipe.tiling.grid import Box, Index, PatchGrid, TileGrid, TileRun, gaussian_importance
+from segpipe.tiling.grid import PatchGrid, TileGrid, TileRun, gaussian_importance
 from segpipe.tiling.resample import ResampledScene, open_scene, resample, span_box
 from segpipe.tiling.scene import Scene
 
