@@ -408,7 +408,7 @@ def run_job(c: Checked, client: Client, log: Callable[[str], None] = lambda _: N
         log(f"per-{unit} metrics")
     report = stage("metrics", lambda cl: run_metrics(c, scene, result, cl, objects))
     finish(c)
-    _add_to_summary(c, seconds)
+    write_summary(c, report, seconds)
     if c.replace:
         remove_stale_outputs(c, began)
     return Outcome(scene.path, result, exports, report, objects, seconds)
@@ -430,19 +430,22 @@ def _log_start(c: Checked, client: Client, log: Callable[[str], None]) -> None:
         log(f"dashboard {dashboard}")
 
 
-def _add_to_summary(c: Checked, seconds: dict[str, float]) -> None:
-    """The per-stage wall times (and a mosaic's items) into ``metrics/summary.json``: beside the scores with
-    ground truth; alone without, since how long each stage took and which items were left out matter to
-    every run."""
-    path = c.metrics_dir / "summary.json"
-    extra: dict[str, Any] = {"stage_seconds": seconds}
+def write_summary(c: Checked, report: MetricsReport | None, seconds: dict[str, float]) -> None:
+    """``metrics/summary.json``, written once when the run is done: the scores with ground truth, then the
+    per-stage wall times (and a mosaic's items), which matter to every run, truth or not."""
+    doc: dict[str, Any] = {}
+    if report is not None:
+        from segpipe.report.tables import summary_document
+
+        doc = summary_document(report)
+    doc["stage_seconds"] = seconds
     mosaic = c.info.mosaic
     if mosaic is not None:
-        extra["mosaic"] = {"items": [i.id for i in mosaic.items],
-                           "skipped": [{"id": k, "reason": why} for k, why in mosaic.skipped]}
-    scores = json.loads(path.read_text()) if c.truth is not None and path.is_file() else {}
+        doc["mosaic"] = {"items": [i.id for i in mosaic.items],
+                         "skipped": [{"id": k, "reason": why} for k, why in mosaic.skipped]}
+    path = c.metrics_dir / "summary.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps({**scores, **extra}, indent=2))
+    write_atomic(path, json.dumps(doc, indent=2))
 
 
 def _dashboard(client: Client) -> str | None:

@@ -107,17 +107,22 @@ def build_report(confusions: dict[Index, np.ndarray], grid: TileGrid, geometry: 
     return MetricsReport(rows, summary, feats, geometry)
 
 
+def summary_document(report: MetricsReport) -> dict[str, Any]:
+    """The scores' part of ``summary.json``: global figures and one row per tile (the run adds its stage times
+    and writes the file once, at its end: :func:`segpipe.pipeline.write_summary`)."""
+    return {"summary": report.summary, "tiles": report.rows}
+
+
 def write_report(report: MetricsReport, folder: str | Path) -> dict[str, Path]:
-    """Write ``tiles.csv``, ``summary.json`` and (images only) ``tiles.geojson`` into ``folder``."""
+    """Write ``tiles.csv`` and (images only) ``tiles.geojson`` into ``folder``."""
     folder = Path(folder)
     buf = io.StringIO()
     if report.rows:
         writer = csv.DictWriter(buf, fieldnames=list(report.rows[0]))
         writer.writeheader()
         writer.writerows(report.rows)
-    paths = {"csv": folder / "tiles.csv", "json": folder / "summary.json"}
+    paths = {"csv": folder / "tiles.csv"}
     write_atomic(paths["csv"], buf.getvalue())
-    write_atomic(paths["json"], json.dumps({"summary": report.summary, "tiles": report.rows}, indent=2))
     if report.footprints:
         paths["geojson"] = folder / "tiles.geojson"
         write_atomic(paths["geojson"], json.dumps({"type": "FeatureCollection", "features": report.footprints}))
