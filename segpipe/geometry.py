@@ -142,6 +142,7 @@ class SceneGeometry:
     transform: Affine
     crs: CRS | None = None
     affine: np.ndarray | None = field(default=None, compare=False)
+    mpp: tuple[float, float] | None = field(default=None, compare=False)  # slides: µm per pixel (x, y)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -154,16 +155,24 @@ class SceneGeometry:
     def of_info(cls, info: GridInfo) -> SceneGeometry:
         """From an input's metadata, before anything is read or written."""
         affine = (info.geometry or {}).get("affine")
+        mpp = getattr(info, "mpp", None)
         return cls(info.kind, tuple(info.shape), info.transform, info.crs,
-                   None if affine is None else np.asarray(affine, dtype=float))
+                   None if affine is None else np.asarray(affine, dtype=float), None if mpp is None else tuple(mpp))
 
     @classmethod
     def of_attrs(cls, shape: tuple[int, ...], attrs: dict[str, Any]) -> SceneGeometry:
         """From a scene or result store's attributes (the inverse of how ingest records them)."""
         crs, transform = read_geo(attrs)
-        affine = attrs.get("affine")
-        return cls(str(attrs.get("kind", "raster")), tuple(shape), transform, crs,
-                   None if affine is None else np.asarray(affine, dtype=float))
+        affine, mpp = attrs.get("affine"), attrs.get("mpp")
+        # result and derived stores record no kind: a volume has its affine, a slide no CRS and a pixel size
+        kind = attrs.get("kind") or ("volume" if affine is not None and len(shape) == 3 else image_kind(crs, mpp))
+        return cls(str(kind), tuple(shape), transform, crs, None if affine is None else np.asarray(affine, dtype=float),
+                   None if not mpp else tuple(mpp))
+
+    def attrs(self) -> dict[str, Any]:
+        """The CRS, transform and pixel size as a store records them (:func:`geo_attrs`); the inverse of
+        :meth:`of_attrs` for images and slides (a volume's affine is recorded beside them at ingest)."""
+        return geo_attrs(self.crs, self.transform, self.mpp)
 
     @property
     def ndim(self) -> int:

@@ -90,3 +90,13 @@ def test_every_export_has_a_writer():
     import importlib
 
     assert all(callable(importlib.import_module(e.module).write) for e in EXPORTS.values())
+
+
+def test_a_grid_encodes_itself_and_a_store_that_records_no_kind_is_read_by_its_placement():
+    """Result and change stores record CRS, transform and pixel size but no kind: the grid read back from them
+    is a slide when it has no CRS and a pixel size in micrometres, else an image (as exports need to know)."""
+    slide = SceneGeometry("slide", (300, 400), Affine.scale(0.25), mpp=(0.25, 0.25))
+    for g in (_image(), slide):
+        back = SceneGeometry.of_attrs(g.shape, g.attrs())
+        assert back == g and back.mpp == g.mpp
+    assert SceneGeometry.of_attrs((3, 4), geo_attrs(None, Affine.identity())).kind == "raster"

@@ -39,10 +39,8 @@ import rasterio
 import rasterio.io
 import rasterio.shutil
 import zarr
-from affine import Affine
-from rasterio.crs import CRS
 
-from segpipe.geometry import image_kind, read_geo
+from segpipe.geometry import SceneGeometry
 from segpipe.io.raster import quiet_not_georeferenced
 from segpipe.io.result import NODATA
 from segpipe.io.store import remove_leftovers
@@ -121,11 +119,10 @@ def export_cog(result_path: str, dest: str | Path, block: int = 512, *, array: s
     arr = group[array]
     if np.dtype(arr.dtype) not in GDAL_TYPES:
         raise ValueError(f"export_cog writes uint8 or uint16 maps, not {arr.dtype} ({array!r})")
-    crs, transform = read_geo(dict(group.attrs))
+    grid = SceneGeometry.of_attrs(tuple(int(n) for n in arr.shape), dict(group.attrs))
     names = list(group.attrs.get("class_names", []) if names is None else names)
     nodata = int(arr.attrs.get("nodata", NODATA) if nodata is None else nodata)
     band = _Band(array, np.dtype(arr.dtype), names, nodata, colors)
-    mpp = group.attrs.get("mpp")
     h, w = (int(n) for n in arr.shape)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +138,7 @@ def export_cog(result_path: str, dest: str | Path, block: int = 512, *, array: s
         # rasterio hands GDAL_CACHEMAX to GDALSetCacheMax64: bytes, applied at once, restored on exit.
         with rasterio.Env(GDAL_CACHEMAX=cache_mb * 2**20, GDAL_NUM_THREADS=str(num_threads)):
             levels = _write_staging(arr, staging, _strip_rows(arr, block))
-            vrt = _write_vrt(staging / f"{array}.vrt", (h, w), levels, crs, transform, band, mpp)
+            vrt = _write_vrt(staging / f"{array}.vrt", grid, levels, band)
             rasterio.shutil.copy(vrt, tmp, driver="COG", **options)
         os.replace(tmp, dest)
     finally:
@@ -234,20 +231,19 @@ class _Band:
         return {i: PALETTE[i % len(PALETTE)] for i in range(max(1, len(self.names)))}
 
 
-def _write_vrt(path: Path, shape: tuple[int, int], levels: list[Path], crs: CRS | None, transform: Affine,
-               band_info: _Band, mpp: list[float] | None) -> Path:
+def _write_vrt(path: Path, grid: SceneGeometry, levels: list[Path], band_info: _Band) -> Path:
     """A VRT over the staging files: the levels become the base's overviews; it carries all the COG's metadata.
 
     GDAL's COG driver copies the VRT's dataset and band metadata, and uses existing overviews as they are.
     """
-    h, w = shape
+    (h, w), crs, transform, mpp = grid.shape, grid.crs, grid.transform, grid.mpp
     root = ET.Element("VRTDataset", rasterXSize=str(w), rasterYSize=str(h))
     if crs is not None:
         ET.SubElement(root, "SRS", dataAxisToSRSAxisMapping="1,2").text = crs.to_wkt()
         ET.SubElement(root, "GeoTransform").text = ", ".join(repr(float(v)) for v in transform.to_gdal())
     md = ET.SubElement(root, "Metadata")
     tags = {"class_names": ",".join(band_info.names)}
-    if image_kind(crs, mpp) == "slide":  # slide viewers read the pixel size from the resolution tags
+    if grid.is_slide:  # slide viewers read the pixel size from the resolution tags
         tags.update(TIFFTAG_XRESOLUTION=str(1e4 / mpp[0]), TIFFTAG_YRESOLUTION=str(1e4 / mpp[1]),
                     TIFFTAG_RESOLUTIONUNIT="3", mpp=f"{mpp[0]},{mpp[1]}")
     for key, value in tags.items():

@@ -17,7 +17,7 @@ import rasterio
 import rasterio.shutil
 import zarr
 
-from segpipe.geometry import read_geo
+from segpipe.geometry import SceneGeometry
 from segpipe.io.cog import CACHE_MB, COG_TILE, DEFLATE_LEVEL
 from segpipe.io.raster import quiet_not_georeferenced
 from segpipe.io.result import NODATA
@@ -38,15 +38,16 @@ def export_probabilities(result_path: str, dest: str | Path) -> Path:
     group = zarr.open_group(result_path, mode="r")
     prob = group["probability"]
     names = list(prob.attrs.get("class_names", [f"class{i}" for i in range(prob.shape[0])]))
-    crs, transform = read_geo(dict(group.attrs))
     n, h, w = (int(v) for v in prob.shape)
+    grid = SceneGeometry.of_attrs((h, w), dict(group.attrs))
     dest = Path(dest)
     remove_leftovers(dest)
     staging = dest.with_name(f".{dest.name}.{os.getpid()}.staging.tif")
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     rows = int(np.lcm(int(prob.chunks[1]), COG_TILE))
     profile = {"driver": "GTiff", "height": h, "width": w, "count": n + 1, "dtype": "uint8", "nodata": NODATA,
-               "tiled": True, "blockxsize": COG_TILE, "blockysize": COG_TILE, "crs": crs, "transform": transform}
+               "tiled": True, "blockxsize": COG_TILE, "blockysize": COG_TILE, "crs": grid.crs,
+               "transform": grid.transform}
     try:
         quiet_not_georeferenced()
         with rasterio.Env(GDAL_CACHEMAX=CACHE_MB * 2**20, GDAL_NUM_THREADS="ALL_CPUS"):

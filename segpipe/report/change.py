@@ -37,7 +37,7 @@ from rasterio.crs import CRS
 
 from segpipe import progress
 from segpipe.errors import InputError
-from segpipe.geometry import geo_attrs, read_geo
+from segpipe.geometry import SceneGeometry
 from segpipe.io.result import NODATA, SEGMENT_STAGE
 from segpipe.io.store import (
     Marks,
@@ -64,13 +64,14 @@ class Period:
 
     path: str
     label: str
-    shape: tuple[int, int]
+    grid: SceneGeometry
     chunks: tuple[int, int]
-    crs: CRS | None
-    transform: Affine
     class_names: list[str]
-    mpp: list[float] | None
     state: dict[str, Any]  # what a rerun compares: the store's fingerprint and its completion marks
+
+    shape = property(lambda self: self.grid.shape)
+    crs = property(lambda self: self.grid.crs)
+    transform = property(lambda self: self.grid.transform)
 
 
 @dataclass(frozen=True)
@@ -274,9 +275,8 @@ def read_period(path: str | Path, label: str | None = None) -> Period:
     names = list(attrs.get("class_names") or [])
     if not names:
         raise InputError(f"period {label}: {path} records no class_names")
-    crs, transform = read_geo(attrs)
-    return Period(path, label, tuple(int(n) for n in arr.shape), tuple(int(n) for n in arr.chunks), crs, transform,
-                  names, attrs.get("mpp"), _state(path, group))
+    grid = SceneGeometry.of_attrs(tuple(int(n) for n in arr.shape), attrs)
+    return Period(path, label, grid, tuple(int(n) for n in arr.chunks), names, _state(path, group))
 
 
 def _store_path(path: str) -> str:
@@ -431,7 +431,7 @@ def _create_store(path: Path, before: Period, after: Period, inputs: dict[str, A
     group = open_or_create(p, inputs, "change store")
     n, codes = len(before.class_names), legend(before.class_names)
     nodata = transition_nodata(n)
-    group.attrs.update({**geo_attrs(before.crs, before.transform, before.mpp), "product": "change",
+    group.attrs.update({**before.grid.attrs(), "product": "change",
                         "class_names": before.class_names, "legend": {str(k): v for k, v in codes.items()},
                         "before": before.label, "after": after.label, "nodata": nodata})
     _copy_coords(zarr.open_group(before.path, mode="r"), group)
