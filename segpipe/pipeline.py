@@ -171,7 +171,7 @@ def check(job: JobSpec, stores: bool = True) -> Checked:
     wrong = exports.foreign(info.kind) & set(job.exports or [])
     if wrong:
         raise InputError(exports.refusal(sorted(wrong)[0], info.kind))
-    plan = plan_method(job, len(bands), len(info.shape), _pixel_size(info), grid=(info.transform, info.shape))
+    plan = plan_method(job, len(bands), len(info.shape), _pixel_size(info), grid=geometry)
     if geometry.has_levels and job.level is None and plan.model is not None and plan.model.resolution:
         # The pyramid level nearest the model's resolution (from finer) is read, then resampled to it.
         level = level_for(info.path, min(plan.model.resolution))

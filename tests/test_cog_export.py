@@ -47,7 +47,8 @@ def result_store(path: Path, classes: np.ndarray, chunk: int, crs: bool = True,
     if not crs:  # a slide: micrometre transform, pixel size in ``mpp``
         scene_crs, transform = None, Affine(mpp[0], 0, 0, 0, mpp[1], 0)
     h, w = classes.shape
-    geometry = SceneGeometry("raster" if crs else "slide", (h, w), transform, scene_crs)
+    geometry = SceneGeometry("raster" if crs else "slide", (h, w), transform, scene_crs,
+                             mpp=None if crs else tuple(mpp))
     scene = SimpleNamespace(shape=(h, w), crs=scene_crs, transform=transform, height=h, width=w, chunk=chunk,
                             geometry=geometry, group=SimpleNamespace(attrs={} if crs else {"mpp": list(mpp)}))
     group = create_result(str(path), {"test": path.name}, scene, NAMES)

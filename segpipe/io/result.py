@@ -14,10 +14,8 @@ from typing import Any
 
 import numpy as np
 import zarr
-from affine import Affine
-from rasterio.crs import CRS
 
-from segpipe.geometry import geo_attrs
+from segpipe.geometry import SceneGeometry
 from segpipe.io.store import ensure_array, open_or_create
 from segpipe.tiling.scene import Scene
 
@@ -43,8 +41,7 @@ def create_result(path: str, fingerprint: dict[str, Any], scene: Scene, class_na
         ensure_array(group, "class", scene.shape, (scene.chunk,) * 3, "uint8", NODATA, ("z", "y", "x"),
                      _class_attrs(class_names))
         return group
-    return _create_image_result(path, fingerprint, scene.crs, scene.transform, scene.height, scene.width,
-                                scene.chunk, class_names, scene.group.attrs.get("mpp"))
+    return _create_image_result(path, fingerprint, scene.geometry, scene.chunk, class_names)
 
 
 def _class_attrs(class_names: list[str]) -> dict[str, Any]:
@@ -52,10 +49,11 @@ def _class_attrs(class_names: list[str]) -> dict[str, Any]:
             "flag_meanings": " ".join(n.replace(" ", "_") for n in class_names)}
 
 
-def _create_image_result(path: str, fingerprint: dict[str, Any], crs: CRS | None, transform: Affine, height: int,
-                         width: int, chunk: int, class_names: list[str], mpp: list[float] | None) -> zarr.Group:
+def _create_image_result(path: str, fingerprint: dict[str, Any], grid: SceneGeometry, chunk: int,
+                         class_names: list[str]) -> zarr.Group:
     group = open_or_create(path, fingerprint, "result store")
-    group.attrs.update({**geo_attrs(crs, transform, mpp), "class_names": class_names, "nodata": NODATA})
+    group.attrs.update({**grid.attrs(), "class_names": class_names, "nodata": NODATA})
+    crs, transform, (height, width) = grid.crs, grid.transform, grid.shape
     gt = " ".join(str(v) for v in (transform.c, transform.a, transform.b, transform.f, transform.d,
                                    transform.e))
     if crs is not None and "spatial_ref" not in group:

@@ -17,14 +17,13 @@ from typing import Any, Literal
 
 import numpy as np
 import zarr
-from affine import Affine
 from distributed import Client
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy import ndimage as ndi
 
 from segpipe import progress
 from segpipe.errors import InputError
-from segpipe.geometry import Index
+from segpipe.geometry import Index, SceneGeometry
 from segpipe.io.result import NODATA, SEGMENT_STAGE
 from segpipe.io.store import Marks, ensure_array
 from segpipe.methods.classical import typed_params
@@ -68,15 +67,15 @@ def check_params(params: dict[str, Any]) -> RegionGrowingParams:
     return typed_params("region_growing", RegionGrowingParams, params)
 
 
-def seed_pixels(p: RegionGrowingParams, transform: Affine, shape: tuple[int, int]) -> list[tuple[int, int]]:
+def seed_pixels(p: RegionGrowingParams, grid: SceneGeometry) -> list[tuple[int, int]]:
     """Seeds as (row, col) pixels; map coordinates go through the scene's inverse transform. Checked on the
     client before anything is written (a seed off the scene is one line), and again when the job runs."""
     seeds = [(int(r), int(c)) for r, c in p.seeds]
-    inv = ~transform
+    inv = ~grid.transform
     for x, y in p.seeds_xy:
         col, row = inv * (x, y)
         seeds.append((int(np.floor(row)), int(np.floor(col))))
-    height, width = shape
+    height, width = grid.shape
     for r, c in seeds:
         if not (0 <= r < height and 0 <= c < width):
             raise InputError(f"region_growing seed ({r}, {c}) lies outside the {width}x{height} scene")
@@ -173,7 +172,7 @@ def grow_regions(scene: Scene, work_group: zarr.Group, work_path: str, result_pa
                  advance: progress.Advance | None = None) -> None:
     """Run both passes of tile-exact region growing into ``result_path``'s ``class`` array."""
     p = check_params(params)
-    seeds = seed_pixels(p, scene.transform, scene.shape)
+    seeds = seed_pixels(p, scene.geometry)
     values = []
     for r, c in seeds:
         img = np.asarray(scene.image[:, r, c], dtype=np.float32)[:, None, None]

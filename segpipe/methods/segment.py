@@ -14,13 +14,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from affine import Affine
 from distributed import Client
 
 from segpipe import progress
 from segpipe.config import JobSpec
 from segpipe.errors import InputError
-from segpipe.geometry import Index
+from segpipe.geometry import Index, SceneGeometry
 from segpipe.io.result import SEGMENT_STAGE, add_probability_array, create_result, record_fit
 from segpipe.io.store import Marks, open_or_create
 from segpipe.methods.classical import ClassicalMethod, FitContext, make_classical
@@ -67,13 +66,13 @@ class MethodPlan:
 @dataclass(frozen=True)
 class PlanInput:
     """What a method is checked against before anything is written: the scene's band count, spatial axes and
-    pixel size, and its grid (transform, shape) for methods that place things on it (region-growing seeds)."""
+    pixel size, and its grid for methods that place things on it (region-growing seeds)."""
 
     job: JobSpec
     n_bands: int
     ndim: int
     pixel_size: tuple[float, ...] | None
-    grid: tuple[Affine, tuple[int, ...]] | None
+    grid: SceneGeometry | None
 
 
 def _plan_model(p: PlanInput) -> MethodPlan:
@@ -99,7 +98,7 @@ def _plan_region_growing(p: PlanInput) -> MethodPlan:
         raise InputError("method 'region_growing' works on 2-D images only")
     params = check_params(p.job.method.params)
     if p.grid is not None:
-        seed_pixels(params, *p.grid)
+        seed_pixels(params, p.grid)
     return MethodPlan(p.job.method.name, 2, p.job.class_names or ["outside", "region"])
 
 
@@ -178,9 +177,9 @@ FAMILIES: dict[str, MethodFamily] = {
 
 
 def plan_method(job: JobSpec, n_bands: int, ndim: int = 2, pixel_size: tuple[float, ...] | None = None,
-                grid: tuple[Affine, tuple[int, ...]] | None = None) -> MethodPlan:
+                grid: SceneGeometry | None = None) -> MethodPlan:
     """Check that the method can run on a scene with ``n_bands`` bands, ``ndim`` spatial axes and ``pixel_size``
-    (and, given its ``grid`` (transform, shape), that region-growing seeds lie on it).
+    (and, given its ``grid``, that region-growing seeds lie on it).
 
     Runs before anything is written.
     """

@@ -59,7 +59,7 @@ def class_areas(result: str, client: Client, tile_size: int) -> ClassAreas:
     """Pixels and area per class of the result store at ``result``, computed per tile on ``client``."""
     period = read_period(result)
     n = len(period.class_names)
-    area = pixel_area(period.crs, period.transform, period.shape[0])
+    area = pixel_area(period.grid)
     tasks = TileTask.each(period.shape, tile_size)
     futures = [client.submit(tile_classes, t, period.path, n, area.rows(t.core.row0, t.core.row1), pure=False)
                for t in tasks]

@@ -230,9 +230,10 @@ def label_of(path: str) -> str:
     return name.split("=", 1)[1] if "=" in name else name
 
 
-def pixel_area(crs: CRS | None, transform: Affine, height: int) -> PixelArea:
+def pixel_area(grid: SceneGeometry) -> PixelArea:
     """Area of the grid's pixels in m²: |det| of the transform times the CRS's linear unit squared for a
     projected CRS; per row, as the geodesic area of one cell on the CRS's ellipsoid, for a geographic one."""
+    crs, transform, height = grid.crs, grid.transform, grid.shape[0]
     if crs is None:
         return PixelArea("pixels")
     proj = pyproj.CRS.from_user_input(crs.to_wkt())
@@ -392,7 +393,7 @@ def change_product(before: str | Path, after: str | Path, dest: str | Path, clie
     dest = Path(dest)
     if dest.exists() and not dest.is_dir():
         raise InputError(f"change product destination exists and is not a folder: {dest}")
-    area = pixel_area(pb.crs, pb.transform, pb.shape[0])
+    area = pixel_area(pb.grid)
     inputs = json.loads(json.dumps({"before": pb.state, "after": pa.state, "labels": [pb.label, pa.label]},
                                    default=str))
     done = _finished(dest, inputs)

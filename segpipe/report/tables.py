@@ -17,8 +17,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from affine import Affine
-from rasterio.crs import CRS
 from rasterio.transform import array_bounds
 from rasterio.warp import transform_geom
 
@@ -43,8 +41,9 @@ def _clean(v: float) -> float | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), 6)
 
 
-def _image_row(grid: TileGrid, index: Index, transform: Affine, crs: CRS | None) -> tuple[dict, dict]:
+def _image_row(grid: TileGrid, index: Index, geometry: SceneGeometry) -> tuple[dict, dict]:
     """Position columns of one image tile, and its footprint feature (WGS 84 where georeferenced)."""
+    transform, crs = geometry.transform, geometry.crs
     r, c = index
     core = grid.tile(index).core
     west, south, east, north = array_bounds(core.height, core.width, grid.tile(index).transform(transform))
@@ -82,7 +81,7 @@ def build_report(confusions: dict[Index, np.ndarray], grid: TileGrid, geometry: 
         if geometry.is_volume:
             row, feat = _volume_row(grid, index, geometry), None
         else:
-            row, feat = _image_row(grid, index, geometry.transform, geometry.crs)
+            row, feat = _image_row(grid, index, geometry)
         row.update({unit: s.pixels, "accuracy": _clean(s.accuracy), "mean_iou": _clean(s.mean_iou)})
         for k, name in enumerate(class_names):
             row[f"iou_{name}"] = _clean(s.iou[k])
