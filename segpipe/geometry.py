@@ -14,6 +14,8 @@ from the input's metadata (or a store's attributes), they cannot.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -168,6 +170,27 @@ class SceneGeometry:
         kind = attrs.get("kind") or ("volume" if affine is not None and len(shape) == 3 else image_kind(crs, mpp))
         return cls(str(kind), tuple(shape), transform, crs, None if affine is None else np.asarray(affine, dtype=float),
                    None if not mpp else tuple(mpp))
+
+    @classmethod
+    def snapped(cls, bounds: Iterable[float], res: float, crs: CRS | None,
+                anchor: tuple[float, float] = (0.0, 0.0)) -> SceneGeometry:
+        """The north-up image grid of ``res`` pixels covering ``bounds`` (west, south, east, north), its pixel
+        edges on ``anchor`` fractions of a pixel past multiples of ``res`` (odc-geo's anchors: (0, 0) is
+        ``edge``, (0.5, 0.5) ``center``): every grid of an area with one anchor lands on the very same pixels."""
+        west, south, east, north = bounds
+        ax, ay = anchor[0] * res, anchor[1] * res
+        x0, y1 = math.floor((west - ax) / res + 1e-9) * res + ax, math.ceil((north - ay) / res - 1e-9) * res + ay
+        x1, y0 = math.ceil((east - ax) / res - 1e-9) * res + ax, math.floor((south - ay) / res + 1e-9) * res + ay
+        width, height = max(1, round((x1 - x0) / res)), max(1, round((y1 - y0) / res))
+        return cls("raster", (height, width), Affine(res, 0.0, x0, 0.0, -res, y1), crs)
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """West, south, east, north of an image grid, in its CRS's units (pixel edges, not centres)."""
+        from rasterio.transform import array_bounds
+
+        west, south, east, north = array_bounds(self.shape[-2], self.shape[-1], self.transform)
+        return west, south, east, north
 
     def attrs(self) -> dict[str, Any]:
         """The CRS, transform and pixel size as a store records them (:func:`geo_attrs`); the inverse of

@@ -100,3 +100,13 @@ def test_a_grid_encodes_itself_and_a_store_that_records_no_kind_is_read_by_its_p
         back = SceneGeometry.of_attrs(g.shape, g.attrs())
         assert back == g and back.mpp == g.mpp
     assert SceneGeometry.of_attrs((3, 4), geo_attrs(None, Affine.identity())).kind == "raster"
+
+
+def test_a_grid_snapped_to_bounds_puts_pixel_edges_on_its_anchor():
+    """Edges on multiples of the resolution (edge, today's mosaic grid), or half a pixel past them (center)."""
+    edge = SceneGeometry.snapped((1007.0, 1991.0, 1093.0, 2049.0), 30.0, UTM)
+    assert edge.transform == Affine(30.0, 0, 990.0, 0, -30.0, 2070.0) and edge.shape == (3, 4)
+    assert edge.bounds == (990.0, 1980.0, 1110.0, 2070.0)
+    center = SceneGeometry.snapped((1007.0, 1991.0, 1093.0, 2049.0), 30.0, UTM, anchor=(0.5, 0.5))
+    assert center.transform == Affine(30.0, 0, 1005.0, 0, -30.0, 2055.0) and center.shape == (3, 3)
+    assert center.bounds == (1005.0, 1965.0, 1095.0, 2055.0)  # covers (1007, 1991, 1093, 2049)

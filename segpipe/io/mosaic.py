@@ -37,6 +37,7 @@ from affine import Affine
 from rasterio.crs import CRS
 
 from segpipe.errors import InputError, first_line
+from segpipe.geometry import SceneGeometry
 from segpipe.io.paths import is_remote
 from segpipe.io.raster import open_raster, quiet_not_georeferenced
 
@@ -464,8 +465,8 @@ def resolve_mosaic(spec: MosaicSpec, nodata: float | None = None) -> Mosaic:
     else:
         fps = [_footprint(o, crs) for o in opened]
         bounds = [min(f[0] for f in fps), min(f[1] for f in fps), max(f[2] for f in fps), max(f[3] for f in fps)]
-    transform, shape = _snapped_grid(bounds, res)
-    grid_box = _grid_bounds(transform, shape)
+    grid = SceneGeometry.snapped(bounds, res, crs)
+    transform, shape, grid_box = grid.transform, grid.shape, grid.bounds
     kept = [o for o in opened if _overlaps(_footprint(o, crs), grid_box)]
     if not kept:
         raise InputError(f"no readable item of {source} overlaps the output area {tuple(round(b, 6) for b in bounds)}")
@@ -544,23 +545,6 @@ def _bounds_in(bounds: Iterable[float], src: CRS, dst: CRS) -> tuple[float, floa
     return tuple(b) if src == dst else tuple(transform_bounds(src, dst, *b, densify_pts=21))
 
 
-def _snapped_grid(bounds: Iterable[float], res: float) -> tuple[Affine, tuple[int, int]]:
-    """The grid of ``res`` pixels covering ``bounds``, its edges on multiples of ``res`` (as odc-geo anchors):
-    every period of an area lands on the very same pixels."""
-    west, south, east, north = bounds
-    x0, y1 = math.floor(west / res + 1e-9) * res, math.ceil(north / res - 1e-9) * res
-    x1, y0 = math.ceil(east / res - 1e-9) * res, math.floor(south / res + 1e-9) * res
-    width, height = max(1, round((x1 - x0) / res)), max(1, round((y1 - y0) / res))
-    return Affine(res, 0.0, x0, 0.0, -res, y1), (height, width)
-
-
-def _grid_bounds(transform: Affine, shape: tuple[int, int]) -> tuple[float, float, float, float]:
-    from rasterio.transform import array_bounds
-
-    west, south, east, north = array_bounds(shape[0], shape[1], transform)
-    return west, south, east, north
-
-
 def _aoi_geometry(path: Path) -> tuple[Any, CRS]:
     """The union of an AOI file's polygons and its CRS (EPSG:4326 when the file names none, as GeoJSON says)."""
     import shapely
@@ -597,7 +581,7 @@ def load_block(m: Mosaic, r0: int, c0: int, h: int, w: int) -> tuple[np.ndarray,
     transform = m.affine * Affine.translation(c0, r0)
     data = np.full((len(m.bands), h, w), m.nodata, dtype=m.dtype)
     ok = np.zeros((h, w), bool)
-    box = _grid_bounds(transform, (h, w))
+    box = SceneGeometry("raster", (h, w), transform).bounds
     items = [i for i in m.items if _overlaps(i.bounds, box)]
     if not items:
         return data, ok
