@@ -51,8 +51,9 @@ def main(size: int = 8192, batch: int = 32) -> None:
                 addrs = [a for a, w in workers.items() if str(w.get("name", "")).startswith("gpu") == (kind == "gpu")]
                 if not addrs:
                     continue
-                own, total = flatten(client.profile(start=t0, workers=addrs))
-                print(f"== {kind} workers {len(addrs)}: {total['root']} samples")
+                tree = client.profile(start=t0, workers=addrs)
+                own, total = flatten(tree)
+                print(f"== {kind} workers {len(addrs)}: {tree['count']} samples")
                 print("  own:", *[f"\n    {n:6d} {k}" for k, n in own.most_common(18)])
                 print("  incl:", *[f"\n    {n:6d} {k}" for k, n in total.most_common(25)])
 

@@ -94,6 +94,7 @@ class GridInfo(Protocol):
     transform: Affine
     crs: CRS | None
     geometry: dict[str, Any] | None
+    mpp: tuple[float, float] | None
 
 
 def image_kind(crs: CRS | None, mpp: Any = None) -> str:
@@ -157,7 +158,7 @@ class SceneGeometry:
     def of_info(cls, info: GridInfo) -> SceneGeometry:
         """From an input's metadata, before anything is read or written."""
         affine = (info.geometry or {}).get("affine")
-        mpp = getattr(info, "mpp", None)
+        mpp = info.mpp
         return cls(info.kind, tuple(info.shape), info.transform, info.crs,
                    None if affine is None else np.asarray(affine, dtype=float), None if mpp is None else tuple(mpp))
 

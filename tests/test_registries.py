@@ -22,4 +22,8 @@ def test_every_method_name_the_config_accepts_has_a_family_that_plans_and_runs_i
 
 
 def test_the_config_offers_exactly_the_registered_exports():
+    from segpipe import geometry
+    from segpipe.io import exports
+
     assert _literal_names(JobSpec.model_fields["exports"].annotation) == set(EXPORTS)
+    assert exports.KINDS == set(geometry.KINDS)

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from distributed import Client
 
+# The grid's kinds (segpipe.geometry.KINDS, tied to these by a test): not imported from there, since the config
+# reads this module and must not load rasterio and numpy to parse a job file.
 KINDS = frozenset({"raster", "slide", "volume"})
 IMAGES = frozenset({"raster", "slide"})
 
