@@ -22,7 +22,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -37,6 +36,7 @@ def build_result(path: Path, size: int, chunk: int = 512) -> str:
     import rasterio
     from skimage.filters import threshold_otsu
 
+    from segpipe.geometry import SceneGeometry
     from segpipe.io.result import NODATA, create_result
 
     with rasterio.open(SCENE) as src:
@@ -46,9 +46,8 @@ def build_result(path: Path, size: int, chunk: int = 512) -> str:
     classes[a == 0] = NODATA
     reps = -(-size // a.shape[1])
     row = np.concatenate([classes if k % 2 == 0 else classes[:, ::-1] for k in range(reps)], axis=1)[:, :size]
-    scene = SimpleNamespace(shape=(size, size), crs=crs, transform=transform, height=size, width=size, chunk=chunk,
-                            group=SimpleNamespace(attrs={}))
-    arr = create_result(str(path), {"bench_export": size}, scene, ["background", "building"])["class"]
+    grid = SceneGeometry("raster", (size, size), transform, crs)
+    arr = create_result(str(path), {"bench_export": size}, grid, chunk, ["background", "building"])["class"]
     n = a.shape[0]
     for r0 in range(0, size, chunk):
         rows = np.arange(r0, min(size, r0 + chunk))

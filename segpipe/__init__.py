@@ -7,10 +7,11 @@ the same calls into Prefect flows.
 
 Where each stage lives (layers, low to high; ARCHITECTURE.md has the import contract): ``errors``,
 ``geometry`` (the grid value), ``io.paths``, ``progress``; ``config`` (the job); ``runtime`` (clusters,
-placement, units of work); ``io`` (sources, stores, exports) and ``models`` (model formats); ``tiling``
-(grids, ingest, statistics, resampling, stitching); ``methods`` (classical, model inference, training);
-``objects`` (instances); ``report`` (truth, metrics, tables, HTML, change); ``pipeline``, ``periods``,
-``archive``, ``api``, ``cli`` (the stages in order and the entry points).
+placement, units of work); ``io`` (sources, the run layout, stores, the scene handle, ground truth, exports)
+and ``models`` (model formats); ``tiling`` (grids, ingest, statistics, resampling, stitching, seams);
+``methods`` (classical, model inference, training); ``objects`` (instances); ``report`` (metrics, tables,
+HTML, change); ``pipeline``, ``periods``, ``archive``, ``api``, ``cli`` (the stages in order and the entry
+points).
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from segpipe.errors import InputError
+from segpipe.io.layout import result_path
 from segpipe.io.paths import is_remote
-from segpipe.io.store import store_in
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -153,7 +153,7 @@ def segment(source: Any, method: str | Mapping[str, Any], *, output: str | Path 
             remove_array_source(written)
         raise
     outcome = execute(c, client=client, reporter=Reporter(sys.stderr) if progress else None)
-    ds = open_result(outcome.result, metrics=c.metrics_dir)
+    ds = open_result(outcome.result, metrics=c.layout.metrics_dir)
     ds.attrs["output"] = str(c.job.output)  # where the Dataset reads from: the temporary folder when none was given
     return ds
 
@@ -172,7 +172,7 @@ def open_result(path: str | Path, metrics: str | Path | None = None) -> xr.Datas
 
     _register_accessor(xr)
     root = str(path)
-    result = root if root.rstrip("/").endswith(".zarr") else store_in(root, "result.zarr")
+    result = root if root.rstrip("/").endswith(".zarr") else result_path(root)
     if not is_remote(result) and not (Path(result) / "zarr.json").is_file():
         raise InputError(f"no segpipe result at {path} (expected a result.zarr from a finished run)")
     with warnings.catch_warnings():  # a store from a killed run has no consolidated metadata: listed instead

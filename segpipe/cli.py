@@ -92,7 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if outcome.report is not None:
         from segpipe.report.tables import format_summary  # pandas: over 0.3 s of start-up a job without truth skips
 
-        print(f"metrics:      {checked.metrics_dir}")
+        print(f"metrics:      {checked.layout.metrics_dir}")
         print(format_summary(outcome.report))
     elif outcome.objects is not None:
         print(f"objects:      {outcome.objects.summary['objects']} (metrics/objects.csv)")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from affine import Affine
@@ -85,18 +85,6 @@ class Box:
         return tuple(slice(a - o, b - o) for a, b, o in zip(self.start, self.stop, outer.start, strict=True))
 
 
-class GridInfo(Protocol):
-    """What a reader's metadata tells of its grid (:class:`segpipe.io.raster.RasterInfo` has it); named by shape
-    rather than imported, so that this module stays below the readers."""
-
-    kind: str
-    shape: tuple[int, ...]
-    transform: Affine
-    crs: CRS | None
-    geometry: dict[str, Any] | None
-    mpp: tuple[float, float] | None
-
-
 def image_kind(crs: CRS | None, mpp: Any = None) -> str:
     """The kind of a 2-D grid known only by its placement (a store's attributes, a COG's tags): a slide has no
     CRS and a pixel size in micrometres (``mpp``); anything else is a raster, in CRS units or in pixels."""
@@ -131,6 +119,35 @@ def read_geo(attrs: dict[str, Any]) -> tuple[CRS | None, Affine]:
     return (CRS.from_wkt(wkt) if wkt else None), Affine(*attrs["transform"][:6])
 
 
+# A pixel size within 1 % of the model's is the model's: no resampling (a rounding of the GSD in metadata).
+SAME_SIZE = 0.01
+# Farther apart than this, a pixel size is far more likely in other units (degrees against metres, mm
+# against µm) than a real difference of scale; refused rather than resampled.
+MAX_RATIO = 16.0
+
+
+def scale_for(model_size: list[float] | None, pixel_size: tuple[float, ...] | None,
+              name: str) -> tuple[float, ...] | None:
+    """Per axis, the model's pixel size over the scene's; None when they agree (or either is unknown).
+
+    Raises a ValueError naming both sizes when they cannot be compared (axes, or an implausible factor).
+    """
+    if not model_size or pixel_size is None:
+        return None
+    wanted = list(model_size) * len(pixel_size) if len(model_size) == 1 else list(model_size)
+    if len(wanted) != len(pixel_size):
+        raise ValueError(f"model {name} gives a resolution for {len(wanted)} axes; the scene has {len(pixel_size)}")
+    ratio = tuple(float(m) / float(s) for m, s in zip(wanted, pixel_size, strict=True))
+    if all(abs(r - 1.0) <= SAME_SIZE for r in ratio):
+        return None
+    if any(not 1 / MAX_RATIO <= r <= MAX_RATIO for r in ratio):
+        have = " x ".join(f"{v:g}" for v in pixel_size)
+        raise ValueError(f"model {name} was trained at {' x '.join(f'{v:g}' for v in wanted)} per pixel, this "
+                         f"scene has {have}: more than {MAX_RATIO:g}x apart, so probably in other units "
+                         f"(reproject the scene, or correct the model card's resolution)")
+    return ratio
+
+
 @dataclass(frozen=True)
 class SceneGeometry:
     """Shape, placement and units of a scene grid.
@@ -146,6 +163,8 @@ class SceneGeometry:
     crs: CRS | None = None
     affine: np.ndarray | None = field(default=None, compare=False)
     mpp: tuple[float, float] | None = field(default=None, compare=False)  # slides: µm per pixel (x, y)
+    # volumes: the NIfTI sform code of the affine's world frame (1 scanner, 2 aligned, 3 Talairach, 4 MNI)
+    xform_code: int = field(default=1, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -155,12 +174,11 @@ class SceneGeometry:
                              f"{' and an affine' if self.kind == 'volume' else ''}: shape {self.shape}")
 
     @classmethod
-    def of_info(cls, info: GridInfo) -> SceneGeometry:
-        """From an input's metadata, before anything is read or written."""
-        affine = (info.geometry or {}).get("affine")
-        mpp = info.mpp
-        return cls(info.kind, tuple(info.shape), info.transform, info.crs,
-                   None if affine is None else np.asarray(affine, dtype=float), None if mpp is None else tuple(mpp))
+    def volume(cls, shape: tuple[int, int, int], affine: Any, xform_code: int = 1) -> SceneGeometry:
+        """A ``(z, y, x)`` volume placed by its RAS+ affine; ``transform`` is its in-plane voxel size."""
+        a = np.asarray(affine, dtype=float)
+        _, sy, sx = _spacing(a)
+        return cls("volume", tuple(shape), Affine(sx, 0.0, 0.0, 0.0, sy, 0.0), None, a, None, int(xform_code))
 
     @classmethod
     def of_attrs(cls, shape: tuple[int, ...], attrs: dict[str, Any]) -> SceneGeometry:
@@ -170,7 +188,7 @@ class SceneGeometry:
         # result and derived stores record no kind: a volume has its affine, a slide no CRS and a pixel size
         kind = attrs.get("kind") or ("volume" if affine is not None and len(shape) == 3 else image_kind(crs, mpp))
         return cls(str(kind), tuple(shape), transform, crs, None if affine is None else np.asarray(affine, dtype=float),
-                   None if not mpp else tuple(mpp))
+                   None if not mpp else tuple(mpp), int(attrs.get("nifti_xform_code", 1)))
 
     @classmethod
     def snapped(cls, bounds: Iterable[float], res: float, crs: CRS | None,
@@ -194,9 +212,26 @@ class SceneGeometry:
         return west, south, east, north
 
     def attrs(self) -> dict[str, Any]:
-        """The CRS, transform and pixel size as a store records them (:func:`geo_attrs`); the inverse of
-        :meth:`of_attrs` for images and slides (a volume's affine is recorded beside them at ingest)."""
-        return geo_attrs(self.crs, self.transform, self.mpp)
+        """The grid as a store records it, the inverse of :meth:`of_attrs`: CRS, transform and pixel size
+        (:func:`geo_attrs`); for a volume its affine with the spacing, origin and direction cosines that NIfTI,
+        ITK and OME-Zarr readers want."""
+        if not self.is_volume:
+            return geo_attrs(self.crs, self.transform, self.mpp)
+        a = self.affine
+        spacing = self.pixel_size
+        return {"crs_wkt": None, "transform": [spacing[2], 0.0, 0.0, 0.0, spacing[1], 0.0],
+                "affine": [[float(v) for v in r] for r in a], "affine_space": "RAS+ mm, voxel (i, j, k) = (x, y, z)",
+                "spacing": list(spacing), "origin": [float(v) for v in a[:3, 3]],
+                "direction": (a[:3, :3] / np.linalg.norm(a[:3, :3], axis=0)).tolist(),
+                "nifti_xform_code": self.xform_code,
+                "spatial:dimensions": ["z", "y", "x"], "spatial:units": "millimetre"}
+
+    @property
+    def pixel_size(self) -> tuple[float, ...]:
+        """Per spatial axis ((z,) y, x): CRS units (metres for projected scenes), µm (slides), mm (volumes)."""
+        if self.is_volume:
+            return _spacing(self.affine)
+        return (abs(self.transform.e), abs(self.transform.a))
 
     @property
     def ndim(self) -> int:
@@ -279,3 +314,8 @@ class SceneGeometry:
         t = self.transform
         row, col = index[0] + 0.5, index[1] + 0.5
         return np.vstack([t.c + t.a * col + t.b * row, t.f + t.d * col + t.e * row])
+
+
+def _spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    """A volume's voxel size along (z, y, x) in millimetres: the lengths of its affine's i, j, k columns."""
+    return tuple(float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)[::-1])

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from segpipe.config import JobSpec, MosaicSpec, load_job
 from segpipe.errors import InputError
-from segpipe.io.store import store_in, write_atomic
+from segpipe.io.layout import result_path
+from segpipe.io.store import write_atomic
 from segpipe.pipeline import Checked, check, check_output_stores
 
 if TYPE_CHECKING:
@@ -193,7 +194,7 @@ def _run(plan: PlannedPeriod, client: Client, reporter: Reporter | None, say: An
         from segpipe.report.change import change_product
 
         say(f"period {plan.label}: change against {previous}")
-        before = store_in(str(_store_root(c.job, previous, root)), "result.zarr")
+        before = result_path(_store_root(c.job, previous, root))
         change = change_product(before, outcome.result, plan.folder / "change", client,
                                 tile_size=c.job.tile_size, before_label=previous, after_label=plan.label)
     write_atomic(plan.folder / MARK, json.dumps({"period": plan.label, "scene": c.layout.scene_fp,

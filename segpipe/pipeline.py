@@ -23,7 +23,9 @@ from segpipe.config import JobSpec
 from segpipe.errors import InputError
 from segpipe.geometry import SceneGeometry
 from segpipe.io import exports
+from segpipe.io.layout import RunLayout
 from segpipe.io.raster import RasterInfo
+from segpipe.io.scene import Scene
 from segpipe.io.slide import level_for
 from segpipe.io.store import (
     changed_store_error,
@@ -32,53 +34,18 @@ from segpipe.io.store import (
     open_or_create,
     remove_store,
     store_changes,
-    store_in,
     write_atomic,
 )
+from segpipe.io.truth import Truth, check_truth
 from segpipe.methods.segment import MethodPlan, plan_method, result_fingerprint, segment
-from segpipe.report.truth import Truth, check_truth
 from segpipe.runtime.placement import cpu_stage
 from segpipe.tiling.grid import TileGrid, TileRun, TileTask
 from segpipe.tiling.ingest import fingerprint, ingest, job_source, selected_bands, source_info
-from segpipe.tiling.scene import Scene, result_path, scene_path, work_path
 
 if TYPE_CHECKING:  # the later stages are imported where they run: start-up pays only for what a job uses
     from segpipe.objects.instances import InstanceSummary
     from segpipe.objects.measure import ObjectReport
     from segpipe.report.tables import MetricsReport
-
-
-INSTANCES_WORK = "instances_work.zarr"
-
-
-@dataclass(frozen=True)
-class RunLayout:
-    """Every store of a run and what each depends on, computed once when the job is checked.
-
-    Why once: the scene's fingerprint opens a remote source to read its metadata, and stages that each
-    rebuilt paths and fingerprints could disagree; ingest, segment, instances, periods and the flows read
-    them from here. ``instances_fp`` is None when the job asks for no instances.
-    """
-
-    scene_store: str
-    result_store: str
-    work_store: str
-    instances_store: str
-    scene_fp: dict[str, Any]
-    result_fp: dict[str, Any]
-    instances_fp: dict[str, Any] | None
-
-    @classmethod
-    def of(cls, job: JobSpec, info: RasterInfo, plan: MethodPlan) -> RunLayout:
-        root = job.store_root
-        scene_fp = fingerprint(job, info)
-        result_fp = result_fingerprint(job, plan, scene_fp)
-        return cls(scene_path(root), result_path(root), work_path(root), store_in(root, INSTANCES_WORK), scene_fp,
-                   result_fp, None if job.instances is None else instances_fingerprint(result_fp, job))
-
-    def stores(self) -> list[str]:
-        """Every store a job keeps in its output, derived from one another: replaced together."""
-        return [self.scene_store, self.result_store, self.work_store, self.instances_store]
 
 
 @dataclass
@@ -94,23 +61,11 @@ class Checked:
 
     @property
     def geometry(self) -> SceneGeometry:
-        return SceneGeometry.of_info(self.info)
+        return self.info.grid
 
     @property
     def exports(self) -> list[str]:
-        return list(self.job.exports) if self.job.exports is not None else exports.defaults(self.info.kind)
-
-    @property
-    def metrics_dir(self) -> Path:
-        return Path(self.job.output) / "metrics"
-
-    @property
-    def html_path(self) -> Path:
-        return self.metrics_dir / "report.html"
-
-    @property
-    def polygons_path(self) -> Path:
-        return Path(self.job.output) / "objects.gpkg"
+        return list(self.layout.exports)
 
     @property
     def instance_classes(self) -> list[int]:
@@ -124,11 +79,15 @@ class Checked:
         return len(self.info.shape) if spec is None or spec.connectivity == "full" else 1
 
 
-# What a run may write in its output besides the stores. With overwrite, those the run did not write again are
-# the old settings' (a COG where the job now asks for NIfTI, scores where it has no truth any more).
-OUTPUT_FILES = (*exports.output_files(), "objects.gpkg",
-                *(f"metrics/{n}" for n in ("summary.json", "tiles.csv", "tiles.geojson", "report.html",
-                                           "objects.csv", "objects.json", "truth_objects.csv")))
+def plan_layout(job: JobSpec, info: RasterInfo, plan: MethodPlan) -> RunLayout:
+    """The run's layout (:class:`~segpipe.io.layout.RunLayout`): its paths, the exports it writes, and the
+    fingerprints of its stores, each made once here."""
+    scene_fp = fingerprint(job, info)
+    result_fp = result_fingerprint(job, plan, scene_fp)
+    names = tuple(job.exports) if job.exports is not None else tuple(exports.defaults(info.kind))
+    polygons = job.instances is not None and info.grid.has_polygons
+    return RunLayout(Path(job.output), job.store_root, names, scene_fp, result_fp,
+                     None if job.instances is None else instances_fingerprint(result_fp, job), polygons)
 
 
 def instances_fingerprint(result_fp: dict[str, Any], job: JobSpec) -> dict[str, Any]:
@@ -155,7 +114,7 @@ def check_output_stores(c: Checked) -> Checked:
 
 def _pixel_size(info: RasterInfo) -> tuple[float, ...] | None:
     """The scene's pixel size for a model's resolution; None for a raster without a CRS (pixel units)."""
-    return None if SceneGeometry.of_info(info).units == "px" else info.pixel_size
+    return None if info.grid.units == "px" else info.pixel_size
 
 
 def check(job: JobSpec, stores: bool = True) -> Checked:
@@ -164,7 +123,7 @@ def check(job: JobSpec, stores: bool = True) -> Checked:
     With ``stores``, also the stores already in the output (:func:`check_output_stores`).
     """
     info = job_source(job, job.level or 0)
-    geometry = SceneGeometry.of_info(info)
+    geometry = info.grid
     if job.level is not None and not geometry.has_levels:
         raise InputError(f"level applies to whole-slide images; this input is a {info.kind}")
     bands = selected_bands(job, info)
@@ -198,7 +157,7 @@ def check(job: JobSpec, stores: bool = True) -> Checked:
     blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise InputError(f"output path {out} lies under {blocking}, which is a file, not a folder")
-    checked = Checked(job, info, plan, truth, RunLayout.of(job, info, plan))
+    checked = Checked(job, info, plan, truth, plan_layout(job, info, plan))
     return check_output_stores(checked) if stores else checked
 
 
@@ -220,19 +179,19 @@ def in_process(c: Checked) -> bool:
 
 @cpu_stage
 def run_ingest(c: Checked, client: Client) -> Scene:
-    return ingest(c.job, c.info, client, c.layout.scene_fp)
+    return ingest(c.job, c.info, client, c.layout)
 
 
 @cpu_stage
 def run_segment(c: Checked, scene: Scene, client: Client) -> str:
-    return segment(c.job, scene, c.plan, c.layout.result_fp, client)
+    return segment(c.job, scene, c.plan, c.layout, client)
 
 
 @cpu_stage
 def run_export(c: Checked, scene: Scene, result: str, client: Client) -> list[Path]:
     """Write the requested exports (:data:`segpipe.io.exports.EXPORTS`); each file is renamed into place only when
     complete."""
-    run = exports.ExportRun(result=result, scene=scene.path, output=Path(c.job.output),
+    run = exports.ExportRun(result=result, scene=scene.path, output=c.layout.output,
                             class_names=c.plan.class_names, probabilities=c.job.probabilities, client=client)
     return exports.write(c.exports, run)
 
@@ -271,12 +230,12 @@ def run_objects(c: Checked, scene: Scene, result: str, inst: InstanceSummary | N
                                                  for t in tasks], unit)
     report = object_report(parts, grid, inst.classes, c.job.instances.match_iou, c.plan.class_names,
                            truth_class=truth_classes(c.truth), ap_classes=c.instance_classes)
-    write_object_report(report, c.metrics_dir, scene.geometry)
-    if scene.geometry.has_polygons:
+    write_object_report(report, c.layout.metrics_dir, scene.geometry)
+    if c.layout.polygons:
         pieces = progress.counted(client, "polygons", [client.submit(tile_polygons, t, transform=scene.transform,
                                                                      connectivity=c.connectivity, pure=False)
                                                        for t in tasks], unit)
-        write_polygons([p for part in pieces for p in part], report.objects, scene.crs, c.polygons_path)
+        write_polygons([p for part in pieces for p in part], report.objects, scene.crs, c.layout.polygons_path)
     return report
 
 
@@ -301,8 +260,8 @@ def run_metrics(c: Checked, scene: Scene, result: str, client: Client,
     report = build_report(confusions, grid, scene.geometry, c.plan.class_names)
     if objects is not None:
         add_object_columns(report, objects)
-    write_report(report, c.metrics_dir)
-    write_html_report(report, scene.path, result, c.html_path, f"segpipe: {Path(c.info.path).name}")
+    write_report(report, c.layout.metrics_dir)
+    write_html_report(report, scene.path, result, c.layout.html_path, f"segpipe: {Path(c.info.path).name}")
     return report
 
 
@@ -316,10 +275,10 @@ def start(c: Checked) -> None:
 
 
 def remove_stale_outputs(c: Checked, since: float) -> None:
-    """After a successful overwrite: the output files (:data:`OUTPUT_FILES`) this run did not write again, i.e.
-    last written before ``since``. Only then: a failed run leaves the previous files as they were."""
-    for name in OUTPUT_FILES:
-        path = Path(c.job.output) / name
+    """After a successful overwrite: the output files (:data:`segpipe.io.layout.OUTPUT_FILES`) this run did not
+    write again, i.e. last written before ``since``. Only then: a failed run leaves the previous files as they
+    were."""
+    for path in c.layout.output_files():
         if path.exists() and path.stat().st_mtime < since:
             if path.is_dir():
                 shutil.rmtree(path)
@@ -344,10 +303,16 @@ class Outcome:
 
     scene: str
     result: str
-    exports: list[Path]
+    exported: list[Path]  # the export stage's files
     report: MetricsReport | None
     objects: ObjectReport | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage
+    polygons: Path | None = None  # the objects' polygons (objects.gpkg), where the run wrote them
+
+    @property
+    def exports(self) -> list[Path]:
+        """Every result file for users' tools: the exports, then the objects' polygons."""
+        return [*self.exported, *([self.polygons] if self.polygons else [])]
 
     @property
     def cog(self) -> Path | None:
@@ -400,10 +365,8 @@ def run_job(c: Checked, client: Client, log: Callable[[str], None] = lambda _: N
         log(f"instances of class(es) {c.instance_classes} across {unit}s")
         instances = stage("instances", lambda cl: run_instances(c, result, cl))
     log(f"export {', '.join(c.exports)}")
-    exports = stage("export", lambda cl: run_export(c, scene, result, cl))
+    exported = stage("export", lambda cl: run_export(c, scene, result, cl))
     objects = stage("objects", lambda cl: run_objects(c, scene, result, instances, cl))
-    if objects is not None and c.geometry.has_polygons:
-        exports.append(c.polygons_path)
     if c.truth is not None:
         log(f"per-{unit} metrics")
     report = stage("metrics", lambda cl: run_metrics(c, scene, result, cl, objects))
@@ -411,7 +374,8 @@ def run_job(c: Checked, client: Client, log: Callable[[str], None] = lambda _: N
     write_summary(c, report, seconds)
     if c.replace:
         remove_stale_outputs(c, began)
-    return Outcome(scene.path, result, exports, report, objects, seconds)
+    return Outcome(scene.path, result, exported, report, objects, seconds,
+                   c.layout.polygons_path if c.layout.polygons else None)
 
 
 def _log_start(c: Checked, client: Client, log: Callable[[str], None]) -> None:
@@ -443,7 +407,7 @@ def write_summary(c: Checked, report: MetricsReport | None, seconds: dict[str, f
     if mosaic is not None:
         doc["mosaic"] = {"items": [i.id for i in mosaic.items],
                          "skipped": [{"id": k, "reason": why} for k, why in mosaic.skipped]}
-    path = c.metrics_dir / "summary.json"
+    path = c.layout.summary_path
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(doc, indent=2))
 

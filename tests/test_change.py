@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pyproj
@@ -61,9 +60,7 @@ def hand_store(path: Path, classes: np.ndarray, names: list[str], crs: CRS | Non
     """A result store made by ``create_result`` (the pipeline's own layout) holding ``classes``."""
     h, w = classes.shape
     geometry = SceneGeometry("raster" if crs is not None else "slide", (h, w), transform, crs)
-    scene = SimpleNamespace(shape=(h, w), crs=crs, transform=transform, height=h, width=w, chunk=chunk,
-                            geometry=geometry, group=SimpleNamespace(attrs={}))
-    group = create_result(str(path), {"made": path.name}, scene, names)
+    group = create_result(str(path), {"made": path.name}, geometry, chunk, names)
     group["class"][:] = classes
     return str(path)
 

@@ -56,7 +56,7 @@ def test_kmeans_with_truth_reports_iou(tmp_path, client):
 @pytest.mark.parametrize("dtype,bands", [("uint16", 1), ("uint8", 3), ("int16", 2), ("float32", 2)])
 def test_scene_statistics_equal_a_whole_array_count(tmp_path, client, sample_pixels, dtype, bands):
     """Integer scenes are read once (grey-level counts binned afterwards); every path equals numpy on the whole."""
-    from segpipe.tiling.scene import Scene
+    from segpipe.io.scene import Scene
     from segpipe.tiling.stats import scene_stats
 
     a = sample_pixels[0].astype(np.float64)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -49,9 +48,7 @@ def result_store(path: Path, classes: np.ndarray, chunk: int, crs: bool = True,
     h, w = classes.shape
     geometry = SceneGeometry("raster" if crs else "slide", (h, w), transform, scene_crs,
                              mpp=None if crs else tuple(mpp))
-    scene = SimpleNamespace(shape=(h, w), crs=scene_crs, transform=transform, height=h, width=w, chunk=chunk,
-                            geometry=geometry, group=SimpleNamespace(attrs={} if crs else {"mpp": list(mpp)}))
-    group = create_result(str(path), {"test": path.name}, scene, NAMES)
+    group = create_result(str(path), {"test": path.name}, geometry, chunk, NAMES)
     group["class"][:] = classes
     return str(path)
 

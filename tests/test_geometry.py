@@ -69,13 +69,27 @@ def test_world_places_pixel_centres_and_voxels_by_the_affine():
     np.testing.assert_allclose(_volume().world(np.array([[1], [2], [3]])), [[2.4], [1.6], [2.5]])
 
 
-def test_of_info_and_of_attrs_agree_with_what_ingest_records():
-    info = RasterInfo("s.svs", 300, 400, 3, "uint8", None, Affine.scale(0.25), None, (None,) * 3, kind="slide",
-                      mpp=(0.25, 0.25))
-    assert SceneGeometry.of_info(info) == _slide() and info.describe() == "400x300 px"
+def test_a_readers_grid_and_a_stores_attributes_agree_with_what_ingest_records():
+    info = RasterInfo("s.svs", _slide(), 3, "uint8", None, (None,) * 3)
+    assert (info.kind, info.shape, info.height, info.width, info.mpp) == ("slide", (300, 400), 300, 400, None)
+    assert info.describe() == "400x300 px" and info.pixel_size == (0.25, 0.25)
     attrs = {**geo_attrs(info.crs, info.transform, info.mpp), "kind": "slide"}
     assert SceneGeometry.of_attrs((300, 400), attrs) == _slide()
     assert SceneGeometry.of_attrs((300, 400), geo_attrs(UTM, _image().transform)) == _image()
+
+
+def test_a_volume_records_its_affine_and_reads_it_back():
+    """A volume's attributes (affine, spacing, origin, direction, frame) round-trip through the store's attributes,
+    and its in-plane transform is its voxel size, as ingest records it."""
+    affine = np.array([[0.0, 0.0, -2.5, 10.0], [0.8, 0.0, 0.0, -20.0], [0.0, -0.9, 0.0, 30.0], [0, 0, 0, 1]])
+    grid = SceneGeometry.volume((40, 300, 400), affine, xform_code=4)
+    attrs = grid.attrs()
+    assert attrs["spacing"] == [2.5, 0.9, 0.8] and attrs["origin"] == [10.0, -20.0, 30.0]
+    assert attrs["transform"] == [0.8, 0.0, 0.0, 0.0, 0.9, 0.0] and attrs["nifti_xform_code"] == 4
+    back = SceneGeometry.of_attrs((40, 300, 400), attrs)
+    assert back == grid and back.xform_code == 4 and back.pixel_size == (2.5, 0.9, 0.8)
+    np.testing.assert_array_equal(back.affine, affine)
+    np.testing.assert_allclose(np.asarray(attrs["direction"]) @ np.diag([0.8, 0.9, 2.5]), affine[:3, :3])
 
 
 def test_image_kind_from_placement_alone():

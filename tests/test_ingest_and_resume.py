@@ -9,8 +9,8 @@ from helpers import class_map, run
 
 from segpipe.errors import InputError
 from segpipe.geometry import read_geo
+from segpipe.io.scene import Scene
 from segpipe.io.store import Marks
-from segpipe.tiling.scene import Scene
 
 
 def test_multiband_ingest_keeps_pixels_nodata_and_georeferencing(tmp_path, client):

@@ -28,10 +28,10 @@ from rasterio.features import rasterize
 
 from segpipe.config import TruthSpec
 from segpipe.io.raster import raster_info
+from segpipe.io.truth import check_truth
 from segpipe.objects.ap import Category, average_precision
 from segpipe.objects.measure import object_report, tile_objects, truth_classes
 from segpipe.report.tables import format_summary
-from segpipe.report.truth import check_truth
 from segpipe.tiling.grid import TileGrid, TileTask
 
 STARDIST = Path(importlib.util.find_spec("stardist").origin).parent / "data" / "images"

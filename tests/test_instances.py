@@ -20,8 +20,8 @@ from skimage.filters import threshold_otsu
 
 from segpipe.config import TruthSpec
 from segpipe.io.raster import raster_info
+from segpipe.io.truth import check_truth
 from segpipe.objects.instances import label_instances, structure
-from segpipe.report.truth import check_truth
 
 STARDIST = Path(importlib.util.find_spec("stardist").origin).parent / "data" / "images"
 

@@ -7,8 +7,8 @@ import zarr
 from conftest import SCENE, write_tif
 from helpers import class_map, run
 
+from segpipe.io.scene import Scene
 from segpipe.io.source_pixels import SourcePixels
-from segpipe.tiling.scene import Scene
 
 
 @pytest.fixture(scope="module")

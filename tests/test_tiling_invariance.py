@@ -6,8 +6,8 @@ from distributed import Client, LocalCluster
 from helpers import class_map, run
 
 from segpipe.geometry import Box
+from segpipe.io.scene import Scene
 from segpipe.methods.classical import make_classical
-from segpipe.tiling.scene import Scene
 
 
 @pytest.fixture(scope="module")

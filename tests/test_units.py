@@ -6,10 +6,10 @@ import pytest
 import zarr
 from helpers import run
 
+from segpipe.io.scene import Scene
 from segpipe.methods.segment import patch_batches
 from segpipe.runtime.units import guided_units
 from segpipe.tiling.grid import PatchGrid
-from segpipe.tiling.scene import Scene
 
 
 @pytest.mark.parametrize("n,slots", [(1, 2), (7, 2), (1024, 2), (1024, 16), (130, 3)])

@@ -5,11 +5,11 @@ import pytest
 import torch
 import zarr
 
+from segpipe.io.scene import Scene
 from segpipe.io.store import ensure_array
 from segpipe.methods.segment import LogitsTarget, SlidingWindow, infer_and_stitch
 from segpipe.models.checkpoint import ModelSpec, save_checkpoint
 from segpipe.tiling.grid import PatchGrid, TileGrid
-from segpipe.tiling.scene import Scene
 from segpipe.tiling.stitch import create_logits_store
 
 SHAPE = (40, 150, 140)  # z, y, x

@@ -79,13 +79,13 @@ def test_dicom_series_geometry_rescale_and_dice_on_real_ct(client, tmp_path):
     truth = write_nifti(tmp_path / "labels.nii.gz", labels, ct_affine(ct))
     info = source_info(str(series))
     assert info.kind == "volume" and info.shape == ct.hu.shape
-    affine = np.asarray(info.geometry["affine"])
+    affine = info.grid.affine
     for f in sorted(series.iterdir())[:5]:  # every slice lies where its own header says (LPS -> RAS)
         ds = pydicom.dcmread(f, stop_before_pixels=True)
         k = int(ds.InstanceNumber) - 1
         np.testing.assert_allclose(affine @ [0, 0, k, 1], [-ds.ImagePositionPatient[0],
                                    -ds.ImagePositionPatient[1], ds.ImagePositionPatient[2], 1], atol=1e-6)
-    np.testing.assert_allclose(info.geometry["spacing"], ct.spacing, rtol=1e-6)
+    np.testing.assert_allclose(info.pixel_size, ct.spacing, rtol=1e-6)
 
     o = run(client, tmp_path / "o", input=str(series), tile_size=64, method={"name": "otsu", "params": {"classes": 3}},
             class_names=["air", "soft tissue", "bone"], truth={"path": str(truth)})

@@ -95,6 +95,11 @@ class Mosaic:
     def affine(self) -> Affine:
         return Affine(*self.transform[:6])
 
+    @property
+    def grid(self) -> SceneGeometry:
+        """The output grid (kept as plain fields above: they are the scene's fingerprint)."""
+        return SceneGeometry("raster", tuple(self.shape), self.affine, self.crs)
+
     def fingerprint(self) -> dict[str, Any]:
         """What the pixels depend on (the scene store's fingerprint holds it): items, grid and compositing."""
         return {"items": [[i.id, i.stamp] for i in self.items], "bands": list(self.bands), "crs": self.crs_wkt,

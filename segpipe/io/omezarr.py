@@ -21,8 +21,8 @@ from distributed import Client
 
 from segpipe.io.cog import PALETTE
 from segpipe.io.result import NODATA
+from segpipe.io.scene import Scene
 from segpipe.io.store import remove_leftovers
-from segpipe.tiling.scene import Scene
 
 VERSION = "0.5"
 LABEL_NAME = "segmentation"

@@ -9,7 +9,6 @@ from typing import Any
 
 import rasterio
 from affine import Affine
-from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
 from segpipe.errors import InputError
@@ -19,22 +18,16 @@ from segpipe.io.paths import is_remote, local_or_remote
 
 @dataclass(frozen=True)
 class RasterInfo:
-    """What the pipeline needs to know about a source raster, read without loading pixels."""
+    """What the pipeline needs to know about a source, read without loading pixels: its grid (the one value
+    :class:`~segpipe.geometry.SceneGeometry`, which every reader returns) and its bands."""
 
     path: str
-    height: int
-    width: int
+    grid: SceneGeometry
     count: int
     dtype: str
-    crs: CRS
-    transform: Affine
     nodata: float | None
     descriptions: tuple[str | None, ...]
-    kind: str = "raster"  # "slide": no CRS, transform in micrometres; "volume": (z, y, x) in millimetres
-    mpp: tuple[float, float] | None = None
     level: int = 0  # slides: the pyramid level read
-    depth: int | None = None  # volumes only
-    geometry: dict | None = None  # volumes: store attributes for the affine, spacing, origin, direction
     block: tuple[int, int] | None = None  # a GeoTIFF's internal tile (None: strips, or bands of mixed types)
     mosaic: Any = None  # a mosaic input: the resolved segpipe.io.mosaic.Mosaic its pixels are composited from
 
@@ -43,26 +36,20 @@ class RasterInfo:
         """The reader's format: a mosaic is a raster scene whose pixels come from many items."""
         return "mosaic" if self.mosaic is not None else self.kind
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """Spatial shape: (height, width), or (depth, height, width) for volumes."""
-        return (self.height, self.width) if self.depth is None else (self.depth, self.height, self.width)
+    # The grid's parts, named as rasterio names them, for the code that reads a source like a dataset.
+    kind = property(lambda self: self.grid.kind)  # "raster", "slide" (no CRS, µm) or "volume" ((z, y, x), mm)
+    shape = property(lambda self: self.grid.shape)  # (height, width), or (depth, height, width) for volumes
+    height = property(lambda self: self.grid.shape[-2])
+    width = property(lambda self: self.grid.shape[-1])
+    crs = property(lambda self: self.grid.crs)
+    transform = property(lambda self: self.grid.transform)
+    mpp = property(lambda self: self.grid.mpp)
+    pixel_size = property(lambda self: self.grid.pixel_size)
+    bounds = property(lambda self: self.grid.bounds)
 
     def describe(self) -> str:
         """The size for messages (:meth:`SceneGeometry.describe`)."""
-        return SceneGeometry.of_info(self).describe()
-
-    @property
-    def pixel_size(self) -> tuple[float, ...]:
-        """Per spatial axis ((z,) y, x): CRS units (metres for projected scenes), µm (slides), mm (volumes)."""
-        if self.geometry and "spacing" in self.geometry:
-            return tuple(float(v) for v in self.geometry["spacing"])
-        return (abs(self.transform.e), abs(self.transform.a))
-
-    @property
-    def bounds(self) -> tuple[float, float, float, float]:
-        return rasterio.transform.array_bounds(self.height, self.width, self.transform)
-
+        return self.grid.describe()
 
 
 def quiet_not_georeferenced() -> None:
@@ -117,7 +104,7 @@ def raster_info(path: str | Path, what: str = "input raster", require_crs: bool 
             raise InputError(f"{what} is corrupt ({str(exc).splitlines()[0]}): {path}") from None
         tiled = ds.driver == "GTiff" and ds.profile.get("tiled", False) and len(set(ds.dtypes)) == 1
         return RasterInfo(
-            path=local_or_remote(path), height=ds.height, width=ds.width, count=ds.count,
-            dtype=ds.dtypes[0], crs=ds.crs, transform=ds.transform, nodata=ds.nodata,
-            descriptions=tuple(ds.descriptions), block=tuple(ds.block_shapes[0]) if tiled else None,
+            path=local_or_remote(path), grid=SceneGeometry("raster", (ds.height, ds.width), ds.transform, ds.crs),
+            count=ds.count, dtype=ds.dtypes[0], nodata=ds.nodata, descriptions=tuple(ds.descriptions),
+            block=tuple(ds.block_shapes[0]) if tiled else None,
         )

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from affine import Affine
 from rasterio.enums import MaskFlags
 
-from segpipe.geometry import Box
+from segpipe.geometry import Box, SceneGeometry
 from segpipe.io.mosaic import BLOCK, block_of, load_block
 from segpipe.io.paths import is_remote
 from segpipe.io.raster import RasterInfo, open_raster, raster_info
@@ -154,14 +153,13 @@ def _raster_source(path: str, level: int = 0) -> RasterInfo:  # noqa: ARG001 - r
 
 def _slide_source(path: str, level: int = 0) -> RasterInfo:
     s = slide_info(path, level)
-    return RasterInfo(s.path, s.height, s.width, 3, "uint8", None, s.transform, None, ("red", "green", "blue"),
-                      kind="slide", mpp=(s.mpp_x, s.mpp_y), level=s.level)
+    grid = SceneGeometry("slide", (s.height, s.width), s.transform, None, mpp=(s.mpp_x, s.mpp_y))
+    return RasterInfo(s.path, grid, 3, "uint8", None, ("red", "green", "blue"), level=s.level)
 
 
 def _volume_source(path: str, level: int = 0) -> RasterInfo:  # noqa: ARG001 - volumes have no pyramid level
     v = volume_info(path)
-    return RasterInfo(v.path, v.shape[1], v.shape[2], v.count, v.dtype, None, Affine.identity(), None,
-                      (None,) * v.count, kind="volume", depth=v.shape[0], geometry=v.attrs())
+    return RasterInfo(v.path, v.grid, v.count, v.dtype, None, (None,) * v.count)
 
 
 def _is_local_volume(path: str) -> bool:

@@ -17,7 +17,6 @@ import zarr
 
 from segpipe.geometry import SceneGeometry
 from segpipe.io.store import ensure_array, open_or_create
-from segpipe.tiling.scene import Scene
 
 # The completion mark of a final result tile (one per tile, beside the result store): written by every method
 # and stitcher, read by resuming runs and by the change product to know a result is whole.
@@ -26,22 +25,19 @@ NODATA = 255
 # How the class and truth arrays say which value is no data: rioxarray reads ``nodata``, xarray leaves it alone.
 # A ``_FillValue`` would make xarray decode the uint8 map to float32 with NaN.
 NODATA_ATTRS = {"nodata": NODATA}
-VOLUME_ATTRS = ("affine", "affine_space", "spacing", "origin", "direction", "nifti_xform_code", "spatial:dimensions",
-                "spatial:units")
 
 
-def create_result(path: str, fingerprint: dict[str, Any], scene: Scene, class_names: list[str]) -> zarr.Group:
-    """Create (or reopen for resume) the result group for ``scene`` and its coordinate variables."""
-    if scene.geometry.is_volume:
+def create_result(path: str, fingerprint: dict[str, Any], grid: SceneGeometry, chunk: int,
+                  class_names: list[str]) -> zarr.Group:
+    """Create (or reopen for resume) the result group on the scene's ``grid``, ``chunk`` per axis, with its
+    coordinate variables."""
+    if grid.is_volume:
         group = open_or_create(path, fingerprint, "result store")
-        attrs = dict(scene.group.attrs)
-        group.attrs.update({"crs_wkt": None, "transform": attrs["transform"], "kind": "volume",
-                            **{k: attrs[k] for k in VOLUME_ATTRS if k in attrs},
-                            "class_names": class_names, "nodata": NODATA})
-        ensure_array(group, "class", scene.shape, (scene.chunk,) * 3, "uint8", NODATA, ("z", "y", "x"),
+        group.attrs.update({**grid.attrs(), "kind": "volume", "class_names": class_names, "nodata": NODATA})
+        ensure_array(group, "class", grid.shape, (chunk,) * 3, "uint8", NODATA, ("z", "y", "x"),
                      _class_attrs(class_names))
         return group
-    return _create_image_result(path, fingerprint, scene.geometry, scene.chunk, class_names)
+    return _create_image_result(path, fingerprint, grid, chunk, class_names)
 
 
 def _class_attrs(class_names: list[str]) -> dict[str, Any]:

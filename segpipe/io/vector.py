@@ -2,7 +2,7 @@
 
 Ground truth arrives as a GeoPackage (often with several layers), a Shapefile, FlatGeobuf, GeoParquet or
 GeoJSON. Each is read once on the client into plain GeoJSON-like geometries, their attributes and their
-CRS; nothing here knows about classes (:mod:`segpipe.report.truth` decides those).
+CRS; nothing here knows about classes (:mod:`segpipe.io.truth` decides those).
 """
 
 from __future__ import annotations

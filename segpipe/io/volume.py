@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from segpipe.errors import InputError
-from segpipe.geometry import Box
+from segpipe.geometry import Box, SceneGeometry
 from segpipe.io.extras import require
 from segpipe.io.fingerprint import source_fingerprint
 
@@ -73,28 +73,9 @@ class VolumeInfo:
     xform_code: int = 1  # NIfTI sform code of the source (1 scanner, 2 aligned, 3 Talairach, 4 MNI)
 
     @property
-    def spacing(self) -> tuple[float, float, float]:
-        """Voxel size along (z, y, x) in millimetres."""
-        a = np.asarray(self.affine)[:3, :3]
-        return tuple(float(v) for v in np.linalg.norm(a, axis=0)[::-1])
-
-    @property
-    def origin(self) -> tuple[float, float, float]:
-        return tuple(float(v) for v in np.asarray(self.affine)[:3, 3])
-
-    @property
-    def direction(self) -> list[list[float]]:
-        """Unit direction cosines of the i, j, k axes (columns), RAS+."""
-        a = np.asarray(self.affine)[:3, :3]
-        return (a / np.linalg.norm(a, axis=0)).tolist()
-
-    def attrs(self) -> dict:
-        """Store attributes: geometry in the forms NIfTI, ITK and OME-Zarr readers want."""
-        return {"crs_wkt": None, "transform": [self.spacing[2], 0.0, 0.0, 0.0, self.spacing[1], 0.0],
-                "affine": [list(r) for r in self.affine], "affine_space": "RAS+ mm, voxel (i, j, k) = (x, y, z)",
-                "spacing": list(self.spacing), "origin": list(self.origin), "direction": self.direction,
-                "nifti_xform_code": self.xform_code,
-                "spatial:dimensions": ["z", "y", "x"], "spatial:units": "millimetre"}
+    def grid(self) -> SceneGeometry:
+        """Where the voxels lie: the grid value every reader returns."""
+        return SceneGeometry.volume(self.shape, self.affine, self.xform_code)
 
 
 # --- NIfTI -----------------------------------------------------------------------------------------

@@ -12,10 +12,10 @@ import numpy as np
 
 from segpipe.geometry import Box, Index
 from segpipe.io.result import NODATA, SEGMENT_STAGE, class_outputs
+from segpipe.io.scene import Scene
 from segpipe.io.store import Marks
 from segpipe.methods.classical import make_classical
 from segpipe.tiling.grid import TileGrid, TileRun
-from segpipe.tiling.scene import Scene
 
 # Pixels (tile cores) read and written at once: enough to amortise a read and a Zarr write over many small
 # tiles, little enough that a run's float32 bands stay in tens of MB on any tile size.

@@ -31,10 +31,10 @@ import zarr
 
 from segpipe.config import CRFSpec
 from segpipe.geometry import Box, Index
+from segpipe.io.scene import Scene
 from segpipe.tiling.grid import TileGrid, TileRun
 from segpipe.tiling.patches import normalised
 from segpipe.tiling.resample import ResampledScene, span_box
-from segpipe.tiling.scene import Scene
 from segpipe.tiling.stitch import GRID_LOGITS, finish_scene_tiles, window_logits
 
 # Pair weights of a window are kept across iterations up to this size (a 512 tile with the default 30 px halo

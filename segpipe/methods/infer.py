@@ -25,6 +25,7 @@ import zarr
 from distributed import get_worker
 
 from segpipe.geometry import Box, Index
+from segpipe.io.scene import Scene
 from segpipe.io.store import Marks
 from segpipe.methods.device_loop import READERS, BatchForward
 from segpipe.models.checkpoint import ModelSpec
@@ -33,7 +34,6 @@ from segpipe.models.unet import UNet
 from segpipe.tiling.grid import PatchGrid
 from segpipe.tiling.patches import normalised
 from segpipe.tiling.resample import ResampledScene, open_scene
-from segpipe.tiling.scene import Scene
 
 if TYPE_CHECKING:
     from segpipe.methods.sliding_window import SlidingWindow

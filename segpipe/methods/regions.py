@@ -25,12 +25,12 @@ from segpipe import progress
 from segpipe.errors import InputError
 from segpipe.geometry import Index, SceneGeometry
 from segpipe.io.result import NODATA, SEGMENT_STAGE
+from segpipe.io.scene import Scene
 from segpipe.io.store import Marks, ensure_array
 from segpipe.methods.classical import typed_params
-from segpipe.objects.unionfind import merge_pairs
 from segpipe.tiling.grid import TileTask
-from segpipe.tiling.scene import Scene
 from segpipe.tiling.stats import grey
+from segpipe.tiling.unionfind import merge_pairs
 
 
 class RegionGrowingParams(BaseModel):
@@ -111,7 +111,7 @@ def _pairs(a: np.ndarray, b: np.ndarray, oa: int, ob: int, connectivity: int) ->
 def merge(faces: dict[Index, Faces], connectivity: int) -> dict[Index, np.ndarray]:
     """Per tile, a lookup local label -> kept (bool), from unions across all tile borders.
 
-    A label is kept when its component (:func:`segpipe.objects.unionfind.merge_pairs`) holds a seed.
+    A label is kept when its component (:func:`segpipe.tiling.unionfind.merge_pairs`) holds a seed.
     """
     order = sorted(faces)
     offsets, total = {}, 0

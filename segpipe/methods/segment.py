@@ -20,7 +20,9 @@ from segpipe import progress
 from segpipe.config import JobSpec
 from segpipe.errors import InputError
 from segpipe.geometry import Index, SceneGeometry
-from segpipe.io.result import SEGMENT_STAGE, add_probability_array, create_result, record_fit
+from segpipe.io.layout import RunLayout
+from segpipe.io.result import add_probability_array, create_result, record_fit
+from segpipe.io.scene import Scene
 from segpipe.io.store import Marks, open_or_create
 from segpipe.methods.classical import ClassicalMethod, FitContext, make_classical
 from segpipe.methods.classical_tiles import segment_classical_tiles
@@ -33,10 +35,10 @@ from segpipe.runtime.units import guided_units, run_units, worker_slots
 from segpipe.tiling.grid import PatchGrid, TileGrid, TileRun
 from segpipe.tiling.patches import valid_patches_in_rows
 from segpipe.tiling.resample import ResampledScene
-from segpipe.tiling.scene import Scene, result_path, work_path
 from segpipe.tiling.stats import sample_pixels, sample_windows, scene_stats
 from segpipe.tiling.stitch import (
     GRID_STAGE,
+    Stitching,
     create_grid_logits,
     create_logits_store,
     model_tiles_for,
@@ -47,6 +49,8 @@ from segpipe.tiling.stitch import (
 log = logging.getLogger("segpipe")
 
 if TYPE_CHECKING:
+    import zarr
+
     from segpipe.models.checkpoint import ModelSpec
 
 
@@ -121,33 +125,34 @@ def _plan_classical(p: PlanInput) -> MethodPlan:
 
 @dataclass(frozen=True)
 class SegmentRun:
-    """One segment stage's work: the job, its scene and checked plan, the result's fingerprint and store, the
-    tiles still pending and the progress to advance."""
+    """One segment stage's work: the job, its scene and checked plan, the run's layout (the result and work
+    stores and the result's fingerprint), the tiles still pending and the progress to advance."""
 
     job: JobSpec
     scene: Scene
     plan: MethodPlan
-    fp: dict[str, Any]
-    result: str
+    layout: RunLayout
     pending: list[Index]
     advance: progress.Advance
 
+    @property
+    def result(self) -> str:
+        return self.layout.result_store
 
-def _run_model(r: SegmentRun, client: Client) -> None:
-    run_model(r.job, r.scene, r.plan, r.fp, client, r.pending, r.advance)
+    def work_group(self) -> zarr.Group:
+        """The work store, made from the result's fingerprint (a rerun of other settings never reuses it)."""
+        return open_or_create(self.layout.work_store, self.layout.result_fp, "work store")
 
 
 def _run_region_growing(r: SegmentRun, client: Client) -> None:
-    work = work_path(r.job.store_root)
-    grow_regions(r.scene, open_or_create(work, r.fp, "work store"), work, r.result, r.job.tile_size,
+    grow_regions(r.scene, r.work_group(), r.layout.work_store, r.result, r.job.tile_size,
                  r.job.method.params, client, r.pending, r.advance)
 
 
 def _run_split_merge(r: SegmentRun, client: Client) -> None:
     from segpipe.methods.split_merge import split_and_merge
 
-    work = work_path(r.job.store_root)
-    split_and_merge(r.scene, scene_stats(r.scene, client), open_or_create(work, r.fp, "work store"), work, r.result,
+    split_and_merge(r.scene, scene_stats(r.scene, client), r.work_group(), r.layout.work_store, r.result,
                     r.job.tile_size, r.job.method.params, client, r.pending, r.advance)
 
 
@@ -169,7 +174,7 @@ class MethodFamily:
 
 # family name (segpipe.methods.names.FAMILY_OF's values) -> its plan and run: the one place methods are dispatched
 FAMILIES: dict[str, MethodFamily] = {
-    "model": MethodFamily(_plan_model, _run_model),
+    "model": MethodFamily(_plan_model, lambda r, client: run_model(r, client)),  # defined below
     "region_growing": MethodFamily(_plan_region_growing, _run_region_growing),
     "split_merge": MethodFamily(_plan_split_merge, _run_split_merge),
     "classical": MethodFamily(_plan_classical, _run_classical),
@@ -206,16 +211,16 @@ def result_fingerprint(job: JobSpec, plan: MethodPlan, scene_fp: dict[str, Any])
     return fp
 
 
-def segment(job: JobSpec, scene: Scene, plan: MethodPlan, fp: dict, client: Client) -> str:
-    """Segment the scene into ``<output>/result.zarr`` (made from ``fp``, :func:`result_fingerprint`) and return
-    its path."""
-    result = result_path(job.store_root)
-    create_result(result, fp, scene, plan.class_names)
+def segment(job: JobSpec, scene: Scene, plan: MethodPlan, layout: RunLayout, client: Client) -> str:
+    """Segment the scene into the layout's result store (made from its result fingerprint,
+    :func:`result_fingerprint`) and return its path."""
+    result = layout.result_store
+    create_result(result, layout.result_fp, scene.geometry, scene.chunk, plan.class_names)
     if job.probabilities:
         add_probability_array(result, plan.class_names, scene.shape, scene.chunk)
     grid = TileGrid(scene.shape, job.tile_size)
     total = len(grid)
-    pending = _pending(Marks(result, SEGMENT_STAGE), grid)
+    pending = _pending(Marks(result, layout.segment_mark), grid)
     unit = scene.geometry.tile_word
     if not pending:
         progress.say(f"segment: all {total} {unit}s already done")
@@ -223,13 +228,12 @@ def segment(job: JobSpec, scene: Scene, plan: MethodPlan, fp: dict, client: Clie
     if len(pending) < total:
         progress.say(f"resuming: {total - len(pending)} of {total} {unit}s already done")
     with progress.stage("segment", total, unit, done=total - len(pending)) as advance:
-        FAMILIES[FAMILY_OF[job.method.name]].run(SegmentRun(job, scene, plan, fp, result, pending, advance), client)
+        FAMILIES[FAMILY_OF[job.method.name]].run(SegmentRun(job, scene, plan, layout, pending, advance), client)
     return result
 
 
-def run_model(job: JobSpec, scene: Scene, plan: MethodPlan, fp: dict[str, Any], client: Client,
-              pending: list[Index], advance: progress.Advance) -> None:
-    """Model logits for the ``pending`` tiles, stitched into the result.
+def run_model(r: SegmentRun, client: Client) -> None:
+    """Model logits for the pending tiles, stitched into the result.
 
     A model trained at another pixel size runs on the model grid (:mod:`segpipe.tiling.resample`): the model-grid
     tiles that the pending scene tiles need are inferred and blended into the work store, then each scene
@@ -237,10 +241,10 @@ def run_model(job: JobSpec, scene: Scene, plan: MethodPlan, fp: dict[str, Any], 
     for the tiles within the CRF's halo of the pending ones, and a pass of :mod:`segpipe.methods.crf` makes
     the classes.
     """
+    job, scene, plan, pending, advance = r.job, r.scene, r.plan, r.pending, r.advance
     m = job.method
-    work = work_path(job.store_root)
-    result = result_path(job.store_root)
-    group = open_or_create(work, fp, "work store")
+    work, result = r.layout.work_store, r.result
+    group = r.work_group()
     view = scene if plan.scale is None else ResampledScene(scene, plan.scale)
     create_logits_store(group, PatchGrid(view.shape, m.patch_size, m.overlap), plan.n_classes)
     tiles = pending
@@ -358,6 +362,7 @@ def infer_and_stitch(client: Client, window: SlidingWindow, target: LogitsTarget
     for t in tiles:
         ready_after.setdefault(waits[t][-1] if waits[t] else -1, []).append(t)
     stitch_run = TileRun.of(scene.shape, tile_size, scene=scene.path, result=result, work=work)
+    how = Stitching(patch, overlap, scale, free=not keep, into_work=into_work)
     inferred: list = []
     stitched: list = []
     stitched_sizes: list[int] = []
@@ -365,8 +370,7 @@ def infer_and_stitch(client: Client, window: SlidingWindow, target: LogitsTarget
     def stitch(ready: list[Index]) -> None:
         for group in guided_units(ready, cpu_slots):
             after = [inferred[u] for u in sorted({u for t in group for u in waits[t]})]
-            stitched.append(client.submit(stitch_tiles, stitch_run.with_tiles(group), patch=patch, overlap=overlap,
-                                          scale=scale, free=not keep, after=after, into_work=into_work, pure=False))
+            stitched.append(client.submit(stitch_tiles, stitch_run.with_tiles(group), how, after, pure=False))
             stitched_sizes.append(len(group))
 
     stitch(ready_after.get(-1, []))

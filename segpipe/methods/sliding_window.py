@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from segpipe.geometry import Index
+    from segpipe.io.scene import Scene
     from segpipe.tiling.resample import ResampledScene
-    from segpipe.tiling.scene import Scene
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ every min, max and region sum is an exact integer, whatever order tiles add them
 their first pixel (a scene-wide flat index), so a leaf cut by a tile border has one name in both tiles.
 Regions cross tiles without bound, so, like region growing (:mod:`segpipe.methods.regions`), each tile
 joins the leaves of its own core (pass 1, on workers), the client joins components across tile faces and
-by shared leaves (:func:`segpipe.objects.unionfind.merge_pairs`) and classes each region, and each tile
+by shared leaves (:func:`segpipe.tiling.unionfind.merge_pairs`) and classes each region, and each tile
 paints its core from a lookup (pass 2). The client holds only the components that touch a tile border:
 a region inside one tile is classed on its worker.
 """
@@ -39,13 +39,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from segpipe import progress
 from segpipe.geometry import Box, Index
 from segpipe.io.result import record_fit
+from segpipe.io.scene import Scene
 from segpipe.io.store import ensure_array
 from segpipe.methods.classical import otsu_thresholds, typed_params
 from segpipe.methods.regions import label_merge_paint
-from segpipe.objects.unionfind import merge_pairs
 from segpipe.tiling.grid import TileTask
-from segpipe.tiling.scene import Scene
 from segpipe.tiling.stats import SceneStats, grey
+from segpipe.tiling.unionfind import merge_pairs
 
 # Quantisation steps across the scene's 1st..99th percentile grey range: far finer than any threshold a
 # person sets (1/65536 of the range), coarse enough that a region's sum of steps is an exact int64.

@@ -25,13 +25,13 @@ from segpipe.config import JobSpec, MethodSpec, TruthSpec
 from segpipe.errors import InputError
 from segpipe.geometry import Box
 from segpipe.io.result import NODATA
+from segpipe.io.scene import Scene
 from segpipe.io.store import ensure_array
+from segpipe.io.truth import check_truth
 from segpipe.models.checkpoint import ModelSpec, save_checkpoint
-from segpipe.report.truth import check_truth
 from segpipe.tiling.grid import TileGrid
 from segpipe.tiling.ingest import ingest, source_info
 from segpipe.tiling.resample import Axis, resample
-from segpipe.tiling.scene import Scene
 
 
 @dataclass

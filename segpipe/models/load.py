@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from segpipe.errors import InputError
+from segpipe.geometry import scale_for
 from segpipe.models.bundle import is_bundle, load_bundle
 from segpipe.models.card import card_path, read_card
 from segpipe.models.checkpoint import ModelSpec, load_model
 from segpipe.models.nnunet import is_nnunet, load_nnunet
-from segpipe.tiling.resample import scale_for
 
 
 def is_torchscript(path: str | Path) -> bool:

@@ -7,7 +7,7 @@ for every axis, the two voxel planes straddling its lower face, widened by one v
 other axes so that edge and corner (diagonal) contacts with tiles that share only an edge or a
 corner are seen too. Every pair of touching voxels in different tiles is found by exactly one tile
 (the one holding the upper voxel along an axis where they differ). (3) The client unions the pairs
-(a sparse graph of labels, not of pixels: :func:`segpipe.objects.unionfind.merge_pairs`) and numbers
+(a sparse graph of labels, not of pixels: :func:`segpipe.tiling.unionfind.merge_pairs`) and numbers
 components 1..N in scene order of their first tile; each tile rewrites its labels. The result
 equals whole-image labelling up to renumbering, for any tile size, in 2-D and 3-D. Only voxels
 of the same class are ever joined.
@@ -27,8 +27,8 @@ from scipy import ndimage as ndi
 from segpipe import progress
 from segpipe.geometry import Box, Index
 from segpipe.io.store import ensure_array
-from segpipe.objects.unionfind import merge_pairs
 from segpipe.tiling.grid import TileGrid, TileTask
+from segpipe.tiling.unionfind import merge_pairs
 
 INSTANCES = "instances"
 LOCAL = "instance_local"

@@ -27,11 +27,11 @@ from rasterio.crs import CRS
 from rasterio.features import shapes
 
 from segpipe.io.result import NODATA
+from segpipe.io.scene import Scene
+from segpipe.io.truth import Truth
 from segpipe.objects.ap import PROBABILITY_SCALE, Category, average_precision
 from segpipe.objects.instances import INSTANCES
-from segpipe.report.truth import Truth
 from segpipe.tiling.grid import TileGrid, TileTask
-from segpipe.tiling.scene import Scene
 
 
 def _merge(df: pd.DataFrame, as_index: bool = True) -> pd.DataFrame:

@@ -38,6 +38,7 @@ from rasterio.crs import CRS
 from segpipe import progress
 from segpipe.errors import InputError
 from segpipe.geometry import SceneGeometry
+from segpipe.io.layout import RESULT_STORE, result_path
 from segpipe.io.result import NODATA, SEGMENT_STAGE
 from segpipe.io.store import (
     Marks,
@@ -46,7 +47,6 @@ from segpipe.io.store import (
     open_or_create,
     remove_store,
     store_changes,
-    store_in,
     write_atomic,
 )
 from segpipe.tiling.grid import TileTask
@@ -226,7 +226,7 @@ def transition_codes(before: np.ndarray, after: np.ndarray, n_classes: int) -> n
 def label_of(path: str) -> str:
     """``2024-05`` for ``.../period=2024-05/result.zarr``; otherwise the folder holding the store, or its name."""
     parts = [p for p in str(path).rstrip("/").split("/") if p]
-    name = parts[-2] if len(parts) > 1 and parts[-1] == "result.zarr" else parts[-1]
+    name = parts[-2] if len(parts) > 1 and parts[-1] == RESULT_STORE else parts[-1]
     return name.split("=", 1)[1] if "=" in name else name
 
 
@@ -283,8 +283,8 @@ def read_period(path: str | Path, label: str | None = None) -> Period:
 def _store_path(path: str) -> str:
     """A period's folder (``period=2024-05``) stands for the result.zarr inside it."""
     p = Path(path)
-    if "://" not in path and p.is_dir() and not (p / "zarr.json").exists() and (p / "result.zarr").is_dir():
-        return store_in(path, "result.zarr")
+    if "://" not in path and p.is_dir() and not (p / "zarr.json").exists() and (p / RESULT_STORE).is_dir():
+        return result_path(path)
     return path
 
 

@@ -23,9 +23,9 @@ from PIL import Image
 
 from segpipe.io.cog import PALETTE
 from segpipe.io.result import NODATA
+from segpipe.io.scene import Scene
 from segpipe.io.store import write_atomic
 from segpipe.report.tables import MetricsReport
-from segpipe.tiling.scene import Scene
 
 QUICKLOOK_PX = 768
 MAP_PX = 640

@@ -14,9 +14,9 @@ import zarr
 
 from segpipe.geometry import Index
 from segpipe.io.result import NODATA
-from segpipe.report.truth import Truth
+from segpipe.io.scene import Scene
+from segpipe.io.truth import Truth
 from segpipe.tiling.grid import TileRun
-from segpipe.tiling.scene import Scene
 
 
 def confusion(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> np.ndarray:

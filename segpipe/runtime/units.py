@@ -11,16 +11,22 @@ so results stay identical for any worker count.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TypeVar
+from collections.abc import Iterable, Sequence
+from typing import Protocol, Self, TypeVar
 
 from distributed import Client
 
 from segpipe.progress import Advance, gather
 from segpipe.runtime.placement import is_mixed, worker_infos
-from segpipe.tiling.grid import TileRun
 
 T = TypeVar("T")
+
+
+class Cuttable(Protocol):
+    """A stage's pass that can be shipped in units of its items, such as :class:`segpipe.tiling.grid.TileRun`
+    (named by shape rather than imported: the runtime sits below tiling)."""
+
+    def with_tiles(self, indices: Iterable) -> Self: ...
 
 
 def guided_units(items: Sequence[T], slots: int, share: int = 2, largest: int | None = None) -> list[list[T]]:
@@ -50,7 +56,7 @@ def worker_slots(client: Client, resources: dict[str, float] | None = None) -> i
     return max(1, sum(int(w.get("nthreads", 1)) for w in workers))
 
 
-def run_units(client: Client, fn, run: TileRun, tiles: Sequence, advance: Advance | None = None, **kw) -> list:
+def run_units(client: Client, fn, run: Cuttable, tiles: Sequence, advance: Advance | None = None, **kw) -> list:
     """Submit ``fn(run with a unit's tiles, **kw)`` for every guided unit of ``tiles`` and gather the results;
     ``advance`` hears how many tiles each finished unit held (:mod:`segpipe.progress`)."""
     units = guided_units(tiles, worker_slots(client))

@@ -28,15 +28,16 @@ from zarr.codecs import BloscCodec
 from segpipe import progress
 from segpipe.config import JobSpec, MosaicSpec
 from segpipe.errors import InputError
-from segpipe.geometry import Box, SceneGeometry, geo_attrs
+from segpipe.geometry import Box
 from segpipe.io.fingerprint import source_fingerprint
+from segpipe.io.layout import RunLayout, scene_path
 from segpipe.io.paths import is_remote
 from segpipe.io.raster import RasterInfo, open_raster
 from segpipe.io.readers import detect, format_of, open_reader
+from segpipe.io.scene import Scene
 from segpipe.io.source_pixels import SourcePixels, suits_in_place
 from segpipe.io.store import Marks, ensure_array, open_or_create, remove_store, write_atomic
 from segpipe.tiling.grid import TileGrid
-from segpipe.tiling.scene import Scene, scene_path
 
 STAGE = "ingest"
 IMAGE_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
@@ -85,8 +86,7 @@ def job_source(job: JobSpec, level: int = 0) -> RasterInfo:
     from segpipe.io.mosaic import resolve_mosaic
 
     m = resolve_mosaic(job.input, job.nodata)
-    return RasterInfo(m.source, m.shape[0], m.shape[1], len(m.bands), m.dtype, m.crs, m.affine, m.nodata,
-                      m.bands, mosaic=m)
+    return RasterInfo(m.source, m.grid, len(m.bands), m.dtype, m.nodata, m.bands, mosaic=m)
 
 
 def _ingest_row(src: str, store: str, row: int, *, kind: str, chunk: int, bands: list[int], nodata: float | None,
@@ -142,15 +142,16 @@ def _row_spans(grid: TileGrid, row: int, bytes_per_pixel: int, slab: bool = Fals
     return [Box.rc(core.row0, c * width, core.row1, min(grid.shape[-1], (c + step) * width)) for c in range(0, n, step)]
 
 
-def ingest(job: JobSpec, info: RasterInfo, client: Client, fp: dict | None = None) -> Scene:
-    """Ingest the job's input into ``<output>/scene.zarr``; resumes a partial ingest. ``fp``: the scene's
-    :func:`fingerprint` where the caller has it already (a run's layout), so the source is not opened again."""
-    store = scene_path(job.store_root)
+def ingest(job: JobSpec, info: RasterInfo, client: Client, layout: RunLayout | None = None) -> Scene:
+    """Ingest the job's input into ``<output>/scene.zarr``; resumes a partial ingest. ``layout``: the run's
+    (its scene store and fingerprint, made when the job was checked, so the source is not opened again); without
+    one (training, a bare ingest) they are made here."""
+    store = layout.scene_store if layout is not None else scene_path(job.store_root)
     created = _missing_folders(Path(job.output))
     Path(job.output).mkdir(parents=True, exist_ok=True)
     bands = selected_bands(job, info)
-    group = open_or_create(store, fingerprint(job, info) if fp is None else fp, "scene store")
-    geo = SceneGeometry.of_info(info)
+    group = open_or_create(store, layout.scene_fp if layout is not None else fingerprint(job, info), "scene store")
+    geo = info.grid
     nd = geo.ndim
     c = job.chunk_for(nd)
     dims = ("z", "y", "x")[-nd:]
@@ -161,8 +162,7 @@ def ingest(job: JobSpec, info: RasterInfo, client: Client, fp: dict | None = Non
         ensure_array(group, "image", (len(bands), *info.shape), (len(bands), *(c,) * nd), info.dtype,
                      0, ("band", *dims), compressors=IMAGE_CODEC)
     ensure_array(group, "valid", info.shape, (c,) * nd, "uint8", 1, dims)
-    geometry = info.geometry if info.geometry is not None else geo_attrs(info.crs, info.transform, info.mpp)
-    group.attrs.update({**geometry, **pixels, "source": info.path, "kind": info.kind, "all_valid": False,
+    group.attrs.update({**info.grid.attrs(), **pixels, "source": info.path, "kind": info.kind, "all_valid": False,
                         "bands": bands, "nodata": job.nodata if job.nodata is not None else info.nodata,
                         "band_names": [info.descriptions[b - 1] or f"band{b}" for b in bands]})
     marks = Marks(store, STAGE)

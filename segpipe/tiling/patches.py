@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 
 from segpipe.geometry import Box, Index
+from segpipe.io.scene import Scene
 from segpipe.tiling.grid import PatchGrid
 from segpipe.tiling.resample import ResampledScene, open_scene
-from segpipe.tiling.scene import Scene
 
 
 def with_valid_pixels(scene: Scene | ResampledScene, grid: PatchGrid, patches: list[Index]) -> list[Index]:

@@ -24,13 +24,7 @@ from functools import cached_property
 import numpy as np
 
 from segpipe.geometry import Box
-from segpipe.tiling.scene import Scene
-
-# A pixel size within 1 % of the model's is the model's: no resampling (a rounding of the GSD in metadata).
-SAME_SIZE = 0.01
-# Farther apart than this, a pixel size is far more likely in other units (degrees against metres, mm
-# against µm) than a real difference of scale; refused rather than resampled.
-MAX_RATIO = 16.0
+from segpipe.io.scene import Scene
 
 
 @dataclass(frozen=True)
@@ -109,31 +103,9 @@ def resample(values: np.ndarray, weight: np.ndarray, axes: list[Axis], out: Box,
     return np.divide(num, den[None], out=np.zeros_like(num), where=den[None] > 0), den
 
 
-def scale_for(model_size: list[float] | None, pixel_size: tuple[float, ...] | None,
-              name: str) -> tuple[float, ...] | None:
-    """Per axis, the model's pixel size over the scene's; None when they agree (or either is unknown).
-
-    Raises a ValueError naming both sizes when they cannot be compared (axes, or an implausible factor).
-    """
-    if not model_size or pixel_size is None:
-        return None
-    wanted = list(model_size) * len(pixel_size) if len(model_size) == 1 else list(model_size)
-    if len(wanted) != len(pixel_size):
-        raise ValueError(f"model {name} gives a resolution for {len(wanted)} axes; the scene has {len(pixel_size)}")
-    ratio = tuple(float(m) / float(s) for m, s in zip(wanted, pixel_size, strict=True))
-    if all(abs(r - 1.0) <= SAME_SIZE for r in ratio):
-        return None
-    if any(not 1 / MAX_RATIO <= r <= MAX_RATIO for r in ratio):
-        have = " x ".join(f"{v:g}" for v in pixel_size)
-        raise ValueError(f"model {name} was trained at {' x '.join(f'{v:g}' for v in wanted)} per pixel, this "
-                         f"scene has {have}: more than {MAX_RATIO:g}x apart, so probably in other units "
-                         f"(reproject the scene, or correct the model card's resolution)")
-    return ratio
-
-
 @dataclass(frozen=True)
 class ResampledScene:
-    """The scene on the model grid, read like a :class:`~segpipe.tiling.scene.Scene`.
+    """The scene on the model grid, read like a :class:`~segpipe.io.scene.Scene`.
 
     ``scale`` per spatial axis is the model's pixel size over the scene's.
     """

@@ -15,7 +15,7 @@ from distributed import Client
 
 from segpipe import progress
 from segpipe.geometry import Box
-from segpipe.tiling.scene import Scene
+from segpipe.io.scene import Scene
 
 SAMPLE_PIXELS = 200_000
 

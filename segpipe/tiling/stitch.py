@@ -14,6 +14,7 @@ whole chunks of the result, so no locks are needed.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import zarr
@@ -21,10 +22,10 @@ from zarr.codecs import BloscCodec
 
 from segpipe.geometry import Box, Index
 from segpipe.io.result import NODATA, SEGMENT_STAGE, class_outputs
+from segpipe.io.scene import Scene
 from segpipe.io.store import Marks, ensure_array
 from segpipe.tiling.grid import PatchGrid, TileGrid, TileRun, gaussian_importance
 from segpipe.tiling.resample import ResampledScene, open_scene, resample, span_box
-from segpipe.tiling.scene import Scene
 
 # Relative float16 logits are smooth: with the bytes of each value shuffled apart, Blosc's zstd at level 1
 # stores them in ~70 % of the space at ~400 MB/s (measured on the demo U-Net's logits of the SpaceNet mosaic;
@@ -73,11 +74,23 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=0, keepdims=True)
 
 
-def stitch_tiles(run: TileRun, *, patch: int | Index, overlap: float, free: bool = False, after: list | None = None,
-                 scale: tuple[float, ...] | None = None, into_work: bool = False) -> int:
-    """Blend, take the arg-max class and write each tile's core; invalid pixels get nodata.
+@dataclass(frozen=True)
+class Stitching:
+    """How a sliding window's patches are blended into tiles: the patch grid (``patch``, ``overlap``, and the
+    model grid's ``scale`` where the model runs at its own pixel size), whether patches are freed once final,
+    and whether the blend goes to the work store (``into_work``) rather than to the result's classes."""
 
-    With ``free``, a patch is deleted from the work store once every tile it overlaps is marked final
+    patch: int | Index
+    overlap: float
+    scale: tuple[float, ...] | None = None
+    free: bool = False
+    into_work: bool = False
+
+
+def stitch_tiles(run: TileRun, how: Stitching, after: list | None = None) -> int:
+    """Blend, take the arg-max class and write each tile's core; invalid pixels get nodata (see :class:`Stitching`).
+
+    With ``how.free``, a patch is deleted from the work store once every tile it overlaps is marked final
     (each task marks its tile before looking at its neighbours', so of two neighbours finishing together
     at least one sees both marks). A tile already marked is skipped. ``after`` only makes Dask wait for
     the inference units this needs. With ``scale`` the patches lie on the model grid
@@ -85,11 +98,12 @@ def stitch_tiles(run: TileRun, *, patch: int | Index, overlap: float, free: bool
     store's ``grid_logits``, from which :func:`stitch_back_tiles` makes the scene's classes. ``into_work`` sends
     them there without ``scale`` too (a refinement pass, :mod:`segpipe.methods.crf`, makes the classes).
     """
+    patch, overlap, scale, free = how.patch, how.overlap, how.scale, how.free
     scene = open_scene(run.scene, scale)
     grid = PatchGrid(scene.shape, patch, overlap)
     tgrid = run.grid  # the scene's, or the model grid's (``run.shape`` is then the model grid's)
     logits = zarr.open_array(run.work, path="logits", mode="r+" if free else "r")
-    into_work = into_work or scale is not None
+    into_work = how.into_work or scale is not None
     if not into_work:
         out, prob = class_outputs(run.result)
         marks = Marks(run.result, SEGMENT_STAGE)

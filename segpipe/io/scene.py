@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 import zarr
@@ -17,7 +16,6 @@ from rasterio.crs import CRS
 
 from segpipe.geometry import Box, SceneGeometry
 from segpipe.io.source_pixels import SourcePixels
-from segpipe.io.store import store_in
 
 
 @dataclass(frozen=True)
@@ -99,15 +97,3 @@ class Scene:
             shape = tuple(len(range(*s.indices(n))) for s, n in zip(where, self.shape, strict=False))
             return np.broadcast_to(np.True_, shape)
         return np.asarray(self.valid[where]) > 0
-
-
-def scene_path(root: str | Path) -> str:
-    return store_in(root, "scene.zarr")
-
-
-def result_path(root: str | Path) -> str:
-    return store_in(root, "result.zarr")
-
-
-def work_path(root: str | Path) -> str:
-    return store_in(root, "work.zarr")

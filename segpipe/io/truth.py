@@ -23,7 +23,7 @@ from shapely.geometry import box, shape
 
 from segpipe.config import TruthSpec
 from segpipe.errors import InputError
-from segpipe.geometry import Box, SceneGeometry
+from segpipe.geometry import Box
 from segpipe.io.raster import RasterInfo, open_raster, raster_info
 from segpipe.io.result import NODATA
 from segpipe.io.vector import is_vector, read_features
@@ -106,10 +106,10 @@ def _read_raster(path: str, window: Box) -> np.ndarray:
 
 def _check_volume(spec: TruthSpec, scene: RasterInfo, class_names: list[str] | None) -> Truth:  # noqa: ARG001
     """Label volumes must share the scene's voxel grid: same shape and the same affine (to 1e-4 mm)."""
-    if not SceneGeometry.of_info(scene).is_volume:
+    if not scene.grid.is_volume:
         raise InputError(f"ground truth is a volume but the input is a 2-D image: {spec.path}")
     v = volume_info(spec.path)
-    scene_affine = np.asarray(scene.geometry["affine"])
+    scene_affine = scene.grid.affine
     if v.shape != scene.shape or not np.allclose(np.asarray(v.affine), scene_affine, atol=1e-4):
         raise InputError(f"ground-truth volume is on another voxel grid ({'x'.join(map(str, v.shape[::-1]))}) "
                          f"than the input ({scene.describe()}), or has another affine: {spec.path}")
@@ -117,7 +117,7 @@ def _check_volume(spec: TruthSpec, scene: RasterInfo, class_names: list[str] | N
 
 
 def _check_raster(spec: TruthSpec, scene: RasterInfo, class_names: list[str] | None) -> Truth:  # noqa: ARG001
-    geometry = SceneGeometry.of_info(scene)
+    geometry = scene.grid
     if geometry.is_volume:
         raise InputError(f"ground truth for a volume must be a NIfTI file or DICOM series: {spec.path}")
     info = raster_info(spec.path, "ground-truth raster", require_crs=geometry.georeferenced)
@@ -159,7 +159,7 @@ def _class_id(value: object, spec: TruthSpec, class_names: list[str] | None, whe
 
 def _check_vector(spec: TruthSpec, scene: RasterInfo, class_names: list[str] | None) -> Truth:
     p = Path(spec.path)
-    if not SceneGeometry.of_info(scene).georeferenced:
+    if not scene.grid.georeferenced:
         raise InputError(f"vector ground truth needs a georeferenced scene; give slides and volumes label "
                          f"images: {p}")
     features = read_features(p, spec.layer)
