@@ -66,8 +66,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if c.info.mosaic is not None:
         mosaic = c.info.mosaic
         print(f"mosaic:   {len(mosaic.items)} item(s), {mosaic.composite} composite, {c.info.crs.to_string()} at "
-              f"{abs(c.info.transform.a):g}; {len(mosaic.skipped)} left out"
-              + "".join(f"\n          left out {k}: {why}" for k, why in mosaic.skipped))
+              f"{abs(c.info.transform.a):g}, anchor {mosaic.anchor}; {len(mosaic.skipped)} left out"
+              + "".join(f"\n          left out {k}: {why}" for k, why in mosaic.skipped)
+              + "".join(f"\n          resampled {k}: {why}" for k, why in mosaic.resampled))
     print(f"method:   {m.name} ({m.n_classes} classes: {', '.join(m.class_names)})"
           + (f"; model grid at {' x '.join(f'{s:g}' for s in m.scale)} x the scene's pixel size" if m.scale else ""))
     print(f"tiles:    {c.job.tile_size} px, output {c.job.output}")

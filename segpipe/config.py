@@ -215,6 +215,11 @@ class MosaicSpec(_Strict):
     crs: str | None = Field(None, description="output CRS; default the first item's")
     resolution: float | None = Field(None, gt=0, description="output pixel size in CRS units; default the first "
                                                              "item's")
+    anchor: Literal["native", "edge", "center"] | tuple[float, float] = Field(
+        "native", description="where the output grid's pixel edges lie: native = on the items' own pixel grid "
+                              "(the first item's when they do not share one; items off it are resampled and "
+                              "named), edge = on multiples of the resolution, center = half a pixel past them, "
+                              "[fx, fy] = that fraction of a pixel past them (odc-geo's anchors)")
     composite: Literal["first", "median", "best"] = Field(
         "first", description="where items overlap: first = the first valid pixel in item order; median = per band "
                              "median of the valid pixels (rounded for integers); best = the valid pixel with the best "
@@ -233,6 +238,8 @@ class MosaicSpec(_Strict):
             raise ValueError("a STAC input needs 'assets': the item asset of each band, in band order")
         if self.composite == "best" and (self.quality is None or self.quality.prefer is None):
             raise ValueError("composite 'best' needs quality.asset and quality.prefer (low or high)")
+        if isinstance(self.anchor, tuple) and not all(0.0 <= f < 1.0 for f in self.anchor):
+            raise ValueError(f"anchor fractions must lie in [0, 1) of a pixel, not {list(self.anchor)}")
         return self
 
     def resolved(self, base: Path) -> MosaicSpec:

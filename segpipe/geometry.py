@@ -192,12 +192,16 @@ class SceneGeometry:
 
     @classmethod
     def snapped(cls, bounds: Iterable[float], res: float, crs: CRS | None,
-                anchor: tuple[float, float] = (0.0, 0.0)) -> SceneGeometry:
+                anchor: tuple[float, float] = (0.0, 0.0), through: tuple[float, float] | None = None) -> SceneGeometry:
         """The north-up image grid of ``res`` pixels covering ``bounds`` (west, south, east, north), its pixel
         edges on ``anchor`` fractions of a pixel past multiples of ``res`` (odc-geo's anchors: (0, 0) is
-        ``edge``, (0.5, 0.5) ``center``): every grid of an area with one anchor lands on the very same pixels."""
+        ``edge``, (0.5, 0.5) ``center``): every grid of an area with one anchor lands on the very same pixels.
+
+        ``through``, a pixel corner (x, y) of another grid, puts the edges exactly on that grid's instead (a
+        mosaic's native grid: its items' pixels are then copied, not resampled); exact, where a fraction would
+        carry the rounding of dividing a coordinate by the pixel size."""
         west, south, east, north = bounds
-        ax, ay = anchor[0] * res, anchor[1] * res
+        ax, ay = through if through is not None else (anchor[0] * res, anchor[1] * res)
         x0, y1 = math.floor((west - ax) / res + 1e-9) * res + ax, math.ceil((north - ay) / res - 1e-9) * res + ay
         x1, y0 = math.ceil((east - ax) / res - 1e-9) * res + ax, math.floor((south - ay) / res + 1e-9) * res + ay
         width, height = max(1, round((x1 - x0) / res)), max(1, round((y1 - y0) / res))

@@ -18,6 +18,9 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from affine import Affine
+from rasterio.crs import CRS
+
 from segpipe.config import JobSpec, MosaicSpec, load_job
 from segpipe.errors import InputError
 from segpipe.io.layout import result_path
@@ -64,6 +67,27 @@ def period_job(job: JobSpec, label: str) -> JobSpec:
     if job.store is not None:
         pj.store = f"{job.store.rstrip('/')}/{FOLDER.format(label)}"
     return pj
+
+
+def series_grid(root: str | Path, label: str) -> tuple[CRS, Affine] | None:
+    """The grid of a land-cover series: the earliest finished period's other than ``label`` (from its mark), or
+    None before any period recorded one."""
+    for folder in sorted(Path(root).glob(FOLDER.format("*"))):
+        mark = _read_mark(folder)
+        if folder.name != FOLDER.format(label) and mark is not None and mark.get("grid"):
+            return CRS.from_wkt(mark["grid"]["crs"]), Affine(*mark["grid"]["transform"])
+    return None
+
+
+def _off_series(c: Checked, crs: CRS, transform: Affine) -> str | None:
+    """Why this period's grid is not on the series' lattice, when only the pixel edges' phase differs (another
+    CRS or pixel size is the job's own doing, refused by the change product naming it)."""
+    from segpipe.io.mosaic import off_grid
+
+    grid = c.info.grid
+    if crs != grid.crs or abs(abs(transform.a) - abs(grid.transform.a)) > 1e-9 * abs(grid.transform.a):
+        return None
+    return off_grid(crs, transform, grid)
 
 
 def previous_period(root: str | Path, label: str) -> str | None:
@@ -115,6 +139,7 @@ class PlannedPeriod:
     checked: Checked | None
     items: int = 0
     recompute: bool = False  # the period finished before from other items: its stores are replaced
+    note: str | None = None  # said once when the run starts: the period was put on the series' grid
 
 
 def plan_period(job: JobSpec | str | Path, period: str, today: date | None = None) -> PlannedPeriod:
@@ -127,6 +152,18 @@ def plan_period(job: JobSpec | str | Path, period: str, today: date | None = Non
     folder = Path(pj.output)
     try:
         c = check(pj, stores=False)
+        note = None
+        series = series_grid(Path(base.output), label)
+        why = _off_series(c, *series) if series is not None else None
+        if why:
+            # Its items' own grid would move this period off the series' (whose change products compare pixel
+            # by pixel): anchored on the series' grid instead, whatever the job's anchor.
+            _, t = series
+            res = abs(t.a)
+            pj.input.anchor = ((t.c / res) % 1.0, (t.f / res) % 1.0)
+            note = (f"its items' grid is not the series' ({why}); put on the series' grid, "
+                    "its items resampled")
+            c = check(pj, stores=False)
     except NoItems:
         return PlannedPeriod(label, "empty", folder, None)
     n = len(c.info.mosaic.items)
@@ -137,7 +174,7 @@ def plan_period(job: JobSpec | str | Path, period: str, today: date | None = Non
     recompute = mark is not None and _without_items(mark.get("scene")) == _without_items(scene_fp)
     if recompute:  # the same job over new items: this period's results are replaced, by design
         c.job.overwrite = True
-    return PlannedPeriod(label, "run", folder, check_output_stores(c), n, recompute)
+    return PlannedPeriod(label, "run", folder, check_output_stores(c), n, recompute, note)
 
 
 def _without_items(scene_fp: dict[str, Any] | None) -> Any:
@@ -183,6 +220,8 @@ def _run(plan: PlannedPeriod, client: Client, reporter: Reporter | None, say: An
     root = plan.folder.parent
     if plan.recompute:
         say(f"period {plan.label}: the items changed since its last run; recomputing")
+    if plan.note:
+        say(f"period {plan.label}: {plan.note}")
     outcome = execute(c, client=client, reporter=reporter)
     from segpipe.report.areas import class_areas, write_class_areas
 
@@ -197,8 +236,9 @@ def _run(plan: PlannedPeriod, client: Client, reporter: Reporter | None, say: An
         before = result_path(_store_root(c.job, previous, root))
         change = change_product(before, outcome.result, plan.folder / "change", client,
                                 tile_size=c.job.tile_size, before_label=previous, after_label=plan.label)
+    grid = {"crs": c.info.crs.to_wkt(), "transform": list(c.info.mosaic.transform)[:6]}
     write_atomic(plan.folder / MARK, json.dumps({"period": plan.label, "scene": c.layout.scene_fp,
-                                                 "previous": previous}))
+                                                 "previous": previous, "grid": grid}))
     return PeriodOutcome(plan.label, "done", plan.folder, outcome, change, previous, plan.items, areas)
 
 

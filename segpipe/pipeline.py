@@ -387,6 +387,8 @@ def _log_start(c: Checked, client: Client, log: Callable[[str], None]) -> None:
         log(f"mosaic of {len(mosaic.items)} item(s), {mosaic.composite} composite")
         for item_id, why in mosaic.skipped:  # reported, and the run goes on with the others
             log(f"item {item_id} left out: {why}")
+        for item_id, why in mosaic.resampled:  # its pixels are not the grid's: loading resamples them
+            log(f"item {item_id} resampled onto the grid (anchor {mosaic.anchor}): {why}")
     log(f"ingest {c.info.path} ({c.info.describe()}, {c.info.count} band(s)) on {len(workers)} worker(s), "
         f"{threads} thread(s)")
     dashboard = _dashboard(client)
@@ -406,7 +408,9 @@ def write_summary(c: Checked, report: MetricsReport | None, seconds: dict[str, f
     mosaic = c.info.mosaic
     if mosaic is not None:
         doc["mosaic"] = {"items": [i.id for i in mosaic.items],
-                         "skipped": [{"id": k, "reason": why} for k, why in mosaic.skipped]}
+                         "skipped": [{"id": k, "reason": why} for k, why in mosaic.skipped],
+                         "anchor": mosaic.anchor, "transform": list(mosaic.transform),
+                         "resampled": [{"id": k, "reason": why} for k, why in mosaic.resampled]}
     path = c.layout.summary_path
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(doc, indent=2))

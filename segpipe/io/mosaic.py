@@ -86,6 +86,8 @@ class Mosaic:
     quality_invalid: tuple[float, ...] = ()
     quality_prefer: str | None = None
     aoi: dict[str, Any] | None = None  # polygon(s) as GeoJSON in the output CRS: pixels outside are nodata
+    anchor: str = "edge"  # how the grid was placed: native (an item's own grid), edge, center or [fx, fy]
+    resampled: tuple[tuple[str, str], ...] = ()  # items whose pixels are not on the grid, and why
 
     @property
     def crs(self) -> CRS:
@@ -113,7 +115,8 @@ class Mosaic:
         return {"source": self.source, "bands": list(self.bands), "crs": self.crs.to_string(),
                 "transform": list(self.transform[:6]), "shape": list(self.shape), "composite": self.composite,
                 "items": [{"id": i.id, "datetime": i.datetime, "cloud_cover": i.cloud} for i in self.items],
-                "skipped": [{"id": k, "reason": why} for k, why in self.skipped]}
+                "skipped": [{"id": k, "reason": why} for k, why in self.skipped], "anchor": self.anchor,
+                "resampled": [{"id": k, "reason": why} for k, why in self.resampled]}
 
 
 # --- finding the items -------------------------------------------------------------------------------------
@@ -470,9 +473,11 @@ def resolve_mosaic(spec: MosaicSpec, nodata: float | None = None) -> Mosaic:
     else:
         fps = [_footprint(o, crs) for o in opened]
         bounds = [min(f[0] for f in fps), min(f[1] for f in fps), max(f[2] for f in fps), max(f[3] for f in fps)]
-    grid = SceneGeometry.snapped(bounds, res, crs)
+    anchor, through, placed = _anchor(spec.anchor, first, crs, res)
+    grid = SceneGeometry.snapped(bounds, res, crs, anchor, through)
     transform, shape, grid_box = grid.transform, grid.shape, grid.bounds
     kept = [o for o in opened if _overlaps(_footprint(o, crs), grid_box)]
+    resampled = tuple((o.item.id, why) for o in kept if (why := off_grid(o.crs, o.transform, grid)))
     if not kept:
         raise InputError(f"no readable item of {source} overlaps the output area {tuple(round(b, 6) for b in bounds)}")
     dtype = str(np.result_type(*[np.dtype(d) for d in first.dtypes]))
@@ -484,7 +489,51 @@ def resolve_mosaic(spec: MosaicSpec, nodata: float | None = None) -> Mosaic:
                   tuple(skipped), tuple(bands), crs.to_wkt(), tuple(transform)[:6], shape, dtype, float(nd),
                   spec.composite, spec.resampling, quality,
                   tuple(spec.quality.invalid) if spec.quality else (),
-                  spec.quality.prefer if spec.quality else None, aoi)
+                  spec.quality.prefer if spec.quality else None, aoi, placed, resampled)
+
+
+# Named anchors, as odc-geo and odc-stac name them: fractions of a pixel past multiples of the resolution.
+ANCHORS = {"edge": (0.0, 0.0), "center": (0.5, 0.5)}
+# Two grids whose pixel edges are this close (in pixels) are one grid: odc-geo pastes (reads without resampling)
+# within a tolerance of this order, and rounding in headers stays far below it.
+SAME_PHASE = 0.01
+
+
+def _anchor(anchor: str | tuple[float, float], first: _Opened, crs: CRS,
+            res: float) -> tuple[tuple[float, float], tuple[float, float] | None, str]:
+    """Where the grid's pixel edges go: (fraction anchor, exact corner to pass through or None, its name).
+
+    ``native`` passes through the first item's own pixel corner when the grid has its CRS and pixel size, so
+    its pixels (and those of every item on the same grid) are copied rather than resampled; a grid of another
+    CRS or resolution has no native lattice and falls back to ``edge``.
+    """
+    if isinstance(anchor, tuple):
+        return (float(anchor[0]), float(anchor[1])), None, f"[{anchor[0]:g}, {anchor[1]:g}]"
+    if anchor != "native":
+        return ANCHORS[anchor], None, anchor
+    t = first.transform
+    if first.crs == crs and _same_size(t, res) and not (t.b or t.d):
+        return (0.0, 0.0), (t.c, t.f), "native"
+    return ANCHORS["edge"], None, "edge (the grid's CRS or pixel size is not the first item's)"
+
+
+def _same_size(t: Affine, res: float) -> bool:
+    return abs(abs(t.a) - res) <= 1e-9 * res and abs(abs(t.e) - res) <= 1e-9 * res
+
+
+def off_grid(crs: CRS, transform: Affine, grid: SceneGeometry) -> str | None:
+    """Why a raster's pixels are not the grid's, so that loading resamples them; None when they are (same CRS,
+    pixel size and pixel edges within :data:`SAME_PHASE` of a pixel)."""
+    if crs != grid.crs:
+        return f"its CRS {crs.to_string()} is not the grid's {grid.crs.to_string()}"
+    g = grid.transform
+    if not _same_size(transform, abs(g.a)) or transform.b or transform.d:
+        return f"its pixel size {abs(transform.a):g} x {abs(transform.e):g} is not the grid's {abs(g.a):g}"
+    dx, dy = (transform.c - g.c) / g.a, (transform.f - g.f) / g.e
+    off = [d - round(d) for d in (dx, dy)]
+    if any(abs(d) > SAME_PHASE for d in off):
+        return f"its pixel edges lie {off[0]:+.3f}, {off[1]:+.3f} px off the grid's"
+    return None
 
 
 def _criteria(spec: MosaicSpec) -> str:
