@@ -71,6 +71,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
               + "".join(f"\n          resampled {k}: {why}" for k, why in mosaic.resampled))
     print(f"method:   {m.name} ({m.n_classes} classes: {', '.join(m.class_names)})"
           + (f"; model grid at {' x '.join(f'{s:g}' for s in m.scale)} x the scene's pixel size" if m.scale else ""))
+    card = m.model.info.get("card") if m.model is not None else None
+    if card:
+        from segpipe.models.card import ModelCard
+
+        print(f"output:   {ModelCard.model_validate(card).describe()}")
     print(f"tiles:    {c.job.tile_size} px, output {c.job.output}")
     print(f"truth:    {c.job.truth.path if c.job.truth else 'none'}")
     print("valid: nothing written")

@@ -38,6 +38,7 @@ from segpipe.tiling.resample import ResampledScene
 from segpipe.tiling.stats import sample_pixels, sample_windows, scene_stats
 from segpipe.tiling.stitch import (
     GRID_STAGE,
+    Decoding,
     Stitching,
     create_grid_logits,
     create_logits_store,
@@ -91,6 +92,10 @@ def _plan_model(p: PlanInput) -> MethodPlan:
                          f"the scene provides {p.n_bands}; select bands with 'bands:'")
     if m.refine is not None and p.ndim != 2:
         raise InputError(f"method.refine: crf refines 2-D images only; this scene is {p.ndim}-D")
+    card = spec.info.get("card") or {}
+    if m.refine is not None and (card.get("returns") == "probabilities" or card.get("threshold", 0.5) != 0.5):
+        raise InputError(f"method.refine: crf takes a model's logits cut at their arg-max; model {m.model.name} "
+                         "returns probabilities or has its own threshold")
     scale = model_scale(spec, m.model.name, p.pixel_size)
     check_patch(model, m.model.name, m.patch_size, spec)
     names = p.job.class_names or spec.class_names or [f"class{i}" for i in range(spec.n_classes)]
@@ -262,12 +267,13 @@ def run_model(r: SegmentRun, client: Client) -> None:
             needed = model_tiles_for(view, job.tile_size, pending)
         tiles = [t for t in needed if mgrid.tile(t).key not in done]
     norm = normalisation(plan.model, scene, client)
+    decoding = Decoding.of_card(plan.model.info.get("card"))
     # Blending into the work store makes no scene tile final: its own progress, in the tiles it blends (the
     # model grid's, or the scene's within the CRF's halo), so that the long part of the run is not silent.
     gpu = use_gpu(job.cluster) and has_gpu_workers(client)
     with progress.stage("model logits", len(tiles) if into_work else 0, "tile") as blended:
         window = SlidingWindow(str(m.model), m.patch_size, m.overlap, m.batch_size, norm, mirror=m.tta == "mirror",
-                               gpu=gpu, scale=plan.scale)
+                               gpu=gpu, scale=plan.scale, decoding=decoding)
         infer_and_stitch(client, window, LogitsTarget(view, work, result, job.tile_size, job.keep_work, into_work),
                          tiles, blended if into_work else advance)
     scene_tiles = TileRun.of(scene.shape, job.tile_size, scene=scene.path, result=result, work=work)
@@ -277,7 +283,7 @@ def run_model(r: SegmentRun, client: Client) -> None:
         run_units(client, refine_tiles, scene_tiles, pending, advance, params=crf.model_dump(), norm=norm,
                   scale=plan.scale)
     elif plan.scale is not None:  # the scene's tiles are done here, after the model grid's
-        run_units(client, stitch_back_tiles, scene_tiles, pending, advance, scale=plan.scale)
+        run_units(client, stitch_back_tiles, scene_tiles, pending, advance, scale=plan.scale, decoding=decoding)
 
 
 def patch_batches(client: Client, scene: Scene | ResampledScene, patch: int, overlap: float, batch_size: int,
@@ -362,7 +368,7 @@ def infer_and_stitch(client: Client, window: SlidingWindow, target: LogitsTarget
     for t in tiles:
         ready_after.setdefault(waits[t][-1] if waits[t] else -1, []).append(t)
     stitch_run = TileRun.of(scene.shape, tile_size, scene=scene.path, result=result, work=work)
-    how = Stitching(patch, overlap, scale, free=not keep, into_work=into_work)
+    how = Stitching(patch, overlap, scale, free=not keep, into_work=into_work, decoding=window.decoding or Decoding())
     inferred: list = []
     stitched: list = []
     stitched_sizes: list[int] = []

@@ -15,14 +15,15 @@ if TYPE_CHECKING:
     from segpipe.geometry import Index
     from segpipe.io.scene import Scene
     from segpipe.tiling.resample import ResampledScene
+    from segpipe.tiling.stitch import Decoding
 
 
 @dataclass(frozen=True)
 class SlidingWindow:
     """A model's sliding-window inference, held as one value (as MONAI's ``SlidingWindowInferer`` holds roi size,
     overlap and batch): the model file, patch size and overlap on the global patch grid, batch size, the
-    scene-wide normalisation, test-time mirroring, whether model tasks ask for a GPU, and the model grid's
-    ``scale`` when the model runs at another pixel size.
+    scene-wide normalisation, test-time mirroring, whether model tasks ask for a GPU, the model grid's
+    ``scale`` when the model runs at another pixel size, and how its card says its outputs become classes.
     """
 
     model: str
@@ -33,6 +34,7 @@ class SlidingWindow:
     mirror: bool = False
     gpu: bool = False
     scale: tuple[float, ...] | None = None
+    decoding: Decoding | None = None  # how the blended outputs become classes (None: logits, arg-max)
 
 
 @dataclass(frozen=True)

@@ -91,8 +91,16 @@ class ModelCard(BaseModel):
     normalisation: Normalisation
     patch_size: int | None = Field(None, ge=16, description="the patch edge the model was made for")
     output: Literal["softmax", "sigmoid"] = Field(
-        "softmax", description="softmax: one logit per class, the class is their arg-max; sigmoid: a single "
-                               "logit, class 1 where it is > 0")
+        "softmax", description="the activation that makes the network's output probabilities: softmax (one "
+                               "channel per class, the class is their arg-max) or sigmoid (a single channel, class 1 "
+                               "where its probability is above threshold); applied by segpipe when the graph "
+                               "returns logits, already inside the graph when it returns probabilities")
+    returns: Literal["logits", "probabilities"] = Field(
+        "logits", description="what the graph returns: logits (segpipe applies output's activation), or "
+                              "probabilities (the graph ends in that sigmoid or softmax: never re-activated; "
+                              "overlapping patches are averaged as probabilities)")
+    threshold: float = Field(0.5, gt=0, lt=1, description="sigmoid models: class 1 where the blended probability "
+                                                           "is above this (the authors' decision threshold)")
     resolution: list[float] | None = Field(None, description="pixel size it was trained at: m/px (geo), "
                                                              "µm/px (slides), mm (volumes), one per axis")
 
@@ -102,10 +110,25 @@ class ModelCard(BaseModel):
         if not self.normalisation.from_scene and bands != self.in_channels:
             raise ValueError(f"normalisation gives {bands} band(s) for in_channels {self.in_channels}")
         if self.output == "sigmoid" and self.n_classes != 1:
-            raise ValueError("output sigmoid takes a model with a single output channel (n_classes: 1)")
+            raise ValueError("output sigmoid takes a model with a single output channel (n_classes: 1); "
+                             "several independent sigmoid channels (multi-label) are not supported")
+        if self.output == "softmax" and self.threshold != 0.5:
+            raise ValueError("threshold applies to output: sigmoid (one channel); a softmax model's class is the "
+                             "arg-max")
         if self.class_names is not None and len(self.class_names) != self.classes:
             raise ValueError(f"class_names lists {len(self.class_names)} names for {self.classes} classes")
         return self
+
+    def describe(self) -> str:
+        """How the output is read, for ``segpipe validate``: what the graph returns and how classes come of it."""
+        if self.output == "sigmoid":
+            made = "probabilities (a sigmoid inside the graph)" if self.returns == "probabilities" else \
+                "logits (segpipe applies a sigmoid)"
+            return f"returns {made}; class 1 where the blended probability > {self.threshold:g}"
+        made = "probabilities (a softmax inside the graph)" if self.returns == "probabilities" else \
+            "logits (segpipe applies a softmax)"
+        return f"returns {made}; the class is the arg-max of the blended " + \
+            ("probabilities" if self.returns == "probabilities" else "logits")
 
     @property
     def classes(self) -> int:

@@ -39,15 +39,18 @@ def is_torchscript(path: str | Path) -> bool:
 
 
 class SigmoidAsClasses(torch.nn.Module):
-    """A binary model's single logit z as the two-class logits (0, z): arg-max is class 1 exactly where z > 0."""
+    """A binary model's single channel as two classes: a logit z as the logits (0, z), whose softmax is
+    (1 - sigmoid(z), sigmoid(z)); a probability p (``probabilities``: the graph ends in its sigmoid) as (1 - p, p).
+    The decision threshold is applied after blending (:class:`segpipe.tiling.stitch.Decoding`)."""
 
-    def __init__(self, net: torch.nn.Module) -> None:
+    def __init__(self, net: torch.nn.Module, probabilities: bool = False) -> None:
         super().__init__()
         self.net = net
+        self.probabilities = probabilities
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.net(x)
-        return torch.cat([torch.zeros_like(z), z], dim=1)
+        return torch.cat([1 - z if self.probabilities else torch.zeros_like(z), z], dim=1)
 
 
 class OnnxNet(torch.nn.Module):
@@ -96,7 +99,7 @@ def _load_carded(path: str | Path, device: str) -> tuple[torch.nn.Module, ModelS
     net: torch.nn.Module = (torch.jit.load(str(path), map_location=device) if torchscript
                             else OnnxNet(path, device)).eval()
     if card.output == "sigmoid":
-        net = SigmoidAsClasses(net).eval()
+        net = SigmoidAsClasses(net, probabilities=card.returns == "probabilities").eval()
     return net, card.spec(card.format)
 
 

@@ -75,6 +75,46 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class Decoding:
+    """How blended network outputs, relative to class 0 as the work store keeps them, become classes and
+    probabilities.
+
+    Why: a graph may return logits (blended as logits, then softmax) or probabilities (it ends in its own sigmoid
+    or softmax: blended as probabilities, never re-activated), and a binary model is cut at its authors'
+    threshold, not always at 0.5. Blending is linear, so the relative values carry both: the class is the
+    arg-max, except that class 1 of a binary model needs its relative value above ``cut``; the probabilities are
+    the softmax of blended logits, or the blended probabilities themselves (class 0's recovered from their sum,
+    which is 1).
+    """
+
+    space: str = "logits"  # "logits" or "probabilities"
+    cut: float = 0.0  # binary models: class 1 where the relative value exceeds this
+
+    @classmethod
+    def of_card(cls, card: dict | None) -> Decoding:
+        """From a model card (as :meth:`segpipe.models.card.ModelCard.spec` keeps it); the default without."""
+        if not card:
+            return cls()
+        space, t = card.get("returns", "logits"), float(card.get("threshold", 0.5))
+        if card.get("output") != "sigmoid":
+            return cls(space)
+        # logits (0, z): z > log(t / (1 - t)) is sigmoid(z) > t; probabilities (1 - p, p): 2p - 1 > 2t - 1 is p > t
+        return cls(space, float(np.log(t / (1 - t))) if space == "logits" else 2 * t - 1)
+
+    def classes(self, rel: np.ndarray) -> np.ndarray:
+        """The class of each pixel from relative values (C, ...) whose class 0 is 0."""
+        if self.cut:
+            return (rel[1] > self.cut).astype(np.uint8)
+        return np.argmax(rel, axis=0).astype(np.uint8)
+
+    def probabilities(self, rel: np.ndarray) -> np.ndarray:
+        """Per-class probabilities (C, ...) float32 from relative values whose class 0 is 0."""
+        if self.space == "logits":
+            return softmax(rel)
+        return rel + (1 - rel.sum(axis=0, keepdims=True)) / len(rel)
+
+
+@dataclass(frozen=True)
 class Stitching:
     """How a sliding window's patches are blended into tiles: the patch grid (``patch``, ``overlap``, and the
     model grid's ``scale`` where the model runs at its own pixel size), whether patches are freed once final,
@@ -85,6 +125,7 @@ class Stitching:
     scale: tuple[float, ...] | None = None
     free: bool = False
     into_work: bool = False
+    decoding: Decoding = Decoding()
 
 
 def stitch_tiles(run: TileRun, how: Stitching, after: list | None = None) -> int:
@@ -116,7 +157,7 @@ def stitch_tiles(run: TileRun, how: Stitching, after: list | None = None) -> int
             continue  # since with ``free`` the patches it was made from may be gone
         blended = blend_window(logits, grid, tile.core)
         if not into_work:
-            write_classes(out, prob, tile.core.slices, blended, scene.valid_in(tile.core.slices))
+            write_classes(out, prob, tile.core.slices, blended, scene.valid_in(tile.core.slices), how.decoding)
         else:
             out[(slice(None), *tile.core.slices)] = blended[1:].astype(np.float16)
         marks.mark(tile.key)
@@ -128,12 +169,12 @@ def stitch_tiles(run: TileRun, how: Stitching, after: list | None = None) -> int
 
 
 def write_classes(out: zarr.Array, prob: zarr.Array | None, where: tuple[slice, ...], logits: np.ndarray,
-                  valid: np.ndarray) -> None:
-    """The arg-max class (nodata where invalid) and, when asked, the softmax of a window's logits."""
-    cls = np.argmax(logits, axis=0).astype(np.uint8)
+                  valid: np.ndarray, decoding: Decoding = Decoding()) -> None:  # noqa: B008 - frozen, shared
+    """The class (nodata where invalid) and, when asked, the probabilities of a window's blended outputs."""
+    cls = decoding.classes(logits)
     out[where] = np.where(valid, cls, NODATA).astype(np.uint8)
     if prob is not None:
-        prob[(slice(None), *where)] = np.where(valid, softmax(logits), np.nan).astype(np.float16)
+        prob[(slice(None), *where)] = np.where(valid, decoding.probabilities(logits), np.nan).astype(np.float16)
 
 
 def create_grid_logits(group: zarr.Group, shape: tuple[int, ...], n_classes: int, tile_size: int) -> zarr.Array:
@@ -164,7 +205,8 @@ def window_logits(grid_logits: zarr.Array, view: ResampledScene | None, window: 
     return values
 
 
-def finish_scene_tiles(run: TileRun, logits_of: Callable[[Box], tuple[np.ndarray, np.ndarray]]) -> int:
+def finish_scene_tiles(run: TileRun, logits_of: Callable[[Box], tuple[np.ndarray, np.ndarray]],
+                       decoding: Decoding = Decoding()) -> int:  # noqa: B008 - frozen, shared
     """Classes (and probabilities when asked) of each scene tile of ``run`` from ``logits_of(core)``: its relative
     logits (C - 1, float32) and validity. A tile already marked is skipped; each is marked when written."""
     out, prob = class_outputs(run.result)
@@ -174,12 +216,13 @@ def finish_scene_tiles(run: TileRun, logits_of: Callable[[Box], tuple[np.ndarray
             continue
         rel, valid = logits_of(tile.core)
         logits = np.concatenate([np.zeros((1, *tile.core.shape), np.float32), rel])
-        write_classes(out, prob, tile.core.slices, logits, valid)
+        write_classes(out, prob, tile.core.slices, logits, valid, decoding)
         marks.mark(tile.key)
     return len(run.indices)
 
 
-def stitch_back_tiles(run: TileRun, *, scale: tuple[float, ...]) -> int:
+def stitch_back_tiles(run: TileRun, *, scale: tuple[float, ...],
+                      decoding: Decoding = Decoding()) -> int:  # noqa: B008 - frozen, shared
     """Resample the model grid's blended logits onto each scene tile's core, then classes as :func:`stitch_tiles`.
 
     Every valid scene pixel has a valid model pixel among its taps (see :mod:`segpipe.tiling.resample`).
@@ -187,4 +230,4 @@ def stitch_back_tiles(run: TileRun, *, scale: tuple[float, ...]) -> int:
     view = ResampledScene(Scene(run.scene), tuple(scale))
     grid_logits = zarr.open_array(run.work, path=GRID_LOGITS, mode="r")
     return finish_scene_tiles(run, lambda core: (window_logits(grid_logits, view, core),
-                                                 view.scene.valid_in(core.slices)))
+                                                 view.scene.valid_in(core.slices)), decoding)
