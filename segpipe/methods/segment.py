@@ -93,9 +93,10 @@ def _plan_model(p: PlanInput) -> MethodPlan:
     if m.refine is not None and p.ndim != 2:
         raise InputError(f"method.refine: crf refines 2-D images only; this scene is {p.ndim}-D")
     card = spec.info.get("card") or {}
-    if m.refine is not None and (card.get("returns") == "probabilities" or card.get("threshold", 0.5) != 0.5):
+    if m.refine is not None and (card.get("returns") == "probabilities" or card.get("threshold", 0.5) != 0.5
+                                 or card.get("multilabel")):
         raise InputError(f"method.refine: crf takes a model's logits cut at their arg-max; model {m.model.name} "
-                         "returns probabilities or has its own threshold")
+                         "returns probabilities, has its own threshold or is multi-label")
     scale = model_scale(spec, m.model.name, p.pixel_size)
     check_patch(model, m.model.name, m.patch_size, spec)
     names = p.job.class_names or spec.class_names or [f"class{i}" for i in range(spec.n_classes)]

@@ -85,7 +85,8 @@ class ModelCard(BaseModel):
 
     format: Literal["torchscript", "onnx", "monai-bundle", "nnunet"]
     in_channels: int = Field(ge=1)
-    n_classes: int = Field(ge=1, description="output channels; 1 with output: sigmoid (a binary model)")
+    n_classes: int = Field(ge=1, description="output channels: one per class with softmax; with sigmoid 1 (a binary "
+                                              "model) or one per label (multi-label, with a multilabel rule)")
     dims: Literal[2, 3] = 2
     class_names: list[str] | None = None
     normalisation: Normalisation
@@ -99,8 +100,15 @@ class ModelCard(BaseModel):
         "logits", description="what the graph returns: logits (segpipe applies output's activation), or "
                               "probabilities (the graph ends in that sigmoid or softmax: never re-activated; "
                               "overlapping patches are averaged as probabilities)")
-    threshold: float = Field(0.5, gt=0, lt=1, description="sigmoid models: class 1 where the blended probability "
-                                                           "is above this (the authors' decision threshold)")
+    threshold: float | list[float] = Field(
+        0.5, description="sigmoid models: a channel is on where its blended probability is above this (the authors' "
+                         "decision threshold); one value, or one per channel")
+    multilabel: Literal["priority", "highest"] | None = Field(
+        None, description="several sigmoid channels: which class a pixel with several channels on takes: priority "
+                          "(the first on in `priority` order) or highest (the on channel of highest probability); a "
+                          "pixel with none on is class 0; channel i is class i + 1")
+    priority: list[int] | None = Field(None, description="multilabel: priority: channel indices, first wins "
+                                                         "(default: channel order)")
     resolution: list[float] | None = Field(None, description="pixel size it was trained at: m/px (geo), "
                                                              "µm/px (slides), mm (volumes), one per axis")
 
@@ -109,22 +117,50 @@ class ModelCard(BaseModel):
         bands = len(self.normalisation.affine()[0])
         if not self.normalisation.from_scene and bands != self.in_channels:
             raise ValueError(f"normalisation gives {bands} band(s) for in_channels {self.in_channels}")
-        if self.output == "sigmoid" and self.n_classes != 1:
-            raise ValueError("output sigmoid takes a model with a single output channel (n_classes: 1); "
-                             "several independent sigmoid channels (multi-label) are not supported")
-        if self.output == "softmax" and self.threshold != 0.5:
-            raise ValueError("threshold applies to output: sigmoid (one channel); a softmax model's class is the "
-                             "arg-max")
+        cuts = self.thresholds
+        if any(not 0 < t < 1 for t in cuts):
+            raise ValueError("threshold values lie strictly between 0 and 1")
+        if self.output == "softmax" and cuts != [0.5]:
+            raise ValueError("threshold applies to output: sigmoid; a softmax model's class is the arg-max")
+        if self.output == "softmax" and (self.multilabel or self.priority):
+            raise ValueError("multilabel applies to output: sigmoid with several channels")
+        if self.output == "sigmoid":
+            self._check_labels(cuts)
+
         if self.class_names is not None and len(self.class_names) != self.classes:
             raise ValueError(f"class_names lists {len(self.class_names)} names for {self.classes} classes")
         return self
+
+    def _check_labels(self, cuts: list[float]) -> None:
+        k = self.n_classes
+        if k > 1 and self.multilabel is None:
+            raise ValueError(f"output sigmoid with {k} channels is multi-label: say how a pixel with several channels "
+                             "on is classed, multilabel: priority (first in `priority` order) or highest")
+        if k == 1 and (self.multilabel or self.priority):
+            raise ValueError("multilabel takes several sigmoid channels (n_classes > 1)")
+        if len(cuts) not in (1, k):
+            raise ValueError(f"threshold gives {len(cuts)} values for {k} sigmoid channel(s)")
+        if self.priority is not None and (self.multilabel != "priority" or sorted(self.priority) != list(range(k))):
+            raise ValueError(f"priority lists each channel 0..{k - 1} once, with multilabel: priority")
+
+    @property
+    def thresholds(self) -> list[float]:
+        """The decision threshold of each sigmoid channel (one value repeated when the card gives one)."""
+        t = self.threshold if isinstance(self.threshold, list) else [self.threshold]
+        return t * self.n_classes if len(t) == 1 and self.output == "sigmoid" else t
 
     def describe(self) -> str:
         """How the output is read, for ``segpipe validate``: what the graph returns and how classes come of it."""
         if self.output == "sigmoid":
             made = "probabilities (a sigmoid inside the graph)" if self.returns == "probabilities" else \
                 "logits (segpipe applies a sigmoid)"
-            return f"returns {made}; class 1 where the blended probability > {self.threshold:g}"
+            cuts = ", ".join(f"{t:g}" for t in self.thresholds)
+            if self.n_classes == 1:
+                return f"returns {made}; class 1 where the blended probability > {cuts}"
+            rule = (f"the first on in order {self.priority or list(range(self.n_classes))}"
+                    if self.multilabel == "priority" else "the on channel of highest probability")
+            return (f"returns {made}, {self.n_classes} labels; channel i is on where its blended probability > "
+                    f"its threshold ({cuts}); class i + 1 for {rule}, 0 where none is on")
         made = "probabilities (a softmax inside the graph)" if self.returns == "probabilities" else \
             "logits (segpipe applies a softmax)"
         return f"returns {made}; the class is the arg-max of the blended " + \
@@ -132,8 +168,8 @@ class ModelCard(BaseModel):
 
     @property
     def classes(self) -> int:
-        """Classes of the class map: a sigmoid model's one logit gives two (below and above 0)."""
-        return 2 if self.output == "sigmoid" else self.n_classes
+        """Classes of the class map: a sigmoid model's K channels give K + 1 (none on, then each channel)."""
+        return self.n_classes + 1 if self.output == "sigmoid" else self.n_classes
 
     def spec(self, arch: str) -> ModelSpec:
         """What inference needs from this card, as the spec every loader returns (the card itself in ``info``)."""

@@ -39,9 +39,10 @@ def is_torchscript(path: str | Path) -> bool:
 
 
 class SigmoidAsClasses(torch.nn.Module):
-    """A binary model's single channel as two classes: a logit z as the logits (0, z), whose softmax is
-    (1 - sigmoid(z), sigmoid(z)); a probability p (``probabilities``: the graph ends in its sigmoid) as (1 - p, p).
-    The decision threshold is applied after blending (:class:`segpipe.tiling.stitch.Decoding`)."""
+    """Sigmoid channels as classes. A binary model's single channel: a logit z as the logits (0, z), whose softmax
+    is (1 - sigmoid(z), sigmoid(z)); a probability p (``probabilities``: the graph ends in its sigmoid) as
+    (1 - p, p). Several channels (multi-label) as (0, c_1 .. c_K), logits or probabilities as they come.
+    Thresholds and the multi-label rule are applied after blending (:class:`segpipe.tiling.stitch.Decoding`)."""
 
     def __init__(self, net: torch.nn.Module, probabilities: bool = False) -> None:
         super().__init__()
@@ -50,7 +51,8 @@ class SigmoidAsClasses(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.net(x)
-        return torch.cat([1 - z if self.probabilities else torch.zeros_like(z), z], dim=1)
+        first = z[:, :1]
+        return torch.cat([1 - z if self.probabilities and z.shape[1] == 1 else torch.zeros_like(first), z], dim=1)
 
 
 class OnnxNet(torch.nn.Module):

@@ -89,26 +89,52 @@ class Decoding:
 
     space: str = "logits"  # "logits" or "probabilities"
     cut: float = 0.0  # binary models: class 1 where the relative value exceeds this
+    multilabel: str | None = None  # several sigmoid channels: "priority" or "highest"
+    cuts: tuple[float, ...] = ()  # multilabel: channel i is on where its value exceeds cuts[i]
+    order: tuple[int, ...] = ()  # multilabel priority: channel indices, first wins
 
     @classmethod
     def of_card(cls, card: dict | None) -> Decoding:
         """From a model card (as :meth:`segpipe.models.card.ModelCard.spec` keeps it); the default without."""
         if not card:
             return cls()
-        space, t = card.get("returns", "logits"), float(card.get("threshold", 0.5))
+        space, t = card.get("returns", "logits"), card.get("threshold", 0.5)
         if card.get("output") != "sigmoid":
             return cls(space)
+        if card.get("multilabel"):  # channels (0, c_1 .. c_K) as they come: logit(t) or t
+            k = int(card["n_classes"])
+            ts = [float(v) for v in t] if isinstance(t, list) else [float(t)] * k
+            cuts = tuple(float(np.log(v / (1 - v))) if space == "logits" else v for v in ts * (k // len(ts)))
+            return cls(space, multilabel=card["multilabel"], cuts=cuts, order=tuple(card.get("priority") or range(k)))
+        t = float(t[0] if isinstance(t, list) else t)
         # logits (0, z): z > log(t / (1 - t)) is sigmoid(z) > t; probabilities (1 - p, p): 2p - 1 > 2t - 1 is p > t
         return cls(space, float(np.log(t / (1 - t))) if space == "logits" else 2 * t - 1)
 
     def classes(self, rel: np.ndarray) -> np.ndarray:
         """The class of each pixel from relative values (C, ...) whose class 0 is 0."""
+        if self.multilabel:
+            return self._labels(rel[1:])
         if self.cut:
             return (rel[1] > self.cut).astype(np.uint8)
         return np.argmax(rel, axis=0).astype(np.uint8)
 
+    def _labels(self, ch: np.ndarray) -> np.ndarray:
+        """Multi-label: 0 where no channel is on, else 1 + the channel the rule picks among those on."""
+        on = ch > np.asarray(self.cuts, ch.dtype).reshape(-1, *(1,) * (ch.ndim - 1))
+        if self.multilabel == "highest":  # the same channel in logits or probabilities: sigmoid is monotone
+            pick = np.argmax(np.where(on, ch, -np.inf), axis=0) + 1
+            return np.where(on.any(axis=0), pick, 0).astype(np.uint8)
+        cls = np.zeros(ch.shape[1:], np.uint8)
+        for c in reversed(self.order):  # the first in order is written last and wins
+            cls[on[c]] = c + 1
+        return cls
+
     def probabilities(self, rel: np.ndarray) -> np.ndarray:
-        """Per-class probabilities (C, ...) float32 from relative values whose class 0 is 0."""
+        """Per-class probabilities (C, ...) float32 from relative values whose class 0 is 0. Multi-label: each
+        channel's own probability, and for class 0 the chance that none is on, their product of (1 - p)."""
+        if self.multilabel:
+            p = 1 / (1 + np.exp(-rel[1:].astype(np.float32))) if self.space == "logits" else rel[1:].astype(np.float32)
+            return np.concatenate([np.prod(1 - p, axis=0, keepdims=True), p])
         if self.space == "logits":
             return softmax(rel)
         return rel + (1 - rel.sum(axis=0, keepdims=True)) / len(rel)
