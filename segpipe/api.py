@@ -13,6 +13,7 @@ run gets: the same checks before anything is written, the same tiles, the same s
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import warnings
@@ -95,12 +96,12 @@ def execute(c: Checked, client: Client | None = None, reporter: Reporter | None 
 
     ``reporter`` hears the stage lines and per-stage progress (bars on a terminal, lines elsewhere).
     """
-    from segpipe.pipeline import in_process, run_job
+    from segpipe.pipeline import in_process, leased, run_job
     from segpipe.progress import reporting
     from segpipe.runtime.cluster import connect
 
     say = reporter.say if reporter is not None else (lambda _line: None)
-    with reporting(reporter):
+    with reporting(reporter), leased(c, say):  # refused at once, before a cluster starts, when the output is held
         if client is not None:
             return run_job(c, client, log=say)
         say(cluster_line(c))
@@ -128,13 +129,25 @@ def segment(source: Any, method: str | Mapping[str, Any], *, output: str | Path 
     ``progress``: stage lines and progress on stderr. Other keyword arguments are job settings
     (see :func:`job_spec`). Bad input raises :class:`segpipe.errors.InputError` before anything is written.
     """
+    from segpipe.io.lease import output_lease
+
+    out = Path(output) if output is not None else Path(tempfile.mkdtemp(prefix="segpipe-"))
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output path exists and is not a folder: {out}")
+    store = options.get("store")
+    # An array source is the first thing written: the lease is taken before it (and the run re-enters it).
+    with output_lease(out, str(store) if store else None, f"segpipe.segment() in process {os.getpid()}",
+                      (lambda line: print(line, file=sys.stderr)) if progress else (lambda _line: None)):
+        return _segment(source, method, out, tile_size, truth, client, crs, transform, nodata, progress, options)
+
+
+def _segment(source: Any, method: str | Mapping[str, Any], out: Path, tile_size: int | None,
+             truth: str | Path | Mapping[str, Any] | None, client: Client | None, crs: Any, transform: Any,
+             nodata: float | None, progress: bool, options: dict[str, Any]) -> xr.Dataset:
     from segpipe.io.arrays import array_source, is_array, remove_array_source, write_array_source
     from segpipe.progress import Reporter
 
-    out = Path(output) if output is not None else Path(tempfile.mkdtemp(prefix="segpipe-"))
     written: Path | None = None
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output path exists and is not a folder: {out}")
     if is_array(source):
         src = array_source(source, crs=crs, transform=transform, nodata=nodata)
         if src.is_volume and src.nodata is not None:

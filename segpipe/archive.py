@@ -19,6 +19,7 @@ from typing import Any
 from segpipe.config import JobSpec, load_job
 from segpipe.errors import InputError
 from segpipe.io.fingerprint import source_fingerprint
+from segpipe.io.lease import LOCK_NAME
 from segpipe.io.store import write_atomic
 from segpipe.io.volume import NIFTI_SUFFIXES, is_dicom_series, volume_stem
 
@@ -108,9 +109,9 @@ def is_done(item: Item) -> bool:
 def begin(item: Item) -> Path | None:
     """Make the item's folder ready for this input; returns where stale results were moved, if any.
 
-    Results made from an earlier version of the input are never overwritten or deleted: the whole
-    folder moves to ``<root>/.superseded/<name>-<time>``. A partial run of the same input stays in
-    place and resumes.
+    Results made from an earlier version of the input are never overwritten or deleted: the folder's
+    contents move to ``<root>/.superseded/<name>-<time>``. A partial run of the same input stays in
+    place and resumes. Called under the item's lease (:mod:`segpipe.io.lease`), whose lock file stays.
     """
     moved = None
     out = Path(item.output)
@@ -119,11 +120,13 @@ def begin(item: Item) -> Path | None:
             previous = json.loads(item.started.read_text()).get("input")
         except (OSError, ValueError):
             previous = None
-        if previous != _fingerprint(item.source):
+        stale = [p for p in out.iterdir() if p.name != LOCK_NAME]
+        if previous != _fingerprint(item.source) and stale:
             stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
             moved = out.parent / SUPERSEDED / f"{item.name}-{stamp}-{os.getpid()}"
-            moved.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(out, moved)
+            moved.mkdir(parents=True)
+            for p in stale:
+                os.replace(p, moved / p.name)
     write_atomic(item.started, json.dumps({"input": _fingerprint(item.source)}))
     return moved
 

@@ -90,8 +90,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     reporter = None if args.quiet else Reporter(sys.stderr)  # stage lines and progress on stderr; -q: none
     if args.period:
         return _run_period(args, reporter)
-    checked = check_job(args.job, _overrides(args))
-    outcome = execute(checked, reporter=reporter)
+    from segpipe.config import load_job
+    from segpipe.io.lease import OutputBusy, wait_free
+
+    job = load_job(args.job, _overrides(args))
+    if job.busy == "wait":
+        wait_free(job.output, job.store_root, say=reporter.say if reporter else lambda _line: None)
+    try:
+        checked = check_job(job)
+        outcome = execute(checked, reporter=reporter)
+    except OutputBusy as busy:
+        if job.busy != "skip":
+            raise
+        print(f"skipped:      {busy}")  # busy: skip, as the job says
+        return 0
     for path in outcome.exports:
         print(f"export:       {path}")
     print(f"zarr result:  {outcome.result}")

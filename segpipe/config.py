@@ -288,6 +288,10 @@ class JobSpec(_Strict):
                               "level at least as fine as the model's resolution (level 0 without one)")
     overwrite: bool = Field(False, description="replace stores made from other input or settings in the output "
                                                "(else the run is refused, naming what differs)")
+    busy: Literal["refuse", "skip", "wait"] | None = Field(
+        None, description="when another run holds the output (segpipe.io.lease): refuse (exit 2, naming it), "
+                          "skip (say so and do nothing) or wait until it ends; default refuse for a run, skip for "
+                          "a land-cover period and an archive item (a schedule firing while the last run goes on)")
     keep_work: bool = Field(False, description="keep the model's logits work store after a successful run "
                                                "(removed by default: it is scratch, several bytes per pixel)")
 

@@ -11,6 +11,7 @@ fixes the area (bbox or aoi), CRS and resolution.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass
@@ -24,8 +25,9 @@ from rasterio.crs import CRS
 from segpipe.config import JobSpec, MosaicSpec, load_job
 from segpipe.errors import InputError
 from segpipe.io.layout import result_path
+from segpipe.io.lease import OutputBusy, wait_free
 from segpipe.io.store import write_atomic
-from segpipe.pipeline import Checked, check, check_output_stores
+from segpipe.pipeline import Checked, check, check_output_stores, leased
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -102,7 +104,8 @@ def previous_period(root: str | Path, label: str) -> str | None:
 
 @dataclass
 class PeriodOutcome:
-    """What a period run did: ``done``, ``unchanged`` (nothing new since its last run) or ``empty`` (no items)."""
+    """What a period run did: ``done``, ``unchanged`` (nothing new since its last run), ``empty`` (no items) or
+    ``busy`` (another run holds the period: skipped, as the job's ``busy`` says)."""
 
     label: str
     status: str
@@ -167,6 +170,8 @@ def plan_period(job: JobSpec | str | Path, period: str, today: date | None = Non
     except NoItems:
         return PlannedPeriod(label, "empty", folder, None)
     n = len(c.info.mosaic.items)
+    if pj.busy == "wait":  # the job says so: a schedule firing while this period still runs waits for it
+        wait_free(folder, c.layout.store_root)
     mark = _read_mark(folder)
     scene_fp = c.layout.scene_fp
     if mark is not None and mark.get("scene") == scene_fp:
@@ -174,7 +179,13 @@ def plan_period(job: JobSpec | str | Path, period: str, today: date | None = Non
     recompute = mark is not None and _without_items(mark.get("scene")) == _without_items(scene_fp)
     if recompute:  # the same job over new items: this period's results are replaced, by design
         c.job.overwrite = True
-    return PlannedPeriod(label, "run", folder, check_output_stores(c), n, recompute, note)
+    try:
+        checked = check_output_stores(c)
+    except OutputBusy as busy:  # the last run of this period still goes on: skipped, unless the job says refuse
+        if pj.busy == "refuse":
+            raise
+        return PlannedPeriod(label, "busy", folder, None, n, note=str(busy))
+    return PlannedPeriod(label, "run", folder, checked, n, recompute, note)
 
 
 def _without_items(scene_fp: dict[str, Any] | None) -> Any:
@@ -191,6 +202,15 @@ def _read_mark(folder: Path) -> dict[str, Any] | None:
         return None
 
 
+def skip_reason(plan: PlannedPeriod) -> str:
+    """Why a planned period does not run, in a few words for the log and the flow's table."""
+    if plan.status == "empty":
+        return "no items; nothing to do"
+    if plan.status == "busy":
+        return f"skipped: {plan.note}"
+    return f"nothing new since its last run ({plan.items} item(s)); skipped"
+
+
 def run_period(plan: PlannedPeriod, client: Client | None = None, reporter: Reporter | None = None) -> PeriodOutcome:
     """Run a planned period and compare it with the period before; marks the period done.
 
@@ -202,14 +222,21 @@ def run_period(plan: PlannedPeriod, client: Client | None = None, reporter: Repo
 
     say = reporter.say if reporter is not None else (lambda _line: None)
     if plan.checked is None:
-        say(f"period {plan.label}: " + ("no items; nothing to do" if plan.status == "empty" else
-                                        f"nothing new since its last run ({plan.items} item(s)); skipped"))
+        say(f"period {plan.label}: " + skip_reason(plan))
         return PeriodOutcome(plan.label, plan.status, plan.folder, items=plan.items)
-    if client is not None:
-        return _run(plan, client, reporter, say)
-    say(cluster_line(plan.checked))
-    with connect(plan.checked.job.cluster, in_process=in_process(plan.checked)) as own:
-        return _run(plan, own, reporter, say)
+    with contextlib.ExitStack() as held:
+        try:  # the whole period under its lease: its run, class areas, change product and mark
+            held.enter_context(leased(plan.checked, say))
+        except OutputBusy as busy:  # taken between the plan and now
+            if plan.checked.job.busy == "refuse":
+                raise
+            say(f"period {plan.label}: skipped: {busy}")
+            return PeriodOutcome(plan.label, "busy", plan.folder, items=plan.items)
+        if client is not None:
+            return _run(plan, client, reporter, say)
+        say(cluster_line(plan.checked))
+        with connect(plan.checked.job.cluster, in_process=in_process(plan.checked)) as own:
+            return _run(plan, own, reporter, say)
 
 
 def _run(plan: PlannedPeriod, client: Client, reporter: Reporter | None, say: Any) -> PeriodOutcome:

@@ -24,6 +24,7 @@ from segpipe.errors import InputError
 from segpipe.geometry import SceneGeometry
 from segpipe.io import exports
 from segpipe.io.layout import RunLayout
+from segpipe.io.lease import check_free, output_lease
 from segpipe.io.raster import RasterInfo
 from segpipe.io.scene import Scene
 from segpipe.io.slide import level_for
@@ -96,9 +97,11 @@ def instances_fingerprint(result_fp: dict[str, Any], job: JobSpec) -> dict[str, 
 
 
 def check_output_stores(c: Checked) -> Checked:
-    """Stores in the output made from other input or settings are an error naming what differs, before the
-    cluster starts, unless the job says ``overwrite``: then they are replaced when the run starts."""
+    """An output another run holds is refused (:mod:`segpipe.io.lease`); stores in the output made from other
+    input or settings are an error naming what differs, before the cluster starts, unless the job says
+    ``overwrite``: then they are replaced when the run starts."""
     lay = c.layout
+    check_free(lay.output, lay.store_root)
     wanted = [("scene store", lay.scene_store, lay.scene_fp), ("result store", lay.result_store, lay.result_fp)]
     if lay.instances_fp is not None:
         wanted.append(("instance work store", lay.instances_store, lay.instances_fp))
@@ -334,14 +337,35 @@ def on_client(client: Client) -> StageRunner:
     return lambda _name, work: work(client)
 
 
+def job_label(c: Checked) -> str:
+    """The run as its lease names it to a run it refuses: method, input, and the command that started it."""
+    import sys
+
+    source = c.info.path if c.info.mosaic is None else f"a mosaic of {len(c.info.mosaic.items)} item(s)"
+    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:160] if sys.argv and sys.argv[0] else "python"
+    return f"{c.plan.name} of {source} ({command})"
+
+
+def leased(c: Checked, log: Callable[[str], None] = lambda _: None):  # noqa: ANN201 - a context manager
+    """The run's lease on its output and stores (:func:`segpipe.io.lease.output_lease`), before its first write."""
+    return output_lease(c.layout.output, c.layout.store_root, job_label(c), log)
+
+
 def run_job(c: Checked, client: Client, log: Callable[[str], None] = lambda _: None,
             runner: StageRunner | None = None) -> Outcome:
     """Run every stage of a checked job on ``client``; ``log`` hears one line per stage (progress within a
     stage goes to the reporter installed with :func:`segpipe.progress.reporting`, if any).
 
     ``runner`` runs each stage (see :data:`StageRunner`; default :func:`on_client`). Each stage's wall time is
-    kept in the outcome and in ``metrics/summary.json`` (beside the scores with ground truth).
+    kept in the outcome and in ``metrics/summary.json`` (beside the scores with ground truth). The run holds
+    its output's lease throughout (taken here unless the caller holds it already).
     """
+    with leased(c, log):
+        return _run_stages(c, client, log, runner)
+
+
+def _run_stages(c: Checked, client: Client, log: Callable[[str], None], runner: StageRunner | None) -> Outcome:
+    check_output_stores(c)  # again under the lease: a run that held the output until now may have written stores
     seconds: dict[str, float] = {}
     run = runner or on_client(client)
 

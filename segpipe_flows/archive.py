@@ -17,7 +17,8 @@ from prefect.artifacts import create_table_artifact
 from segpipe.api import execute
 from segpipe.archive import Item, begin, discover, is_done, item_job, mark_done, read_summary
 from segpipe.config import load_job
-from segpipe.pipeline import check, check_output_stores
+from segpipe.io.lease import OutputBusy, wait_free
+from segpipe.pipeline import check, check_output_stores, leased
 from segpipe.progress import Reporter
 from segpipe.runtime.cluster import connect
 
@@ -25,17 +26,29 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 @task(name="segment-item", task_run_name="segment-{item.name}")
-def segment_item(item: Item, job: str, scheduler: str) -> dict[str, Any] | None:
+def segment_item(item: Item, job: str, scheduler: str) -> tuple[str, dict[str, Any] | None]:
+    """``("done", scores)``, or ``("skipped: ...", None)`` when another run holds the item and the job does
+    not say ``busy: refuse`` (``busy: wait`` waits for it)."""
+    log = get_run_logger()
     checked = check(item_job(job, item), stores=False)  # the stores of an earlier input version move away first
-    moved = begin(item)
-    checked = check_output_stores(checked)
-    if moved is not None:
-        get_run_logger().info(f"{item.name}: results of an earlier input version moved to {moved}")
-    with Client(scheduler) as client:
-        outcome = execute(checked, client=client, reporter=Reporter(write=get_run_logger().info))
-    summary = outcome.report.summary if outcome.report else None
-    mark_done(item, summary)
-    return summary
+    if checked.job.busy == "wait":
+        wait_free(item.output, checked.layout.store_root, say=log.info)
+    try:
+        with leased(checked, log.info):  # before begin(), which may move an earlier version's results away
+            moved = begin(item)
+            checked = check_output_stores(checked)
+            if moved is not None:
+                log.info(f"{item.name}: results of an earlier input version moved to {moved}")
+            with Client(scheduler) as client:
+                outcome = execute(checked, client=client, reporter=Reporter(write=log.info))
+            summary = outcome.report.summary if outcome.report else None
+            mark_done(item, summary)
+    except OutputBusy as busy:
+        if checked.job.busy == "refuse":
+            raise
+        log.info(f"{item.name}: skipped: {busy}")
+        return f"skipped: {busy}", None
+    return "done", summary
 
 
 def _row(item: Item, status: str, summary: dict[str, Any] | None, error: str = "") -> dict[str, Any]:
@@ -59,7 +72,8 @@ def archive(inputs: str, job: str, output: str, scheduler: str | None = None) ->
         futures = {i.name: (i, segment_item.submit(i, job, client.scheduler.address)) for i in todo}
         for name, (item, fut) in futures.items():
             try:
-                rows[name] = _row(item, "done", fut.result())
+                status, summary = fut.result()
+                rows[name] = _row(item, status, summary)
             except Exception as exc:  # noqa: BLE001 - one bad item must not stop the archive
                 log.error(f"{name} failed: {exc}")
                 rows[name] = _row(item, "failed", None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from segpipe.config import load_job
-from segpipe.periods import PlannedPeriod, plan_period, run_period
+from segpipe.periods import PlannedPeriod, plan_period, run_period, skip_reason
 from segpipe.pipeline import in_process
 from segpipe.progress import Reporter
 from segpipe.runtime.cluster import connect
@@ -51,8 +51,9 @@ def landcover_period(job: str, output: str | None = None, period: str = "last",
     log = get_run_logger()
     plan = plan_task(job, output, period)
     if plan.checked is None:
-        log.info(f"period {plan.label}: " + ("no items" if plan.status == "empty" else "nothing new") + "; skipped")
-        return {"period": plan.label, "status": plan.status, "folder": str(plan.folder), "items": plan.items}
+        log.info(f"period {plan.label}: {skip_reason(plan)}")
+        return {"period": plan.label, "status": plan.status, "folder": str(plan.folder), "items": plan.items,
+                **({"note": plan.note} if plan.note else {})}
     cluster = plan.checked.job.cluster
     if scheduler:
         cluster = cluster.model_copy(update={"scheduler": scheduler})

@@ -23,7 +23,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from segpipe.api import check_job
-from segpipe.pipeline import Checked, StageRunner, in_process, run_job
+from segpipe.pipeline import Checked, StageRunner, in_process, leased, run_job
 from segpipe.progress import Reporter, reporting
 from segpipe.runtime.cluster import connect
 
@@ -96,8 +96,9 @@ def segment_scene(job: str, output: str | None = None, scheduler: str | None = N
     if scheduler:
         overrides["cluster"] = {"scheduler": scheduler}
     checked = check_task(job, overrides)
-    with connect(checked.job.cluster, in_process=in_process(checked)) as client:
-        outcome = run_job(checked, client, log=get_run_logger().info, runner=as_tasks(client.scheduler.address))
+    log = get_run_logger().info
+    with leased(checked, log), connect(checked.job.cluster, in_process=in_process(checked)) as client:
+        outcome = run_job(checked, client, log=log, runner=as_tasks(client.scheduler.address))
     if outcome.report is not None:
         publish_metrics(checked, outcome.report)
     return {"exports": [str(p) for p in outcome.exports], "result": outcome.result,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import yaml
@@ -58,3 +61,23 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> Non
     assert "Traceback" not in proc.stderr
     for w in words:
         assert w in lines[0], lines[0]
+
+
+@contextlib.contextmanager
+def moto_s3(bucket: str) -> Iterator[Any]:
+    """A moto S3 server on 127.0.0.1 with ``bucket``; endpoint and credentials through the standard AWS variables
+    (restored after), so processes started meanwhile reach it too. Yields a boto3 client."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "segpipe",
+           "AWS_SECRET_ACCESS_KEY": "segpipe-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        with mock.patch.dict(os.environ, env):
+            boto3.client("s3").create_bucket(Bucket=bucket)
+            yield boto3.client("s3")
+    finally:
+        server.stop()

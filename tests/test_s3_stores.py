@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import rasterio
 import xarray as xr
 from conftest import BUILDINGS, SCENE
 from distributed import Client, LocalCluster
-from helpers import run
+from helpers import moto_s3, run
 
 from segpipe.errors import InputError
 
@@ -21,25 +19,9 @@ JOB = {"input": str(SCENE), "tile_size": 256, "chunk_size": 128, "truth": {"path
 
 @pytest.fixture(scope="module")
 def s3():
-    """A moto S3 server on 127.0.0.1; endpoint and credentials through the standard AWS variables."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "segpipe",
-           "AWS_SECRET_ACCESS_KEY": "segpipe-secret", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    boto3.client("s3").create_bucket(Bucket=BUCKET)
-    yield boto3.client("s3")
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    server.stop()
+    """A moto S3 server on 127.0.0.1 (:func:`helpers.moto_s3`)."""
+    with moto_s3(BUCKET) as s3_client:
+        yield s3_client
 
 
 @pytest.fixture(scope="module")

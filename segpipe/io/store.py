@@ -42,25 +42,36 @@ def open_or_create(path: str | Path, fingerprint: dict[str, Any], what: str) -> 
         raise changed_store_error(what, p, changed)
     if changed is not None:
         return zarr.open_group(p, mode="r+")
+    _forget_marks(p)  # a new store: marks left by one deleted by hand must not skip its work
     group = zarr.open_group(p, mode="w-")
     group.attrs["segpipe_fingerprint"] = _jsonable(fingerprint)
     return group
 
 
-def store_changes(path: str, fingerprint: dict[str, Any], what: str) -> list[str] | None:
+# What :func:`store_changes` says of a store it cannot compare: whatever left it, ``--overwrite`` replaces it.
+UNREADABLE = "no readable Zarr metadata"
+UNMARKED = "no segpipe fingerprint"
+
+
+def store_changes(path: str, fingerprint: dict[str, Any], what: str) -> list[str] | None:  # noqa: ARG001
     """What differs between the store at ``path`` and ``fingerprint`` (empty: the same store); None where
-    there is no store. A store segpipe did not make is an error."""
+    there is no store. A store that cannot be opened, or has no fingerprint (an interrupted creation or
+    removal, a collision, or not segpipe's), differs by :data:`UNREADABLE` or :data:`UNMARKED`."""
     if not _exists(path):
         return None
     try:
-        group = zarr.open_group(path, mode="r")
-    except Exception:  # noqa: BLE001 - any failure to open means it's not ours
-        raise InputError(f"{what} exists but is not a segpipe Zarr store: {path}") from None
-    return differences(group.attrs.get("segpipe_fingerprint") or {}, _jsonable(fingerprint))
+        group = zarr.open_group(path, mode="r", use_consolidated=False)
+        found = group.attrs.get("segpipe_fingerprint")
+    except Exception:  # noqa: BLE001 - any failure to open means it is broken or not ours
+        return [UNREADABLE]
+    return [UNMARKED] if not found else differences(found, _jsonable(fingerprint))
 
 
 def changed_store_error(what: str, path: str, changed: list[str]) -> InputError:
     """The refusal to reuse a store made from other input or settings, naming (up to four of) the changes."""
+    if changed[0] in (UNREADABLE, UNMARKED):
+        return InputError(f"{what} at {path} has {changed[0]} (left by an interrupted run, or not segpipe's); "
+                          "rerun with --overwrite to replace it, or use another output folder")
     return InputError(f"{what} at {path} was made from different input or settings ({'; '.join(changed[:4])}); "
                       "rerun with --overwrite to replace it, or use another output folder")
 
@@ -118,18 +129,37 @@ def ensure_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: t
 
 
 def remove_store(path: str | Path) -> None:
-    """Delete a store and its completion marks, local or remote (scratch no longer needed)."""
+    """Delete a store and its completion marks, local or remote (scratch no longer needed, or ``--overwrite``).
+
+    The marks go first: killed in between, what is left is a store without marks (redone on resume, or refused
+    and replaced), never marks that would skip the work of a store made anew.
+    """
     p = str(path)
+    _forget_marks(p)
     if is_remote(p):
         fs, root = fsspec.core.url_to_fs(p)
-        parent, name = root.rstrip("/").rsplit("/", 1)
-        for target in (root, f"{parent}/{MARKS_DIR}/{name}"):
-            fs.invalidate_cache(target)
-            if fs.exists(target):
-                fs.rm(target, recursive=True)
+        fs.invalidate_cache(root)
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
         return
     local = Path(p)
-    shutil.rmtree(local, ignore_errors=True)
+    if local.is_dir() and not local.is_symlink():
+        shutil.rmtree(local)
+    elif local.exists() or local.is_symlink():  # a file where a store belongs: replaced all the same
+        local.unlink()
+
+
+def _forget_marks(path: str) -> None:
+    """Delete the completion marks of the store at ``path`` (every stage), local or remote."""
+    if is_remote(path):
+        fs, root = fsspec.core.url_to_fs(path)
+        parent, name = root.rstrip("/").rsplit("/", 1)
+        marks = f"{parent}/{MARKS_DIR}/{name}"
+        fs.invalidate_cache(marks)
+        if fs.exists(marks):
+            fs.rm(marks, recursive=True)
+        return
+    local = Path(path)
     shutil.rmtree(local.parent / MARKS_DIR / local.name, ignore_errors=True)
     with contextlib.suppress(OSError):  # the marks folder goes with the last store it served
         (local.parent / MARKS_DIR).rmdir()
