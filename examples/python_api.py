@@ -29,8 +29,8 @@ def main(out: Path) -> None:
         ds = segpipe.segment(SAMPLE / "spacenet_pan.tif", model, tile_size=256, output=out / "unet", client=client,
                              truth=SAMPLE / "spacenet_buildings.geojson", class_names=["background", "building"],
                              probabilities=True, progress=False)
-        print(ds)  # class (uint8), truth (uint8), probability (class, y, x) float16
-        confident = float((ds["probability"].max("class") > 0.9).mean())
+        print(ds)  # class (uint8), truth (uint8), probability (class_index, y, x) float16
+        confident = float((ds["probability"].max("class_index") > 0.9).mean())
         print(f"{confident:.1%} of pixels classified with probability > 0.9")
         print(f"building IoU {ds.attrs['iou_building']:.3f}, mean IoU {ds.attrs['mean_iou']:.3f}, CRS {ds.rio.crs}")
         tiles = ds.segpipe.tiles  # one row per tile: position, pixels, accuracy, IoU/Dice per class

@@ -174,7 +174,10 @@ def _segment(source: Any, method: str | Mapping[str, Any], out: Path, tile_size:
 def open_result(path: str | Path, metrics: str | Path | None = None) -> xr.Dataset:
     """A finished run's result as a lazy ``xarray.Dataset``: ``class`` (and ``truth``, ``instances``,
     ``probability`` when the run made them) in their own dtypes, CRS and transform readable by rioxarray
-    (``ds.rio.crs``, ``ds.rio.transform()``) for images, the voxel geometry as attributes for volumes.
+    (``ds.rio.crs``, ``ds.rio.transform()``) for images. Volumes carry their voxel geometry as attributes (the
+    4x4 ``affine``) and, where their axes are the world's (``ds.attrs["world_coordinates"]`` says), ``z``, ``y``,
+    ``x`` voxel-centre coordinates in world mm (S, A, R, as nibabel's ``apply_affine`` gives them). ``probability``
+    is (class_index, [z,] y, x), labelled by ``class_index`` and ``class_name``: ``sel(class_index=1)``.
 
     ``path``: the run's output folder, or its ``result.zarr`` (a local path or an fsspec URL such as
     ``s3://bucket/prefix/result.zarr``). ``metrics``: the metrics folder when it is not beside the store.
@@ -190,7 +193,7 @@ def open_result(path: str | Path, metrics: str | Path | None = None) -> xr.Datas
         raise InputError(f"no segpipe result at {path} (expected a result.zarr from a finished run)")
     with warnings.catch_warnings():  # a store from a killed run has no consolidated metadata: listed instead
         warnings.filterwarnings("ignore", message=".*consolidated metadata.*", category=RuntimeWarning)
-        ds = xr.open_zarr(result)
+        ds = _world_coords(_class_axis(xr.open_zarr(result)))
     folder = Path(metrics) if metrics is not None else (None if is_remote(result) else Path(result).parent / "metrics")
     ds.attrs["result"] = result
     if folder is not None:
@@ -198,6 +201,41 @@ def open_result(path: str | Path, metrics: str | Path | None = None) -> xr.Datas
         summary = _summary(folder)
         if summary and summary.get("summary"):  # scores with truth; stage times alone without
             ds.attrs.update(_global_scores(summary["summary"]))
+    return ds
+
+
+def _class_axis(ds: xr.Dataset) -> xr.Dataset:
+    """The probability's class axis labelled by index (``sel(class_index=1)``) and name (``class_name``).
+
+    A store written before the axis was renamed named it ``class`` like the class map, which xarray then made a
+    2-D coordinate of it: the map goes back to being a data variable and the axis takes its present name."""
+    import numpy as np
+
+    from segpipe.io.result import CLASS_DIM
+
+    if "class" in ds.dims:
+        ds = ds.reset_coords("class").rename_dims({"class": CLASS_DIM})
+    if "probability" not in ds:
+        return ds
+    n = ds.sizes[CLASS_DIM]
+    names = list(ds["probability"].attrs.get("class_names", []))
+    coords: dict[str, Any] = {CLASS_DIM: np.arange(n)}
+    if len(names) == n:
+        coords["class_name"] = (CLASS_DIM, names)
+    return ds.assign_coords(coords)
+
+
+def _world_coords(ds: xr.Dataset) -> xr.Dataset:
+    """A volume's world coordinates where its store has none (written before they were): the same values
+    the store now keeps (:func:`segpipe.io.result.volume_coords`)."""
+    if ds.attrs.get("kind") != "volume" or "x" in ds.coords:
+        return ds
+    from segpipe.geometry import SceneGeometry
+    from segpipe.io.result import volume_coords, world_attrs
+
+    grid = SceneGeometry.of_attrs(tuple(ds["class"].shape), dict(ds.attrs))
+    ds = ds.assign_coords({dim: (dim, values, attrs) for dim, (values, attrs) in volume_coords(grid).items()})
+    ds.attrs.update({**world_attrs(grid), **ds.attrs})
     return ds
 
 

@@ -17,6 +17,7 @@ from segpipe.errors import InputError
 
 if TYPE_CHECKING:
     from segpipe.periods import PlannedPeriod
+    from segpipe.pipeline import Checked
     from segpipe.progress import Reporter
 
 
@@ -76,10 +77,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
         from segpipe.models.card import ModelCard
 
         print(f"output:   {ModelCard.model_validate(card).describe()}")
-    print(f"tiles:    {c.job.tile_size} px, output {c.job.output}")
+    print(_tiling_line(c))
     print(f"truth:    {c.job.truth.path if c.job.truth else 'none'}")
     print("valid: nothing written")
     return 0
+
+
+def _tiling_line(c: Checked) -> str:
+    """How the scene is cut, in its own words: ``tiles:    512 px`` of an image, ``blocks:   64 voxels`` a side of
+    a volume (a volume's tile is a cubic block, and "px" misread it as a 2-D tile)."""
+    from segpipe.tiling.grid import TileGrid
+
+    geo = c.geometry
+    n = len(TileGrid(c.info.shape, c.job.tile_size))
+    size = f"{c.job.tile_size} voxels a side" if geo.is_volume else f"{c.job.tile_size} px"
+    return f"{geo.tile_word + 's:':<10}{size} ({n} {geo.tile_word}{'s' if n != 1 else ''}), output {c.job.output}"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -145,8 +157,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     spec = TrainSpec(epochs=args.epochs, patch_size=args.patch_size, batch_size=args.batch_size,
                      base=args.base, lr=args.lr, seed=args.seed, train_cols=args.train_cols,
                      resolution_jitter=args.resolution_jitter)
+    remap = {}
+    for pair in args.remap or []:
+        src, _, dst = pair.partition(":")
+        if not (src.strip().lstrip("-").isdigit() and dst.strip().isdigit()):
+            raise InputError(f"--remap takes SRC:DST class ids, e.g. 255:1 (got {pair!r})")
+        remap[int(src)] = int(dst)
     result = train_from_files(args.image, args.labels, args.out, spec, bands=args.bands,
-                              class_names=args.class_names.split(","))
+                              class_names=args.class_names.split(","), binarize=args.binarize, remap=remap)
     print(f"model: {args.out} ({result['parameters']} parameters, final loss {result['final_loss']:.4f})")
     return 0
 
@@ -187,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="checkpoint to write (.pt)")
     t.add_argument("--bands", type=int, nargs="*", help="1-based bands to use (default all)")
     t.add_argument("--class-names", default="background,foreground")
+    t.add_argument("--binarize", action="store_true", help="every label > 0 is class 1 (a 0/255 mask)")
+    t.add_argument("--remap", nargs="*", metavar="SRC:DST", help="label values to class ids, e.g. 255:1")
     t.add_argument("--epochs", type=int, default=40)
     t.add_argument("--patch-size", type=int, default=128)
     t.add_argument("--batch-size", type=int, default=16)

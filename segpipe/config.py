@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from segpipe.errors import InputError
 from segpipe.io.exports import NAMES as EXPORT_NAMES
-from segpipe.io.paths import is_remote, local_or_remote
+from segpipe.io.paths import is_remote, local_or_remote, split_series, with_series
 from segpipe.methods.names import METHODS, MODEL_METHODS
 
 
@@ -114,8 +114,13 @@ class TruthSpec(_Strict):
     value: int = 1
     classes: dict[str, int] | None = Field(None, description="class names of the attribute as class ids, e.g. "
                                                              "{water: 1, crop: 2}; default: the job's class_names")
-    ignore: list[int] = Field(default_factory=list, description="truth class ids outside the method's classes to "
-                                                                "leave out of the metrics (others are an error)")
+    ignore: list[int] = Field(default_factory=list, description="truth values to leave out of the metrics (after "
+                                                                "remap); besides these only the raster's own "
+                                                                "nodata tag is ignored: any other value beyond the "
+                                                                "method's classes is an error")
+    threshold: float | None = Field(None, description="float truth (a probability or soft mask): class 1 where the "
+                                                      "value is above this, else 0; without it float truth must "
+                                                      "hold whole numbers")
     all_touched: bool = False
     remap: dict[int, int] = Field(default_factory=dict)
     binarize: bool = Field(False, description="every label > 0 becomes class 1 (masks stored as intensities, "
@@ -262,6 +267,9 @@ class JobSpec(_Strict):
     input: str | MosaicSpec = Field(description="GeoTIFF/COG (local path, URL or GDAL /vsi path), whole-slide "
                                     "image, NIfTI file or DICOM series folder; or a mosaic: a STAC search or "
                                     "several rasters onto one grid (see MosaicSpec)")
+    series: str | None = Field(None, description="a DICOM folder input holding several series: the one to read, by "
+                                                 "its SeriesInstanceUID or SeriesDescription (without it such a "
+                                                 "folder is refused, listing its series)")
     output: Path
     store: str | None = Field(None, description="where the Zarr stores (and their completion marks) live: a folder "
                                                 "or an fsspec URL such as s3://bucket/prefix; default: output")
@@ -286,6 +294,9 @@ class JobSpec(_Strict):
                             "other inputs, or any input with 'copy', are copied into scene.zarr")
     level: int | None = Field(None, ge=0, description="slides: the pyramid level to read; default the coarsest "
                               "level at least as fine as the model's resolution (level 0 without one)")
+    mpp: list[float] | None = Field(None, description="slides: µm per pixel of level 0, x and y (or one value for "
+                                                      "both), for a slide that declares none or declares it wrong; "
+                                                      "default what the file declares")
     overwrite: bool = Field(False, description="replace stores made from other input or settings in the output "
                                                "(else the run is refused, naming what differs)")
     busy: Literal["refuse", "skip", "wait"] | None = Field(
@@ -294,6 +305,13 @@ class JobSpec(_Strict):
                           "a land-cover period and an archive item (a schedule firing while the last run goes on)")
     keep_work: bool = Field(False, description="keep the model's logits work store after a successful run "
                                                "(removed by default: it is scratch, several bytes per pixel)")
+
+    @field_validator("mpp")
+    @classmethod
+    def _mpp_pair(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (len(v) not in (1, 2) or min(v) <= 0):
+            raise ValueError("mpp is one or two pixel sizes in µm (x, y), each > 0")
+        return v if v is None or len(v) == 2 else [v[0], v[0]]
 
     @field_validator("bands")
     @classmethod
@@ -307,6 +325,21 @@ class JobSpec(_Strict):
         if self.chunk_size is not None and self.tile_size % self.chunk_size:
             raise ValueError(f"tile_size {self.tile_size} must be a multiple of chunk_size {self.chunk_size}"
                              " so that every tile writes whole chunks")
+        return self
+
+    @model_validator(mode="after")
+    def _series_in_input(self) -> JobSpec:
+        """Why the series goes into the input path: readers, fingerprints and workers all receive the input as
+        one string, which then names the series (:func:`segpipe.io.paths.with_series`)."""
+        if self.series is None:
+            return self
+        if not isinstance(self.input, str) or is_remote(self.input):
+            raise ValueError("series picks one DICOM series of a local folder input")
+        folder, chosen = split_series(self.input)
+        if chosen is None:
+            self.input = with_series(folder, self.series)
+        elif chosen != self.series:
+            raise ValueError(f"the input names DICOM series {chosen!r} already, series says {self.series!r}")
         return self
 
     @property

@@ -119,6 +119,9 @@ def read_geo(attrs: dict[str, Any]) -> tuple[CRS | None, Affine]:
     return (CRS.from_wkt(wkt) if wkt else None), Affine(*attrs["transform"][:6])
 
 
+# A volume affine's off-axis terms below this share of its column's length are float noise (a DICOM series' direction
+# cosines, written to a few digits): its axes still run along the world's.
+AXIS_ALIGNED = 1e-6
 # A pixel size within 1 % of the model's is the model's: no resampling (a rounding of the GSD in metadata).
 SAME_SIZE = 0.01
 # Farther apart than this, a pixel size is far more likely in other units (degrees against metres, mm
@@ -318,6 +321,22 @@ class SceneGeometry:
         t = self.transform
         row, col = index[0] + 0.5, index[1] + 0.5
         return np.vstack([t.c + t.a * col + t.b * row, t.f + t.d * col + t.e * row])
+
+    def world_axes(self) -> tuple[tuple[float, float], ...] | None:
+        """Per array axis (z, y, x) of a volume, ``(start, step)``: the world coordinate (mm) of its first voxel
+        centre along S, A, R and the signed mm per voxel (negative where the axis runs backwards).
+
+        Only when the array axes run along the world's, x along R, y along A, z along S (each possibly reversed):
+        then one number per index places a voxel, as xarray coordinates and OME-Zarr scale/translation need.
+        None for an oblique affine or one that swaps axes, whose positions only the full ``affine`` gives
+        (:meth:`world`); inventing per-axis positions for it would put voxels in the wrong place."""
+        if not self.is_volume:
+            return None
+        m = self.affine[:3, :3]
+        off = np.abs(m - np.diag(np.diag(m)))
+        if (off > AXIS_ALIGNED * np.linalg.norm(m, axis=0)).any():
+            return None
+        return tuple((float(self.affine[w, 3]), float(m[w, w])) for w in (2, 1, 0))
 
 
 def _spacing(affine: np.ndarray) -> tuple[float, float, float]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from segpipe.geometry import SceneGeometry
 from segpipe.io import exports
 from segpipe.io.layout import RunLayout
 from segpipe.io.lease import check_free, output_lease
+from segpipe.io.paths import is_remote
 from segpipe.io.raster import RasterInfo
 from segpipe.io.scene import Scene
 from segpipe.io.slide import level_for
@@ -136,11 +138,11 @@ def check(job: JobSpec, stores: bool = True) -> Checked:
     plan = plan_method(job, len(bands), len(info.shape), _pixel_size(info), grid=geometry)
     if geometry.has_levels and job.level is None and plan.model is not None and plan.model.resolution:
         # The pyramid level nearest the model's resolution (from finer) is read, then resampled to it.
-        level = level_for(info.path, min(plan.model.resolution))
+        level = level_for(info.path, min(plan.model.resolution), job.mpp and (job.mpp[0], job.mpp[1]))
         if level:
             from segpipe.models.load import model_scale
 
-            info = source_info(job.input, level)
+            info = source_info(job.input, level, job.mpp)
             plan.scale = model_scale(plan.model, str(job.method.model), _pixel_size(info))
     if job.tile_size > max(info.shape) and "tile_size" in job.model_fields_set:
         # Asked for explicitly, a tile larger than the scene is probably a mistake; the default (512) is
@@ -160,8 +162,25 @@ def check(job: JobSpec, stores: bool = True) -> Checked:
     blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise InputError(f"output path {out} lies under {blocking}, which is a file, not a folder")
+    for folder in dict.fromkeys([out, *([] if is_remote(job.store_root) else [Path(job.store_root)])]):
+        check_writable(folder)
     checked = Checked(job, info, plan, truth, plan_layout(job, info, plan))
     return check_output_stores(checked) if stores else checked
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse an output folder this process cannot write, judged at the folder or, where it does not exist yet,
+    at its nearest existing parent (where ``mkdir`` would make it).
+
+    Why: otherwise the first write fails deep in ingest with a PermissionError traceback, and ``validate`` says
+    "valid". ``os.access`` also answers for root where no permission bit would stop it: a read-only mount
+    (EROFS) and an immutable folder (``chattr +i``).
+    """
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        where = "it" if existing == folder else f"{existing}, where it would be made,"
+        raise InputError(f"output folder {folder} cannot be written: {where} is not writable "
+                         "(permissions, a read-only mount or an immutable folder)")
 
 
 # Scenes up to this many pixels (voxels) run a classical method in threads of the client's process when the

@@ -1,6 +1,8 @@
 """Prefect flow: process a folder (or glob) of scenes, slides or volumes, one Prefect task per item.
 
-Items already finished from the same input file are skipped; a failing item is reported in the
+Items already finished from the same input file with the same settings are skipped; an item finished
+with other settings is refused, naming what differs as the CLI does, or redone when the job says
+``overwrite: true`` (:func:`segpipe.archive.verdict`); a failing item is reported in the
 table artifact and the returned summary without stopping the others. All items share one Dask
 cluster; each item's tiles fan out on it.
 """
@@ -15,8 +17,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from segpipe.api import execute
-from segpipe.archive import Item, begin, discover, is_done, item_job, mark_done, read_summary
+from segpipe.archive import Item, begin, discover, done_before, item_job, item_settings, mark_done, ran, verdict
 from segpipe.config import load_job
+from segpipe.errors import InputError
 from segpipe.io.lease import OutputBusy, wait_free
 from segpipe.pipeline import check, check_output_stores, leased
 from segpipe.progress import Reporter
@@ -27,28 +30,44 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 @task(name="segment-item", task_run_name="segment-{item.name}")
 def segment_item(item: Item, job: str, scheduler: str) -> tuple[str, dict[str, Any] | None]:
-    """``("done", scores)``, or ``("skipped: ...", None)`` when another run holds the item and the job does
-    not say ``busy: refuse`` (``busy: wait`` waits for it)."""
+    """``("done", scores)``; ``("skipped (done before)", scores)`` for an item finished from the same input with
+    the same settings; ``("refused: ...", None)`` for one made with other settings that the job does not say
+    ``overwrite`` for, ``("redone (settings changed: ...)", scores)`` where it does; or ``("skipped: ...",
+    None)`` when another run holds the item and the job does not say ``busy: refuse`` (``busy: wait`` waits)."""
     log = get_run_logger()
+    if item.problem:  # found at discovery (a DICOM series split across folders): this item fails alone
+        raise InputError(item.problem)
     checked = check(item_job(job, item), stores=False)  # the stores of an earlier input version move away first
+    settings = item_settings(checked.job, checked.layout)
+    before = done_before(item, settings)
+    status = verdict(before, checked.job.overwrite)
+    if status is not None:
+        log.info(f"{item.name}: {status}")
+        return status, before.summary if before is not None and not before.changes else None
     if checked.job.busy == "wait":
         wait_free(item.output, checked.layout.store_root, say=log.info)
     try:
         with leased(checked, log.info):  # before begin(), which may move an earlier version's results away
             moved = begin(item)
-            checked = check_output_stores(checked)
+            try:  # stores of other settings not marked done (a run of them cut short) are refused as the CLI does
+                checked = check_output_stores(checked)
+            except OutputBusy:
+                raise
+            except InputError as refused:
+                log.info(f"{item.name}: refused: {refused}")
+                return f"refused: {refused}", None
             if moved is not None:
                 log.info(f"{item.name}: results of an earlier input version moved to {moved}")
             with Client(scheduler) as client:
                 outcome = execute(checked, client=client, reporter=Reporter(write=log.info))
             summary = outcome.report.summary if outcome.report else None
-            mark_done(item, summary)
+            mark_done(item, summary, settings)
     except OutputBusy as busy:
         if checked.job.busy == "refuse":
             raise
         log.info(f"{item.name}: skipped: {busy}")
         return f"skipped: {busy}", None
-    return "done", summary
+    return ran(before), summary
 
 
 def _row(item: Item, status: str, summary: dict[str, Any] | None, error: str = "") -> dict[str, Any]:
@@ -63,13 +82,12 @@ def archive(inputs: str, job: str, output: str, scheduler: str | None = None) ->
     """Segment every scene matching ``inputs`` with the job template ``job`` into ``output/<name>/``."""
     log = get_run_logger()
     items = discover(inputs, output)
-    todo = [i for i in items if not is_done(i)]
-    rows = {i.name: _row(i, "skipped (done before)", read_summary(i)) for i in items if i not in todo}
+    rows: dict[str, dict[str, Any]] = {}
     cluster = load_job(job, {"input": items[0].source, "output": items[0].output}).cluster
     if scheduler:
         cluster = cluster.model_copy(update={"scheduler": scheduler})
     with connect(cluster) as client:
-        futures = {i.name: (i, segment_item.submit(i, job, client.scheduler.address)) for i in todo}
+        futures = {i.name: (i, segment_item.submit(i, job, client.scheduler.address)) for i in items}
         for name, (item, fut) in futures.items():
             try:
                 status, summary = fut.result()

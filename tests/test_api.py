@@ -112,9 +112,11 @@ def test_a_model_job_keeps_float16_probabilities_per_class(tmp_path, client, tin
                          transform=transform, output=tmp_path / "out", client=client, progress=False,
                          probabilities=True)
     p = ds["probability"]
-    assert p.dtype == np.float16 and p.dims == ("class", "y", "x") and p.shape == (3, 256, 256)
+    assert p.dtype == np.float16 and p.dims == ("class_index", "y", "x") and p.shape == (3, 256, 256)
     assert isinstance(p.data, dask.array.Array)
-    np.testing.assert_allclose(p.sum("class").values.astype(np.float32), 1.0, atol=1e-2)  # softmax per pixel
+    np.testing.assert_allclose(p.sum("class_index").values.astype(np.float32), 1.0, atol=1e-2)  # softmax per pixel
+    assert "class" in ds.data_vars and list(p["class_name"].values) == ["a", "b", "c"]  # the map: not a coordinate
+    assert p.sel(class_index=1).dims == ("y", "x")
 
 
 @pytest.mark.parametrize("source,kwargs,words", [

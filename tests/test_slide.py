@@ -258,3 +258,56 @@ def test_a_slide_model_reads_the_pyramid_level_nearest_its_resolution(tmp_path, 
     level0 = check(job_from_dict({**job, "output": str(tmp_path / "l0"), "tile_size": 512, "level": 0,
                                   "method": model}, tmp_path))
     assert level0.info.shape == (2967, 2220) and level0.plan.scale is not None  # 0.499 µm/px resampled to 1.0
+
+
+def test_an_ome_tiff_slide_takes_its_pixel_size_from_physical_size(tmp_path, client, svs, otsu_slide):
+    """Derived: the SVS's level 0 as a pyramidal OME-TIFF whose only pixel size is OME's PhysicalSizeX/Y (in nm
+    here, to check the units; no resolution tags), which OpenSlide leaves unread: read like the SVS."""
+    import openslide
+
+    with openslide.OpenSlide(str(svs)) as s:
+        rgb = np.asarray(s.read_region((0, 0), 0, s.dimensions).convert("RGB"))
+    path = tmp_path / "slide.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tw:
+        tw.write(rgb, tile=(256, 256), photometric="rgb", compression="zlib",
+                 metadata={"axes": "YXS", "PhysicalSizeX": 499.0, "PhysicalSizeXUnit": "nm",
+                           "PhysicalSizeY": 499.0, "PhysicalSizeYUnit": "nm"})
+        for k in (1, 2):
+            tw.write(rgb[:: 2**k, :: 2**k], tile=(256, 256), photometric="rgb", compression="zlib", subfiletype=1,
+                     metadata=None)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.is_ome and tif.pages.first.tags["ResolutionUnit"].value == 1  # no unit: the tags say nothing
+    o = run(client, tmp_path / "o", input=str(path), tile_size=512, method={"name": "otsu"})
+    g = zarr.open_group(str(tmp_path / "o" / "scene.zarr"), mode="r")
+    assert g.attrs["kind"] == "slide" and g.attrs["mpp"] == pytest.approx([0.499, 0.499])
+    svs_scene = zarr.open_array(str(otsu_slide[0] / "scene.zarr"), path="image", mode="r")
+    np.testing.assert_array_equal(g["image"][:, ::7, ::7], svs_scene[:, ::7, ::7])
+    with tifffile.TiffFile(o.cog) as tif:  # and the label export says it to viewers
+        res = tif.pages.first.tags["XResolution"].value
+        assert res[0] / res[1] == pytest.approx(1e4 / 0.499)
+
+
+def test_a_slide_that_declares_no_pixel_size_takes_the_jobs_mpp(tmp_path, client, svs, otsu_slide):
+    """Derived: the SVS's level 0 and two halvings as a pyramidal TIFF with no pixel size at all: refused in one
+    line that says how to give it; with ``mpp:`` read like the SVS. ``mpp`` on a GeoTIFF is refused."""
+    import openslide
+    from helpers import check_error
+
+    with openslide.OpenSlide(str(svs)) as s:
+        rgb = np.asarray(s.read_region((0, 0), 0, s.dimensions).convert("RGB"))
+    path = tmp_path / "bare.tif"
+    with tifffile.TiffWriter(path) as tw:
+        for k in range(3):
+            tw.write(rgb[:: 2**k, :: 2**k], tile=(256, 256), photometric="rgb", compression="zlib",
+                     subfiletype=0 if k == 0 else 1)
+    job = {"input": str(path), "output": str(tmp_path / "refused"), "tile_size": 512, "method": {"name": "otsu"}}
+    assert "has no microns-per-pixel metadata" in (msg := check_error(tmp_path, job)) and "mpp: [x, y]" in msg
+    run(client, tmp_path / "o", input=str(path), tile_size=512, method={"name": "otsu"}, mpp=[0.499])
+    g = zarr.open_group(str(tmp_path / "o" / "scene.zarr"), mode="r")
+    assert g.attrs["mpp"] == pytest.approx([0.499, 0.499])
+    svs_scene = zarr.open_array(str(otsu_slide[0] / "scene.zarr"), path="image", mode="r")
+    np.testing.assert_array_equal(g["image"][:, ::7, ::7], svs_scene[:, ::7, ::7])
+    from conftest import SCENE
+
+    assert "mpp gives a whole-slide image's pixel size; this input is a raster" in check_error(
+        tmp_path, {**job, "input": str(SCENE), "mpp": [0.5]})

@@ -117,7 +117,7 @@ def test_truth_ids_beyond_the_methods_classes_are_named_unless_ignored(tmp_path,
     write_ogr(path, "FlatGeobuf")
     out = tmp_path / "o"
     proc = cli(tmp_path, {**OTSU, "output": str(out), "truth": {"path": str(path), "attribute": "klass"}})
-    assert_one_line_error(proc, "class id(s) [7]", "0..1", "truth.ignore")
+    assert_one_line_error(proc, "value(s) [7]", "0..1", "truth.ignore")
     assert not out.exists()
     got = run(client, out, **OTSU, truth={"path": str(path), "attribute": "klass", "ignore": [7]}).report.summary
     # The features of class 7 are left out of the counts: fewer pixels, the rest counted as before.

@@ -153,8 +153,9 @@ def test_3d_unet_on_a_nifti_volume_is_block_size_invariant_and_exports_ome_zarr(
     np.testing.assert_allclose(ms.datasets[0].coordinateTransformations[0].scale[1:], ct.spacing, rtol=1e-6)
     nodes = list(Reader(parse_url(str(path)))())
     labels = [n for n in nodes if "image-label" in n.zarr.root_attrs.get("ome", n.zarr.root_attrs)][0]
-    np.testing.assert_array_equal(np.asarray(labels.data[0]), class_map(a))
-    np.testing.assert_array_equal(np.asarray(labels.data[1]), class_map(a)[::2, ::2, ::2])
+    stored = class_map(a)[:, ::-1, ::-1]  # x and y run towards L and P in the CT: stored reversed, scales > 0
+    np.testing.assert_array_equal(np.asarray(labels.data[0]), stored)
+    np.testing.assert_array_equal(np.asarray(labels.data[1]), stored[::2, ::2, ::2])
 
 
 def test_aal_atlas_as_multi_class_truth_on_the_same_grid(client, tmp_path):

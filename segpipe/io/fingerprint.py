@@ -6,10 +6,16 @@ import hashlib
 import os
 from pathlib import Path
 
+from segpipe.io.paths import split_series
+
 
 def source_fingerprint(path: str | Path) -> dict:
-    """Size and modification time of a file, or of every file of a folder (a DICOM series)."""
-    p = Path(path)
+    """Size and modification time of a file, or of every file of a folder (a DICOM series).
+
+    One series of a folder holding several (``<folder>#series=...``) is identified by the whole folder: cheap
+    (no header is read), and a change to a sibling series only makes it be done again.
+    """
+    p = Path(split_series(path)[0])
     if p.is_dir():
         files = sorted(q for q in p.iterdir() if q.is_file())
         h = hashlib.sha256()

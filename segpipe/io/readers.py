@@ -35,6 +35,18 @@ def not_nodata(data: np.ndarray, nodata: float) -> np.ndarray:
     return ~np.any(np.isnan(data) if np.isnan(nodata) else data == nodata, axis=0)
 
 
+def finite_only(data: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """Validity ``ok`` with every pixel that has a NaN or infinite band taken out.
+
+    Why: a float source (a NIfTI of float32, a float GeoTIFF) marks "no value" with NaN whatever its nodata says,
+    and such a pixel has no place in statistics, segmentation or metrics. Ingest applies this to every reader's
+    validity, so it holds for every format alike, in this one place.
+    """
+    if not np.issubdtype(data.dtype, np.floating):
+        return ok
+    return ok & np.all(np.isfinite(data), axis=0)
+
+
 class WindowReader:
     """Reads windows of one source, each with its validity, for one ingest task; a context manager.
 
@@ -80,13 +92,8 @@ class RasterReader(WindowReader):
     def read(self, window: Box) -> tuple[np.ndarray, np.ndarray]:
         rwin = ((window.row0, window.row1), (window.col0, window.col1))
         data = self.ds.read(self.bands, window=rwin)
-        if self.nodata is not None:
-            ok = not_nodata(data, self.nodata)
-        else:
-            ok = self.ds.dataset_mask(window=rwin) > 0
-            if np.issubdtype(data.dtype, np.floating):
-                ok &= np.all(np.isfinite(data), axis=0)
-        return data, ok
+        ok = not_nodata(data, self.nodata) if self.nodata is not None else self.ds.dataset_mask(window=rwin) > 0
+        return data, ok  # NaN and infinite values: made invalid by ingest (finite_only)
 
     def valid_everywhere(self) -> bool:
         """An integer raster without nodata, mask or alpha in any band: GDAL's dataset mask is valid everywhere."""
@@ -108,7 +115,8 @@ class SlideReader(WindowReader):
 
 
 class VolumeReader(WindowReader):
-    """NIfTI files and DICOM series: every voxel is valid unless the job names a ``nodata`` value."""
+    """NIfTI files and DICOM series: every voxel is valid unless the job names a ``nodata`` value (or it is NaN,
+    see :func:`finite_only`)."""
 
     def read(self, window: Box) -> tuple[np.ndarray, np.ndarray]:
         data = read_volume(self.path, window)[[b - 1 for b in self.bands]]
@@ -151,8 +159,8 @@ def _raster_source(path: str, level: int = 0) -> RasterInfo:  # noqa: ARG001 - r
     return raster_info(path)
 
 
-def _slide_source(path: str, level: int = 0) -> RasterInfo:
-    s = slide_info(path, level)
+def _slide_source(path: str, level: int = 0, mpp: tuple[float, float] | None = None) -> RasterInfo:
+    s = slide_info(path, level, mpp)
     grid = SceneGeometry("slide", (s.height, s.width), s.transform, None, mpp=(s.mpp_x, s.mpp_y))
     return RasterInfo(s.path, grid, 3, "uint8", None, ("red", "green", "blue"), level=s.level)
 
@@ -193,13 +201,14 @@ def _resolved_mosaic(info: RasterInfo) -> Any:
 @dataclass(frozen=True)
 class Format:
     """One source format: its ``kind`` (as :class:`RasterInfo` and the scene store record it), how a path is
-    recognised, how the input is inspected (``inspect(path, level)``), which reader reads its windows, what is
-    computed once per ingest on the client for every task's reader (``prepare(info)``), and whether its
-    pixels may be read in place instead of copied (:mod:`segpipe.io.source_pixels` reads GeoTIFFs only)."""
+    recognised, how the input is inspected (``inspect(path, level)``; a slide's also takes the job's ``mpp``),
+    which reader reads its windows, what is computed once per ingest on the client for every task's reader
+    (``prepare(info)``), and whether its pixels may be read in place instead of copied
+    (:mod:`segpipe.io.source_pixels` reads GeoTIFFs only)."""
 
     kind: str
     recognises: Callable[[str], bool]
-    inspect: Callable[[str, int], RasterInfo]
+    inspect: Callable[..., RasterInfo]
     reader: type[WindowReader]
     prepare: Callable[[RasterInfo], Any] = _nothing
     in_place: bool = False

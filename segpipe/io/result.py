@@ -5,7 +5,10 @@ attribute, 255, so plain ``xr.open_zarr`` keeps the dtype and rioxarray reads it
 ``grid_mapping = spatial_ref``, 1-D pixel-centre coordinates ``x`` and ``y``, and a scalar
 ``spatial_ref`` carrying ``crs_wkt`` and the GDAL ``GeoTransform``. ``truth`` (y, x) is added
 when ground truth is given. Volumes have ``class`` (z, y, x) and carry the scene's voxel
-geometry (``affine``, ``spacing``, ``origin``, ``direction``) as attributes instead of a CRS.
+geometry (``affine``, ``spacing``, ``origin``, ``direction``) as attributes instead of a CRS, with 1-D
+``z``, ``y``, ``x`` voxel-centre coordinates in world mm (S, A, R) where the volume's axes are the world's
+(``world_coordinates`` says which). ``probability`` (class_index, [z,] y, x) is added when asked for: its class
+axis is not named ``class``, the class map's name.
 """
 
 from __future__ import annotations
@@ -30,14 +33,53 @@ NODATA_ATTRS = {"nodata": NODATA}
 def create_result(path: str, fingerprint: dict[str, Any], grid: SceneGeometry, chunk: int,
                   class_names: list[str]) -> zarr.Group:
     """Create (or reopen for resume) the result group on the scene's ``grid``, ``chunk`` per axis, with its
-    coordinate variables."""
+    coordinate variables (a volume's in world millimetres where its axes are the world's)."""
     if grid.is_volume:
         group = open_or_create(path, fingerprint, "result store")
-        group.attrs.update({**grid.attrs(), "kind": "volume", "class_names": class_names, "nodata": NODATA})
+        group.attrs.update({**grid.attrs(), **world_attrs(grid), "kind": "volume", "class_names": class_names,
+                            "nodata": NODATA})
+        for dim, (values, attrs) in volume_coords(grid).items():
+            if dim not in group:
+                arr = group.create_array(dim, shape=values.shape, dtype="float64", chunks=values.shape,
+                                         dimension_names=(dim,))
+                arr[:] = values
+                arr.attrs.update(attrs)
         ensure_array(group, "class", grid.shape, (chunk,) * 3, "uint8", NODATA, ("z", "y", "x"),
                      _class_attrs(class_names))
         return group
     return _create_image_result(path, fingerprint, grid, chunk, class_names)
+
+
+# NIfTI's sform/qform codes: the world frame a volume's affine maps into.
+NIFTI_FRAMES = {0: "unknown", 1: "scanner", 2: "aligned", 3: "Talairach", 4: "MNI 152", 5: "template"}
+
+
+def world_frame(grid: SceneGeometry) -> str:
+    """The volume's world frame in words, as the coordinates' attributes name it."""
+    return f"RAS+ mm, NIfTI {NIFTI_FRAMES.get(grid.xform_code, 'unknown')} frame"
+
+
+def volume_coords(grid: SceneGeometry) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
+    """A volume's ``z``, ``y``, ``x`` coordinates: voxel-centre world positions (mm along S, A, R, decreasing on a
+    flipped axis), so that xarray selects and rioxarray places by world position as with the NIfTI. Empty for an
+    oblique or axis-swapping affine: no per-axis number would be true there (``world_attrs`` says so)."""
+    axes = grid.world_axes()
+    if axes is None:
+        return {}
+    frame = world_frame(grid)
+    return {dim: (start + step * np.arange(n), {"units": "mm", "axis": dim.upper(), "world_axis": world,
+                                                "long_name": f"{world} of the voxel centre ({frame})"})
+            for dim, world, n, (start, step) in zip("zyx", "SAR", grid.shape, axes, strict=True)}
+
+
+def world_attrs(grid: SceneGeometry) -> dict[str, str]:
+    """Where a volume lies, in the result's attributes: whether its coordinates give it, or only ``affine`` can."""
+    if grid.world_axes() is None:
+        how = ("no z/y/x coordinates: the affine is oblique or swaps axes; voxel (z, y, x) lies at "
+               "affine @ (x, y, z, 1)")
+    else:
+        how = "z, y, x coordinates: voxel centres along S, A, R, equal to affine @ (x, y, z, 1)"
+    return {"world_frame": world_frame(grid), "world_coordinates": how}
 
 
 def _class_attrs(class_names: list[str]) -> dict[str, Any]:
@@ -83,11 +125,16 @@ def record_fit(path: str, state: dict[str, Any]) -> None:
     zarr.open_group(path, mode="r+").attrs["fit"] = state
 
 
+# The probability's class axis: not ``class``, the class map's name, or xarray would make the map a 2-D coordinate of
+# that dimension (and ``sel`` on it fails).
+CLASS_DIM = "class_index"
+
+
 def add_probability_array(path: str, class_names: list[str], shape: tuple[int, ...], chunk: int) -> zarr.Array:
-    """``probability`` beside ``class``: (class, [z,] y, x) float16 softmax, NaN where no pixel is valid."""
+    """``probability`` beside ``class``: (class_index, [z,] y, x) float16 softmax, NaN where no pixel is valid."""
     group = zarr.open_group(path, mode="r+")
     grid_mapping = {"grid_mapping": "spatial_ref", "coordinates": "spatial_ref"} if "spatial_ref" in group else {}
-    dims = ("class", *("z", "y", "x")[-len(shape):])
+    dims = (CLASS_DIM, *("z", "y", "x")[-len(shape):])
     return ensure_array(group, "probability", (len(class_names), *shape), (len(class_names), *(chunk,) * len(shape)),
                         "float16", float("nan"), dims, {**grid_mapping, "class_names": class_names})
 

@@ -75,34 +75,84 @@ def _open(path: str | Path):
         raise InputError(f"input slide is not readable by OpenSlide ({exc}): {p}") from None
 
 
-def slide_info(path: str | Path, level: int = 0) -> SlideInfo:
+def slide_info(path: str | Path, level: int = 0, mpp: tuple[float, float] | None = None) -> SlideInfo:
     """Inspect a slide at pyramid ``level``; refuse one without a pixel size, because results could not be
     measured. A level's pixel size is level 0's scaled by the level's extent (what OpenSlide reports)."""
     with _open(path) as s:
         if not 0 <= level < s.level_count:
             raise InputError(f"level {level} is not a level of this slide (0..{s.level_count - 1}): {path}")
-        mpp_x, mpp_y = _level_mpp(s, path)[level]
+        mpp_x, mpp_y = _level_mpp(s, path, mpp)[level]
         w, h = s.level_dimensions[level]
         return SlideInfo(str(Path(path).resolve()), h, w, mpp_x, mpp_y, s.properties.get("openslide.vendor", ""),
                          level)
 
 
-def _level_mpp(s, path: str | Path) -> list[tuple[float, float]]:  # noqa: ANN001 - an OpenSlide handle
-    """µm per pixel (x, y) of every pyramid level: level 0's scaled by each level's extent (level 0 as given)."""
-    try:
-        mpp_x, mpp_y = float(s.properties["openslide.mpp-x"]), float(s.properties["openslide.mpp-y"])
-    except (KeyError, ValueError):
-        raise InputError(f"input slide has no microns-per-pixel metadata: {path}") from None
+def _level_mpp(s, path: str | Path,  # noqa: ANN001 - an OpenSlide handle
+               mpp: tuple[float, float] | None = None) -> list[tuple[float, float]]:
+    """µm per pixel (x, y) of every pyramid level: level 0's (the job's ``mpp``, else what the file declares)
+    scaled by each level's extent."""
+    found = tuple(mpp) if mpp else declared_mpp(dict(s.properties))
+    if found is None:
+        raise InputError("input slide has no microns-per-pixel metadata (no vendor mpp, OME PhysicalSizeX/Y or "
+                         f"TIFF resolution tags in cm or inch); give it with the job's mpp: [x, y]: {path}")
+    mpp_x, mpp_y = found
     (w0, h0) = s.dimensions
     return [(mpp_x, mpp_y) if k == 0 else (mpp_x * w0 / w, mpp_y * h0 / h)
             for k, (w, h) in enumerate(s.level_dimensions)]
 
 
-def level_for(path: str | Path, mpp: float) -> int:
+# OME length units as micrometres (the OME schema's UnitsLength, the ones a slide would use).
+OME_UNITS = {"pm": 1e-6, "nm": 1e-3, "µm": 1.0, "um": 1.0, "\u03bcm": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
+TIFF_UNIT_UM = {"centimeter": 1e4, "inch": 25400.0}
+
+
+def declared_mpp(props: dict[str, str]) -> tuple[float, float] | None:
+    """Level 0's µm per pixel from what the file declares, first found: the vendor's (OpenSlide's ``mpp``), an
+    OME-TIFF's ``PhysicalSizeX/Y`` (OpenSlide reads OME-TIFF as a generic TIFF and leaves its XML unread), or
+    TIFF resolution tags in centimetres or inches. None when it declares none."""
+    try:
+        return float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"])
+    except (KeyError, ValueError):
+        pass
+    ome = _ome_mpp(props.get("tiff.ImageDescription", ""))
+    if ome is not None:
+        return ome
+    unit = TIFF_UNIT_UM.get(props.get("tiff.ResolutionUnit", ""))
+    try:
+        xres, yres = float(props["tiff.XResolution"]), float(props["tiff.YResolution"])
+    except (KeyError, ValueError):
+        return None
+    return (unit / xres, unit / yres) if unit and xres > 0 and yres > 0 else None
+
+
+def _ome_mpp(description: str) -> tuple[float, float] | None:
+    """``PhysicalSizeX/Y`` of the first image of an OME-XML description, in µm (their units honoured)."""
+    if "<OME" not in description:
+        return None
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(description.encode())
+    except ET.ParseError:
+        return None
+    pixels = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None:
+        return None
+    sizes = []
+    for axis in ("X", "Y"):
+        value, unit = pixels.get(f"PhysicalSize{axis}"), pixels.get(f"PhysicalSize{axis}Unit", "µm")
+        if value is None or unit not in OME_UNITS or float(value) <= 0:
+            return None
+        sizes.append(float(value) * OME_UNITS[unit])
+    return sizes[0], sizes[1]
+
+
+def level_for(path: str | Path, mpp: float, level0: tuple[float, float] | None = None) -> int:
     """The coarsest pyramid level still at least as fine as ``mpp`` µm/px (1 % tolerance): the fewest pixels
-    to read for a model trained at ``mpp``, which is then reached by resampling down, never up."""
+    to read for a model trained at ``mpp``, which is then reached by resampling down, never up. ``level0``: the
+    job's own pixel size of level 0, if it gives one."""
     with _open(path) as s:
-        fine = [k for k, (mpp_x, _) in enumerate(_level_mpp(s, path)) if mpp_x <= mpp * 1.01]
+        fine = [k for k, (mpp_x, _) in enumerate(_level_mpp(s, path, level0)) if mpp_x <= mpp * 1.01]
     return max(fine, default=0)
 
 

@@ -3,8 +3,13 @@
 Rasters must already be on the scene's CRS and grid: silently resampling labels would change
 what is being measured, so a mismatch is an input error. Vector labels (any OGR format, GeoParquet:
 :mod:`segpipe.io.vector`) are reprojected into the scene CRS (as Raster Vision does) and burned in tile
-by tile, so memory stays bounded. Class attributes may hold ids or names. A truth class the method does
-not have is an error naming it (it would silently drop out of the counts), unless ``truth.ignore`` lists it.
+by tile, so memory stays bounded. Class attributes may hold ids or names.
+
+Which values are ignored, exactly: the raster's own nodata tag, the values ``truth.ignore`` lists (after
+``remap``), NaN in float truth, and nothing else. Any other value the method does not have as a class (255 of a
+0/255 mask, a negative id, 256 in uint16 labels) is an error naming the values found and the settings that
+would read them (``binarize``, ``remap``, ``ignore``): taken as "ignore" it would silently drop the foreground
+out of the counts. Float truth must hold whole numbers unless ``truth.threshold`` says where to cut it.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ class Truth:
     binarize: bool = False
     instances: bool = False
     ignore: list[int] = field(default_factory=list)  # truth ids left out of the metrics
+    threshold: float | None = None  # float truth: class 1 above it
 
     @property
     def is_image(self) -> bool:
@@ -76,22 +82,32 @@ class Truth:
         return rasterize(shapes, out_shape=window.shape, transform=t, fill=0, all_touched=self.all_touched,
                          dtype=dtype)
 
+    def labels(self, window: Box) -> tuple[np.ndarray, np.ndarray]:
+        """A raster or volume truth's class ids (int64, after threshold, binarize and remap) for ``window``, and
+        where they are ignored (the nodata tag, NaN, ``ignore``): nothing else is ignored (module docstring)."""
+        raw = self._read_raw(window)
+        ignore = np.zeros(raw.shape, bool) if self.nodata is None else (raw == self.nodata)
+        if raw.dtype.kind == "f":
+            ignore |= np.isnan(raw)
+            raw = raw > self.threshold if self.threshold is not None else np.where(ignore, 0, raw)
+        a = raw.astype(np.int64)
+        if self.binarize or self.instances:
+            a = (a > 0).astype(np.int64)
+        if self.remap:
+            mapped = a.copy()
+            for src, dst in self.remap.items():
+                mapped[a == src] = dst
+            a = mapped
+        if self.ignore:
+            ignore |= np.isin(a, self.ignore)
+        return a, ignore
+
     def read(self, window: Box, transform: rasterio.Affine) -> np.ndarray:
-        """Labels (uint8, 255 = ignore) for ``window`` of the scene."""
+        """Labels (uint8, 255 = ignore) for ``window`` of the scene. Ids beyond uint8 never reach here: the
+        check refuses them (:func:`check_truth`)."""
         if self.is_image:
-            a = self._read_raw(window)
-            ignore = np.zeros(a.shape, bool) if self.nodata is None else (a == self.nodata)
-            if self.binarize or self.instances:
-                a = (a > 0).astype(np.int64)
-            if self.remap:
-                mapped = a.astype(np.int64)
-                for src, dst in self.remap.items():
-                    mapped[a == src] = dst
-                a = mapped
-            ignore |= (a < 0) | (a >= NODATA)
-            if self.ignore:
-                ignore |= np.isin(a, self.ignore)
-            return np.where(ignore, NODATA, a).astype(np.uint8)
+            a, ignore = self.labels(window)
+            return np.where(ignore | (a < 0) | (a >= NODATA), NODATA, a).astype(np.uint8)
         return self._burn(self.shapes, window, transform, "uint8")
 
 
@@ -110,10 +126,32 @@ def _check_volume(spec: TruthSpec, scene: RasterInfo, class_names: list[str] | N
         raise InputError(f"ground truth is a volume but the input is a 2-D image: {spec.path}")
     v = volume_info(spec.path)
     scene_affine = scene.grid.affine
-    if v.shape != scene.shape or not np.allclose(np.asarray(v.affine), scene_affine, atol=1e-4):
-        raise InputError(f"ground-truth volume is on another voxel grid ({'x'.join(map(str, v.shape[::-1]))}) "
-                         f"than the input ({scene.describe()}), or has another affine: {spec.path}")
-    return Truth("volume", v.path, remap=dict(spec.remap), binarize=spec.binarize, instances=spec.instances)
+    if v.shape != scene.shape:
+        raise InputError(f"ground-truth volume is on another voxel grid ({'x'.join(map(str, v.shape[::-1]))} "
+                         f"voxels) than the input ({scene.describe()}): {spec.path}")
+    if not np.allclose(np.asarray(v.affine), scene_affine, atol=1e-4):
+        what = _affine_difference(v.affine, scene_affine)
+        raise InputError(f"ground-truth volume has another affine than the input ({what}): {spec.path}")
+    return Truth("volume", v.path, remap=dict(spec.remap), binarize=spec.binarize, instances=spec.instances,
+                 threshold=spec.threshold)
+
+
+def _affine_difference(truth: object, scene: object) -> str:
+    """What differs between two 4x4 voxel-to-world affines, in words: spacing, origin or axis directions."""
+    t, s = np.asarray(truth, float), np.asarray(scene, float)
+    spacing_t, spacing_s = np.linalg.norm(t[:3, :3], axis=0), np.linalg.norm(s[:3, :3], axis=0)
+    parts = []
+    if not np.allclose(spacing_t, spacing_s, atol=1e-4):
+        parts.append(f"voxel size {_mm(spacing_t)} vs {_mm(spacing_s)} mm")
+    if not np.allclose(t[:3, 3], s[:3, 3], atol=1e-4):
+        parts.append(f"origin {_mm(t[:3, 3])} vs {_mm(s[:3, 3])} mm")
+    if not np.allclose(t[:3, :3] / spacing_t, s[:3, :3] / spacing_s, atol=1e-4):
+        parts.append("axis directions (flipped or rotated)")
+    return "; ".join(parts) or "differences below 1e-4"
+
+
+def _mm(v: np.ndarray) -> str:
+    return "(" + ", ".join(f"{x:g}" for x in np.round(v, 4)) + ")"
 
 
 def _check_raster(spec: TruthSpec, scene: RasterInfo, class_names: list[str] | None) -> Truth:  # noqa: ARG001
@@ -136,7 +174,7 @@ def _check_raster(spec: TruthSpec, scene: RasterInfo, class_names: list[str] | N
                              f"{tuple(info.transform)[:6]}) than the scene ({scene.width}x{scene.height}, "
                              f"{tuple(scene.transform)[:6]}): {spec.path}")
     return Truth("raster", info.path, nodata=info.nodata, remap=dict(spec.remap), binarize=spec.binarize,
-                     instances=spec.instances)
+                 instances=spec.instances, threshold=spec.threshold)
 
 
 def _class_id(value: object, spec: TruthSpec, class_names: list[str] | None, where: str) -> int:
@@ -184,30 +222,41 @@ def _check_vector(spec: TruthSpec, scene: RasterInfo, class_names: list[str] | N
     return Truth("vector", str(p.resolve()), shapes=shapes, all_touched=spec.all_touched)
 
 
-def _label_values(truth: Truth, scene: RasterInfo) -> set[int]:
-    """Every label a raster or volume truth holds after remapping (its nodata excluded), read in slabs."""
-    shape_ = scene.shape
-    per_row = int(np.prod(shape_[1:]))
-    rows = max(1, SCAN_PIXELS // max(1, per_row))
+def _slabs(shape_: tuple[int, ...]) -> list[Box]:
+    """The scene in slabs of whole rows (slices) of about :data:`SCAN_PIXELS`: bounded memory for a scan."""
+    rows = max(1, SCAN_PIXELS // max(1, int(np.prod(shape_[1:]))))
+    return [Box((r, *(0,) * (len(shape_) - 1)), (min(shape_[0], r + rows), *shape_[1:]))
+            for r in range(0, shape_[0], rows)]
+
+
+def _check_values(truth: Truth, spec: TruthSpec, scene: RasterInfo, n_classes: int | None) -> None:
+    """Scan a raster or volume truth once: float values that are not whole numbers (without a threshold) and
+    class ids the method does not have (which would silently drop out of the counts) are named and refused."""
     found: set[int] = set()
-    for r in range(0, shape_[0], rows):
-        window = Box((r, *(0,) * (len(shape_) - 1)), (min(shape_[0], r + rows), *shape_[1:]))
-        found.update(int(v) for v in np.unique(truth.read(window, scene.transform)))
-    return found - {NODATA}
+    for window in _slabs(scene.shape):
+        if truth.threshold is None:
+            raw = truth._read_raw(window)
+            if raw.dtype.kind == "f":
+                frac = raw[np.isfinite(raw) & (raw != np.round(raw))]
+                if frac.size:
+                    raise InputError(f"ground truth holds values that are not whole numbers (e.g. {frac[0]:g}); "
+                                     "give truth.threshold to cut a soft mask, or store class ids: "
+                                     f"{spec.path}")
+        a, ignore = truth.labels(window)
+        found.update(int(v) for v in np.unique(a[~ignore]))
+    if n_classes is not None:
+        _refuse_beyond(sorted(v for v in found if not 0 <= v < n_classes), n_classes, spec)
 
 
-def _check_classes(truth: Truth, spec: TruthSpec, scene: RasterInfo, n_classes: int) -> None:
-    """Truth class ids the method does not have would silently drop out of the counts: name them."""
-    if not truth.is_image:
-        found = {v for _, v in truth.shapes} - {NODATA}
-    elif spec.binarize or spec.instances:
+def _refuse_beyond(bad: list[int], n_classes: int, spec: TruthSpec) -> None:
+    """Ground-truth ids beyond ``0..n_classes - 1`` are an error naming them and the settings that read them."""
+    if not bad:
         return
-    else:
-        found = _label_values(truth, scene)
-    bad = sorted(v for v in found if not 0 <= v < n_classes)
-    if bad:
-        raise InputError(f"ground truth holds class id(s) {bad} beyond the method's classes 0..{n_classes - 1}; "
-                         f"list them in truth.ignore to leave them out of the metrics: {spec.path}")
+    shown = bad if len(bad) <= 8 else [*bad[:8], "..."]
+    hint = (f"a 0/{bad[-1]} mask? truth.binarize: true (segpipe train --binarize) or truth.remap: {{{bad[-1]}: 1}}"
+            if n_classes == 2 and len(bad) == 1 and bad[0] > 0 else "map them with truth.remap")
+    raise InputError(f"ground truth holds value(s) {shown} beyond the method's classes 0..{n_classes - 1} ({hint}; "
+                     f"or list them in truth.ignore to leave them out of the metrics): {spec.path}")
 
 
 def check_truth(spec: TruthSpec, scene: RasterInfo, class_names: list[str] | None = None,
@@ -219,8 +268,13 @@ def check_truth(spec: TruthSpec, scene: RasterInfo, class_names: list[str] | Non
         raise InputError(f"ground truth not found: {p}")
     truth = next(k for k in TRUTH_KINDS if k.recognises(p)).check(spec, scene, class_names)
     truth.ignore = list(spec.ignore)
-    if n_classes is not None:
-        _check_classes(truth, spec, scene, n_classes)
+    if spec.threshold is not None and not truth.is_image:
+        raise InputError(f"truth.threshold cuts float raster or volume truth; this truth is a vector file: {p}")
+    if truth.is_image:
+        _check_values(truth, spec, scene, None if spec.binarize or spec.instances else n_classes)
+    elif n_classes is not None:
+        _refuse_beyond(sorted({v for _, v in truth.shapes} - {NODATA} - {v for v in spec.ignore}
+                              - set(range(n_classes))), n_classes, spec)
     return truth
 
 

@@ -55,12 +55,17 @@ class TrainSpec:
 
 
 def prepare_store(image: str | Path, labels: str | Path, folder: str | Path, bands: list[int] | None,
-                  client: Client) -> Scene:
-    """Ingest ``image`` into ``folder/scene.zarr`` and burn ``labels`` into its ``truth`` array."""
-    job = JobSpec(input=str(image), output=Path(folder), bands=bands,
-                  method=MethodSpec(name="otsu"), truth=TruthSpec(path=Path(labels)))
+                  client: Client, n_classes: int = 2, binarize: bool = False,
+                  remap: dict[int, int] | None = None) -> Scene:
+    """Ingest ``image`` into ``folder/scene.zarr`` and burn ``labels`` into its ``truth`` array.
+
+    The labels are checked as a job's truth is (:func:`segpipe.io.truth.check_truth`): a 0/255 mask, or any
+    value beyond the ``n_classes``, is refused unless ``binarize`` or ``remap`` reads it, never trained on as
+    "ignore"."""
+    job = JobSpec(input=str(image), output=Path(folder), bands=bands, method=MethodSpec(name="otsu"),
+                  truth=TruthSpec(path=Path(labels), binarize=binarize, remap=remap or {}))
     info = source_info(str(image))
-    truth = check_truth(job.truth, info)
+    truth = check_truth(job.truth, info, n_classes=n_classes)
     scene = ingest(job, info, client)
     arr = ensure_array(zarr.open_group(scene.path, mode="r+"), "truth", (scene.height, scene.width),
                        (scene.chunk, scene.chunk), "uint8", NODATA, ("y", "x"))
@@ -165,10 +170,12 @@ def _soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, n_classes: int) 
 
 def train_from_files(image: str | Path, labels: str | Path, out: str | Path, spec: TrainSpec,
                      bands: list[int] | None = None, class_names: list[str] | None = None,
-                     workdir: str | Path | None = None) -> dict[str, Any]:
+                     workdir: str | Path | None = None, binarize: bool = False,
+                     remap: dict[int, int] | None = None) -> dict[str, Any]:
     """Ingest image + labels into Zarr (in ``workdir`` or a temporary folder) and train."""
     names = class_names or ["background", "foreground"]
     with tempfile.TemporaryDirectory() as tmp, Client(processes=False, n_workers=1, threads_per_worker=2,
                                                       dashboard_address=":0") as client:
-        scene = prepare_store(image, labels, Path(workdir or tmp) / "train", bands, client)
+        scene = prepare_store(image, labels, Path(workdir or tmp) / "train", bands, client, len(names), binarize,
+                              remap)
         return train_on_store(scene, out, spec, names)

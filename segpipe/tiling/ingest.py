@@ -5,7 +5,8 @@ of chunk windows (for volumes, one slab of chunk thickness along z) from the sou
 them straight into whole Zarr chunks, so no two tasks write the same chunk and no lock is needed.
 For rasters, validity comes from GDAL's dataset mask, so nodata values, alpha bands and internal
 masks are all honoured; for slides it is the scanned area intersected with the tissue mask; every
-voxel of a volume is valid unless the job names a ``nodata`` value.
+voxel of a volume is valid unless the job names a ``nodata`` value. Whatever the format, a pixel with a NaN or
+infinite band is invalid (:func:`segpipe.io.readers.finite_only`, applied here to every reader's validity).
 
 The validity array's fill value is 1 (valid) and an all-valid span is never written: most scenes are
 valid almost everywhere, so validity costs neither encoding nor storage there. The pixels are stored with
@@ -33,7 +34,7 @@ from segpipe.io.fingerprint import source_fingerprint
 from segpipe.io.layout import RunLayout, scene_path
 from segpipe.io.paths import is_remote
 from segpipe.io.raster import RasterInfo, open_raster
-from segpipe.io.readers import detect, format_of, open_reader
+from segpipe.io.readers import detect, finite_only, format_of, open_reader
 from segpipe.io.scene import Scene
 from segpipe.io.source_pixels import SourcePixels, suits_in_place
 from segpipe.io.store import Marks, ensure_array, open_or_create, remove_store, write_atomic
@@ -63,7 +64,18 @@ def fingerprint(job: JobSpec, info: RasterInfo) -> dict:
         stamp = source_fingerprint(info.path)
     return {"source": info.path, **stamp, "shape": [info.count, *info.shape],
             "bands": selected_bands(job, info), "nodata": job.nodata, "chunk": job.chunk_for(len(info.shape)),
-            "pixels": "source" if in_place(job, info) else "copy", **({"level": info.level} if info.level else {})}
+            "pixels": "source" if in_place(job, info) else "copy", **({"level": info.level} if info.level else {}),
+            **({"mpp": list(job.mpp)} if job.mpp else {}),
+            **_nonfinite(job, info)}
+
+
+def _nonfinite(job: JobSpec, info: RasterInfo) -> dict:
+    """``{"nonfinite": "invalid"}`` for the sources whose NaN pixels counted as valid before they were made invalid
+    (:func:`segpipe.io.readers.finite_only`): float volumes, and float rasters given a ``nodata``. Why: a scene store
+    such a run left (it failed on the NaN) must not be resumed with NaN as values; it is refused in one line
+    (``nonfinite: null -> "invalid"``, rerun with --overwrite). Other stores keep their fingerprint."""
+    changed = info.kind == "volume" or (info.source_format == "raster" and job.nodata is not None)
+    return {"nonfinite": "invalid"} if changed and np.dtype(info.dtype).kind == "f" else {}
 
 
 def in_place(job: JobSpec, info: RasterInfo) -> bool:
@@ -72,17 +84,23 @@ def in_place(job: JobSpec, info: RasterInfo) -> bool:
             and suits_in_place(info.block, job.chunk_for(2)))
 
 
-def source_info(path: str, level: int = 0) -> RasterInfo:
-    """Inspect the input: GeoTIFF/COG (rasterio), whole-slide image (OpenSlide; at pyramid ``level``) or volume
-    (nibabel/pydicom), whichever :func:`segpipe.io.readers.detect` finds it to be."""
-    return detect(path).inspect(path, level)
+def source_info(path: str, level: int = 0, mpp: list[float] | None = None) -> RasterInfo:
+    """Inspect the input: GeoTIFF/COG (rasterio), whole-slide image (OpenSlide; at pyramid ``level``; ``mpp``
+    the job's pixel size of level 0, where it gives one) or volume (nibabel/pydicom), whichever
+    :func:`segpipe.io.readers.detect` finds it to be."""
+    fmt = detect(path)
+    if mpp is None:
+        return fmt.inspect(path, level)
+    if fmt.kind != "slide":
+        raise InputError(f"mpp gives a whole-slide image's pixel size; this input is a {fmt.kind}: {path}")
+    return fmt.inspect(path, level, (mpp[0], mpp[1]))
 
 
 def job_source(job: JobSpec, level: int = 0) -> RasterInfo:
     """Inspect the job's input: a path (:func:`source_info`) or a mosaic, resolved here (items found, their
     assets' headers opened, the output grid fixed); nothing is written either way."""
     if not isinstance(job.input, MosaicSpec):
-        return source_info(job.input, level)
+        return source_info(job.input, level, job.mpp)
     from segpipe.io.mosaic import resolve_mosaic
 
     m = resolve_mosaic(job.input, job.nodata)
@@ -108,6 +126,7 @@ def _ingest_row(src: str, store: str, row: int, *, kind: str, chunk: int, bands:
         dtype = image.dtype if image is not None else reader.dtype  # in place: rasters only, which know it
         for w in _row_spans(grid, row, dtype.itemsize * len(bands), slab):
             data, ok = reader.read(w)
+            ok = finite_only(data, ok)
             if image is not None:
                 image[(slice(None), *w.slices)] = data
             _write_valid(valid, w.slices, ok)

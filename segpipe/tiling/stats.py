@@ -134,9 +134,9 @@ def scene_stats(scene: Scene, client: Client, bins: int = 1024) -> SceneStats:
     wins = _row_bands(scene, scene.chunk)
     dtype = np.dtype(scene.image.dtype)
     exact = dtype.kind in "iub" and dtype.itemsize <= 2
-    word = scene.geometry.row_word
+    word = "slab" if scene.geometry.is_volume else "row slab"  # a volume's rows are slabs already: not "slab slab"
     parts = [p for p in progress.counted(client, "statistics", client.map(_moments, [scene.path] * len(wins), wins,
-                                                                          exact=exact), f"{word} slab")
+                                                                          exact=exact), word)
              if p[0]]
     if not parts:
         zeros = [0.0] * scene.count
