@@ -55,6 +55,11 @@ def test_slide_label_export_is_a_pyramidal_tiff_with_pixel_size(otsu_slide):
         xres = page.tags["XResolution"].value
         assert page.tags["ResolutionUnit"].value == 3  # centimetre
         assert xres[0] / xres[1] == pytest.approx(1e4 / 0.499, rel=1e-4)
+        for level in levels[1:]:  # every level says its own pixel size (GDAL writes the first page's only)
+            lp = level.keyframe
+            res = lp.tags["XResolution"].value
+            assert lp.tags["ResolutionUnit"].value == 3 and lp.tags["YResolution"].value == res
+            assert res[0] / res[1] == pytest.approx(1e4 / (0.499 * 2220 / lp.shape[1]), rel=1e-4)
     with rasterio.open(o.cog) as ds:
         assert ds.crs is None
         np.testing.assert_array_equal(ds.read(1), class_map(o))

@@ -44,6 +44,7 @@ from segpipe.geometry import SceneGeometry
 from segpipe.io.raster import quiet_not_georeferenced
 from segpipe.io.result import NODATA
 from segpipe.io.store import remove_leftovers
+from segpipe.io.tiff_levels import add_level_resolutions
 
 PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
            (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60)]
@@ -140,6 +141,8 @@ def export_cog(result_path: str, dest: str | Path, block: int = 512, *, array: s
             levels = _write_staging(arr, staging, _strip_rows(arr, block))
             vrt = _write_vrt(staging / f"{array}.vrt", grid, levels, band)
             rasterio.shutil.copy(vrt, tmp, driver="COG", **options)
+        if grid.is_slide:  # every level's own pixel size, for viewers that read it per page
+            add_level_resolutions(tmp, grid.mpp)
         os.replace(tmp, dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
