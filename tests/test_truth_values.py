@@ -137,3 +137,11 @@ def test_training_labels_stored_0_255_are_refused_and_trained_on_with_binarize(t
     truth = np.asarray(zarr.open_array(scene.path, path="truth", mode="r")[:])
     assert json.dumps(sorted(int(v) for v in np.unique(truth))) == "[0, 1]"
     assert int((truth == 1).sum()) == int(buildings.sum())  # every building pixel is a training target
+
+
+def test_vector_features_of_class_255_are_refused_not_dropped(tmp_path):
+    """The footprints burned as 255 (``truth.value``) would otherwise fall out of the counts as "ignore"."""
+    message = refused(tmp_path, otsu_job(SCENE, {"path": str(BUILDINGS), "value": 255}))
+    assert "ground truth holds value(s) [255] beyond the method's classes 0..1" in message
+    assert refused(tmp_path, otsu_job(SCENE, {"path": str(BUILDINGS), "value": 3})).startswith(
+        "ground truth holds value(s) [3]")

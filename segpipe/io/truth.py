@@ -52,6 +52,7 @@ class Truth:
     instances: bool = False
     ignore: list[int] = field(default_factory=list)  # truth ids left out of the metrics
     threshold: float | None = None  # float truth: class 1 above it
+    values: list[int] = field(default_factory=list)  # vector truth: the class ids its features give, as given
 
     @property
     def is_image(self) -> bool:
@@ -203,6 +204,7 @@ def _check_vector(spec: TruthSpec, scene: RasterInfo, class_names: list[str] | N
     features = read_features(p, spec.layer)
     src_crs = features.crs or CRS.from_epsg(4326)  # GeoJSON without a crs member: RFC 7946
     shapes = []
+    values: set[int] = set()
     for geom, props in zip(features.geometries, features.attributes, strict=True):
         if not geom:
             continue
@@ -215,11 +217,12 @@ def _check_vector(spec: TruthSpec, scene: RasterInfo, class_names: list[str] | N
         else:
             value = spec.value
         shapes.append((geom, NODATA if value in spec.ignore else value))
+        values.add(value)
     if shapes:
         scene_box = box(*scene.bounds)
         if not any(shape(g).intersects(scene_box) for g, _ in shapes):
             raise InputError(f"ground-truth vector does not overlap the scene: {p}")
-    return Truth("vector", str(p.resolve()), shapes=shapes, all_touched=spec.all_touched)
+    return Truth("vector", str(p.resolve()), shapes=shapes, all_touched=spec.all_touched, values=sorted(values))
 
 
 def _slabs(shape_: tuple[int, ...]) -> list[Box]:
@@ -273,8 +276,7 @@ def check_truth(spec: TruthSpec, scene: RasterInfo, class_names: list[str] | Non
     if truth.is_image:
         _check_values(truth, spec, scene, None if spec.binarize or spec.instances else n_classes)
     elif n_classes is not None:
-        _refuse_beyond(sorted({v for _, v in truth.shapes} - {NODATA} - {v for v in spec.ignore}
-                              - set(range(n_classes))), n_classes, spec)
+        _refuse_beyond(sorted(set(truth.values) - set(spec.ignore) - set(range(n_classes))), n_classes, spec)
     return truth
 
 
