@@ -216,10 +216,31 @@ def stac_loaders() -> list[str]:
     return lines
 
 
+def tile_curve() -> list[str]:
+    import bench_tile_curve
+
+    r = bench_tile_curve.run(reps=3, large_reps=3, s3_sizes=(1_000, 10_000))
+    sizes = ", ".join(f"{s}²" for s in r["sizes"].values())
+    return [
+        f"### Cost per tile at 10^3–10^5 tiles (otsu, {bench_tile_curve.TILE}-px tiles on {sizes} VRTs repeating the "
+        "SpaceNet sample; a `dask scheduler` and 2 `dask worker` processes × 1 thread on loopback, started afresh "
+        "for every run; the job is `segpipe run` with `cluster.scheduler`)\n",
+        *bench_tile_curve.table(r), "",
+    ]
+
+
+def archive_scale() -> list[str]:
+    import bench_archive_scale
+
+    return bench_archive_scale.report(bench_archive_scale.run())
+
+
 BENCHES = {"throughput": throughput, "cheap": cheap, "ingest": ingest, "export": export, "flow": flow,
            "memory": memory, "volume": volume, "formats": formats, "resample": resample, "scale": scale,
-           "stac_loaders": stac_loaders}
-# What a plain `make bench` runs (within 30 minutes here); `run_all.py scale` adds minutes per repetition.
+           "stac_loaders": stac_loaders, "tile_curve": tile_curve, "archive_scale": archive_scale}
+# What a plain `make bench` runs (within 30 minutes here); `run_all.py scale` adds minutes per repetition,
+# `run_all.py tile_curve` ~15 minutes (10^5 tiles of 64 px), `run_all.py archive_scale` ~20 minutes (1,000 items
+# against one 1 Gpx job, 3 rounds at 200 items, the Prefect flow too).
 DEFAULT = ["throughput", "cheap", "ingest", "export", "flow", "memory", "volume", "formats", "resample",
            "stac_loaders"]
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["InputError", "check_job", "job_spec", "open_result", "segment"]
+__all__ = ["InputError", "check_job", "job_spec", "open_result", "segment", "segment_archive"]
 
 if TYPE_CHECKING:
-    from segpipe.api import check_job, job_spec, open_result, segment
+    from segpipe.api import check_job, job_spec, open_result, segment, segment_archive
     from segpipe.errors import InputError
 
 

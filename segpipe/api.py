@@ -82,13 +82,9 @@ def check_job(job: JobSpec | str | Path, overrides: Mapping[str, Any] | None = N
 def cluster_line(c: Checked) -> str:
     """What a run is about to start or reach, said before the seconds that takes."""
     from segpipe.pipeline import in_process
+    from segpipe.runtime.cluster import describe
 
-    spec = c.job.cluster
-    if spec.scheduler:
-        return f"job checked; connecting to the Dask scheduler at {spec.scheduler}"
-    if in_process(c):
-        return f"job checked; starting {spec.n_workers * spec.threads_per_worker} worker thread(s) in this process"
-    return f"job checked; starting a local Dask cluster of {spec.n_workers} worker process(es)"
+    return f"job checked; {describe(c.job.cluster, in_process(c))}"
 
 
 def execute(c: Checked, client: Client | None = None, reporter: Reporter | None = None) -> Outcome:
@@ -104,9 +100,28 @@ def execute(c: Checked, client: Client | None = None, reporter: Reporter | None 
     with reporting(reporter), leased(c, say):  # refused at once, before a cluster starts, when the output is held
         if client is not None:
             return run_job(c, client, log=say)
-        say(cluster_line(c))
-        with connect(c.job.cluster, in_process=in_process(c)) as own:
+        if not c.job.cluster.creates:  # a created cluster is announced once its settings are checked (connect)
+            say(cluster_line(c))
+        with connect(c.job.cluster, in_process=in_process(c), say=say) as own:
             return run_job(c, own, log=say)
+
+
+def segment_archive(inputs: str | Path, job: str | Path, output: str | Path, *, scheduler: str | None = None,
+                    in_flight: int | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Segment every item of ``inputs`` (a folder or a glob) with the job template ``job`` into
+    ``output/<name>/`` on one cluster (the template's, or the scheduler at ``scheduler``), at most ``in_flight``
+    items at once; one row per item (status, global scores, output, error). Without Prefect; the flow
+    ``segpipe_flows.archive`` does the same with one Prefect task per item.
+    """
+    from segpipe.archive import discover
+    from segpipe.archive_run import archive_cluster, run_archive
+
+    say = (lambda line: print(f"segpipe: {line}", file=sys.stderr, flush=True)) if progress else (lambda _line: None)
+    cluster = None
+    if scheduler:
+        cluster = archive_cluster(discover(str(inputs), str(output)), str(job)).at(scheduler)
+    return [r.row() for r in run_archive(str(inputs), str(job), str(output), cluster=cluster, in_flight=in_flight,
+                                         say=say)]
 
 
 def segment(source: Any, method: str | Mapping[str, Any], *, output: str | Path | None = None,

@@ -1,4 +1,5 @@
-"""Command line: ``segpipe run|validate JOB.yaml``, ``segpipe train ...``, ``segpipe export-model ...``.
+"""Command line: ``segpipe run|validate|plan JOB.yaml``, ``segpipe archive INPUTS JOB.yaml``, ``segpipe train ...``,
+``segpipe export-model ...``.
 
 Input problems end with one line on stderr and exit code 2, never a traceback. Results go to stdout,
 stage lines to stderr.
@@ -29,7 +30,9 @@ def _overrides(args: argparse.Namespace) -> dict:
         o["tile_size"] = args.tile_size
     cluster = {}
     if getattr(args, "scheduler", None) is not None:
-        cluster["scheduler"] = args.scheduler
+        # an existing scheduler in place of whatever cluster the job would make
+        cluster.update(kind="scheduler", scheduler=args.scheduler, adapt=None, slurm=None, gateway=None,
+                       kubernetes=None)
     if getattr(args, "workers", None) is not None:
         cluster["n_workers"] = args.workers
     if cluster:
@@ -59,9 +62,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         c = plan.checked
     else:
         c = check_job(args.job, _overrides(args))
-    from segpipe.runtime.cluster import check_scheduler
+    from segpipe.runtime.cluster import check_cluster, describe
 
-    check_scheduler(c.job.cluster)
+    check_cluster(c.job.cluster)
     m = c.plan
     print(f"input:    {c.info.path} ({c.info.kind}, {c.info.describe()}, {c.info.count} band(s))")
     if c.info.mosaic is not None:
@@ -79,6 +82,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"output:   {ModelCard.model_validate(card).describe()}")
     print(_tiling_line(c))
     print(f"truth:    {c.job.truth.path if c.job.truth else 'none'}")
+    print(f"cluster:  {describe(c.job.cluster)}")
     print("valid: nothing written")
     return 0
 
@@ -151,6 +155,70 @@ def _run_period(args: argparse.Namespace, reporter: Reporter | None) -> int:
     return 0
 
 
+def cmd_archive(args: argparse.Namespace) -> int:
+    """Every item of a folder or glob through one job template (:mod:`segpipe.archive_run`); a table of items on
+    stdout, exit 1 when an item failed (the others still ran)."""
+    from segpipe.api import segment_archive
+
+    rows = segment_archive(args.inputs, args.job, args.output, scheduler=args.scheduler, in_flight=args.in_flight,
+                   progress=not args.quiet)
+    width = max(len(r["item"]) for r in rows)
+    for r in rows:
+        iou = f"{r['global_mean_iou']:.4f}" if isinstance(r["global_mean_iou"], float) else "-"
+        print(f"{r['item']:<{width}}  {iou:>7}  {r['status']}" + (f": {r['error']}" if r["error"] else ""))
+    bad = sum(r["status"] == "failed" for r in rows)
+    print(f"items:        {len(rows)} ({bad} failed) in {Path(args.output).resolve()}")
+    return 1 if bad else 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Plan and price a run before anything runs: tiles, tasks, bytes, store objects, requests and wall time on
+    ``--workers`` workers, from measured rates (:mod:`segpipe.plan`); writes nothing. ``--calibrate`` first
+    measures the job's method on a crop of its input and writes the user's rates file."""
+    from segpipe.config import load_job
+    from segpipe.pipeline import check
+    from segpipe.plan import Rates, Scenes, calibrate, plan_job, user_rates_path
+
+    overrides: dict = {}
+    if args.output:
+        overrides["output"] = str(Path(args.output).resolve())
+    if args.tile_size is not None:
+        overrides["tile_size"] = args.tile_size
+    if args.store:
+        overrides["store"] = args.store
+    for flag in ("workers", "threads", "scenes", "scene_bands", "in_flight"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise InputError(f"--{flag.replace('_', '-')} must be at least 1 (got {value})")
+    for flag in ("start_seconds", "price_hour"):
+        value = getattr(args, flag)
+        if value is not None and value < 0:
+            raise InputError(f"--{flag.replace('_', '-')} must not be negative (got {value:g})")
+    shape = None
+    if args.scene_size:
+        sizes = args.scene_size.lower().split("x")
+        if len(sizes) not in (2, 3) or not all(v.isdigit() and int(v) > 0 for v in sizes):
+            raise InputError(f"--scene-size is WIDTHxHEIGHT (or WIDTHxHEIGHTxDEPTH for volumes), e.g. 7800x7600 "
+                             f"(got {args.scene_size!r})")
+        shape = tuple(int(v) for v in reversed(sizes))
+    rates_path = Path(args.rates).expanduser() if args.rates else user_rates_path()
+    if args.rates and not args.calibrate and not rates_path.is_file():
+        raise InputError(f"rates file not found: {rates_path} (write it with segpipe plan --calibrate)")
+    job = load_job(args.job, overrides)
+    workers = args.workers or job.cluster.n_workers
+    if args.calibrate:
+        done = calibrate(job, rates_path, args.workers or job.cluster.n_workers,
+                         args.threads or job.cluster.threads_per_worker, args.gpu)
+        print(done.line())
+    planned = plan_job(check(job, stores=False), workers, args.gpu, Rates.load(rates_path), threads=args.threads,
+                       scenes=Scenes(args.scenes or 1, shape, args.scene_bands), start=args.start_seconds,
+                       in_flight=args.in_flight, price_hour=args.price_hour)
+    for line in [*planned.lines(), *planned.notes]:
+        print(line)
+    print("planned: nothing written" + (" but the rates file" if args.calibrate else ""))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from segpipe.methods.train import TrainSpec, train_from_files
 
@@ -199,6 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
                                         "the mosaic's items of that month into OUTPUT/period=YYYY-MM/, with the "
                                         "change against the period before")
         r.set_defaults(func=func)
+    a = sub.add_parser("archive", help="segment every scene, slide or volume of a folder or glob with one job")
+    a.add_argument("inputs", help="a folder (its images, slides, NIfTI files and every DICOM series below it) or a "
+                                  "glob")
+    a.add_argument("job", help="job YAML template ({name} in its truth path is each item's name)")
+    a.add_argument("--output", required=True, help="root folder: one sub-folder per item")
+    a.add_argument("--scheduler", help="Dask scheduler address instead of the template's cluster")
+    a.add_argument("--in-flight", type=int, help="items at once (default twice the workers)")
+    a.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    a.add_argument("-v", "--verbose", action="store_true", help="also Dask's own warnings and log lines")
+    a.set_defaults(func=cmd_archive)
     t = sub.add_parser("train", help="train the built-in U-Net on an image and labels")
     t.add_argument("--image", required=True, help="GeoTIFF to train on")
     t.add_argument("--labels", required=True, help="label raster on the same grid, or GeoJSON")
@@ -225,6 +303,32 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", required=True, help="file to write (its card goes beside it: FILE.card.yaml)")
     e.add_argument("--patch-size", type=int, default=256, help="patch edge to trace the network on")
     e.set_defaults(func=cmd_export_model)
+    pl = sub.add_parser("plan", help="plan and price a run before it runs (tiles, tasks, bytes, objects, requests, "
+                                     "hours); writes nothing")
+    pl.add_argument("job", help="job YAML")
+    pl.add_argument("--workers", type=int, help="workers of the cluster planned for (GPU workers with --gpu); "
+                                                "default the job's n_workers")
+    pl.add_argument("--threads", type=int, help="cores of each worker (with --gpu: CPU threads beside each GPU); "
+                                                "default the job's")
+    pl.add_argument("--gpu", action="store_true", help="model tasks on one GPU per worker (the rates' gpu entry)")
+    pl.add_argument("--scenes", type=int, help="plan N scenes like this one (an archive of N such items)")
+    pl.add_argument("--scene-size", help="each scene WIDTHxHEIGHT px (WxHxD voxels) instead of the input's, "
+                                         "e.g. 7800x7600 for a Landsat scene")
+    pl.add_argument("--scene-bands", type=int, help="bands of each scene instead of the input's")
+    pl.add_argument("--rates", help="rates file (default ~/.config/segpipe/rates.yaml where it exists, else the "
+                                    "shipped segpipe/sample/rates.yaml)")
+    pl.add_argument("--calibrate", action="store_true",
+                    help="first run the job's method on a crop of its input in a temporary folder and write its "
+                         "measured rates to the rates file")
+    pl.add_argument("--start-seconds", type=float, help="seconds before the first stage (a cloud cluster's nodes "
+                                                        "starting), instead of the rates' measured start")
+    pl.add_argument("--in-flight", type=int, help="scenes at once (default twice the workers, as an archive runs)")
+    pl.add_argument("--price-hour", type=float, help="a worker's price per hour (USD): adds the cost line")
+    pl.add_argument("--output", help="override the output folder")
+    pl.add_argument("--store", help="override store: where the Zarr stores go, e.g. s3://bucket/prefix (nothing "
+                                    "is contacted)")
+    pl.add_argument("--tile-size", type=int, help="override tile_size")
+    pl.set_defaults(func=cmd_plan)
     return p
 
 
@@ -254,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"segpipe: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # what the run made (a cluster, its lease) was closed on the way out
+        print("segpipe: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -144,13 +144,92 @@ class InstanceSpec(_Strict):
     halo: int = Field(64, ge=0, description="context for watershed splitting; exact where objects fit in it")
 
 
-class ClusterSpec(_Strict):
-    """Where the Dask work runs: a scheduler address, or a LocalCluster made for the job."""
+class AdaptSpec(_Strict):
+    """Adaptive scaling (Dask's ``cluster.adapt``): workers added while tasks wait and removed when idle, between
+    ``minimum`` and ``maximum``; a worker that dies (a SLURM job cancelled or out of walltime) is replaced."""
 
+    minimum: int = Field(1, ge=0)
+    maximum: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AdaptSpec:
+        if self.minimum > self.maximum:
+            raise ValueError(f"adapt.minimum {self.minimum} is above adapt.maximum {self.maximum}")
+        return self
+
+
+class SlurmSpec(_Strict):
+    """Workers as SLURM jobs (dask-jobqueue's ``SLURMCluster``), one worker process per job with the cluster's
+    ``threads_per_worker`` cores and ``memory_limit`` of memory."""
+
+    queue: str | None = Field(None, description="partition (sbatch -p); default the cluster's default partition")
+    account: str | None = Field(None, description="sbatch -A")
+    walltime: str = Field("01:00:00", description="each worker job's time limit (sbatch -t)")
+    job_directives: list[str] = Field(default_factory=list, description="more #SBATCH lines, e.g. --qos=high, "
+                                      "--constraint=skylake")
+    prologue: list[str] = Field(default_factory=list, description="shell lines run before each worker starts, "
+                                "e.g. 'module load cuda', 'source /path/to/venv/bin/activate'")
+    python: str | None = Field(None, description="the Python that runs workers on the nodes; default this one")
+    interface: str | None = Field(None, description="network interface the scheduler and workers listen on "
+                                  "(e.g. ib0); default the host's address")
+    shared_directory: str | None = Field(None, description="a folder every node mounts, for the run's temporary "
+                                         "TLS certificates and the workers' logs; default ~/.segpipe")
+
+
+class GatewaySpec(_Strict):
+    """A cluster asked of a Dask Gateway (``Gateway().new_cluster()``); secrets come from the environment only."""
+
+    address: str = Field(description="the gateway's HTTP address, e.g. https://gateway.example.org")
+    proxy_address: str | None = Field(None, description="its scheduler proxy (gateway://host:port); default the "
+                                      "gateway's own")
+    auth: Literal["none", "basic", "kerberos", "jupyterhub"] = "none"
+    username: str | None = Field(None, description="basic: the user name (default $USER)")
+    password_env: str = Field("DASK_GATEWAY_PASSWORD", description="basic: the environment variable holding the "
+                              "password (a password is never written in a job file)")
+    token_env: str = Field("JUPYTERHUB_API_TOKEN", description="jupyterhub: the variable holding the API token")
+    options: dict[str, Any] = Field(default_factory=dict, description="cluster options the gateway offers "
+                                    "(worker_cores, worker_memory, image, ...); see gateway.cluster_options()")
+
+
+class KubernetesSpec(_Strict):
+    """A DaskCluster resource made by the dask-kubernetes operator (``KubeCluster``)."""
+
+    image: str = Field(description="container image with segpipe installed (see infra/Dockerfile)")
+    namespace: str = "default"
+    cpu: str = Field("2", description="each worker's CPU request and limit")
+    memory: str = Field("8Gi", description="each worker's memory request and limit")
+    gpu: int = Field(0, ge=0, le=1, description="1: each worker gets one nvidia.com/gpu (and GPU=1)")
+    env: dict[str, str] = Field(default_factory=dict, description="more environment for scheduler and workers")
+
+
+CLUSTER_KINDS = ("local", "scheduler", "slurm", "gateway", "kubernetes")
+
+
+class ClusterSpec(_Strict):
+    """Where the Dask work runs: a LocalCluster made for the job, an existing scheduler, or a cluster segpipe
+    creates, scales and tears down on SLURM, a Dask Gateway or Kubernetes (:mod:`segpipe.runtime.cluster`)."""
+
+    kind: Literal[CLUSTER_KINDS] | None = Field(  # type: ignore[valid-type]
+        None, description="local, scheduler, slurm, gateway or kubernetes; default scheduler when an address is "
+                          "given, else local")
     scheduler: str | None = None
-    n_workers: int = Field(2, ge=1)
-    threads_per_worker: int = Field(1, ge=1)
+    n_workers: int = Field(2, ge=1, description="workers (a fixed size; adapt scales instead)")
+    threads_per_worker: int = Field(1, ge=1, description="threads (cores) of each worker")
     memory_limit: str = "4GiB"
+    adapt: AdaptSpec | None = Field(None, description="scale between minimum and maximum workers with the work "
+                                    "(slurm, gateway, kubernetes)")
+    start_timeout: float = Field(300.0, gt=0, description="seconds to wait for the first worker of a cluster "
+                                 "segpipe creates (a SLURM job waits in the queue meanwhile)")
+    dashboard: str | None = Field("127.0.0.1:0", description="where a cluster's dashboard listens: loopback by "
+                                  "default, an address like 0.0.0.0:8787 to share it, null for none")
+    tls: Literal["auto", "yes", "no"] = Field(
+        "auto", description="TLS between client, scheduler and workers; auto: on for slurm (a temporary "
+                            "certificate per run unless tls_files gives one), the gateway's own TLS for gateway")
+    tls_files: dict[Literal["ca", "cert", "key"], str] | None = Field(
+        None, description="the run's own certificate authority, certificate and key (PEM files)")
+    slurm: SlurmSpec | None = None
+    gateway: GatewaySpec | None = None
+    kubernetes: KubernetesSpec | None = None
     gpu: Literal["auto", "yes", "no"] = "auto"
     gpus: list[int | str] | None = Field(None, description="devices given a GPU worker each (CUDA_VISIBLE_DEVICES "
                                    "values: indices or GPU-/MIG- UUIDs); default: every device this process sees")
@@ -158,6 +237,53 @@ class ClusterSpec(_Strict):
         "auto", description="worker processes (yes) or threads of the segpipe process (no); auto: threads for a "
                             "classical job on a scene of at most 32 Mpx, where starting and stopping worker "
                             "processes costs more than the threads lose to Python's GIL")
+
+    @model_validator(mode="after")
+    def _kind(self) -> ClusterSpec:
+        """The kind said or implied, and the settings it needs: a kind's own section, and no other's."""
+        if self.kind is None:
+            self.kind = "scheduler" if self.scheduler else "local"
+        if self.kind == "scheduler" and not self.scheduler:
+            raise ValueError("cluster kind scheduler needs cluster.scheduler (an address like tcp://10.0.0.5:8786)")
+        if self.scheduler and self.kind != "scheduler":
+            raise ValueError(f"cluster.scheduler is for kind scheduler, not {self.kind}: segpipe makes a {self.kind} "
+                             "cluster itself")
+        for section in ("slurm", "gateway", "kubernetes"):
+            if getattr(self, section) is not None and self.kind != section:
+                raise ValueError(f"cluster.{section} is set but the cluster kind is {self.kind}")
+        if self.kind == "slurm" and self.slurm is None:
+            self.slurm = SlurmSpec()
+        if self.kind in ("gateway", "kubernetes") and getattr(self, self.kind) is None:
+            raise ValueError(f"cluster kind {self.kind} needs a cluster.{self.kind} section")
+        if self.adapt is not None and self.kind in ("local", "scheduler"):
+            raise ValueError(f"cluster.adapt scales a cluster segpipe creates (slurm, gateway, kubernetes), "
+                             f"not kind {self.kind}")
+        if self.tls == "yes" and self.kind in ("local", "scheduler", "kubernetes"):
+            raise ValueError(f"cluster.tls: yes is for slurm and gateway clusters, not kind {self.kind} "
+                             "(a local cluster listens on loopback only; a scheduler address says tls:// itself)")
+        return self
+
+    def at(self, scheduler: str) -> ClusterSpec:
+        """These settings pointed at an existing scheduler (``--scheduler``, a flow's ``scheduler=``)."""
+        return self.model_copy(update={"kind": "scheduler", "scheduler": scheduler, "adapt": None, "slurm": None,
+                                       "gateway": None, "kubernetes": None})
+
+    @property
+    def creates(self) -> bool:
+        """Whether segpipe creates the cluster on other machines (slurm, gateway, kubernetes)."""
+        return self.kind in ("slurm", "gateway", "kubernetes")
+
+    @field_validator("tls_files")
+    @classmethod
+    def _pem(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is not None:
+            missing = sorted({"ca", "cert", "key"} - set(v))
+            if missing:
+                raise ValueError(f"tls_files needs ca, cert and key (missing {', '.join(missing)})")
+            for what, path in v.items():
+                if not Path(path).is_file():
+                    raise ValueError(f"tls_files.{what}: no such file {path}")
+        return v
 
     @field_validator("scheduler")
     @classmethod

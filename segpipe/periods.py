@@ -234,8 +234,9 @@ def run_period(plan: PlannedPeriod, client: Client | None = None, reporter: Repo
             return PeriodOutcome(plan.label, "busy", plan.folder, items=plan.items)
         if client is not None:
             return _run(plan, client, reporter, say)
-        say(cluster_line(plan.checked))
-        with connect(plan.checked.job.cluster, in_process=in_process(plan.checked)) as own:
+        if not plan.checked.job.cluster.creates:  # a created cluster is announced once checked (connect)
+            say(cluster_line(plan.checked))
+        with connect(plan.checked.job.cluster, in_process=in_process(plan.checked), say=say) as own:
             return _run(plan, own, reporter, say)
 
 

@@ -192,7 +192,7 @@ IN_PROCESS_PIXELS = 2**25
 def in_process(c: Checked) -> bool:
     """Whether the job's LocalCluster should be threads of this process rather than worker processes."""
     spec = c.job.cluster
-    if spec.scheduler or spec.processes == "yes":
+    if spec.kind != "local" or spec.processes == "yes":
         return False
     if spec.processes == "no":
         return True
@@ -460,8 +460,12 @@ def write_summary(c: Checked, report: MetricsReport | None, seconds: dict[str, f
 
 
 def _dashboard(client: Client) -> str | None:
-    """The Dask dashboard's address, when the cluster serves one."""
+    """The Dask dashboard's address, when the cluster serves one. An in-process cluster's link would name the host's
+    network address, where the dashboard (on loopback) does not listen: it is given on loopback."""
     try:
-        return client.dashboard_link if client.scheduler_info().get("services", {}).get("dashboard") else None
+        port = client.scheduler_info().get("services", {}).get("dashboard")
+        if port and str(client.scheduler.address).startswith("inproc://"):
+            return f"http://127.0.0.1:{port}/status"
+        return client.dashboard_link if port else None
     except Exception:  # noqa: BLE001 - no dashboard is not an error
         return None

@@ -56,6 +56,6 @@ def landcover_period(job: str, output: str | None = None, period: str = "last",
                 **({"note": plan.note} if plan.note else {})}
     cluster = plan.checked.job.cluster
     if scheduler:
-        cluster = cluster.model_copy(update={"scheduler": scheduler})
-    with connect(cluster, in_process=in_process(plan.checked) and not scheduler) as client:
+        cluster = cluster.at(scheduler)
+    with connect(cluster, in_process=in_process(plan.checked) and not scheduler, say=log.info) as client:
         return period_task(plan, client.scheduler.address)

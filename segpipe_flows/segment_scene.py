@@ -25,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from segpipe.api import check_job
 from segpipe.pipeline import Checked, StageRunner, in_process, leased, run_job
 from segpipe.progress import Reporter, reporting
-from segpipe.runtime.cluster import connect
+from segpipe.runtime.cluster import client_at, connect
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -48,7 +48,7 @@ def dask_client(address: str) -> Iterator[Client]:
         if client is not None and client.scheduler.address == address:
             yield client
             return
-        with Client(address) as own:
+        with client_at(address) as own:
             yield own
 
 
@@ -94,10 +94,11 @@ def segment_scene(job: str, output: str | None = None, scheduler: str | None = N
     if tile_size:
         overrides["tile_size"] = tile_size
     if scheduler:
-        overrides["cluster"] = {"scheduler": scheduler}
+        overrides["cluster"] = {"kind": "scheduler", "scheduler": scheduler, "adapt": None, "slurm": None,
+                                "gateway": None, "kubernetes": None}
     checked = check_task(job, overrides)
     log = get_run_logger().info
-    with leased(checked, log), connect(checked.job.cluster, in_process=in_process(checked)) as client:
+    with leased(checked, log), connect(checked.job.cluster, in_process=in_process(checked), say=log) as client:
         outcome = run_job(checked, client, log=log, runner=as_tasks(client.scheduler.address))
     if outcome.report is not None:
         publish_metrics(checked, outcome.report)

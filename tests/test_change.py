@@ -21,8 +21,8 @@ from rio_cogeo.cogeo import cog_validate
 import segpipe
 from segpipe.errors import InputError
 from segpipe.geometry import SceneGeometry
-from segpipe.io.result import NODATA, create_result
-from segpipe.io.store import MARKS_DIR
+from segpipe.io.result import NODATA, SEGMENT_STAGE, create_result
+from segpipe.io.store import Marks
 from segpipe.report.change import change_product, legend
 
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
@@ -124,13 +124,13 @@ def test_a_rerun_recomputes_nothing_until_a_period_changes(periods, client, tmp_
     np.testing.assert_array_equal(again.pixels, first.pixels)
     assert again.area_m2.tolist() == first.area_m2.tolist() and again.changed_fraction == first.changed_fraction
     # June's run gets another tile done (a mark appears): its completion state changed, so the product is redone.
-    mark = Path(after).parent / MARKS_DIR / "result.zarr" / "segment" / "9_9"
-    mark.touch()
+    marks = Marks(after, SEGMENT_STAGE)
+    marks.mark("9_9")
     try:
         with get_task_stream(client) as ts:
             redone = change_product(before, after, dest, client)
     finally:
-        mark.unlink()
+        marks.unmark(["9_9"])
     assert not redone.resumed and len([t for t in ts.data if "tile_change" in t["key"]]) == 4  # 900² in 512² tiles
     assert (dest / "change.json").stat().st_mtime_ns > stamps["change.json"]
 

@@ -1,22 +1,16 @@
 """infra/ is validated: compose file against the Compose spec schema, Kubernetes manifests against the
-Kubernetes API and dask-kubernetes CRD schemas, and the SLURM example's job scripts run for real."""
+Kubernetes API and dask-kubernetes CRD schemas (SLURM clusters are the library's own: tests/test_cluster_engines.py)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import jsonschema
 import kubernetes_validate
-import numpy as np
 import pytest
 import yaml
-from conftest import SCENE
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -108,54 +102,3 @@ def test_prefect_server_manifests_are_valid_kubernetes():
     for path in ("daskcluster.yaml", "gpu-workers.yaml"):
         spec = yaml.safe_load((INFRA / "k8s" / path).read_text())["spec"]["worker"]["spec"]
         assert spec["volumes"][0]["persistentVolumeClaim"]["claimName"] == claim
-
-
-@pytest.fixture
-def fake_slurm(tmp_path):
-    """``sbatch``/``scancel``/``squeue`` that run the job script on this machine, as SLURM would on a node."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "sbatch").write_text(f"""#!/usr/bin/env bash
-set -e
-script=$(mktemp {tmp_path}/job-XXXX.sh); cat "${{@: -1}}" > "$script" 2>/dev/null || cat > "$script"
-grep -q '^#SBATCH' "$script"
-bash -n "$script"
-nohup bash "$script" > "$script.log" 2>&1 &
-echo $! >> {tmp_path}/jobs
-echo "Submitted batch job $!"
-""")
-    (bin_dir / "scancel").write_text("#!/usr/bin/env bash\nfor j in \"$@\"; do kill $j 2>/dev/null || true; done\n")
-    (bin_dir / "squeue").write_text("#!/usr/bin/env bash\ntrue\n")
-    for f in bin_dir.iterdir():
-        f.chmod(f.stat().st_mode | stat.S_IEXEC)
-    yield bin_dir
-    for pid in (tmp_path / "jobs").read_text().split() if (tmp_path / "jobs").exists() else []:
-        subprocess.run(["pkill", "-TERM", "-P", pid], check=False)
-        subprocess.run(["kill", pid], check=False)
-
-
-def test_slurm_example_job_scripts_start_real_workers_and_run_a_job(tmp_path, fake_slurm):
-    assert subprocess.run(["bash", "-n", str(INFRA / "slurm" / "segpipe-run.sbatch")]).returncode == 0
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump({"input": str(SCENE), "output": str(tmp_path / "out"), "tile_size": 256,
-                                   "method": {"name": "otsu"}}))
-    env = {**os.environ, "PATH": f"{fake_slurm}:{os.environ['PATH']}"}
-    code = f"""
-import sys; sys.path.insert(0, {str(INFRA / 'slurm')!r})
-import slurm_cluster as s
-gpu = s.gpu_cluster("gpu")
-script = gpu.job_script()
-assert "#SBATCH --gres=gpu:1" in script and "--resources GPU=1" in script, script
-assert "MALLOC_TRIM_THRESHOLD_=-1" in script
-gpu.close()
-sys.exit(s.main([{str(job)!r}, "--queue", "compute", "--workers", "2"]))
-"""
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "segpipe: segment with otsu" in proc.stdout
-    import zarr
-    cls = zarr.open_array(str(tmp_path / "out" / "result.zarr"), path="class", mode="r")[:]
-    assert set(np.unique(cls)) == {0, 1}
-    scripts = sorted(tmp_path.glob("job-*.sh"))
-    assert len(scripts) == 2 and all("#SBATCH -p compute" in p.read_text() for p in scripts)

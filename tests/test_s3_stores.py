@@ -11,6 +11,7 @@ from distributed import Client, LocalCluster
 from helpers import moto_s3, run
 
 from segpipe.errors import InputError
+from segpipe.io.store import Marks
 
 BUCKET = "segpipe"
 JOB = {"input": str(SCENE), "tile_size": 256, "chunk_size": 128, "truth": {"path": str(BUILDINGS)},
@@ -45,7 +46,11 @@ def test_stores_on_s3_give_the_local_result_and_resume_without_rework(s3, s3_cli
     stored = keys(s3, "runs/a/")
     assert "runs/a/scene.zarr/zarr.json" in stored and "runs/a/result.zarr/class/zarr.json" in stored
     marks = {k: t for k, t in stored.items() if "/_segpipe_done/" in k}
-    assert sum("/result.zarr/segment/" in k for k in marks) == 16  # one mark per tile, beside the store
+    # beside the store: one batch mark per shard of the class map (a row of 4 tiles), naming its 16 tiles
+    assert sum("/result.zarr/segment.batches/" in k for k in marks) == 4
+    assert not [k for k in marks if "/result.zarr/segment/" in k]
+    assert len(Marks(remote.result, "segment").keys()) == 16
+    assert sum("/result.zarr/class/c/" in k for k in stored) == 4  # a shard per row of tiles, not a chunk each
 
     ds = xr.open_zarr(remote.result, consolidated=False)  # readable from S3 by any xarray user
     np.testing.assert_array_equal(ds["class"].values, xr.open_zarr(local.result, consolidated=False)["class"].values)

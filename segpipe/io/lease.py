@@ -183,13 +183,13 @@ class ObjectLease:
 
     def _read(self) -> tuple[Holder | None, str, float] | None:
         """The lease object's holder, ETag and age in seconds by the server's clock; None when there is none."""
-        try:
-            head = self._call("head_object")
-            body = self.fs.cat_file(f"{self.bucket}/{self.key}")
+        try:  # one GET gives body, ETag and time together: a head and a read could see two versions
+            got = self._call("get_object")
+            data = _read_body(self.fs, got["Body"])
         except FileNotFoundError:
             return None
-        age = (datetime.now(UTC) - head["LastModified"]).total_seconds()
-        return Holder.parse(body), head["ETag"], age
+        age = (datetime.now(UTC) - got["LastModified"]).total_seconds()
+        return Holder.parse(data), got["ETag"], age
 
     def peek(self) -> None:
         found = self._read()
@@ -238,6 +238,17 @@ class ObjectLease:
             with contextlib.suppress(OSError):
                 self._call("delete_object", IfMatch=self.etag)
         self.etag = None
+
+
+def _read_body(fs: object, body: object) -> bytes:
+    """The bytes of an aiobotocore streaming body, read on s3fs's own event loop."""
+    from fsspec.asyn import sync
+
+    async def read() -> bytes:
+        async with body:  # type: ignore[attr-defined]
+            return await body.read()  # type: ignore[attr-defined]
+
+    return sync(fs.loop, read)  # type: ignore[attr-defined]
 
 
 def _precondition(exc: BaseException) -> bool:

@@ -31,9 +31,14 @@ NODATA_ATTRS = {"nodata": NODATA}
 
 
 def create_result(path: str, fingerprint: dict[str, Any], grid: SceneGeometry, chunk: int,
-                  class_names: list[str]) -> zarr.Group:
+                  class_names: list[str], shards: tuple[int, int] | None = None) -> zarr.Group:
     """Create (or reopen for resume) the result group on the scene's ``grid``, ``chunk`` per axis, with its
-    coordinate variables (a volume's in world millimetres where its axes are the world's)."""
+    coordinate variables (a volume's in world millimetres where its axes are the world's).
+
+    ``shards``: Zarr v3 shards of an image's ``class`` array, for a segment stage whose every shard one task
+    writes (:func:`segpipe.methods.classical_tiles.class_shards`); None keeps one object per chunk, as every
+    other writer of the class map needs. A result made before keeps its layout on resume.
+    """
     if grid.is_volume:
         group = open_or_create(path, fingerprint, "result store")
         group.attrs.update({**grid.attrs(), **world_attrs(grid), "kind": "volume", "class_names": class_names,
@@ -47,7 +52,7 @@ def create_result(path: str, fingerprint: dict[str, Any], grid: SceneGeometry, c
         ensure_array(group, "class", grid.shape, (chunk,) * 3, "uint8", NODATA, ("z", "y", "x"),
                      _class_attrs(class_names))
         return group
-    return _create_image_result(path, fingerprint, grid, chunk, class_names)
+    return _create_image_result(path, fingerprint, grid, chunk, class_names, shards)
 
 
 # NIfTI's sform/qform codes: the world frame a volume's affine maps into.
@@ -88,7 +93,7 @@ def _class_attrs(class_names: list[str]) -> dict[str, Any]:
 
 
 def _create_image_result(path: str, fingerprint: dict[str, Any], grid: SceneGeometry, chunk: int,
-                         class_names: list[str]) -> zarr.Group:
+                         class_names: list[str], shards: tuple[int, int] | None = None) -> zarr.Group:
     group = open_or_create(path, fingerprint, "result store")
     group.attrs.update({**grid.attrs(), "class_names": class_names, "nodata": NODATA})
     crs, transform, (height, width) = grid.crs, grid.transform, grid.shape
@@ -108,7 +113,7 @@ def _create_image_result(path: str, fingerprint: dict[str, Any], grid: SceneGeom
         y.attrs.update({"standard_name": "projection_y_coordinate", "axis": "Y"})
     grid_mapping = {"grid_mapping": "spatial_ref", "coordinates": "spatial_ref"} if crs is not None else {}
     ensure_array(group, "class", (height, width), (chunk, chunk), "uint8", NODATA, ("y", "x"),
-                 {**grid_mapping, **_class_attrs(class_names)})
+                 {**grid_mapping, **_class_attrs(class_names)}, shards=shards)
     return group
 
 

@@ -2,10 +2,17 @@
 
 Kept apart from the model code so that workers of a classical job never import torch (start-up and
 memory of every worker process).
+
+An image's class map is stored in Zarr v3 shards of one row of tiles (:func:`class_shards`), and its tiles are
+marked done one shard at a time: with small tiles a chunk and a mark per tile made most of a run's objects
+(3 per 64-px tile) and S3 requests. Every shard is written by one task only (the segment stage hands out whole
+shards, :func:`shard_groups`), so shards need no lock; a task killed in a shard leaves it unmarked, and the
+rerun writes all of its tiles again.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -22,8 +29,46 @@ from segpipe.tiling.grid import TileGrid, TileRun
 RUN_PIXELS = 2**20
 
 
-def tile_runs(tgrid: TileGrid, tiles: list[Index], max_pixels: int = RUN_PIXELS) -> list[list[Index]]:
-    """Consecutive tiles of one tile row (columns adjacent) in runs of at most ``max_pixels`` of core."""
+# Pixels of one shard of a classical result's class map at most (uint8: as many bytes): a whole row of tiles on
+# scenes up to 16 Mpx / tile size wide, so that shards stay few without one task's writes growing with the scene.
+SHARD_PIXELS = 2**24
+
+
+def class_shards(shape: Index, tile_size: int, chunk: int | None = None) -> tuple[int, int] | None:
+    """Shards of an image's class map for a classical method: one row of tiles, as many tiles across as fit
+    :data:`SHARD_PIXELS`; None for volumes, and where tiles are not whole ``chunk``s (a 900-px tile on 512-px
+    chunks): a shard holds whole chunks, and it would then hold parts of other units' tiles (``chunk`` None:
+    the tile is taken to be whole chunks)."""
+    if len(shape) != 2 or (chunk is not None and tile_size % chunk):
+        return None
+    across = min(-(-shape[1] // tile_size), max(1, SHARD_PIXELS // tile_size**2))
+    return (tile_size, across * tile_size)
+
+
+def shard_of(tgrid: TileGrid, shards: tuple[int, ...] | None) -> Callable[[Index], tuple[int, ...]] | None:
+    """The shard of the class map that a tile's core lies in, as a key; None where the map has no shards."""
+    if shards is None:
+        return None
+    return lambda index: tuple(a // s for a, s in zip(tgrid.tile(index).core.start, shards, strict=True))
+
+
+def shard_groups(tgrid: TileGrid, tiles: list[Index], shards: tuple[int, ...] | None) -> list[list[Index]]:
+    """``tiles`` (in grid order) cut where their shard changes: the groups a unit of work must take whole, so no
+    two tasks ever write one shard. Without shards, each tile is its own group."""
+    key = shard_of(tgrid, shards)
+    groups: list[list[Index]] = []
+    for index in tiles:
+        if key is not None and groups and key(groups[-1][-1]) == key(index):
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    return groups
+
+
+def tile_runs(tgrid: TileGrid, tiles: list[Index], max_pixels: int = RUN_PIXELS,
+              shard: Callable[[Index], tuple[int, ...]] | None = None) -> list[list[Index]]:
+    """Consecutive tiles of one tile row (columns adjacent) in runs of at most ``max_pixels`` of core, each
+    within one shard (``shard``: a tile's shard key, :func:`shard_of`)."""
     runs: list[list[Index]] = []
     area = 0
     for index in tiles:
@@ -31,7 +76,7 @@ def tile_runs(tgrid: TileGrid, tiles: list[Index], max_pixels: int = RUN_PIXELS)
         size = tgrid.tile(index).core.shape
         pixels = int(np.prod(size))
         joins = (last is not None and last[:-1] == index[:-1] and last[-1] + 1 == index[-1]
-                 and area + pixels <= max_pixels)
+                 and area + pixels <= max_pixels and (shard is None or shard(last) == shard(index)))
         if joins:
             runs[-1].append(index)
             area += pixels
@@ -47,14 +92,18 @@ def segment_classical_tiles(run_of: TileRun, *, method: str, params: dict[str, A
     Adjacent tiles of a row are read, and their cores written, in one call per run (:func:`tile_runs`):
     on small tiles the per-call cost of a read and a Zarr write was more than the method's own. Each tile
     still gets exactly the pixels of its own halo window, as a contiguous array, so its classes are
-    those of a tile read alone.
+    those of a tile read alone. The tiles are marked done together when their shard is written (a class map
+    without shards: when their run is), in one batch mark (:meth:`segpipe.io.store.Marks.mark_all`).
     """
     m = make_classical(method, params)
     scene = Scene(run_of.scene)
     tgrid = run_of.grid
     out, prob = class_outputs(run_of.result)
     marks = Marks(run_of.result, SEGMENT_STAGE)
-    for run in tile_runs(tgrid, list(run_of.indices)):
+    shard = shard_of(tgrid, out.shards)
+    runs = tile_runs(tgrid, list(run_of.indices), shard=shard)
+    finished: list[str] = []
+    for k, run in enumerate(runs):
         first, last = tgrid.tile(run[0]).core, tgrid.tile(run[-1]).core
         core = Box(first.start, last.stop)
         span = core.grow(m.halo, scene.shape)
@@ -79,5 +128,9 @@ def segment_classical_tiles(run_of: TileRun, *, method: str, params: dict[str, A
         out[core.slices] = cls_run
         if prob_run is not None:
             prob[(slice(None), *core.slices)] = prob_run
-        marks.mark_all([tgrid.tile(index).key for index in run])
+        finished += [tgrid.tile(index).key for index in run]
+        last_of_shard = shard is None or k + 1 == len(runs) or shard(runs[k + 1][0]) != shard(run[0])
+        if last_of_shard:
+            marks.mark_all(finished)
+            finished = []
     return len(run_of.indices)

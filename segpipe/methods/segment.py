@@ -21,11 +21,11 @@ from segpipe.config import JobSpec
 from segpipe.errors import InputError
 from segpipe.geometry import Index, SceneGeometry
 from segpipe.io.layout import RunLayout
-from segpipe.io.result import add_probability_array, create_result, record_fit
+from segpipe.io.result import add_probability_array, class_outputs, create_result, record_fit
 from segpipe.io.scene import Scene
 from segpipe.io.store import Marks, open_or_create
 from segpipe.methods.classical import ClassicalMethod, FitContext, make_classical
-from segpipe.methods.classical_tiles import segment_classical_tiles
+from segpipe.methods.classical_tiles import class_shards, segment_classical_tiles, shard_groups
 from segpipe.methods.names import FAMILY_OF
 from segpipe.methods.regions import check_params, grow_regions, seed_pixels
 from segpipe.methods.sliding_window import LogitsTarget, SlidingWindow
@@ -163,11 +163,20 @@ def _run_split_merge(r: SegmentRun, client: Client) -> None:
 
 
 def _run_classical(r: SegmentRun, client: Client) -> None:
+    """Fit on the client, then the pending tiles in guided units that take whole shards of the class map
+    (:func:`segpipe.methods.classical_tiles.shard_groups`), so no two tasks write one shard."""
     state = fit_classical(r.plan.classical, r.scene, client)
     record_fit(r.result, state)
-    run_units(client, segment_classical_tiles, TileRun.of(r.scene.shape, r.job.tile_size, scene=r.scene.path,
-                                                          result=r.result),
-              r.pending, r.advance, method=r.job.method.name, params=r.job.method.params, state=state)
+    run = TileRun.of(r.scene.shape, r.job.tile_size, scene=r.scene.path, result=r.result)
+    shards = class_outputs(r.result)[0].shards
+    kw = {"method": r.job.method.name, "params": r.job.method.params, "state": state}
+    if shards is None:  # one object per chunk (a volume, or a result made before shards): units of single tiles
+        run_units(client, segment_classical_tiles, run, r.pending, r.advance, **kw)
+        return
+    units = [[t for group in unit for t in group]
+             for unit in guided_units(shard_groups(run.grid, r.pending, shards), worker_slots(client))]
+    futures = [client.submit(segment_classical_tiles, run.with_tiles(unit), pure=False, **kw) for unit in units]
+    progress.gather(client, futures, r.advance, [len(u) for u in units])
 
 
 @dataclass(frozen=True)
@@ -221,7 +230,9 @@ def segment(job: JobSpec, scene: Scene, plan: MethodPlan, layout: RunLayout, cli
     """Segment the scene into the layout's result store (made from its result fingerprint,
     :func:`result_fingerprint`) and return its path."""
     result = layout.result_store
-    create_result(result, layout.result_fp, scene.geometry, scene.chunk, plan.class_names)
+    # Shards only where one task writes each (classical methods); every other writer works tile by tile.
+    shards = class_shards(scene.shape, job.tile_size, scene.chunk) if plan.classical is not None else None
+    create_result(result, layout.result_fp, scene.geometry, scene.chunk, plan.class_names, shards)
     if job.probabilities:
         add_probability_array(result, plan.class_names, scene.shape, scene.chunk)
     grid = TileGrid(scene.shape, job.tile_size)
