@@ -29,7 +29,7 @@ DEMO_MODEL = SAMPLE / "unet_spacenet.pt"
 @pytest.fixture(scope="session")
 def client() -> Client:
     """Two worker processes, one thread each, on loopback: the real thing, small."""
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0",
                            host="127.0.0.1", memory_limit="3GiB")
     c = Client(cluster)
     yield c

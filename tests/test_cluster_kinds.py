@@ -126,9 +126,18 @@ def test_a_cluster_that_cannot_start_fails_in_one_line_and_writes_nothing(tmp_pa
     assert not out.exists()
 
 
-def _listening(pids: set[int]) -> set[str]:
-    return {c.laddr.ip for c in psutil.net_connections(kind="inet")
+def _listeners() -> set[tuple[str, int]]:
+    """Every listening address of this process and its children."""
+    me = psutil.Process()
+    pids = {me.pid} | {p.pid for p in me.children(recursive=True)}
+    return {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet")
             if c.status == psutil.CONN_LISTEN and c.pid in pids}
+
+
+def _opened_since(before: set[tuple[str, int]]) -> set[str]:
+    """The interfaces of listeners opened since ``before``: in a full run the test's process may hold other
+    tests' servers (a session cluster, a loopback S3 server), which are not this run's."""
+    return {ip for ip, port in _listeners() - before}
 
 
 @pytest.mark.parametrize("processes", ["yes", "no"])
@@ -140,10 +149,11 @@ def test_a_local_run_listens_on_loopback_only(tmp_path, processes):
     seen: list[set[str]] = []
     links: list[str] = []
 
+    before = _listeners()
+
     def runner(name, work):
         if name == "segment":
-            me = psutil.Process()
-            seen.append(_listening({me.pid} | {p.pid for p in me.children(recursive=True)}))
+            seen.append(_opened_since(before))
             links.append(client.dashboard_link)
         return work(client)
 
@@ -159,9 +169,10 @@ def test_the_dashboard_can_be_left_out(processes):
     loopback, on a port of its own rather than Dask's default 8787."""
     import urllib.request
 
+    before = _listeners()
     with connect(ClusterSpec(dashboard=None, n_workers=1), in_process=not processes) as client:
         port = client.scheduler_info()["services"]["dashboard"]
         assert port != 8787
         assert urllib.request.urlopen(f"http://127.0.0.1:{port}/health").status == 200
-        me = psutil.Process()
-        assert _listening({me.pid} | {p.pid for p in me.children(recursive=True)}) <= {"127.0.0.1", "::1"}
+        opened = _opened_since(before)
+        assert opened and opened <= {"127.0.0.1", "::1"}, opened

@@ -28,7 +28,7 @@ def s3():
 @pytest.fixture(scope="module")
 def s3_client(s3):
     """Worker processes started after the AWS variables are set, as on a cloud cluster."""
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0",
                       host="127.0.0.1", memory_limit="2GiB") as cluster, Client(cluster) as c:
         yield c
 

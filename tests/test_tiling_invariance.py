@@ -18,7 +18,7 @@ def unet_maps(tmp_path_factory, big_scene, tiny_model, client):
         o = run(client, tmp_path_factory.mktemp(f"t{tile}"), input=str(big_scene), tile_size=tile,
                 chunk_size=512, method=method)
         out[(tile, 2)] = class_map(o)
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0",
                       host="127.0.0.1") as cluster, Client(cluster) as one:
         o = run(one, tmp_path_factory.mktemp("w1"), input=str(big_scene), tile_size=512, chunk_size=512,
                 method=method)

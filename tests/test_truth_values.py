@@ -132,7 +132,7 @@ def test_training_labels_stored_0_255_are_refused_and_trained_on_with_binarize(t
 
     from segpipe.methods.train import prepare_store
 
-    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=":0") as client:
+    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address="127.0.0.1:0") as client:
         scene = prepare_store(SCENE, labels, tmp_path / "work", None, client, binarize=True)
     truth = np.asarray(zarr.open_array(scene.path, path="truth", mode="r")[:])
     assert json.dumps(sorted(int(v) for v in np.unique(truth))) == "[0, 1]"

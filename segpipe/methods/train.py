@@ -29,6 +29,7 @@ from segpipe.io.scene import Scene
 from segpipe.io.store import ensure_array
 from segpipe.io.truth import check_truth
 from segpipe.models.checkpoint import ModelSpec, save_checkpoint
+from segpipe.runtime.cluster import LOOPBACK
 from segpipe.tiling.grid import TileGrid
 from segpipe.tiling.ingest import ingest, source_info
 from segpipe.tiling.resample import Axis, resample
@@ -175,7 +176,7 @@ def train_from_files(image: str | Path, labels: str | Path, out: str | Path, spe
     """Ingest image + labels into Zarr (in ``workdir`` or a temporary folder) and train."""
     names = class_names or ["background", "foreground"]
     with tempfile.TemporaryDirectory() as tmp, Client(processes=False, n_workers=1, threads_per_worker=2,
-                                                      dashboard_address=":0") as client:
+                                                      dashboard_address=LOOPBACK) as client:
         scene = prepare_store(image, labels, Path(workdir or tmp) / "train", bands, client, len(names), binarize,
                               remap)
         return train_on_store(scene, out, spec, names)
