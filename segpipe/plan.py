@@ -424,17 +424,18 @@ def plan_job(checked: Checked, workers: int, gpu: bool, rates: Rates, *, threads
     maybe = (lambda n: Count.exact(n)) if valid else (lambda n: Count(0, n))
     remote = is_remote(job.store_root)
 
-    tasks: dict[str, Count] = {"ingest": Count.exact(cgrid.counts[0])}
+    itemsize = np.dtype(info.dtype).itemsize
+    ingest_bands = _ingest_bands(shape, chunk, bands * itemsize)
+    tasks: dict[str, Count] = {"ingest": Count.exact(ingest_bands)}
     objects: dict[str, Count] = {}
     written: dict[str, float] = {}
-    itemsize = np.dtype(info.dtype).itemsize
     pixels = math.prod(shape)
     scene_meta = 2 + (0 if reads_in_place else 1)  # group and valid (and image) zarr.json
     # a copied scene's pixels: a chunk or shard each, but an all-zero one (the fill value) is never written
     image = 0 if reads_in_place else _sharded_objects(cgrid, _image_shards(bands, shape, chunk, bands * itemsize))
     objects["scene.zarr"] = Count.exact(scene_meta) + Count(0, image) + maybe(0 if valid else chunks)
     written["scene.zarr"] = (0 if reads_in_place else pixels * bands * itemsize) + (0 if valid else pixels)
-    marks = Count.exact(cgrid.counts[0])  # a mark per chunk row (ingest); the segment stage's below
+    marks = Count.exact(ingest_bands)  # a mark per band of chunk rows (ingest); the segment stage's below
     class_objects = maybe(chunks)  # the class map: a chunk each, unless its writer shards it
     scene_passes = 0.0 if (reads_in_place and valid and job.nodata is None) else 1.0  # ingest reads to copy or mask
     gets = 0
@@ -454,7 +455,8 @@ def plan_job(checked: Checked, workers: int, gpu: bool, rates: Rates, *, threads
         if np.dtype(info.dtype).kind not in "iub" or itemsize > 2:  # float images: a second pass bins the histogram
             fit = fit + stats_slabs
         tasks["statistics"] = fit
-        units, class_objects, segment_marks = _classical_units(shape, job.tile_size, tgrid, chunks, slots.cpu, maybe)
+        units, class_objects, segment_marks = _classical_units(shape, job.tile_size, chunk, tgrid, chunks,
+                                                               slots.cpu, maybe)
         tasks["segment"] = Count.exact(units)
         marks = marks + segment_marks
         scene_passes += 1.0  # the statistics
@@ -592,6 +594,14 @@ def _image_shards(bands: int, shape: tuple[int, ...], chunk: int, bytes_per_pixe
     return image_shards(bands, shape, chunk, bytes_per_pixel)
 
 
+def _ingest_bands(shape: tuple[int, ...], chunk: int, bytes_per_pixel: int) -> int:
+    """Ingest tasks (and marks): one per band of chunk rows (:func:`segpipe.tiling.ingest.band_layout`)."""
+    from segpipe.tiling.ingest import band_layout
+
+    rows = -(-shape[0] // chunk)
+    return -(-rows // band_layout(shape, chunk, bytes_per_pixel)[0])
+
+
 def _sharded_objects(cgrid: TileGrid, shards: tuple[int, ...] | None) -> int:
     """Objects of an array on ``cgrid``'s chunks: a chunk each, or a shard each (the spatial part of ``shards``)."""
     if shards is None:
@@ -600,15 +610,15 @@ def _sharded_objects(cgrid: TileGrid, shards: tuple[int, ...] | None) -> int:
     return math.prod(-(-n // s) for n, s in zip(cgrid.shape, spatial, strict=True))
 
 
-def _classical_units(shape: tuple[int, ...], tile_size: int, tgrid: TileGrid, chunks: int, slots: int,
+def _classical_units(shape: tuple[int, ...], tile_size: int, chunk: int, tgrid: TileGrid, chunks: int, slots: int,
                      maybe: Callable[[int], Count]) -> tuple[int, Count, Count]:
     """A classical segment stage as :func:`segpipe.methods.segment._run_classical` cuts it: its tasks, the class
-    map's objects and the completion marks. An image's class map is sharded by rows of tiles, units take whole
+    map's objects and the completion marks. An image's class map is sharded by bands of tile rows, units take whole
     shards and each shard is marked in one object; a volume's is a chunk each, marked a run of tiles at a time
     (:func:`segpipe.methods.classical_tiles.tile_runs`)."""
     from segpipe.methods.classical_tiles import class_shards, shard_groups, tile_runs
 
-    shards = class_shards(shape, tile_size)
+    shards = class_shards(shape, tile_size, chunk)
     every = [t.index for t in tgrid]
     if shards is None:
         units = guided_units(every, slots)

@@ -77,7 +77,7 @@ def test_model_tasks_run_on_gpu_workers_and_everything_else_on_cpu_workers(tmp_p
             outcome = run_job(check(job), gpu_client)
         ran = _task_workers(ts.data, names)
     assert ran.pop("infer_batches") <= {"gpu"}
-    assert {"stitch_tiles", "_ingest_row", "valid_patches_in_rows"} <= set(ran)
+    assert {"stitch_tiles", "_ingest_band", "valid_patches_in_rows"} <= set(ran)
     assert all(kinds == {"cpu"} for kinds in ran.values()), ran
     ref = job_from_dict({"input": str(SCENE), "output": str(tmp_path / "cpu"), "tile_size": 256, "method": method},
                         tmp_path)

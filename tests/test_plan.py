@@ -25,7 +25,7 @@ from segpipe.pipeline import check, run_job
 from segpipe.plan import Count, Rates, Scenes, plan_job
 
 # a plan's task names -> the functions of the Dask keys a run's task stream shows (key_split drops a leading _)
-TASK_FUNCTIONS = {"ingest": {"ingest_row"}, "statistics": {"moments", "strided", "histogram"},
+TASK_FUNCTIONS = {"ingest": {"ingest_band"}, "statistics": {"moments", "strided", "histogram"},
                   "segment": {"segment_classical_tiles"}, "patches": {"valid_patches_in_rows"},
                   "infer": {"infer_batches"}, "stitch": {"stitch_tiles"}, "metrics": {"tile_confusions"}}
 
@@ -75,15 +75,27 @@ MODEL_JOB = {"tile_size": 256, "keep_work": True, "class_names": ["background", 
              "method": {"name": "unet", "model": str(DEMO_MODEL), "patch_size": 256, "overlap": 0.25, "batch_size": 4},
              "truth": {"path": str(BUILDINGS)}}
 CLASSICAL_JOB = {"tile_size": 128, "pixels": "copy", "method": {"name": "kmeans"}}
+BANDS_JOB = {"tile_size": 64, "pixels": "copy", "method": {"name": "otsu"}}
 
 
-@pytest.mark.parametrize("job", [pytest.param(MODEL_JOB, id="unet", marks=pytest.mark.slow),
-                                 pytest.param(CLASSICAL_JOB, id="kmeans-copy")])
-def test_plan_matches_what_a_real_run_writes_and_submits(client, tmp_path, valid_scene, job):
+@pytest.fixture(scope="module")
+def valid_big_scene(tmp_path_factory, sample_pixels) -> Path:
+    """Derived: the SpaceNet sample mosaicked with flips to 2100 x 2300 px, no nodata tag: 64-px tiles make 33 rows,
+    so the stores' shards, marks and ingest tasks take bands of two rows."""
+    a = sample_pixels[0]
+    row = np.concatenate([a, a[:, ::-1], a], axis=1)
+    mosaic = np.concatenate([row, row[::-1], row], axis=0)[:2100, :2300]
+    return write_tif(tmp_path_factory.mktemp("validbig") / "valid_big.tif", mosaic[None].copy(), nodata=None)
+
+
+@pytest.mark.parametrize("job, scene", [pytest.param(MODEL_JOB, "valid_scene", id="unet", marks=pytest.mark.slow),
+                                        pytest.param(CLASSICAL_JOB, "valid_scene", id="kmeans-copy"),
+                                        pytest.param(BANDS_JOB, "valid_big_scene", id="otsu-copy-bands")])
+def test_plan_matches_what_a_real_run_writes_and_submits(client, tmp_path, request, job, scene):
     """Tiles, tasks per stage, objects (chunks, metadata and marks: every file the run leaves, the work store kept)
     and bytes (the arrays' own sizes; on disk, compressed, no more than the plan's bound) are exact for an input
     whose header says every pixel is valid."""
-    job = {**job, "input": str(valid_scene)}
+    job = {**job, "input": str(request.getfixturevalue(scene))}
     plan, spec = _plan(job, tmp_path)
     assert plan.known_valid  # and no pixel is 0: a copied scene's every chunk is written too
     exact = {k: c for k, c in plan.objects.items() if not (k == "scene.zarr" and job.get("pixels") == "copy")}

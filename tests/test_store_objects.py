@@ -1,6 +1,6 @@
-"""Store objects per run (issue 27): the scene's pixels in a shard per ingested row, a classical result's class map in a
-shard per row of tiles, and one batch mark per shard instead of a mark per tile; the same pixels, and resuming
-intact."""
+"""Store objects per run (issue 27): the scene's pixels in a shard per ingested band of rows, a classical result's class
+map in a shard per band of tile rows (one row each on small scenes, several for small tiles on large ones), and one
+batch mark per shard instead of a mark per tile; the same pixels, and resuming intact."""
 
 from __future__ import annotations
 
@@ -91,3 +91,58 @@ def test_batch_marks_are_one_object_found_key_by_key_and_forgotten_with_their_st
     marks.mark_all(["2_0", "2_1"])
     marks.clear()
     assert marks.keys() == set() and not marks.batch_dir.exists()
+
+
+def test_small_tiles_share_shards_and_marks_in_bands_of_rows(tmp_path, client, big_scene):
+    """64-px tiles on 2100 x 2300 px (33 rows of tiles): shards, marks and tasks take bands of two rows (the last
+    one row), for the scene's pixels and the class map alike; the classes are those of 256-px tiles, and a lost
+    band, also the short last one, is redone alone to the same pixels."""
+    job = {"input": str(big_scene), "tile_size": 64, "method": {"name": "otsu"}, "pixels": "copy"}
+    out = tmp_path / "out"
+    first = class_map(run(client, out, **job))
+    np.testing.assert_array_equal(first, class_map(run(client, tmp_path / "big", **{**job, "tile_size": 256})))
+    assert zarr.open_array(str(out / "scene.zarr"), path="image", mode="r").shards == (1, 128, 2304)
+    assert zarr.open_array(str(out / "result.zarr"), path="class", mode="r").shards == (128, 2304)
+    left = files(out)
+    assert sum(f.startswith("scene.zarr/image/c/") for f in left) == 17
+    assert sum(f.startswith("result.zarr/class/c/") for f in left) == 17
+    assert sum(f.startswith("_segpipe_done/result.zarr/segment.batches/") for f in left) == 17
+    ingest = Marks(out / "scene.zarr", "ingest")
+    assert ingest.keys() == {str(r) for r in range(0, 33, 2)}
+
+    ingest.unmark(["30"])
+    image = zarr.open_array(str(out / "scene.zarr"), path="image", mode="r+")
+    image[:, 1920:2048] = 0
+    segment = Marks(out / "result.zarr", "segment")
+    segment.unmark([f"32_{c}" for c in range(36)] + [f"6_{c}" for c in range(36)] + [f"7_{c}" for c in range(36)])
+    cls = zarr.open_array(str(out / "result.zarr"), path="class", mode="r+")
+    cls[384:512] = 0
+    cls[2048:] = 0
+    again = run(client, out, **job)
+    np.testing.assert_array_equal(class_map(again), first)
+    assert ingest.keys() == {str(r) for r in range(0, 33, 2)} and len(segment.keys()) == 33 * 36
+
+
+def test_a_copied_scene_made_before_bands_resumes_a_row_at_a_time(tmp_path, client, big_scene):
+    """A scene store ingested before bands (one row of chunks per shard and mark) keeps its own layout."""
+    job = {"input": str(big_scene), "tile_size": 64, "method": {"name": "otsu"}, "pixels": "copy"}
+    out = tmp_path / "out"
+    first = class_map(run(client, out, **job))
+    group = zarr.open_group(str(out / "scene.zarr"), mode="r+")
+    attrs, values = dict(group["image"].attrs), group["image"][:]
+    del group["image"]
+    rows = group.create_array("image", shape=values.shape, chunks=(1, 64, 64), shards=(1, 64, 2304),
+                              dtype=values.dtype, fill_value=0, dimension_names=("band", "y", "x"))
+    rows.attrs.update(attrs)
+    rows[:] = values
+    ingest = Marks(out / "scene.zarr", "ingest")
+    ingest.clear()
+    for r in range(33):
+        if r != 5:
+            ingest.mark(str(r))
+    rows[:, 320:384] = 0
+    del group.attrs["ingest_rows"]
+    Marks(out / "result.zarr", "segment").clear()
+    again = run(client, out, **job)
+    np.testing.assert_array_equal(class_map(again), first)
+    assert ingest.keys() == {str(r) for r in range(33)}

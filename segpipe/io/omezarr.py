@@ -172,7 +172,7 @@ def export_ome_zarr(scene_path: str, result_path: str, dest: str | Path, client:
     chunk = scene.chunk
     try:
         root = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
-        root.attrs.update({"ome": {"version": VERSION, "multiscales": _multiscales(
+        root.update_attributes({"ome": {"version": VERSION, "multiscales": _multiscales(
             place, factors, [{"name": "c", "type": "channel"}, *space],
             Path(scene.group.attrs.get("source", "image")).name)}, **extra})
         image = scene.image  # the store's array, or the source read in place
@@ -182,11 +182,12 @@ def export_ome_zarr(scene_path: str, result_path: str, dest: str | Path, client:
         labels.attrs["ome"] = {"version": VERSION, "labels": [LABEL_NAME]}
         seg = labels.create_group(LABEL_NAME)
         colors = [{"label-value": i, "rgba": [*PALETTE[i % len(PALETTE)], 255]} for i in range(len(class_names))]
-        seg.attrs.update({"ome": {"version": VERSION, "multiscales": _multiscales(place, factors, space, LABEL_NAME),
-                                  "image-label": {"colors": colors, "source": {"image": "../../"},
-                                                  "properties": [{"label-value": i, "class": name}
-                                                                 for i, name in enumerate(class_names)]}},
-                          **extra})
+        multiscales = _multiscales(place, factors, space, LABEL_NAME)
+        seg.update_attributes({"ome": {"version": VERSION, "multiscales": multiscales,
+                                       "image-label": {"colors": colors, "source": {"image": "../../"},
+                                                       "properties": [{"label-value": i, "class": name}
+                                                                      for i, name in enumerate(class_names)]}},
+                               **extra})
         classes = da.from_zarr(zarr.open_array(result_path, path="class", mode="r"))
         _pyramid(seg, place.orient(classes), n, chunk, nd, NODATA, spatial, client)
     except BaseException:

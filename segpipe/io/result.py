@@ -41,14 +41,14 @@ def create_result(path: str, fingerprint: dict[str, Any], grid: SceneGeometry, c
     """
     if grid.is_volume:
         group = open_or_create(path, fingerprint, "result store")
-        group.attrs.update({**grid.attrs(), **world_attrs(grid), "kind": "volume", "class_names": class_names,
+        group.update_attributes({**grid.attrs(), **world_attrs(grid), "kind": "volume", "class_names": class_names,
                             "nodata": NODATA})
         for dim, (values, attrs) in volume_coords(grid).items():
             if dim not in group:
                 arr = group.create_array(dim, shape=values.shape, dtype="float64", chunks=values.shape,
                                          dimension_names=(dim,))
                 arr[:] = values
-                arr.attrs.update(attrs)
+                arr.update_attributes(attrs)
         ensure_array(group, "class", grid.shape, (chunk,) * 3, "uint8", NODATA, ("z", "y", "x"),
                      _class_attrs(class_names))
         return group
@@ -95,22 +95,22 @@ def _class_attrs(class_names: list[str]) -> dict[str, Any]:
 def _create_image_result(path: str, fingerprint: dict[str, Any], grid: SceneGeometry, chunk: int,
                          class_names: list[str], shards: tuple[int, int] | None = None) -> zarr.Group:
     group = open_or_create(path, fingerprint, "result store")
-    group.attrs.update({**grid.attrs(), "class_names": class_names, "nodata": NODATA})
+    group.update_attributes({**grid.attrs(), "class_names": class_names, "nodata": NODATA})
     crs, transform, (height, width) = grid.crs, grid.transform, grid.shape
     gt = " ".join(str(v) for v in (transform.c, transform.a, transform.b, transform.f, transform.d,
                                    transform.e))
     if crs is not None and "spatial_ref" not in group:
         sr = group.create_array("spatial_ref", shape=(), dtype="int64", fill_value=0, dimension_names=())
         sr[...] = 0
-        sr.attrs.update({"crs_wkt": crs.to_wkt(), "spatial_ref": crs.to_wkt(), "GeoTransform": gt})
+        sr.update_attributes({"crs_wkt": crs.to_wkt(), "spatial_ref": crs.to_wkt(), "GeoTransform": gt})
     if "x" not in group:
         x = group.create_array("x", shape=(width,), dtype="float64", chunks=(width,), dimension_names=("x",))
         x[:] = transform.c + (np.arange(width) + 0.5) * transform.a
-        x.attrs.update({"standard_name": "projection_x_coordinate", "axis": "X"})
+        x.update_attributes({"standard_name": "projection_x_coordinate", "axis": "X"})
         y = group.create_array("y", shape=(height,), dtype="float64", chunks=(height,),
                                dimension_names=("y",))
         y[:] = transform.f + (np.arange(height) + 0.5) * transform.e
-        y.attrs.update({"standard_name": "projection_y_coordinate", "axis": "Y"})
+        y.update_attributes({"standard_name": "projection_y_coordinate", "axis": "Y"})
     grid_mapping = {"grid_mapping": "spatial_ref", "coordinates": "spatial_ref"} if crs is not None else {}
     ensure_array(group, "class", (height, width), (chunk, chunk), "uint8", NODATA, ("y", "x"),
                  {**grid_mapping, **_class_attrs(class_names)}, shards=shards)

@@ -127,11 +127,10 @@ def ensure_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: t
             raise InputError(f"array {name!r} in {group.store} has another shape or dtype; "
                              "use another output folder")
         return arr
-    arr = group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill_value,
-                             dimension_names=dims, compressors=compressors, shards=shards)
-    if attrs:
-        arr.attrs.update(attrs)
-    return arr
+    # Attributes at creation, and elsewhere update_attributes(dict): zarr 3.1's ``attrs.update`` rewrites zarr.json
+    # once per key (about 40 rewrites per small archive item, 15 ms of its client's CPU).
+    return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill_value,
+                              dimension_names=dims, compressors=compressors, shards=shards, attributes=attrs or None)
 
 
 def remove_store(path: str | Path) -> None:

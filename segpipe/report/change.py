@@ -432,7 +432,7 @@ def _create_store(path: Path, before: Period, after: Period, inputs: dict[str, A
     group = open_or_create(p, inputs, "change store")
     n, codes = len(before.class_names), legend(before.class_names)
     nodata = transition_nodata(n)
-    group.attrs.update({**before.grid.attrs(), "product": "change",
+    group.update_attributes({**before.grid.attrs(), "product": "change",
                         "class_names": before.class_names, "legend": {str(k): v for k, v in codes.items()},
                         "before": before.label, "after": after.label, "nodata": nodata})
     _copy_coords(zarr.open_group(before.path, mode="r"), group)
@@ -453,7 +453,7 @@ def _copy_coords(src: zarr.Group, dst: zarr.Group) -> None:
             b = dst.create_array(name, shape=a.shape, dtype=a.dtype, chunks=a.chunks, fill_value=a.fill_value,
                                  dimension_names=a.metadata.dimension_names)
             b[...] = a[...]
-            b.attrs.update(dict(a.attrs))
+            b.update_attributes(dict(a.attrs))
 
 
 def _run_tiles(client: Client, store: str, before: Period, after: Period, tile_size: int,

@@ -33,6 +33,21 @@ def patch_starts(length: int, patch: int, stride: int) -> list[int]:
     return sorted(set(starts))
 
 
+# A band of rows (of chunks or of tiles) is what one store shard, one completion mark and one task hold on an image:
+# enough rows for about this many pixels, so that small tiles on wide scenes leave few objects (a shard and a mark
+# per row of 64-px tiles made 3 objects per MB of class map at 10^5 tiles), but never fewer than MIN_BANDS bands,
+# so that a small scene still gives every worker work.
+BAND_PIXELS = 2**22
+MIN_BANDS = 16
+
+
+def band_rows(rows: int, row_pixels: int, most: int = 2**31) -> int:
+    """Rows per band for ``rows`` rows of ``row_pixels`` pixels each: enough for :data:`BAND_PIXELS`, at most
+    ``rows // MIN_BANDS`` and ``most``, at least one. A function of the grid alone, so a scene's stores have the
+    same layout for any worker count."""
+    return max(1, min(-(-BAND_PIXELS // max(1, row_pixels)), rows // MIN_BANDS, most))
+
+
 def _per_axis(value: int | tuple[int, ...], ndim: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, tuple | list) else (int(value),) * ndim
 

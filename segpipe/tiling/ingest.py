@@ -1,8 +1,9 @@
 """Source (GeoTIFF/COG, whole-slide image, NIfTI or DICOM series) -> chunked Zarr v3 scene store.
 
-Memory is bounded by one row of chunks per task whatever the scene size: each task reads one row
-of chunk windows (for volumes, one slab of chunk thickness along z) from the source and writes
-them straight into whole Zarr chunks, so no two tasks write the same chunk and no lock is needed.
+Memory is bounded by one band of chunk rows per task whatever the scene size: each task reads a band of rows
+of chunk windows (:func:`band_layout`; for volumes, one slab of chunk thickness along z) from the source, at most
+:data:`SPAN_BYTES` at a time, and writes them straight into whole Zarr shards, so no two tasks write the same
+shard and no lock is needed.
 For rasters, validity comes from GDAL's dataset mask, so nodata values, alpha bands and internal
 masks are all honoured; for slides it is the scanned area intersected with the tissue mask; every
 voxel of a volume is valid unless the job names a ``nodata`` value. Whatever the format, a pixel with a NaN or
@@ -38,7 +39,7 @@ from segpipe.io.readers import detect, finite_only, format_of, open_reader
 from segpipe.io.scene import Scene
 from segpipe.io.source_pixels import SourcePixels, suits_in_place
 from segpipe.io.store import Marks, ensure_array, open_or_create, remove_store, write_atomic
-from segpipe.tiling.grid import TileGrid
+from segpipe.tiling.grid import TileGrid, band_rows
 
 STAGE = "ingest"
 IMAGE_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
@@ -107,9 +108,10 @@ def job_source(job: JobSpec, level: int = 0) -> RasterInfo:
     return RasterInfo(m.source, m.grid, len(m.bands), m.dtype, m.nodata, m.bands, mosaic=m)
 
 
-def _ingest_row(src: str, store: str, row: int, *, kind: str, chunk: int, bands: list[int], nodata: float | None,
-                prepared: Any = None, level: int = 0, slab: bool = False) -> int:
-    """Copy one row of chunk windows (a z slab for volumes) from ``src`` into the store; returns the row.
+def _ingest_band(src: str, store: str, row: int, *, kind: str, chunk: int, bands: list[int], nodata: float | None,
+                 prepared: Any = None, level: int = 0, slab: bool = False, rows: int = 1) -> int:
+    """Copy one band of ``rows`` rows of chunk windows from row ``row`` on (a volume: one z slab) from ``src``
+    into the store, and mark it done under ``row``; returns the row.
 
     ``kind`` names the source's format (:mod:`segpipe.io.readers`); ``prepared`` is what the format computed
     once on the client (a slide's tissue mask); ``slab``: the row is a volume's slab, read whole. A store without
@@ -124,7 +126,7 @@ def _ingest_row(src: str, store: str, row: int, *, kind: str, chunk: int, bands:
             Marks(store, STAGE).mark(str(row))  # nothing to copy and nothing to learn: no pixel is read
             return row
         dtype = image.dtype if image is not None else reader.dtype  # in place: rasters only, which know it
-        for w in _row_spans(grid, row, dtype.itemsize * len(bands), slab):
+        for w in _band_spans(grid, row, rows, dtype.itemsize * len(bands), slab):
             data, ok = reader.read(w)
             ok = finite_only(data, ok)
             if image is not None:
@@ -152,9 +154,23 @@ def _span_chunks(grid: TileGrid, bytes_per_pixel: int, budget: int = SPAN_BYTES)
     return min(grid.counts[-1], max(1, budget // max(1, grid.size[-2] * grid.size[-1] * bytes_per_pixel)))
 
 
-def _row_spans(grid: TileGrid, row: int, bytes_per_pixel: int, slab: bool = False,
-               budget: int = SPAN_BYTES) -> list[Box]:
-    """Row ``row`` of chunk windows in as few reads as fit ``budget`` bytes, each a whole number of chunks.
+def band_layout(shape: tuple[int, ...], chunk: int, bytes_per_pixel: int) -> tuple[int, int]:
+    """An image's ingest bands: (chunk rows per band, chunks across one span of a band).
+
+    A band (:func:`segpipe.tiling.grid.band_rows`) is one task, one completion mark and one row of shards; a span
+    is one read, one Zarr write and one shard, at most :data:`SPAN_BYTES`. Volumes: one slab of chunk thickness
+    per task, read whole."""
+    grid = TileGrid(tuple(shape), chunk)
+    if len(shape) != 2:
+        return 1, grid.counts[-1]
+    row_bytes = chunk * shape[-1] * bytes_per_pixel
+    rows = band_rows(grid.counts[0], chunk * shape[-1], most=max(1, SPAN_BYTES // max(1, row_bytes)))
+    return rows, _span_chunks(grid, bytes_per_pixel * rows)
+
+
+def _band_spans(grid: TileGrid, row: int, rows: int, bytes_per_pixel: int, slab: bool = False) -> list[Box]:
+    """Rows ``row`` to ``row + rows`` of chunk windows in as few reads as fit :data:`SPAN_BYTES`, each a whole
+    number of chunks (the shards of :func:`image_shards`).
 
     One read and one Zarr write per span instead of per chunk: GDAL decodes the span's blocks in one call
     and Zarr writes its chunks in one (concurrent) call, which is where per-chunk overhead went. A volume's
@@ -163,25 +179,36 @@ def _row_spans(grid: TileGrid, row: int, bytes_per_pixel: int, slab: bool = Fals
     if slab:
         z = grid.tile((row, 0, 0)).core
         return [Box((z.start[0], 0, 0), (z.stop[0], *grid.shape[1:]))]
-    core = grid.tile((row, 0)).core
+    first, last = grid.tile((row, 0)).core, grid.tile((min(grid.counts[0], row + rows) - 1, 0)).core
     width, n = grid.size[-1], grid.counts[-1]
-    step = _span_chunks(grid, bytes_per_pixel, budget)
-    return [Box.rc(core.row0, c * width, core.row1, min(grid.shape[-1], (c + step) * width)) for c in range(0, n, step)]
+    step = _span_chunks(grid, bytes_per_pixel * rows)
+    return [Box.rc(first.row0, c * width, last.row1, min(grid.shape[-1], (c + step) * width))
+            for c in range(0, n, step)]
 
 
 def image_shards(bands: int, shape: tuple[int, ...], chunk: int, bytes_per_pixel: int) -> tuple[int, ...] | None:
-    """Zarr v3 shards of an image's ``image`` array: exactly the spans :func:`_row_spans` writes, one each.
+    """Zarr v3 shards of an image's ``image`` array: exactly the spans :func:`_band_spans` writes, one each.
 
     Why: one object per chunk made small chunks (64² for 64-px tiles) the bulk of a run's objects and S3
-    requests (10^5 per 0.4 Gpx). A span is written whole by the one task that ingests its row, in one call, so no
-    two writers ever share a shard and no shard is read back to be completed; a killed task leaves its row
+    requests (10^5 per 0.4 Gpx). A span is written whole by the one task that ingests its band, in one call, so no
+    two writers ever share a shard and no shard is read back to be completed; a killed task leaves its band
     unmarked and the rerun writes the span again. Readers read chunk windows inside a shard as before. Volumes
     keep one object per chunk (None).
     """
     if len(shape) != 2:
         return None
-    grid = TileGrid(tuple(shape), chunk)
-    return (bands, chunk, _span_chunks(grid, bytes_per_pixel) * chunk)
+    rows, across = band_layout(shape, chunk, bytes_per_pixel)
+    return (bands, rows * chunk, across * chunk)
+
+
+def _stored_band_rows(group: zarr.Group, chunk: int, done: set[str], fresh: int) -> int:
+    """Chunk rows per ingest band of an existing store, which a resumed ingest must keep: its image's shard
+    height, else the height it recorded; a store made before bands had one row per mark (``fresh``: the
+    layout of a store with nothing done yet)."""
+    image = group["image"] if "image" in group else None
+    if image is not None:
+        return (image.shards[1] // chunk) if image.shards is not None else 1
+    return int(group.attrs.get("ingest_rows", 1 if done else fresh))
 
 
 def ingest(job: JobSpec, info: RasterInfo, client: Client, layout: RunLayout | None = None) -> Scene:
@@ -205,21 +232,24 @@ def ingest(job: JobSpec, info: RasterInfo, client: Client, layout: RunLayout | N
                      0, ("band", *dims), compressors=IMAGE_CODEC,
                      shards=image_shards(len(bands), info.shape, c, np.dtype(info.dtype).itemsize * len(bands)))
     ensure_array(group, "valid", info.shape, (c,) * nd, "uint8", 1, dims)
-    group.attrs.update({**info.grid.attrs(), **pixels, "source": info.path, "kind": info.kind, "all_valid": False,
-                        "bands": bands, "nodata": job.nodata if job.nodata is not None else info.nodata,
-                        "band_names": [info.descriptions[b - 1] or f"band{b}" for b in bands]})
     marks = Marks(store, STAGE)
     done = marks.keys()
     total = TileGrid(info.shape, c).counts[0]
-    rows = [r for r in range(total) if str(r) not in done]
+    step = _stored_band_rows(group, c, done, band_layout(info.shape, c, np.dtype(info.dtype).itemsize * len(bands))[0])
+    group.update_attributes({**info.grid.attrs(), **pixels, "source": info.path, "kind": info.kind,
+                             "all_valid": False, "ingest_rows": step, "bands": bands,
+                             "nodata": job.nodata if job.nodata is not None else info.nodata,
+                             "band_names": [info.descriptions[b - 1] or f"band{b}" for b in bands]})
+    rows = [r for r in range(0, total, step) if str(r) not in done]
     prepared = format_of(info.source_format).prepare(info) if rows else None
     if prepared is not None:  # sent to the workers once, not inside every task
         [prepared] = client.scatter([prepared], broadcast=True, hash=False)
-    futures = client.map(_ingest_row, [info.path] * len(rows), [store] * len(rows), rows, kind=info.source_format,
+    futures = client.map(_ingest_band, [info.path] * len(rows), [store] * len(rows), rows, kind=info.source_format,
                          chunk=c, bands=bands, nodata=job.nodata, prepared=prepared, level=info.level,
-                         slab=geo.is_volume, pure=False)
-    with progress.stage("ingest", total, geo.row_word, done=total - len(rows)) as advance:
-        progress.gather(client, futures, advance)
+                         slab=geo.is_volume, rows=step, pure=False)
+    weights = [min(total, r + step) - r for r in rows]
+    with progress.stage("ingest", total, geo.row_word, done=total - sum(weights)) as advance:
+        progress.gather(client, futures, advance, weights)
     valid = group["valid"]
     # No validity chunk written (fill value 1) means every pixel is valid: readers then skip the array.
     group.attrs["all_valid"] = bool(valid.fill_value == 1 and valid.nchunks_initialized == 0)
