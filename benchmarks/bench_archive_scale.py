@@ -31,13 +31,11 @@ import datetime as dt
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -45,7 +43,7 @@ import numpy as np
 import psutil
 import rasterio
 import yaml
-from common import ROOT, SAMPLE, alternate, fmt, load_average, tree_rss
+from common import ROOT, SAMPLE, alternate, fmt, load_average, prefect_server, tree_rss
 from rasterio.windows import Window
 
 BIN = Path(sys.executable).parent
@@ -112,12 +110,6 @@ def subset(folder: Path, items: list[Path], n: int) -> Path:
     return sub
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _stop(procs: list[subprocess.Popen]) -> None:
     for p in reversed(procs):
         if p.poll() is None:
@@ -156,45 +148,6 @@ def dask_cluster(folder: Path, workers: int = 2):
     finally:
         _stop(procs)
         log.close()
-
-
-@contextmanager
-def prefect_server(folder: Path):
-    """A Prefect server on a free loopback port (its own PREFECT_HOME); yields the environment pointing at it."""
-    port = _free_port()
-    env = {"PREFECT_HOME": str(folder / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError("the Prefect server did not start") from None
-                time.sleep(0.5)
-        yield env
-    finally:
-        # `prefect server start` runs uvicorn in a child: stop the tree we started, children first
-        try:
-            kids = psutil.Process(server.pid).children(recursive=True)
-        except psutil.Error:
-            kids = []
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        for k in kids:
-            try:
-                k.terminate()
-                k.wait(timeout=30)
-            except psutil.Error:
-                pass
 
 
 def _tree_cpu(pids: list[int]) -> float:

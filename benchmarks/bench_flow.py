@@ -8,16 +8,11 @@ contender that only times ``import prefect`` after segpipe's own imports: the fl
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
-from common import ROOT, alternate, load_average, mosaic_scene, run_sampled, segpipe_cli
+from common import ROOT, alternate, load_average, mosaic_scene, prefect_server, run_sampled, segpipe_cli
 
 # A flow process cannot avoid importing Prefect; the CLI never does. (CLI + this import) / CLI is thus the
 # least flow / CLI any flow can reach on this job, before a single task is run.
@@ -25,32 +20,11 @@ PREFECT_IMPORT = ("import time; import segpipe.pipeline, segpipe.runtime.cluster
                   "import prefect; from prefect import flow, task; print(time.perf_counter() - t)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(size: int = 4096, tile: int = 128, reps: int = 3) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         scene = mosaic_scene(tmp / "scene.tif", size)
-        port = _free_port()
-        env = {"PREFECT_HOME": str(tmp / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-               "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
-        prefect = str(Path(sys.executable).parent / "prefect")
-        server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                  env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.time() + 120
-            while True:
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
-                    break
-                except OSError:
-                    if time.time() > deadline:
-                        raise
-                    time.sleep(0.5)
+        with prefect_server(tmp) as env:
             n = {"k": 0}
 
             def job(kind: str) -> Path:
@@ -76,9 +50,6 @@ def run(size: int = 4096, tile: int = 128, reps: int = 3) -> dict:
                 return float(numbers[-1])
 
             res = alternate({"cli": cli, "flow": flow, "prefect_import": prefect_import}, reps)
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
     c = [r["seconds"] for r in res["cli"]]
     f = [r["seconds"] for r in res["flow"]]
     imp = res["prefect_import"]

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import platform
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -142,3 +145,49 @@ def segpipe_cli(job: dict, path: Path) -> list[str]:
     """The command that runs ``job`` (written to ``path``) as a user would: ``segpipe run``."""
     path.write_text(yaml.safe_dump(job))
     return [sys.executable, "-m", "segpipe.cli", "run", str(path)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def prefect_server(folder: Path):
+    """A Prefect server on a free loopback port (its own PREFECT_HOME); yields the environment pointing at it."""
+    port = free_port()
+    env = {"PREFECT_HOME": str(folder / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    prefect = str(Path(sys.executable).parent / "prefect")
+    server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError("the Prefect server did not start") from None
+                time.sleep(0.5)
+        yield env
+    finally:
+        # `prefect server start` runs uvicorn in a child: stop the tree we started, children first
+        try:
+            kids = psutil.Process(server.pid).children(recursive=True)
+        except psutil.Error:
+            kids = []
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        for k in kids:
+            try:
+                k.terminate()
+                k.wait(timeout=30)
+            except psutil.Error:
+                pass
