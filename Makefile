@@ -6,9 +6,10 @@ STAMP := $(VENV)/.segpipe-installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 # From Debian packages, for the tests: real MRI and CT (see ../shared/DATA.md), Chromium for the HTML report, and
-# SLURM with munge for a real single-node SLURM (tests/engines.py; ../shared/ENGINES.md).
+# SLURM with munge for a real single-node SLURM (tests/engines.py; ../shared/ENGINES.md), dicom3tools' dciodvfy
+# for the DICOM-SEG export (tests/test_dicom_seg.py).
 TEST_SYSTEM_DEPS := /usr/share/mricron/templates/ch2.nii.gz /usr/share/doc/invesalius-examples/examples/Cranium.inv3 \
-	/usr/bin/chromium /usr/sbin/slurmctld /usr/sbin/munged
+	/usr/bin/chromium /usr/sbin/slurmctld /usr/sbin/munged /usr/bin/dciodvfy
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test bench
@@ -32,7 +33,7 @@ demo: $(STAMP)
 
 $(TEST_SYSTEM_DEPS) &:
 	$(SUDO) apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq mricron-data invesalius-examples chromium slurm-wlm munge
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq mricron-data invesalius-examples chromium slurm-wlm munge dicom3tools
 
 test: $(STAMP) $(TEST_SYSTEM_DEPS)
 	$(BIN)/ruff check .

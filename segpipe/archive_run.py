@@ -13,6 +13,7 @@ import concurrent.futures
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from segpipe.archive import Item, begin, discover, done_before, item_job, item_settings, mark_done, ran, verdict
@@ -150,4 +151,19 @@ def run_archive(inputs: str, template: str, output: str, *, cluster: ClusterSpec
             rows[result.item.name] = result
             if result.status == "failed":
                 say(f"{result.item.name} failed: {result.error}")
+    archive_collection(items, inputs, output)
     return [rows[i.name] for i in items]
+
+
+def archive_collection(items: list[Item], inputs: str, output: str) -> Path | None:
+    """``collection.json`` in the archive's output over every item's STAC Item (those an image with a CRS got,
+    whether run now or before): :mod:`segpipe.report.stac_collection`."""
+    from segpipe.io.paths import is_remote
+    from segpipe.report.stac_collection import write_collection
+    from segpipe.report.stac_item import item_id, source_name
+
+    if is_remote(output):
+        return None
+    return write_collection(Path(output), item_id(Path(output)), f"segpipe archive run over {source_name(inputs)}: "
+                            "one item per scene", [Path(i.output) / "item.json" for i in items],
+                            title=f"segpipe archive {Path(output).resolve().name}")

@@ -387,6 +387,35 @@ class MosaicSpec(_Strict):
         return data
 
 
+class CodeSpec(_Strict):
+    """A coded concept (DICOM code sequence item): e.g. ``{code: "12738006", scheme: SCT, meaning: Brain}``."""
+
+    code: str = Field(min_length=1, max_length=64)
+    scheme: str = Field(min_length=1, max_length=16, description="coding scheme designator: SCT, DCM, FMA, ...")
+    meaning: str = Field(min_length=1, max_length=64)
+
+
+class SegmentCodes(_Strict):
+    """What one class is, coded: its segmented property category and type (each default: SCT Tissue)."""
+
+    category: CodeSpec | None = None
+    type: CodeSpec | None = None
+
+
+class DicomSegSpec(_Strict):
+    """Settings of the ``dicom-seg`` export."""
+
+    segments: dict[str, SegmentCodes] = Field(default_factory=dict, description="class name -> its coded category "
+                                              "and type; classes not named get the generic SCT Tissue")
+
+
+class PolygonsSpec(_Strict):
+    """Settings of the ``polygons`` export."""
+
+    format: Literal["parquet", "gpkg", "fgb"] = Field("parquet", description="GeoParquet 1.1 "
+                                                      "(class_polygons.parquet), GeoPackage or FlatGeobuf")
+
+
 class JobSpec(_Strict):
     """A whole segmentation job."""
 
@@ -414,6 +443,8 @@ class JobSpec(_Strict):
                                 "the confidence band)")
     exports: list[Literal[EXPORT_NAMES]] | None = Field(  # type: ignore[valid-type]  (the registry's names)
         None, description="default: cog for rasters; cog and ome-zarr for slides; nifti for volumes")
+    dicom_seg: DicomSegSpec | None = Field(None, description="the dicom-seg export's coded concepts per class")
+    polygons: PolygonsSpec | None = Field(None, description="the polygons export's file format")
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     pixels: Literal["auto", "copy"] = Field(
         "auto", description="auto: a tiled GeoTIFF/COG whose internal tiles nest with the chunks is read in place; "
@@ -451,6 +482,19 @@ class JobSpec(_Strict):
         if self.chunk_size is not None and self.tile_size % self.chunk_size:
             raise ValueError(f"tile_size {self.tile_size} must be a multiple of chunk_size {self.chunk_size}"
                              " so that every tile writes whole chunks")
+        return self
+
+    @model_validator(mode="after")
+    def _dicom_seg_settings_asked_for(self) -> JobSpec:
+        """Codes for a SEG the job never writes are a mistake (a forgotten ``exports:`` line), not a no-op."""
+        if self.dicom_seg is not None and "dicom-seg" not in (self.exports or []):
+            raise ValueError("dicom_seg settings are given but exports does not name dicom-seg")
+        return self
+
+    @model_validator(mode="after")
+    def _polygons_settings_asked_for(self) -> JobSpec:
+        if self.polygons is not None and "polygons" not in (self.exports or []):
+            raise ValueError("polygons settings are given but exports does not name polygons")
         return self
 
     @model_validator(mode="after")

@@ -264,10 +264,30 @@ def _run(plan: PlannedPeriod, client: Client, reporter: Reporter | None, say: An
         before = result_path(_store_root(c.job, previous, root))
         change = change_product(before, outcome.result, plan.folder / "change", client,
                                 tile_size=c.job.tile_size, before_label=previous, after_label=plan.label)
+    if outcome.item is not None:
+        series_item(outcome.item, root, plan.folder, change)
     grid = {"crs": c.info.crs.to_wkt(), "transform": list(c.info.mosaic.transform)[:6]}
     write_atomic(plan.folder / MARK, json.dumps({"period": plan.label, "scene": c.layout.scene_fp,
                                                  "previous": previous, "grid": grid}))
     return PeriodOutcome(plan.label, "done", plan.folder, outcome, change, previous, plan.items, areas)
+
+
+def series_item(item: Path, root: Path, folder: Path, change: ChangeReport | None) -> Path | None:
+    """The period's Item gets its class areas and change maps (:mod:`segpipe.report.stac_collection`), and the
+    series' ``collection.json`` at ``root`` lists every period's Item as it is now."""
+    from segpipe.report.stac_collection import add_assets, write_collection
+    from segpipe.report.stac_item import item_id
+
+    extra = [folder / "metrics" / "classes.csv", folder / "metrics" / "classes.json"]
+    classes = None
+    if change is not None:
+        extra += list(change.files.values())
+        classes = {change.files["cog"].name: change.legend}
+    add_assets(item, extra, classes)
+    items = [f / "item.json" for f in sorted(Path(root).glob(FOLDER.format("*"))) if PERIOD.match(f.name[7:])]
+    return write_collection(root, item_id(root), f"Land cover of {Path(root).resolve().name}, one item per month "
+                            "(the change since the previous month as assets of the later one)", items,
+                            title=f"segpipe land-cover series {Path(root).resolve().name}")
 
 
 def _store_root(job: JobSpec, label: str, root: Path) -> str | Path:

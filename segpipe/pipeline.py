@@ -132,10 +132,13 @@ def check(job: JobSpec, stores: bool = True) -> Checked:
     if job.level is not None and not geometry.has_levels:
         raise InputError(f"level applies to whole-slide images; this input is a {info.kind}")
     bands = selected_bands(job, info)
-    wrong = exports.foreign(info.kind) & set(job.exports or [])
-    if wrong:
-        raise InputError(exports.refusal(sorted(wrong)[0], info.kind))
+    misfit = exports.misfit(list(job.exports or []), info.kind, _source_format(info))
+    if misfit:
+        raise InputError(misfit)
     plan = plan_method(job, len(bands), len(info.shape), _pixel_size(info), grid=geometry)
+    unfit = exports.settings_problem(list(job.exports or []), _export_settings(job), plan.class_names)
+    if unfit:
+        raise InputError(unfit)
     if geometry.has_levels and job.level is None and plan.model is not None and plan.model.resolution:
         # The pyramid level nearest the model's resolution (from finer) is read, then resampled to it.
         level = level_for(info.path, min(plan.model.resolution), job.mpp and (job.mpp[0], job.mpp[1]))
@@ -166,6 +169,22 @@ def check(job: JobSpec, stores: bool = True) -> Checked:
         check_writable(folder)
     checked = Checked(job, info, plan, truth, plan_layout(job, info, plan))
     return check_output_stores(checked) if stores else checked
+
+
+def _source_format(info: RasterInfo) -> str:
+    """The input's format as the exports' registry names it: a volume is a DICOM series or a NIfTI file (a
+    DICOM-SEG refers back to the series' slices), anything else (an array given to the API) its reader's format."""
+    if info.kind != "volume":
+        return info.source_format
+    from segpipe.io.volume import is_dicom_series, is_nifti
+
+    return "nifti" if is_nifti(info.path) else "dicom" if is_dicom_series(info.path) else info.source_format
+
+
+def _export_settings(job: JobSpec) -> dict[str, Any]:
+    """Export name -> the job's settings for it, as plain data (the exports sit below the config)."""
+    return {name: spec.model_dump(mode="json", exclude_none=True)
+            for name, spec in (("dicom-seg", job.dicom_seg), ("polygons", job.polygons)) if spec is not None}
 
 
 def check_writable(folder: Path) -> None:
@@ -214,7 +233,9 @@ def run_export(c: Checked, scene: Scene, result: str, client: Client) -> list[Pa
     """Write the requested exports (:data:`segpipe.io.exports.EXPORTS`); each file is renamed into place only when
     complete."""
     run = exports.ExportRun(result=result, scene=scene.path, output=c.layout.output,
-                            class_names=c.plan.class_names, probabilities=c.job.probabilities, client=client)
+                            class_names=c.plan.class_names, probabilities=c.job.probabilities, client=client,
+                            source=c.info.path, method=c.plan.name, model=c.plan.model is not None,
+                            settings=_export_settings(c.job))
     return exports.write(c.exports, run)
 
 
@@ -330,6 +351,7 @@ class Outcome:
     objects: ObjectReport | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage
     polygons: Path | None = None  # the objects' polygons (objects.gpkg), where the run wrote them
+    item: Path | None = None  # the run's STAC Item (item.json), where it has one (an image with a CRS)
 
     @property
     def exports(self) -> list[Path]:
@@ -417,8 +439,9 @@ def _run_stages(c: Checked, client: Client, log: Callable[[str], None], runner: 
     write_summary(c, report, seconds)
     if c.replace:
         remove_stale_outputs(c, began)
-    return Outcome(scene.path, result, exported, report, objects, seconds,
-                   c.layout.polygons_path if c.layout.polygons else None)
+    polygons = c.layout.polygons_path if c.layout.polygons else None
+    item = write_item(c, [*exported, *([polygons] if polygons else [])])
+    return Outcome(scene.path, result, exported, report, objects, seconds, polygons, item)
 
 
 def _log_start(c: Checked, client: Client, log: Callable[[str], None]) -> None:
@@ -437,6 +460,29 @@ def _log_start(c: Checked, client: Client, log: Callable[[str], None]) -> None:
     dashboard = _dashboard(client)
     if dashboard:
         log(f"dashboard {dashboard}")
+
+
+def write_item(c: Checked, exported: list[Path]) -> Path | None:
+    """The run's STAC Item (:mod:`segpipe.report.stac_item`), written last: it lists every other file with its
+    checksum and the scores of ``summary.json``. None for a volume or an image without a CRS (no Item)."""
+    from segpipe.report.stac_item import RunFacts, global_scores, item_id, job_settings, wants_item
+    from segpipe.report.stac_item import write_item as write_stac_item
+
+    if not wants_item(c.geometry):
+        return None
+    lay = c.layout
+    summary = json.loads(lay.summary_path.read_text()) if lay.summary_path.is_file() else None
+    mosaic = c.info.mosaic
+    facts = RunFacts(item_id(lay.output), c.geometry, c.plan.class_names,
+                     job_settings(c.job, c.plan.name, c.plan.class_names, c.exports), global_scores(summary),
+                     tuple(i.datetime for i in mosaic.items if i.datetime) if mosaic is not None else ())
+    if mosaic is not None:
+        facts.settings["segpipe:items"] = [i.id for i in mosaic.items]
+    metrics = [lay.metrics_dir / n for n in ("summary.json", "report.html", "tiles.csv", "tiles.geojson",
+                                             "objects.csv")]
+    store = lay.result_store if is_remote(lay.result_store) else Path(lay.result_store)
+    record = [lay.output / "mosaic.json"] if mosaic is not None else []  # ingest's record of the mosaic
+    return write_stac_item(lay.item_path, facts, [*exported, store, *metrics, *record])
 
 
 def write_summary(c: Checked, report: MetricsReport | None, seconds: dict[str, float]) -> None:

@@ -695,6 +695,12 @@ def _output_files(c: Checked, pixels: int, n_classes: int) -> tuple[int, float]:
         elif name == "nifti":
             files += 1
             size += pixels
+        elif name == "dicom-seg":  # one bit per voxel and segment, empty frames left out
+            files += 1
+            size += pixels * max(1, n_classes - 1) / 8
+        elif name == "polygons":  # measured 0.4 bytes per pixel (otsu on a satellite image: noisy); bound 1
+            files += 1
+            size += pixels
         else:  # ome-zarr: a store of its own, counted as one file here
             files += 1
             size += pixels * (1 + c.info.count) * 4 / 3
@@ -702,6 +708,10 @@ def _output_files(c: Checked, pixels: int, n_classes: int) -> tuple[int, float]:
         files += 3  # tiles.csv, tiles.geojson (report.html too, by now) ...
     if c.info.mosaic is not None:
         files += 1
+    from segpipe.report.stac_item import wants_item
+
+    if wants_item(c.geometry):
+        files += 1  # item.json, the run's STAC Item
     return files, size
 
 

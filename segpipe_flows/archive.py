@@ -19,7 +19,14 @@ from prefect.artifacts import create_table_artifact
 from prefect.futures import as_completed
 
 from segpipe.archive import Item, discover
-from segpipe.archive_run import ItemResult, archive_cluster, default_in_flight, failed, run_item
+from segpipe.archive_run import (
+    ItemResult,
+    archive_cluster,
+    archive_collection,
+    default_in_flight,
+    failed,
+    run_item,
+)
 from segpipe.runtime.cluster import connect
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -61,6 +68,7 @@ def archive(inputs: str, job: str, output: str, scheduler: str | None = None,
             nxt = next(waiting, None)
             if nxt is not None:
                 running[segment_item.submit(nxt, job, address)] = nxt
+    archive_collection(items, inputs, output)  # collection.json over the items' STAC Items, as the CLI writes it
     table = [results[i.name].row() for i in items]
     create_table_artifact(key="archive-items", table=table, description=f"{len(items)} item(s) from {inputs}")
     return table

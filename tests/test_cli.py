@@ -153,7 +153,7 @@ def test_changed_settings_are_named_before_any_work_and_overwrite_replaces_them(
     third = segpipe(tmp_path, "run", "--overwrite", job={**bare, "exports": ["ome-zarr"]})
     assert third.returncode == 0, third.stderr
     left = sorted(str(p.relative_to(out)) for p in out.iterdir() if not p.name.startswith("_"))
-    assert left == ["image.ome.zarr", "metrics", "result.zarr", "scene.zarr"], left
+    assert left == ["image.ome.zarr", "item.json", "metrics", "result.zarr", "scene.zarr"], left  # item.json anew
     import json
 
     summary = json.loads((out / "metrics" / "summary.json").read_text())

@@ -28,17 +28,17 @@ def _volume() -> SceneGeometry:
 
 @pytest.mark.parametrize("make,expected", [
     (_image, {"units": "metre", "tile_word": "tile", "pixel_word": "pixels", "row_word": "row", "score": "iou",
-              "default_exports": ["cog"], "foreign_exports": {"nifti"}, "is_volume": False, "is_slide": False,
-              "georeferenced": True, "has_levels": False, "has_polygons": True, "small_edge": 256, "ndim": 2,
-              "describe": "400x300 px"}),
+              "default_exports": ["cog"], "foreign_exports": {"nifti", "dicom-seg"}, "is_volume": False,
+              "is_slide": False, "georeferenced": True, "has_levels": False, "has_polygons": True, "small_edge": 256,
+              "ndim": 2, "describe": "400x300 px"}),
     (_slide, {"units": "µm", "tile_word": "tile", "pixel_word": "pixels", "row_word": "row", "score": "iou",
-              "default_exports": ["cog", "ome-zarr"], "foreign_exports": {"nifti"}, "is_volume": False,
+              "default_exports": ["cog", "ome-zarr"], "foreign_exports": {"nifti", "dicom-seg"}, "is_volume": False,
               "is_slide": True, "georeferenced": False, "has_levels": True, "has_polygons": True,
               "small_edge": 256, "ndim": 2, "describe": "400x300 px"}),
     (_volume, {"units": "mm", "tile_word": "block", "pixel_word": "voxels", "row_word": "slab", "score": "dice",
-               "default_exports": ["nifti"], "foreign_exports": {"cog"}, "is_volume": True, "is_slide": False,
-               "georeferenced": False, "has_levels": False, "has_polygons": False, "small_edge": 64, "ndim": 3,
-               "describe": "400x300x40 voxels"}),
+               "default_exports": ["nifti"], "foreign_exports": {"cog", "polygons"}, "is_volume": True,
+               "is_slide": False, "georeferenced": False, "has_levels": False, "has_polygons": False, "small_edge": 64,
+               "ndim": 3, "describe": "400x300x40 voxels"}),
 ])
 def test_each_kind_answers_for_itself(make, expected):
     g = make()

@@ -21,11 +21,12 @@ SCENE_STORE, RESULT_STORE, WORK_STORE, INSTANCES_STORE = ("scene.zarr", "result.
                                                           "instances_work.zarr")
 METRICS = "metrics"
 POLYGONS = "objects.gpkg"
+ITEM = "item.json"  # the run's STAC Item (segpipe.report.stac_item), images with a CRS only
 METRIC_FILES = ("summary.json", "tiles.csv", "tiles.geojson", "report.html", "objects.csv", "objects.json",
                 "truth_objects.csv")
 # What a run may write in its output besides the stores. With overwrite, those the run did not write again are
 # the old settings' (a COG where the job now asks for NIfTI, scores where it has no truth any more).
-OUTPUT_FILES = (*exports.output_files(), POLYGONS, *(f"{METRICS}/{n}" for n in METRIC_FILES))
+OUTPUT_FILES = (*exports.output_files(), POLYGONS, *(f"{METRICS}/{n}" for n in METRIC_FILES), ITEM)
 
 
 def scene_path(root: str | Path) -> str:
@@ -101,6 +102,11 @@ class RunLayout:
     @property
     def polygons_path(self) -> Path:
         return self.output / POLYGONS
+
+    @property
+    def item_path(self) -> Path:
+        """The run's STAC Item, written last (it lists every other file with its checksum)."""
+        return self.output / ITEM
 
     def output_files(self) -> list[Path]:
         """Every file a run of any settings may leave in this output (:data:`OUTPUT_FILES`)."""

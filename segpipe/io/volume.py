@@ -198,6 +198,13 @@ def _series_of(folder: str) -> _Series:
     return _series(folder, source_fingerprint(folder)["mtime_ns"])
 
 
+def dicom_slices(path: str) -> tuple[str, ...]:
+    """The slice files of a DICOM series input in the order the volume stacks them: file ``k`` is slice ``k`` of
+    the (z, y, x) array (NIfTI's third axis), its rows and columns kept as stored. Exports that refer back to the
+    source (DICOM-SEG) take this order rather than sorting the slices again."""
+    return _series_of(path).files
+
+
 PIXEL_DATA = 0x7FE00010  # the (7FE0,0010) Pixel Data tag
 
 

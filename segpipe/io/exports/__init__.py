@@ -11,9 +11,10 @@ never asks for an export should not pay for it. This module itself imports nothi
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
 # reads this module and must not load rasterio and numpy to parse a job file.
 KINDS = frozenset({"raster", "slide", "volume"})
 IMAGES = frozenset({"raster", "slide"})
+# Source formats, where an export needs more than the kind: a NIfTI file and a DICOM series are both volumes.
+SOURCE_WORDS = {"dicom": "a DICOM series", "nifti": "a NIfTI file"}
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,10 @@ class ExportRun:
     class_names: list[str]
     probabilities: bool = False
     client: Client | None = None
+    source: str = ""  # the input as the readers take it (a DICOM series folder, with its series selector)
+    method: str = ""  # the job's method name
+    model: bool = False  # the method runs a model (as against a classical method)
+    settings: Mapping[str, Any] = field(default_factory=dict)  # export name -> the job's settings for it
 
     def path(self, name: str) -> Path:
         return self.output / name
@@ -44,16 +51,23 @@ class ExportRun:
 class Export:
     """One export: its name in the job, the kinds of input it applies to, the kinds that get it when the job
     names no exports, the files it may write in the output, and the module whose ``write(run) -> [paths]``
-    writes them (each file renamed into place only when complete)."""
+    writes them (each file renamed into place only when complete). Where the kind alone cannot tell, ``sources``
+    names the source formats it applies to (None: any of its kinds'); ``checked`` says its module has
+    ``check(settings, class_names) -> str | None``, the one line refusing the job's settings for it."""
 
     name: str
     applies_to: frozenset[str]
     default_for: frozenset[str]
     files: tuple[str, ...]
     module: str
+    sources: frozenset[str] | None = None
+    checked: bool = False
 
     def write(self, run: ExportRun) -> list[Path]:
         return importlib.import_module(self.module).write(run)
+
+    def check(self, settings: Mapping[str, Any], class_names: list[str]) -> str | None:
+        return importlib.import_module(self.module).check(settings, class_names) if self.checked else None
 
 
 # In the order they are written.
@@ -62,6 +76,10 @@ EXPORTS: dict[str, Export] = {e.name: e for e in (
     Export("nifti", frozenset({"volume"}), frozenset({"volume"}), ("segmentation.nii.gz",),
            "segpipe.io.exports.nifti"),
     Export("ome-zarr", KINDS, frozenset({"slide"}), ("image.ome.zarr",), "segpipe.io.exports.omezarr"),
+    Export("dicom-seg", frozenset({"volume"}), frozenset(), ("segmentation.seg.dcm",), "segpipe.io.exports.dicom_seg",
+           sources=frozenset({"dicom"}), checked=True),
+    Export("polygons", IMAGES, frozenset(), ("class_polygons.parquet", "class_polygons.gpkg", "class_polygons.fgb"),
+           "segpipe.io.exports.polygons"),
 )}
 NAMES = tuple(EXPORTS)
 
@@ -80,6 +98,26 @@ def refusal(name: str, kind: str) -> str:
     """The one line for an export the job names that does not apply to its input."""
     takes = "; ".join(f"{k}s: {', '.join(n for n, e in EXPORTS.items() if k in e.applies_to)}" for k in sorted(KINDS))
     return f"export {name!r} does not apply to a {kind} input ({takes})"
+
+
+def misfit(names: list[str], kind: str, source: str) -> str | None:
+    """The one line for the first export the job names that does not fit its input (its kind, then its source
+    format: ``dicom``, ``nifti`` or the reader's format), or None."""
+    wrong = sorted(foreign(kind) & set(names))
+    if wrong:
+        return refusal(wrong[0], kind)
+    for name in names:
+        wants = EXPORTS[name].sources
+        if wants is not None and source not in wants:
+            takes = " or ".join(SOURCE_WORDS.get(s, s) for s in sorted(wants))
+            return f"export {name!r} needs {takes} as input; this input is {SOURCE_WORDS.get(source, 'a ' + source)}"
+    return None
+
+
+def settings_problem(names: list[str], settings: Mapping[str, Any], class_names: list[str]) -> str | None:
+    """The one line refusing the job's settings for one of the exports it names (e.g. a coded concept for a class
+    the job does not have), or None. Asked before anything is written."""
+    return next((p for n in names if (p := EXPORTS[n].check(settings.get(n, {}), class_names))), None)
 
 
 def output_files() -> tuple[str, ...]:
