@@ -123,6 +123,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for path in outcome.exports:
         print(f"export:       {path}")
     print(f"zarr result:  {outcome.result}")
+    if outcome.item is not None:
+        print(f"stac item:    {outcome.item}")
     if outcome.report is not None:
         from segpipe.report.tables import format_summary  # pandas: over 0.3 s of start-up a job without truth skips
 

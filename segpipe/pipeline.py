@@ -229,14 +229,15 @@ def run_segment(c: Checked, scene: Scene, client: Client) -> str:
 
 
 @cpu_stage
-def run_export(c: Checked, scene: Scene, result: str, client: Client) -> list[Path]:
-    """Write the requested exports (:data:`segpipe.io.exports.EXPORTS`); each file is renamed into place only when
-    complete."""
+def run_export(c: Checked, scene: Scene, result: str, client: Client, names: list[str] | None = None) -> list[Path]:
+    """Write the requested exports (:data:`segpipe.io.exports.EXPORTS`), or those of them in ``names``; each file
+    is renamed into place only when complete."""
     run = exports.ExportRun(result=result, scene=scene.path, output=c.layout.output,
                             class_names=c.plan.class_names, probabilities=c.job.probabilities, client=client,
                             source=c.info.path, method=c.plan.name, model=c.plan.model is not None,
-                            settings=_export_settings(c.job))
-    return exports.write(c.exports, run)
+                            settings=_export_settings(c.job),
+                            objects=c.layout.polygons_path if c.layout.polygons else None)
+    return exports.write(c.exports if names is None else names, run)
 
 
 @cpu_stage
@@ -429,9 +430,17 @@ def _run_stages(c: Checked, client: Client, log: Callable[[str], None], runner: 
     if c.job.instances is not None:
         log(f"instances of class(es) {c.instance_classes} across {unit}s")
         instances = stage("instances", lambda cl: run_instances(c, result, cl))
-    log(f"export {', '.join(c.exports)}")
-    exported = stage("export", lambda cl: run_export(c, scene, result, cl))
+    # Exports that carry the objects (QuPath's detections) are written once the objects' polygons are.
+    late = [n for n in c.exports if exports.EXPORTS[n].reads_objects]
+    early = [n for n in c.exports if n not in late]
+    exported: list[Path] = []
+    if early or not late:
+        log(f"export {', '.join(early)}")
+        exported = stage("export", lambda cl: run_export(c, scene, result, cl, early))
     objects = stage("objects", lambda cl: run_objects(c, scene, result, instances, cl))
+    if late:
+        log(f"export {', '.join(late)}")
+        exported = [*exported, *stage("export", lambda cl: run_export(c, scene, result, cl, late))]
     if c.truth is not None:
         log(f"per-{unit} metrics")
     report = stage("metrics", lambda cl: run_metrics(c, scene, result, cl, objects))

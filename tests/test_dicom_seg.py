@@ -206,3 +206,31 @@ def test_validate_accepts_dicom_seg_with_codes_on_a_dicom_series(bad_inputs, tmp
                                            "output": str(out)})
     assert proc.returncode == 0, proc.stderr
     assert not out.exists()
+
+
+def test_the_ct_archive_example_writes_a_seg_per_series_that_highdicom_reads(tmp_path):
+    """examples/ct_dicom_seg.yaml as its header says to run it: ``segpipe archive`` over a folder of two series
+    (both derived from the real CT); each item's SEG references its own series and holds its NIfTI's bone."""
+    ct = load_ct()
+    archive = tmp_path / "archive"
+    for name, rows in (("upper", slice(0, 6)), ("lower", slice(50, 56))):
+        write_dicom_series(archive / name, CT(ct.hu[rows, :96, :96], ct.bone[rows, :96, :96],
+                                              ct.head[rows, :96, :96], ct.spacing))
+    example = Path(__file__).resolve().parents[1] / "examples" / "ct_dicom_seg.yaml"
+    proc = subprocess.run([sys.executable, "-m", "segpipe.cli", "archive", str(archive), str(example), "--output",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    segs = sorted((tmp_path / "out").rglob("segmentation.seg.dcm"))
+    assert len(segs) == 2, proc.stdout
+    for path in segs:
+        seg = hd.seg.segread(path)
+        series = [pydicom.dcmread(f, stop_before_pixels=True) for f in (archive / path.parent.name).iterdir()]
+        assert {str(ds.SeriesInstanceUID) for ds in series} == {
+            str(r.SeriesInstanceUID) for r in seg.ReferencedSeriesSequence}
+        bone = next(n for n in seg.segment_numbers if seg.get_segment_description(n).segment_label == "bone")
+        assert seg.get_segment_description(bone).segmented_property_type.value == "3138006"
+        uids = [str(ds.SOPInstanceUID) for ds in sorted(series, key=lambda ds: float(ds.ImagePositionPatient[2]))]
+        mask = seg.get_pixels_by_source_instance(uids, segment_numbers=[bone])[..., 0].astype(bool)
+        classes = np.asarray(nib.load(str(path.parent / "segmentation.nii.gz")).dataobj).transpose(2, 1, 0)
+        np.testing.assert_array_equal(mask, classes == 2)
+        assert mask.any()

@@ -108,6 +108,25 @@ def test_every_file_asset_has_its_size_and_sha256_multihash(stac_run):
     assert files >= 5
 
 
+@pytest.mark.parametrize("fmt,media", [("parquet", "application/vnd.apache.parquet"),
+                                       ("gpkg", "application/geopackage+sqlite3"),
+                                       ("fgb", "application/vnd.flatgeobuf")])
+def test_class_polygons_are_data_assets_with_their_media_type(tmp_path, fmt, media):
+    """The ``polygons`` export's file, in whichever format the job asked for, as the Item lists it."""
+    from datetime import UTC, datetime
+
+    import pystac
+
+    from segpipe.report.stac_item import add_asset
+
+    path = tmp_path / f"class_polygons.{fmt}"
+    path.write_bytes(b"polygons")
+    item = pystac.Item("run", None, None, datetime.now(UTC), {})
+    add_asset(item, tmp_path, path)
+    asset = item.assets["class-polygons"].to_dict()
+    assert asset["type"] == media and asset["roles"] == ["data"] and asset["file:size"] == 8
+
+
 def test_geometry_contains_the_scenes_footprint_and_bbox_bounds_it(stac_run):
     _, _, item = stac_run
     with rasterio.open(SCENE) as src:

@@ -101,6 +101,13 @@ def _level_mpp(s, path: str | Path,  # noqa: ANN001 - an OpenSlide handle
             for k, (w, h) in enumerate(s.level_dimensions)]
 
 
+def level0_size(path: str | Path) -> tuple[int, int]:
+    """Level 0's (height, width): the frame slide viewers (QuPath) place objects in, whatever level a run read."""
+    with _open(path) as s:
+        width, height = s.dimensions
+    return height, width
+
+
 # OME length units as micrometres (the OME schema's UnitsLength, the ones a slide would use).
 OME_UNITS = {"pm": 1e-6, "nm": 1e-3, "µm": 1.0, "um": 1.0, "\u03bcm": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
 TIFF_UNIT_UM = {"centimeter": 1e4, "inch": 25400.0}

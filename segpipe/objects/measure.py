@@ -244,8 +244,23 @@ def tile_polygons(task: TileTask, *, transform: Affine, connectivity: int) -> li
                                                  transform=tile.transform(transform))]
 
 
+def _valid(geom: Any) -> Any:
+    """One object's polygon as a valid MultiPolygon (see :func:`write_polygons`)."""
+    import shapely
+
+    if not shapely.is_valid(geom):
+        geom = shapely.make_valid(geom, method="structure", keep_collapsed=False)
+    return shapely.multipolygons(shapely.get_parts(geom))
+
+
 def write_polygons(pieces: list[tuple[int, dict]], objects: pd.DataFrame, crs: CRS | None, dest: Path) -> Path:
-    """Dissolve pieces per object ID and write a GeoPackage layer ``objects`` (atomically)."""
+    """Dissolve pieces per object ID and write a GeoPackage layer ``objects`` (atomically).
+
+    Made valid where they are not: GDAL traces an 8-connected object's outline through the corner two diagonal
+    pixels share, a ring touching itself there, which simple features call invalid (on the real slide, 1,091 of
+    8,906 objects) and which GEOS, JTS (QGIS', QuPath's geometry) measure and test containment on only after
+    repair. Repaired by structure: the same pixels stay covered (the same area), as parts meeting at that
+    corner."""
     import shapely
     from pyogrio.raw import write
 
@@ -253,7 +268,7 @@ def write_polygons(pieces: list[tuple[int, dict]], objects: pd.DataFrame, crs: C
     for i, g in pieces:
         by_id.setdefault(i, []).append(shapely.geometry.shape(g))
     ids = sorted(by_id)
-    geoms = [shapely.multipolygons(shapely.get_parts(shapely.union_all(by_id[i]))) for i in ids]
+    geoms = [_valid(shapely.union_all(by_id[i])) for i in ids]
     obj = objects.loc[ids] if ids else objects
     fields = [np.asarray(ids, np.int64), obj["class"].astype(str).to_numpy(dtype=object),
               obj["pixels"].to_numpy(np.int64), np.asarray([g.area for g in geoms], np.float64),

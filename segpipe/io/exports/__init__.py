@@ -42,6 +42,7 @@ class ExportRun:
     method: str = ""  # the job's method name
     model: bool = False  # the method runs a model (as against a classical method)
     settings: Mapping[str, Any] = field(default_factory=dict)  # export name -> the job's settings for it
+    objects: Path | None = None  # the objects' polygons (objects.gpkg) where this run wrote them (instances)
 
     def path(self, name: str) -> Path:
         return self.output / name
@@ -53,7 +54,9 @@ class Export:
     names no exports, the files it may write in the output, and the module whose ``write(run) -> [paths]``
     writes them (each file renamed into place only when complete). Where the kind alone cannot tell, ``sources``
     names the source formats it applies to (None: any of its kinds'); ``checked`` says its module has
-    ``check(settings, class_names) -> str | None``, the one line refusing the job's settings for it."""
+    ``check(settings, class_names) -> str | None``, the one line refusing the job's settings for it;
+    ``reads_objects`` that its writer reads the objects' polygons (:attr:`ExportRun.objects`), so the run writes
+    it after the objects stage rather than with the other exports."""
 
     name: str
     applies_to: frozenset[str]
@@ -62,6 +65,7 @@ class Export:
     module: str
     sources: frozenset[str] | None = None
     checked: bool = False
+    reads_objects: bool = False
 
     def write(self, run: ExportRun) -> list[Path]:
         return importlib.import_module(self.module).write(run)
@@ -80,6 +84,8 @@ EXPORTS: dict[str, Export] = {e.name: e for e in (
            sources=frozenset({"dicom"}), checked=True),
     Export("polygons", IMAGES, frozenset(), ("class_polygons.parquet", "class_polygons.gpkg", "class_polygons.fgb"),
            "segpipe.io.exports.polygons"),
+    Export("qupath", frozenset({"slide"}), frozenset(), ("qupath.geojson",), "segpipe.io.exports.qupath",
+           reads_objects=True),
 )}
 NAMES = tuple(EXPORTS)
 

@@ -1,0 +1,143 @@
+"""What the users' formats add to a run (issue 28): class polygons, the STAC Item and DICOM-SEG.
+
+Contenders, each a whole ``segpipe run`` child process on 2 workers x 1 thread, alternated round by round:
+
+- ``demo``: the bundled demo job (U-Net on the 900² SpaceNet scene, with truth), ``exports: [cog]`` against
+  ``[cog, polygons]``;
+- ``ct``: the real head CT of ../shared/DATA.md written as a DICOM series (derived: 108 files from
+  ``Cranium.inv3``, tests/medical.py) through the bone 3-D U-Net of tests/data, ``[nifti]`` against
+  ``[nifti, dicom-seg]`` (the segment coded as bone tissue): DICOM-SEG applies to neither image job;
+- ``scale`` (run separately: one repetition takes minutes): the 1.6 Gpx derived mosaic of bench_scale (40000²,
+  otsu, tile 2048), ``[cog]`` against ``[cog, polygons]``, with the peak RSS of the process tree.
+
+Every image run writes its STAC Item, so there is no run without one to compare against: its cost is timed by
+writing the finished run's Item again in a fresh process (imports included, the same function the run calls),
+and set against the run's time. The added share of an export is median(with) ÷ median(without) − 1 of the whole
+processes; the export stage's own seconds (summary.json) are given beside it, as they are far less noisy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import ROOT, SAMPLE, alternate, load_average, mosaic_scene, run_sampled, segpipe_cli
+
+TESTS = ROOT / "tests"
+BONE = {"category": {"code": "91723000", "scheme": "SCT", "meaning": "Anatomical Structure"},
+        "type": {"code": "3138006", "scheme": "SCT", "meaning": "Bone tissue"}}
+CLUSTER = {"n_workers": 2, "threads_per_worker": 1}
+
+# Writes a finished run's STAC Item again, timed from before the import of the Item's code (which the run pays,
+# in a process that has not loaded pystac) to the file written; prints the seconds.
+ITEM_TIMER = """
+import sys, time
+from segpipe.api import check_job
+from segpipe.io.exports import output_files
+c = check_job(sys.argv[1])
+exported = [p for p in (c.layout.output / f for f in output_files()) if p.is_file()]
+t0 = time.perf_counter()
+from segpipe.pipeline import write_item
+write_item(c, exported)
+print(time.perf_counter() - t0)
+"""
+
+
+def item_seconds(job_path: Path) -> float:
+    out = subprocess.run([sys.executable, "-c", ITEM_TIMER, str(job_path)], cwd=ROOT, capture_output=True,
+                         text=True, check=True)
+    return float(out.stdout.split()[-1])
+
+
+def _contenders(base: dict, tmp: Path, exports: dict[str, list[str]], extra: dict[str, dict],
+                time_item: bool) -> dict:
+    """One child-process run per contender; each returns seconds, export-stage seconds, RSS, Item seconds."""
+    n = {"k": 0}
+
+    def make(name: str):
+        def go() -> dict:
+            n["k"] += 1
+            out = tmp / f"{name}{n['k']}"
+            job = {**base, "output": str(out), "exports": exports[name], **extra.get(name, {})}
+            job_path = tmp / f"{name}.yaml"
+            r = run_sampled(segpipe_cli(job, job_path))
+            stages = json.loads((out / "metrics" / "summary.json").read_text())["stage_seconds"]
+            r["export_s"] = stages["export"]
+            if time_item:
+                r["item_s"] = item_seconds(job_path)
+            shutil.rmtree(out)
+            return r
+        return go
+
+    return {name: make(name) for name in exports}
+
+
+def _summary(res: dict, base: str, other: str) -> dict:
+    import numpy as np
+
+    b, o = res[base], res[other]
+    out = {f"{k}_s": [r["seconds"] for r in res[k]] for k in (base, other)}
+    out.update({f"{k}_export_s": [r["export_s"] for r in res[k]] for k in (base, other)})
+    out.update({f"{k}_rss_mib": [r["peak_rss_mib"] for r in res[k]] for k in (base, other)})
+    out["added_share"] = float(np.median(out[f"{other}_s"]) / np.median(out[f"{base}_s"]) - 1)
+    out["added_share_rounds"] = [y["seconds"] / x["seconds"] - 1 for x, y in zip(b, o, strict=True)]
+    out["export_added_s"] = [y["export_s"] - x["export_s"] for x, y in zip(b, o, strict=True)]
+    if "item_s" in b[0]:
+        out["item_s"] = [r["item_s"] for r in b]
+        out["item_share"] = [r["item_s"] / r["seconds"] for r in b]
+    return out
+
+
+def demo(reps: int = 3) -> dict:
+    """The demo job with and without polygons; the Item's cost against the run without them."""
+    import yaml
+
+    base = yaml.safe_load((SAMPLE / "demo.yaml").read_text())
+    base["input"] = str(SAMPLE / base["input"])
+    base["method"]["model"] = str(SAMPLE / base["method"]["model"])
+    base["truth"]["path"] = str(SAMPLE / base["truth"]["path"])
+    base["cluster"] = CLUSTER
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = _contenders(base, Path(tmp), {"cog": ["cog"], "polygons": ["cog", "polygons"]}, {}, time_item=True)
+        res = alternate(runs, reps)
+    return {"reps": reps, "load": load_average(), **_summary(res, "cog", "polygons")}
+
+
+def ct(reps: int = 3) -> dict:
+    """The head CT as a DICOM series through the bone 3-D U-Net, with and without the DICOM-SEG export."""
+    sys.path.insert(0, str(TESTS))
+    from medical import load_ct, write_dicom_series
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        series = write_dicom_series(tmp / "ct", load_ct())
+        base = {"input": str(series), "tile_size": 128, "class_names": ["background", "bone"],
+                "method": {"name": "unet", "model": str(TESTS / "data" / "unet3d_ct_bone.pt"), "patch_size": 32,
+                           "overlap": 0.25, "batch_size": 4},
+                "cluster": CLUSTER}
+        runs = _contenders(base, tmp, {"nifti": ["nifti"], "seg": ["nifti", "dicom-seg"]},
+                           {"seg": {"dicom_seg": {"segments": {"bone": BONE}}}}, time_item=False)
+        res = alternate(runs, reps)
+    return {"reps": reps, "load": load_average(), "voxels": 108 * 256 * 256, **_summary(res, "nifti", "seg")}
+
+
+def scale(size: int = 40000, tile: int = 2048, reps: int = 3) -> dict:
+    """The 1.6 Gpx otsu job with and without polygons (and its Item)."""
+    with tempfile.TemporaryDirectory(dir=os.environ.get("SEGPIPE_BENCH_TMP")) as tmp:
+        tmp = Path(tmp)
+        scene = mosaic_scene(tmp / "scene.tif", size, BIGTIFF="YES", num_threads="all_cpus")
+        base = {"input": str(scene), "tile_size": tile, "method": {"name": "otsu"}, "cluster": CLUSTER}
+        runs = _contenders(base, tmp, {"cog": ["cog"], "polygons": ["cog", "polygons"]}, {}, time_item=True)
+        res = alternate(runs, reps)
+    return {"size": size, "tile": tile, "reps": reps, "load": load_average(), **_summary(res, "cog", "polygons")}
+
+
+if __name__ == "__main__":
+    which = sys.argv[1] if len(sys.argv) > 1 else "demo"
+    reps = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    print(json.dumps({"demo": demo, "ct": ct, "scale": scale}[which](reps=reps), indent=1))
