@@ -158,6 +158,7 @@ def run_archive(inputs: str, template: str, output: str, *, cluster: ClusterSpec
 def archive_collection(items: list[Item], inputs: str, output: str) -> Path | None:
     """``collection.json`` in the archive's output over every item's STAC Item (those an image with a CRS got,
     whether run now or before): :mod:`segpipe.report.stac_collection`."""
+    from segpipe.io.layout import ITEM
     from segpipe.io.paths import is_remote
     from segpipe.report.stac_collection import write_collection
     from segpipe.report.stac_item import item_id, source_name
@@ -165,5 +166,5 @@ def archive_collection(items: list[Item], inputs: str, output: str) -> Path | No
     if is_remote(output):
         return None
     return write_collection(Path(output), item_id(Path(output)), f"segpipe archive run over {source_name(inputs)}: "
-                            "one item per scene", [Path(i.output) / "item.json" for i in items],
+                            "one item per scene", [Path(i.output) / ITEM for i in items],
                             title=f"segpipe archive {Path(output).resolve().name}")

@@ -416,6 +416,10 @@ class PolygonsSpec(_Strict):
                                                       "(class_polygons.parquet), GeoPackage or FlatGeobuf")
 
 
+# Export name -> the job's field holding its settings (exports without settings have none).
+EXPORT_SETTINGS = {"dicom-seg": "dicom_seg", "polygons": "polygons"}
+
+
 class JobSpec(_Strict):
     """A whole segmentation job."""
 
@@ -485,17 +489,18 @@ class JobSpec(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _dicom_seg_settings_asked_for(self) -> JobSpec:
-        """Codes for a SEG the job never writes are a mistake (a forgotten ``exports:`` line), not a no-op."""
-        if self.dicom_seg is not None and "dicom-seg" not in (self.exports or []):
-            raise ValueError("dicom_seg settings are given but exports does not name dicom-seg")
+    def _export_settings_asked_for(self) -> JobSpec:
+        """Settings for an export the job never writes (codes for a SEG, a polygon format) are a mistake, a
+        forgotten ``exports:`` line, not a no-op."""
+        for name, key in EXPORT_SETTINGS.items():
+            if getattr(self, key) is not None and name not in (self.exports or []):
+                raise ValueError(f"{key} settings are given but exports does not name {name}")
         return self
 
-    @model_validator(mode="after")
-    def _polygons_settings_asked_for(self) -> JobSpec:
-        if self.polygons is not None and "polygons" not in (self.exports or []):
-            raise ValueError("polygons settings are given but exports does not name polygons")
-        return self
+    def export_settings(self) -> dict[str, Any]:
+        """Export name -> the job's settings for it, as plain data (the exports sit below the config)."""
+        return {name: spec.model_dump(mode="json", exclude_none=True)
+                for name, key in EXPORT_SETTINGS.items() if (spec := getattr(self, key)) is not None}
 
     @model_validator(mode="after")
     def _series_in_input(self) -> JobSpec:

@@ -24,7 +24,7 @@ from rasterio.crs import CRS
 
 from segpipe.config import JobSpec, MosaicSpec, load_job
 from segpipe.errors import InputError
-from segpipe.io.layout import result_path
+from segpipe.io.layout import ITEM, result_path
 from segpipe.io.lease import OutputBusy, wait_free
 from segpipe.io.store import write_atomic
 from segpipe.pipeline import Checked, check, check_output_stores, leased
@@ -284,7 +284,7 @@ def series_item(item: Path, root: Path, folder: Path, change: ChangeReport | Non
         extra += list(change.files.values())
         classes = {change.files["cog"].name: change.legend}
     add_assets(item, extra, classes)
-    items = [f / "item.json" for f in sorted(Path(root).glob(FOLDER.format("*"))) if PERIOD.match(f.name[7:])]
+    items = [f / ITEM for f in sorted(Path(root).glob(FOLDER.format("*"))) if PERIOD.match(f.name[7:])]
     return write_collection(root, item_id(root), f"Land cover of {Path(root).resolve().name}, one item per month "
                             "(the change since the previous month as assets of the later one)", items,
                             title=f"segpipe land-cover series {Path(root).resolve().name}")

@@ -136,7 +136,7 @@ def check(job: JobSpec, stores: bool = True) -> Checked:
     if misfit:
         raise InputError(misfit)
     plan = plan_method(job, len(bands), len(info.shape), _pixel_size(info), grid=geometry)
-    unfit = exports.settings_problem(list(job.exports or []), _export_settings(job), plan.class_names)
+    unfit = exports.settings_problem(list(job.exports or []), job.export_settings(), plan.class_names)
     if unfit:
         raise InputError(unfit)
     if geometry.has_levels and job.level is None and plan.model is not None and plan.model.resolution:
@@ -179,12 +179,6 @@ def _source_format(info: RasterInfo) -> str:
     from segpipe.io.volume import is_dicom_series, is_nifti
 
     return "nifti" if is_nifti(info.path) else "dicom" if is_dicom_series(info.path) else info.source_format
-
-
-def _export_settings(job: JobSpec) -> dict[str, Any]:
-    """Export name -> the job's settings for it, as plain data (the exports sit below the config)."""
-    return {name: spec.model_dump(mode="json", exclude_none=True)
-            for name, spec in (("dicom-seg", job.dicom_seg), ("polygons", job.polygons)) if spec is not None}
 
 
 def check_writable(folder: Path) -> None:
@@ -235,7 +229,7 @@ def run_export(c: Checked, scene: Scene, result: str, client: Client, names: lis
     run = exports.ExportRun(result=result, scene=scene.path, output=c.layout.output,
                             class_names=c.plan.class_names, probabilities=c.job.probabilities, client=client,
                             source=c.info.path, method=c.plan.name, model=c.plan.model is not None,
-                            settings=_export_settings(c.job),
+                            settings=c.job.export_settings(),
                             objects=c.layout.polygons_path if c.layout.polygons else None)
     return exports.write(c.exports if names is None else names, run)
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 import zarr
-from test_archive_items import crop
+from test_archive_items import crops_archive
 
 from segpipe.archive import Item
 from segpipe.archive_run import ItemResult, bounded, default_in_flight
@@ -58,13 +58,7 @@ def test_items_run_at_most_in_flight_at_once_and_a_failing_one_is_a_row():
 
 @pytest.mark.slow
 def test_segpipe_archive_runs_every_item_like_a_single_run_and_skips_them_when_done(tmp_path):
-    folder = tmp_path / "scenes"
-    folder.mkdir()
-    for i in range(4):
-        crop(folder / f"s{i}.tif", 300, 300, 150 * i, 100)
-    template = tmp_path / "template.yaml"
-    template.write_text(yaml.safe_dump({"input": "unused.tif", "output": "unused", "tile_size": 128,
-                                        "method": {"name": "otsu"}, "cluster": {"n_workers": 2}}))
+    folder, template = crops_archive(tmp_path, 4, 300, 150, {"n_workers": 2})
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "segpipe.cli", "archive", str(folder), str(template), "--output", str(out),
            "--in-flight", "2"]

@@ -155,6 +155,19 @@ def crop(path: Path, rows: int, cols: int, row0: int = 0, col0: int = 0) -> Path
     return write_tif(path, data, transform=transform)
 
 
+def crops_archive(tmp_path: Path, n: int, size: int, step: int, cluster: dict) -> tuple[Path, Path]:
+    """Derived: a folder of ``n`` square crops of the real scene (``step`` rows apart) and an otsu job template
+    (tile 128) whose input and output the archive run replaces."""
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    for i in range(n):
+        crop(folder / f"s{i}.tif", size, size, step * i, 100)
+    template = tmp_path / "template.yaml"
+    template.write_text(yaml.safe_dump({"input": "unused.tif", "output": "unused", "tile_size": 128,
+                                        "method": {"name": "otsu"}, "cluster": cluster}))
+    return folder, template
+
+
 def test_an_archive_item_smaller_than_the_template_tile_is_one_tile_but_a_single_job_is_still_refused(tmp_path):
     folder = tmp_path / "scenes"
     folder.mkdir()

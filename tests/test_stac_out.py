@@ -211,19 +211,11 @@ def test_a_land_cover_series_is_a_collection_of_periods_that_odc_stac_loads_back
 
 
 def test_an_archive_run_writes_a_collection_of_its_items(tmp_path):
-    import yaml
-    from test_archive_items import crop
+    from test_archive_items import crops_archive
 
     from segpipe.archive_run import run_archive
 
-    folder = tmp_path / "scenes"
-    folder.mkdir()
-    for i in range(2):
-        crop(folder / f"s{i}.tif", 256, 256, 200 * i, 100)
-    template = tmp_path / "template.yaml"
-    template.write_text(yaml.safe_dump({"input": "unused.tif", "output": "unused", "tile_size": 128,
-                                        "method": {"name": "otsu"},
-                                        "cluster": {"n_workers": 1, "processes": "no"}}))
+    folder, template = crops_archive(tmp_path, 2, 256, 200, {"n_workers": 1, "processes": "no"})
     rows = run_archive(str(folder), str(template), str(tmp_path / "out"), in_flight=2)
     assert [r.status for r in rows] == ["done", "done"]
     valid, messages = validate(tmp_path / "out" / "collection.json", recursive=True)

@@ -46,6 +46,7 @@ from typing import Any
 
 from segpipe.config import JobSpec
 from segpipe.geometry import SceneGeometry
+from segpipe.io.layout import ITEM
 from segpipe.io.store import write_atomic
 
 # Measured (2 cores): the demo's item (900² otsu with truth: 6 files, 0.6 MB checksummed) took 9 ms, 0.42 s in a
@@ -216,7 +217,7 @@ def build_item(output: Path, facts: RunFacts, files: list[Path | str], created: 
     proj.apply(code=f"EPSG:{epsg}" if epsg else None, wkt2=None if epsg else crs.to_wkt(version="WKT2_2019"),
                bbox=list(facts.grid.bounds), shape=list(facts.grid.shape[-2:]),
                transform=list(facts.grid.transform)[:6])
-    item.set_self_href(str(Path(output).resolve() / "item.json"))
+    item.set_self_href(str(Path(output).resolve() / ITEM))
     classes = {"segmentation.tif": dict(enumerate(facts.class_names))}
     for path in files:
         if isinstance(path, str) and "://" in path:  # a remote store: its URL as it is
