@@ -28,7 +28,7 @@ def _volume() -> SceneGeometry:
 
 @pytest.mark.parametrize("make,expected", [
     (_image, {"units": "metre", "tile_word": "tile", "pixel_word": "pixels", "row_word": "row", "score": "iou",
-              "default_exports": ["cog"], "foreign_exports": {"nifti", "dicom-seg"}, "is_volume": False,
+              "default_exports": ["cog"], "foreign_exports": {"nifti", "dicom-seg", "qupath"}, "is_volume": False,
               "is_slide": False, "georeferenced": True, "has_levels": False, "has_polygons": True, "small_edge": 256,
               "ndim": 2, "describe": "400x300 px"}),
     (_slide, {"units": "µm", "tile_word": "tile", "pixel_word": "pixels", "row_word": "row", "score": "iou",
@@ -36,7 +36,7 @@ def _volume() -> SceneGeometry:
               "is_slide": True, "georeferenced": False, "has_levels": True, "has_polygons": True,
               "small_edge": 256, "ndim": 2, "describe": "400x300 px"}),
     (_volume, {"units": "mm", "tile_word": "block", "pixel_word": "voxels", "row_word": "slab", "score": "dice",
-               "default_exports": ["nifti"], "foreign_exports": {"cog", "polygons"}, "is_volume": True,
+               "default_exports": ["nifti"], "foreign_exports": {"cog", "polygons", "qupath"}, "is_volume": True,
                "is_slide": False, "georeferenced": False, "has_levels": False, "has_polygons": False, "small_edge": 64,
                "ndim": 3, "describe": "400x300x40 voxels"}),
 ])
