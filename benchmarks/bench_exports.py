@@ -137,7 +137,41 @@ def scale(size: int = 40000, tile: int = 2048, reps: int = 3) -> dict:
     return {"size": size, "tile": tile, "reps": reps, "load": load_average(), **_summary(res, "cog", "polygons")}
 
 
+# Per job: its title, the export measured, and the contenders' names without and with it.
+LABELS = {"demo": ("Demo job (U-Net, 900² SpaceNet with truth)", "polygons", "cog", "polygons"),
+          "ct": ("Head CT as a DICOM series (derived, 108 × 256 × 256, bone 3-D U-Net, patch 32)", "DICOM-SEG",
+                 "nifti", "seg"),
+          "scale": ("1.6 Gpx otsu (40000² derived mosaic, tile 2048)", "polygons", "cog", "polygons")}
+
+
+def report(which: str, r: dict) -> list[str]:
+    """The markdown rows of one job's figures (run_all.py)."""
+    from common import fmt
+
+    title, added, base, other = LABELS[which]
+    lines = [f"### What {added} adds: {title} ({r['reps']} rounds; load {r['load']})\n",
+             "| contender | seconds (whole process) | export stage s | peak RSS MiB |", "|---|---|---|---|"]
+    for k in (base, other):
+        lines.append(f"| exports with{'' if k == other else 'out'} {added} | {fmt(r[f'{k}_s'])} | "
+                     f"{fmt(r[f'{k}_export_s'], 3)} | {fmt(r[f'{k}_rss_mib'], 0)} |")
+    lines += ["", f"- {added} adds **{100 * r['added_share']:+.1f} %** (median over median; per round "
+              f"{fmt([100 * v for v in r['added_share_rounds']], 1)} %), the export stage "
+              f"{fmt(r['export_added_s'], 3)} s (goal ≤ 10 % of the run)"]
+    if "item_s" in r:
+        lines.append(f"- the STAC Item: {fmt(r['item_s'], 3)} s in a fresh process = "
+                     f"**{fmt([100 * v for v in r['item_share']], 2)} %** of the run without {added}")
+    return [*lines, ""]
+
+
+def smoke() -> dict:
+    """Every contender once, the scale job on a 2048² mosaic (tests/test_bench_smoke.py): no figure kept."""
+    return {"demo": demo(reps=1), "ct": ct(reps=1), "scale": scale(size=2048, tile=512, reps=1)}
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--smoke"]:
+        print(json.dumps(smoke(), indent=1))
+        sys.exit(0)
     which = sys.argv[1] if len(sys.argv) > 1 else "demo"
     reps = int(sys.argv[2]) if len(sys.argv) > 2 else 3
     print(json.dumps({"demo": demo, "ct": ct, "scale": scale}[which](reps=reps), indent=1))

@@ -235,14 +235,28 @@ def archive_scale() -> list[str]:
     return bench_archive_scale.report(bench_archive_scale.run())
 
 
+def exports() -> list[str]:
+    import bench_exports
+
+    return [*bench_exports.report("demo", bench_exports.demo()), *bench_exports.report("ct", bench_exports.ct())]
+
+
+def exports_scale() -> list[str]:
+    import bench_exports
+
+    return bench_exports.report("scale", bench_exports.scale())
+
+
 BENCHES = {"throughput": throughput, "cheap": cheap, "ingest": ingest, "export": export, "flow": flow,
            "memory": memory, "volume": volume, "formats": formats, "resample": resample, "scale": scale,
-           "stac_loaders": stac_loaders, "tile_curve": tile_curve, "archive_scale": archive_scale}
+           "stac_loaders": stac_loaders, "tile_curve": tile_curve, "archive_scale": archive_scale,
+           "exports": exports, "exports_scale": exports_scale}
 # What a plain `make bench` runs (within 30 minutes here); `run_all.py scale` adds minutes per repetition,
 # `run_all.py tile_curve` ~15 minutes (10^5 tiles of 64 px), `run_all.py archive_scale` ~20 minutes (1,000 items
-# against one 1 Gpx job, 3 rounds at 200 items, the Prefect flow too).
+# against one 1 Gpx job, 3 rounds at 200 items, the Prefect flow too), `run_all.py exports_scale` the 1.6 Gpx job
+# with and without polygons (minutes per round).
 DEFAULT = ["throughput", "cheap", "ingest", "export", "flow", "memory", "volume", "formats", "resample",
-           "stac_loaders"]
+           "stac_loaders", "exports"]
 
 
 def main(names: list[str]) -> None:

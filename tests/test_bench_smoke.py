@@ -47,3 +47,22 @@ def test_archive_scale_smoke_runs_every_contender(tmp_path):
         assert row in out, out
     assert "peak RSS" in out and "ratio **" in out and "per item at 4 (archive)" in out and "stage medians" in out
     assert not list(tmp_path.glob("archive-scale-*")), "the benchmark left its scratch behind"
+
+
+@pytest.mark.slow
+def test_exports_smoke_runs_every_contender(tmp_path):
+    """bench_exports.py --smoke: the demo with and without polygons (and its STAC Item timed), the CT series with
+    and without DICOM-SEG, and the scale job on a 2048² mosaic, each once."""
+    import json
+
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_exports.py"), "--smoke"], capture_output=True,
+                          text=True, timeout=900, cwd=tmp_path,
+                          env={**os.environ, "SEGPIPE_BENCH_TMP": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    for job, base, other in (("demo", "cog", "polygons"), ("ct", "nifti", "seg"), ("scale", "cog", "polygons")):
+        r = out[job]
+        assert len(r[f"{base}_s"]) == len(r[f"{other}_s"]) == len(r["added_share_rounds"]) == 1, r
+        assert r[f"{other}_export_s"][0] > 0 and "load" in r
+    assert len(out["demo"]["item_s"]) == len(out["scale"]["item_s"]) == 1 and "item_s" not in out["ct"]
+    assert not list(tmp_path.glob("tmp*")), "the benchmark left its scratch behind"
