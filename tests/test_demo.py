@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import geopandas as gpd
+import numpy as np
 import pytest
 import rasterio
 from conftest import DEMO_MODEL, SAMPLE, SCENE
+from rasterio.features import rasterize
 
 from segpipe.models.checkpoint import read_spec
 
@@ -35,3 +38,12 @@ def test_demo_job_segments_buildings_and_reports_iou(tmp_path):
         assert cog.crs == src.crs and cog.bounds == src.bounds
         assert cog.tags()["class_names"] == "background,building"
     assert Path(tmp_path / "demo" / "metrics" / "tiles.geojson").is_file()
+    # The demo's class polygons, read by GeoPandas and burned back onto the COG's grid: the COG's classes.
+    polygons = gpd.read_parquet(tmp_path / "demo" / "class_polygons.parquet")
+    with rasterio.open(tmp_path / "demo" / "segmentation.tif") as cog:
+        classes = cog.read(1)
+        assert polygons.crs == cog.crs
+        burned = rasterize(zip(polygons.geometry, polygons["class_id"], strict=True), out_shape=classes.shape,
+                           transform=cog.transform, fill=255, dtype="uint8")
+    np.testing.assert_array_equal(burned, classes)
+    assert set(polygons["class_name"]) == {"background", "building"}

@@ -239,3 +239,39 @@ def test_qupath_is_refused_for_a_raster_in_one_line(tmp_path):
                           text=True, timeout=120)
     assert_one_line_error(proc, "export 'qupath' does not apply to a raster input", "slides: ", "qupath")
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_the_slides_example_writes_nuclei_qupath_reads(tmp_path, svs):
+    """examples/slides_qupath.yaml as its header says to run it: ``segpipe archive`` over a folder holding the real
+    SVS. Its QuPath file holds the nuclei the label COG shows (rasterio reads the COG, GDAL the GeoJSON), one
+    detection per object of objects.gpkg, in the slide's level-0 frame (OpenSlide's extent)."""
+    import shutil
+    import subprocess
+    import sys
+
+    import geopandas as gpd
+    import pyogrio
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    shutil.copy(svs, folder / svs.name)
+    example = Path(__file__).resolve().parents[1] / "examples" / "slides_qupath.yaml"
+    proc = subprocess.run([sys.executable, "-m", "segpipe.cli", "archive", str(folder), str(example), "--output",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "Warning" not in proc.stderr, proc.stderr
+    out = tmp_path / "out" / svs.stem
+    features = _features(out)
+    _check_fields(features, ["background", "nucleus"])
+    width, height = _level0(svs)
+    _in_frame(features, width, height)
+    assert len(gpd.read_file(out / "qupath.geojson")) == len(features)
+    with rasterio.open(out / "segmentation.tif") as cog:
+        nuclei = cog.read(1) == 1
+    assert nuclei.shape == (height, width) and 0.05 < nuclei.mean() < 0.15  # about 9 % of this slide
+    annotations = [f for f in features if f["properties"]["objectType"] == "annotation"]
+    burned = _rasterised(annotations, ["background", "nucleus"], nuclei.shape, (width, height))
+    np.testing.assert_array_equal(burned.astype(bool), nuclei)
+    detections = [f for f in features if f["properties"]["objectType"] == "detection"]
+    assert len(detections) == pyogrio.read_info(out / "objects.gpkg", layer="objects")["features"] > 1000

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -278,9 +279,11 @@ def write_polygons(pieces: list[tuple[int, dict]], objects: pd.DataFrame, crs: C
     if tmp.exists():
         tmp.unlink()
     try:
-        write(str(tmp), np.array([shapely.to_wkb(g) for g in geoms], dtype=object), fields,
-              ["id", "class", "pixels", "area", "truth_id", "iou"], geometry_type="MultiPolygon",
-              crs=crs.to_wkt() if crs is not None else None, driver="GPKG", layer="objects")
+        with warnings.catch_warnings():  # no CRS is deliberate (a slide's micrometres): pyogrio warns of it
+            warnings.filterwarnings("ignore", message="'crs' was not provided", category=UserWarning)
+            write(str(tmp), np.array([shapely.to_wkb(g) for g in geoms], dtype=object), fields,
+                  ["id", "class", "pixels", "area", "truth_id", "iou"], geometry_type="MultiPolygon",
+                  crs=crs.to_wkt() if crs is not None else None, driver="GPKG", layer="objects")
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
