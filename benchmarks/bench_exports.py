@@ -8,7 +8,9 @@ Contenders, each a whole ``segpipe run`` child process on 2 workers x 1 thread, 
   ``Cranium.inv3``, tests/medical.py) through the bone 3-D U-Net of tests/data, ``[nifti]`` against
   ``[nifti, dicom-seg]`` (the segment coded as bone tissue): DICOM-SEG applies to neither image job;
 - ``scale`` (run separately: one repetition takes minutes): the 1.6 Gpx derived mosaic of bench_scale (40000²,
-  otsu, tile 2048), ``[cog]`` against ``[cog, polygons]``, with the peak RSS of the process tree.
+  otsu, tile 2048), ``[cog]`` against ``[cog, polygons]``, with the peak RSS of the process tree, and the floor
+  under any polygons export: GDAL's polygonize alone over the same class map (the otsu map of a panchromatic
+  city is salt and pepper, about 7 regions per 1000 pixels, so tracing it costs more than thresholding it).
 
 Every image run writes its STAC Item, so there is no run without one to compare against: its cost is timed by
 writing the finished run's Item again in a fresh process (imports included, the same function the run calls),
@@ -48,6 +50,29 @@ print(time.perf_counter() - t0)
 """
 
 
+# GDAL's polygonize alone (rasterio ``shapes``, 4-connected, a chunk row at a time, in one thread) over a finished
+# run's class map: the tracing every polygons export must pay, whatever it does around it; prints the seconds.
+TRACE_TIMER = """
+import sys, time
+import numpy as np, zarr
+from rasterio.features import shapes
+arr = zarr.open_array(sys.argv[1], path="class", mode="r")
+t0 = time.perf_counter()
+n = 0
+for r in range(0, arr.shape[0], arr.chunks[0]):
+    data = np.asarray(arr[r:r + arr.chunks[0]])
+    n += sum(1 for _ in shapes(data, mask=data != 255, connectivity=4))
+print(n, time.perf_counter() - t0)
+"""
+
+
+def trace_seconds(result: Path) -> tuple[int, float]:
+    out = subprocess.run([sys.executable, "-c", TRACE_TIMER, str(result)], cwd=ROOT, capture_output=True,
+                         text=True, check=True)
+    n, seconds = out.stdout.split()[-2:]
+    return int(n), float(seconds)
+
+
 def item_seconds(job_path: Path) -> float:
     out = subprocess.run([sys.executable, "-c", ITEM_TIMER, str(job_path)], cwd=ROOT, capture_output=True,
                          text=True, check=True)
@@ -55,8 +80,9 @@ def item_seconds(job_path: Path) -> float:
 
 
 def _contenders(base: dict, tmp: Path, exports: dict[str, list[str]], extra: dict[str, dict],
-                time_item: bool) -> dict:
-    """One child-process run per contender; each returns seconds, export-stage seconds, RSS, Item seconds."""
+                time_item: bool, time_trace: bool = False) -> dict:
+    """One child-process run per contender; each returns seconds, export-stage seconds, RSS, Item seconds (and,
+    with ``time_trace``, the first run's class map traced by GDAL alone)."""
     n = {"k": 0}
 
     def make(name: str):
@@ -70,6 +96,8 @@ def _contenders(base: dict, tmp: Path, exports: dict[str, list[str]], extra: dic
             r["export_s"] = stages["export"]
             if time_item:
                 r["item_s"] = item_seconds(job_path)
+            if time_trace and n["k"] == 1:
+                r["regions"], r["trace_s"] = trace_seconds(out / "result.zarr")
             shutil.rmtree(out)
             return r
         return go
@@ -87,6 +115,9 @@ def _summary(res: dict, base: str, other: str) -> dict:
     out["added_share"] = float(np.median(out[f"{other}_s"]) / np.median(out[f"{base}_s"]) - 1)
     out["added_share_rounds"] = [y["seconds"] / x["seconds"] - 1 for x, y in zip(b, o, strict=True)]
     out["export_added_s"] = [y["export_s"] - x["export_s"] for x, y in zip(b, o, strict=True)]
+    if "trace_s" in b[0]:
+        out["regions"], out["trace_s"] = b[0]["regions"], b[0]["trace_s"]
+        out["trace_share"] = b[0]["trace_s"] / CLUSTER["n_workers"] / float(np.median(out[f"{base}_s"]))
     if "item_s" in b[0]:
         out["item_s"] = [r["item_s"] for r in b]
         out["item_share"] = [r["item_s"] / r["seconds"] for r in b]
@@ -132,7 +163,8 @@ def scale(size: int = 40000, tile: int = 2048, reps: int = 3) -> dict:
         tmp = Path(tmp)
         scene = mosaic_scene(tmp / "scene.tif", size, BIGTIFF="YES", num_threads="all_cpus")
         base = {"input": str(scene), "tile_size": tile, "method": {"name": "otsu"}, "cluster": CLUSTER}
-        runs = _contenders(base, tmp, {"cog": ["cog"], "polygons": ["cog", "polygons"]}, {}, time_item=True)
+        runs = _contenders(base, tmp, {"cog": ["cog"], "polygons": ["cog", "polygons"]}, {}, time_item=True,
+                           time_trace=True)
         res = alternate(runs, reps)
     return {"size": size, "tile": tile, "reps": reps, "load": load_average(), **_summary(res, "cog", "polygons")}
 
@@ -157,6 +189,10 @@ def report(which: str, r: dict) -> list[str]:
     lines += ["", f"- {added} adds **{100 * r['added_share']:+.1f} %** (median over median; per round "
               f"{fmt([100 * v for v in r['added_share_rounds']], 1)} %), the export stage "
               f"{fmt(r['export_added_s'], 3)} s (goal ≤ 10 % of the run)"]
+    if "trace_s" in r:
+        lines.append(f"- the floor: GDAL's polygonize alone traces the class map's {r['regions']:,} regions in "
+                     f"{r['trace_s']:.1f} s of one core; spread over the {CLUSTER['n_workers']} workers that is "
+                     f"**{100 * r['trace_share']:.0f} %** of the run without {added}")
     if "item_s" in r:
         lines.append(f"- the STAC Item: {fmt(r['item_s'], 3)} s in a fresh process = "
                      f"**{fmt([100 * v for v in r['item_share']], 2)} %** of the run without {added}")
