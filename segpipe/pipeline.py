@@ -415,6 +415,7 @@ def _run_stages(c: Checked, client: Client, log: Callable[[str], None], runner: 
         log("replacing the results of other settings in the output (overwrite)")
     began = time.time()
     start(c)
+    exports.warm(c.exports)  # writers' fixed costs loaded while the workers ingest and segment
     _log_start(c, client, log)
     scene = stage("ingest", lambda cl: run_ingest(c, cl))
     unit = c.geometry.tile_word

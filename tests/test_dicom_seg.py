@@ -234,3 +234,24 @@ def test_the_ct_archive_example_writes_a_seg_per_series_that_highdicom_reads(tmp
         classes = np.asarray(nib.load(str(path.parent / "segmentation.nii.gz")).dataobj).transpose(2, 1, 0)
         np.testing.assert_array_equal(mask, classes == 2)
         assert mask.any()
+
+
+WARM_CHECK = """
+import sys
+from segpipe.io import exports
+assert "highdicom" not in sys.modules
+assert exports.warm(["nifti"]) is None  # nothing to load for it
+thread = exports.warm(["nifti", "dicom-seg"])
+thread.join(60)
+from highdicom import _standard_utils as standard
+print("highdicom" in sys.modules, thread.daemon, standard.get_iod_module_map.cache_info().currsize,
+      standard.get_module_attribute_map.cache_info().currsize)
+"""
+
+
+def test_warming_loads_highdicom_and_the_standards_tables_in_a_daemon_thread():
+    """``exports.warm`` (called as a run starts) leaves a fresh process with highdicom imported and the tables a SEG
+    needs parsed, so the export stage does not pay for them."""
+    proc = subprocess.run([sys.executable, "-c", WARM_CHECK], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "True", "1", "1"]

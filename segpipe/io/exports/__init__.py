@@ -11,6 +11,7 @@ never asks for an export should not pay for it. This module itself imports nothi
 from __future__ import annotations
 
 import importlib
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +57,8 @@ class Export:
     names the source formats it applies to (None: any of its kinds'); ``checked`` says its module has
     ``check(settings, class_names) -> str | None``, the one line refusing the job's settings for it;
     ``reads_objects`` that its writer reads the objects' polygons (:attr:`ExportRun.objects`), so the run writes
-    it after the objects stage rather than with the other exports."""
+    it after the objects stage rather than with the other exports; ``warms`` that its module has ``warm()``,
+    which loads what the writer would load on first use (see :func:`warm`)."""
 
     name: str
     applies_to: frozenset[str]
@@ -66,6 +68,7 @@ class Export:
     sources: frozenset[str] | None = None
     checked: bool = False
     reads_objects: bool = False
+    warms: bool = False
 
     def write(self, run: ExportRun) -> list[Path]:
         return importlib.import_module(self.module).write(run)
@@ -81,7 +84,7 @@ EXPORTS: dict[str, Export] = {e.name: e for e in (
            "segpipe.io.exports.nifti"),
     Export("ome-zarr", KINDS, frozenset({"slide"}), ("image.ome.zarr",), "segpipe.io.exports.omezarr"),
     Export("dicom-seg", frozenset({"volume"}), frozenset(), ("segmentation.seg.dcm",), "segpipe.io.exports.dicom_seg",
-           sources=frozenset({"dicom"}), checked=True),
+           sources=frozenset({"dicom"}), checked=True, warms=True),
     Export("polygons", IMAGES, frozenset(), ("class_polygons.parquet", "class_polygons.gpkg", "class_polygons.fgb"),
            "segpipe.io.exports.polygons"),
     Export("qupath", frozenset({"slide"}), frozenset(), ("qupath.geojson",), "segpipe.io.exports.qupath",
@@ -124,6 +127,31 @@ def settings_problem(names: list[str], settings: Mapping[str, Any], class_names:
     """The one line refusing the job's settings for one of the exports it names (e.g. a coded concept for a class
     the job does not have), or None. Asked before anything is written."""
     return next((p for n in names if (p := EXPORTS[n].check(settings.get(n, {}), class_names))), None)
+
+
+def warm(names: list[str]) -> threading.Thread | None:
+    """Start loading, in a daemon thread of this process, what the named exports' writers load on first use
+    (their modules' ``warm()``), or None when none of them has any.
+
+    Why: a writer's fixed cost is paid in the export stage, when nothing else runs, while during ingest and
+    segmentation this process mostly waits on the workers. DICOM-SEG's is highdicom's import and the standard's
+    IOD tables it parses on first use, 0.8 s of a 10 s CT run (benchmarks/RESULTS.md). A writer that comes before
+    the thread is done waits on Python's import lock for a module, or parses a table again: never wrong, at worst
+    no head start."""
+    modules = [EXPORTS[n].module for n in names if EXPORTS[n].warms]
+    if not modules:
+        return None
+
+    def load() -> None:
+        for module in modules:
+            try:
+                importlib.import_module(module).warm()
+            except Exception:  # noqa: BLE001 - a head start only: the writer loads (and reports) it for real
+                return
+
+    thread = threading.Thread(target=load, name="segpipe-warm-exports", daemon=True)
+    thread.start()
+    return thread
 
 
 def output_files() -> tuple[str, ...]:

@@ -71,6 +71,17 @@ def check(settings: Mapping[str, Any], class_names: list[str]) -> str | None:
     return None
 
 
+def warm() -> None:
+    """highdicom and pydicom imported, and the standard's tables highdicom parses when it builds a SEG (its IOD
+    module and attribute maps, cached per process) loaded: the writer's fixed cost (:func:`segpipe.io.exports.warm`)."""
+    require("pydicom", "medical", "the dicom-seg export")
+    require("highdicom", "medical", "the dicom-seg export")
+    from highdicom import _standard_utils as standard  # private: a version without these only warms less
+
+    for loader in ("get_sop_class_iod_map", "get_iod_module_map", "get_module_attribute_map"):
+        getattr(standard, loader, lambda: None)()
+
+
 def write(run: ExportRun) -> list[Path]:
     import zarr
 
