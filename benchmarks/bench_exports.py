@@ -56,12 +56,13 @@ TRACE_TIMER = """
 import sys, time
 import numpy as np, zarr
 from rasterio.features import shapes
+from segpipe.io.result import NODATA
 arr = zarr.open_array(sys.argv[1], path="class", mode="r")
 t0 = time.perf_counter()
 n = 0
 for r in range(0, arr.shape[0], arr.chunks[0]):
     data = np.asarray(arr[r:r + arr.chunks[0]])
-    n += sum(1 for _ in shapes(data, mask=data != 255, connectivity=4))
+    n += sum(1 for _ in shapes(data, mask=data != NODATA, connectivity=4))
 print(n, time.perf_counter() - t0)
 """
 
