@@ -188,8 +188,20 @@ def test_a_gateway_cluster_gives_the_local_results_and_its_password_is_written_n
 def _cli_popen(tmp_path: Path, job: dict) -> subprocess.Popen:
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
+    # faulthandler: a run that has to be aborted (SIGABRT) prints every thread's stack (see _finish)
     return subprocess.Popen([sys.executable, "-m", "segpipe.cli", "run", str(path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 120) -> str:
+    """The run's stderr once it has exited; one still running after ``timeout`` s fails the test with where each
+    of its threads was (faulthandler's dump on SIGABRT), since a hang that is not shown cannot be fixed."""
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        stderr = proc.communicate(timeout=60)[1]
+        pytest.fail(f"segpipe run still running {timeout:g} s later; its threads:\n{stderr[-20000:]}")
 
 
 def _await(condition, what: str, timeout: float = 120) -> None:
@@ -213,18 +225,23 @@ def test_a_slurm_cluster_is_torn_down_on_ctrl_c_and_when_no_worker_comes(tmp_pat
                "the worker jobs to be queued")
         if how == "ctrl-c":
             proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
+        stderr = _finish(proc)
+        lines = [ln for ln in stderr.splitlines() if ln.strip()]
+        assert "Traceback" not in stderr, stderr
+        if how == "ctrl-c":
+            assert proc.returncode == 130 and lines[-1] == "segpipe: interrupted", stderr
+        else:
+            assert proc.returncode == 2, stderr
+            assert lines[-1].startswith("segpipe: error: no worker of the slurm cluster started within 8 s (jobs "), \
+                stderr
+            assert "PENDING" in lines[-1] and "BeginTime" in lines[-1], lines[-1]
+        _await(lambda: not [j for j in slurm.squeue() if j["name"] == "segpipe-worker" and j["state"] == "PENDING"],
+               "the worker jobs to be cancelled", 30)
+        assert not out.exists()
+    finally:  # whatever failed, the next test meets an empty queue
         if proc.poll() is None:
             proc.kill()
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert "Traceback" not in stderr, stderr
-    if how == "ctrl-c":
-        assert proc.returncode == 130 and lines[-1] == "segpipe: interrupted", stderr
-    else:
-        assert proc.returncode == 2, stderr
-        assert lines[-1].startswith("segpipe: error: no worker of the slurm cluster started within 8 s (jobs "), stderr
-        assert "PENDING" in lines[-1] and "BeginTime" in lines[-1], lines[-1]
-    _await(lambda: not [j for j in slurm.squeue() if j["name"] == "segpipe-worker" and j["state"] == "PENDING"],
-           "the worker jobs to be cancelled", 30)
-    assert not out.exists()
+            proc.wait()
+        for job in slurm.squeue():
+            if job["name"] == "segpipe-worker":
+                slurm.scancel(job["job_id"])

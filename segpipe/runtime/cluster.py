@@ -280,7 +280,7 @@ def _created(spec: ClusterSpec, say: Callable[[str], None]) -> Iterator[Client]:
             run_folder = _run_folder(spec)
             security = run_security(spec) if wants_tls(spec) else None
             cluster = module.create(spec, gpu, security, run_folder)
-            closing += [lambda: module.drop_certificates(cluster), cluster.close]
+            closing += [lambda: module.drop_certificates(cluster), lambda: module.close(cluster)]
             client = Client(cluster, security=security)
         elif spec.kind == "gateway":
             gw, cluster = module.create(spec, gpu, say)

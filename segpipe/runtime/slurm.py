@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 
 JOB_NAME = "segpipe-worker"
 
+#: Seconds the cluster's own teardown may take before its jobs are cancelled directly (a teardown that waits on a
+#: slurmctld that does not answer must not keep a Ctrl-C'd run, or its queued jobs, alive).
+CLOSE_TIMEOUT = 60
+
 
 def job_kwargs(spec: ClusterSpec, gpu: bool, run_dir: Path | None) -> dict[str, Any]:
     """``SLURMCluster`` settings of the job's cluster section (also those of a stand-alone ``SLURMJob``)."""
@@ -109,6 +113,18 @@ def describe_waiting(cluster: SLURMCluster) -> str:
                           timeout=30)
     lines = [line.strip() for line in proc.stdout.splitlines() if line.strip()]
     return "jobs " + "; ".join(lines) if lines else f"jobs {', '.join(ids)} are no longer queued"
+
+
+def close(cluster: SLURMCluster, timeout: float = CLOSE_TIMEOUT) -> None:
+    """Close the cluster (dask-jobqueue ``scancel``s each worker job and stops the scheduler) within ``timeout``
+    seconds, then ``scancel`` every job it had, whether or not that went through: cancelling a finished job is a
+    no-op, and a job left queued would start a worker for a run that is gone."""
+    ids = job_ids(cluster)
+    try:
+        cluster.close(timeout=timeout)
+    finally:
+        if ids and shutil.which("scancel") is not None:
+            subprocess.run(["scancel", *ids], capture_output=True, timeout=30, check=False)
 
 
 def drop_certificates(cluster: SLURMCluster) -> None:
