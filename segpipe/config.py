@@ -414,6 +414,9 @@ class PolygonsSpec(_Strict):
 
     format: Literal["parquet", "gpkg", "fgb"] = Field("parquet", description="GeoParquet 1.1 "
                                                       "(class_polygons.parquet), GeoPackage or FlatGeobuf")
+    max_vertices: int | None = Field(None, ge=0, description="a region with more corners than this above a "
+                                     "multiple of 2048 rows is written in parts cut there, flagged `cut` (default "
+                                     "2^22, which bounds the export's memory; 0: never cut)")
 
 
 # Export name -> the job's field holding its settings (exports without settings have none).

@@ -70,7 +70,8 @@ def test_polygons_equal_one_whole_scene_polygonize_for_any_tile_size(runs):
     got = {}
     for tile, outcome in runs.items():
         df = gpd.read_parquet(_out(outcome) / "class_polygons.parquet")
-        assert list(df.columns) == ["class_id", "class_name", "area", "pixels", "geometry"]  # bbox: the covering
+        assert list(df.columns) == ["class_id", "class_name", "area", "pixels", "cut", "geometry"]  # bbox: covering
+        assert not df.cut.any()  # no region near the 2^22 corners that would cut it
         got[tile] = sorted(shapely.normalize(g).wkb for g in df.geometry)
         pixel_geoms = _to_pixels(list(df.geometry), transform)
         assert sorted(zip(df.class_id.tolist(), [shapely.normalize(g).wkb for g in pixel_geoms], strict=True)) == ref
@@ -136,6 +137,43 @@ def test_band_merge_is_exact_for_any_band_height_and_workers(client, tmp_path):
             assert all(round(g.area) == p for _, g, p in regions)
             assert _normal(regions) == ref, (trial, rows)
         assert _normal(poly.polygons(path, int(h), 5, client)) == ref
+
+
+def test_regions_over_the_vertex_budget_are_cut_alike_for_any_band_height_and_dissolve_back(client, tmp_path):
+    """A scene-spanning region with many holes, cut at every 16th row once its part above has more than 60 corners:
+    the same parts (flagged ``cut``) for bands of 1 to 64 rows and on 2 workers, each part's corners within the
+    budget plus one stripe, and dissolving the parts by class gives GDAL's whole-scene polygons again."""
+    rng = np.random.default_rng(3)
+    h, w = 90, 70
+    a = (rng.random((h, w)) < 0.12).astype(np.uint8)  # class 0 spans the scene, class 1 specks (holes in it)
+    a[40:44, :] = 1  # and one class-1 band across the scene: class 0 above and below it are separate regions
+    path = str(tmp_path / "c.zarr")
+    zarr.open_group(path, mode="w").create_array("class", shape=a.shape, chunks=(8, 8), dtype="uint8")[:] = a
+
+    def parts(rows, on=None, budget=60):
+        out = []
+        for b in poly.region_batches(path, h, rows, on, max_vertices=budget, cut_rows=16):
+            geoms = shapely.from_ragged_array(shapely.GeometryType.POLYGON, b.xy.astype(float),
+                                              (b.ring_offsets, b.poly_offsets))
+            out += [(int(c), bool(k), shapely.normalize(g).wkb) for c, k, g in zip(b.classes, b.cut, geoms,
+                                                                                     strict=True)]
+        return sorted(out)
+
+    ref = parts(1)
+    assert all(parts(rows) == ref for rows in (3, 8, 16, 64)) and parts(5, client) == ref
+    cut = [shapely.from_wkb(g) for c, k, g in ref if k]
+    assert len(cut) >= 6 and all(c == 0 for c, k, _ in ref if k)  # the spanning class-0 regions, in parts
+    assert all(shapely.get_num_coordinates(g) <= 60 + 2 * 16 * w for g in cut)
+    bounds = shapely.bounds(cut)
+    assert set(bounds[:, 1].astype(int)) | set(bounds[:, 3].astype(int)) <= {0, 16, 32, 40, 44, 48, 64, 80, 90}
+    def corners(g):  # a union leaves the vertices of the cut on straight edges; GDAL writes corners only
+        return shapely.normalize(shapely.simplify(g, 0)).wkb
+
+    whole = sorted([(0, corners(g)) for g in shapely.get_parts(shapely.union_all(cut))]
+                   + [(c, corners(shapely.from_wkb(g))) for c, k, g in ref if not k])
+    assert whole == [(c, corners(shapely.from_wkb(g))) for c, g in _reference(a)]
+    uncut = parts(4, budget=None)
+    assert not any(k for _, k, _ in uncut) and [(c, g) for c, _, g in uncut] == _reference(a)
 
 
 @pytest.mark.parametrize("fmt,driver", [("gpkg", "GPKG"), ("fgb", "FlatGeobuf")])
